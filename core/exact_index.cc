@@ -1,0 +1,294 @@
+#include "core/exact_index.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <queue>
+
+#include <Eigen/Core>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "core/random.h"
+#include "core/status.h"
+
+namespace negmine {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Caps the score block of one GEMM at this many floats (256 MiB), so a large
+// batch against a large collection is scored in query chunks.
+constexpr size_t kMaxScoreBlockFloats = size_t{64} << 20;
+
+using RowMatrix =
+    Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+float InverseNorm(const float* x, int dim) {
+  double sq = 0;
+  for (int j = 0; j < dim; ++j) sq += double{x[j]} * x[j];
+  return static_cast<float>(1.0 / std::sqrt(sq));
+}
+
+struct Scored {
+  float score;
+  uint64_t id;
+  size_t row;
+};
+
+// Strict "ranks before": higher score first, then lower id. Gives a total
+// order, so top-k is deterministic under ties.
+bool RanksBefore(const Scored& a, const Scored& b) {
+  return a.score > b.score || (a.score == b.score && a.id < b.id);
+}
+
+// The `m` best entries of `scores` (finite only), best first.
+std::vector<Scored> TopRows(const float* scores, size_t num_rows,
+                            const EmbeddingStore& store, size_t m) {
+  std::vector<Scored> heap;  // a min-heap under RanksBefore: worst on top
+  if (m == 0) return heap;
+  heap.reserve(m + 1);
+  for (size_t row = 0; row < num_rows; ++row) {
+    if (scores[row] == kNegInf) continue;
+    Scored s{scores[row], store.id(row), row};
+    if (heap.size() < m) {
+      heap.push_back(s);
+      std::push_heap(heap.begin(), heap.end(), RanksBefore);
+    } else if (RanksBefore(s, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), RanksBefore);
+      heap.back() = s;
+      std::push_heap(heap.begin(), heap.end(), RanksBefore);
+    }
+  }
+  std::sort(heap.begin(), heap.end(), RanksBefore);
+  return heap;
+}
+
+}  // namespace
+
+ExactIndex::ExactIndex(const IndexOptions& options)
+    : options_(options), store_(options.dim) {
+  store_.Reserve(options.initial_capacity);
+}
+
+IndexStats ExactIndex::Stats() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return {.num_targets = store_.size(),
+          .capacity_rows = store_.num_rows(),
+          .memory_bytes =
+              store_.MemoryBytes() + inv_norms_.capacity() * sizeof(float),
+          .version = version_};
+}
+
+absl::Status ExactIndex::Upsert(absl::Span<const uint64_t> ids,
+                                absl::Span<const float> vectors,
+                                int64_t model_step) {
+  const int dim = options_.dim;
+  if (vectors.size() != ids.size() * dim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("vectors hold ", vectors.size(), " floats; ", ids.size(),
+                     " ids x dim ", dim, " needs ", ids.size() * dim));
+  }
+  {
+    absl::flat_hash_set<uint64_t> seen;
+    seen.reserve(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (!seen.insert(ids[i]).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("ids: duplicate id ", ids[i], " at position ", i));
+      }
+    }
+  }
+  RETURN_IF_ERROR(CheckFinite(vectors, dim, "vectors"));
+  std::vector<float> inv(options_.metric == Metric::kCosine ? ids.size() : 0);
+  for (size_t i = 0; i < inv.size(); ++i) {
+    inv[i] = InverseNorm(vectors.data() + i * dim, dim);
+    if (!std::isfinite(inv[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("vectors: row ", i, " (id ", ids[i],
+                       ") has zero norm, which a cosine collection cannot "
+                       "score"));
+    }
+  }
+
+  absl::WriterMutexLock lock(&mu_);
+  store_.Upsert(ids, vectors, model_step);
+  if (!inv.empty()) {
+    inv_norms_.resize(store_.num_rows());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      inv_norms_[*store_.Row(ids[i])] = inv[i];
+    }
+  }
+  ++version_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> ExactIndex::Delete(absl::Span<const uint64_t> ids,
+                                          bool allow_missing) {
+  absl::WriterMutexLock lock(&mu_);
+  if (!allow_missing) {
+    for (uint64_t id : ids) {
+      if (!store_.Row(id)) {
+        return absl::NotFoundError(absl::StrCat("ids: unknown id ", id));
+      }
+    }
+  }
+  size_t deleted = 0;
+  for (uint64_t id : ids) deleted += store_.Delete(id) ? 1 : 0;
+  if (deleted > 0) ++version_;
+  return deleted;
+}
+
+absl::Status ExactIndex::Get(absl::Span<const uint64_t> ids,
+                             std::vector<float>* vectors,
+                             std::vector<int64_t>* steps) const {
+  const int dim = options_.dim;
+  absl::ReaderMutexLock lock(&mu_);
+  vectors->resize(ids.size() * dim);
+  steps->resize(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    std::optional<size_t> row = store_.Row(ids[i]);
+    if (!row) return absl::NotFoundError(absl::StrCat("ids: unknown id ", ids[i]));
+    std::copy_n(store_.vector(*row), dim, vectors->data() + i * dim);
+    (*steps)[i] = store_.model_step(*row);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SearchResult> ExactIndex::Search(
+    absl::Span<const float> queries,
+    absl::Span<const std::vector<uint64_t>> exclude,
+    const SearchParams& params) const {
+  const int dim = options_.dim;
+  if (queries.empty() || queries.size() % dim != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("queries hold ", queries.size(),
+                     " floats, not a positive multiple of dim ", dim));
+  }
+  const size_t n = queries.size() / dim;
+  if (!exclude.empty() && exclude.size() != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("exclude has ", exclude.size(), " lists for ", n,
+                     " queries; send none or one per query"));
+  }
+  RETURN_IF_ERROR(CheckFinite(queries, dim, "queries"));
+
+  absl::ReaderMutexLock lock(&mu_);
+  RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
+  SearchResult result;
+  result.index_version = version_;
+  result.queries.resize(n);
+
+  const size_t num_rows = store_.num_rows();
+  const size_t chunk =
+      std::clamp<size_t>(kMaxScoreBlockFloats / std::max<size_t>(num_rows, 1),
+                         1, n);
+  Eigen::Map<const RowMatrix> targets(store_.data(), num_rows, dim);
+  RowMatrix q;
+  Eigen::MatrixXf scores;  // column-major: column j holds query j's scores
+  for (size_t begin = 0; begin < n; begin += chunk) {
+    const size_t c = std::min(chunk, n - begin);
+    q = Eigen::Map<const RowMatrix>(queries.data() + begin * dim, c, dim);
+    if (options_.metric == Metric::kCosine) q.rowwise().normalize();
+    scores.noalias() = targets * q.transpose();
+    for (size_t j = 0; j < c; ++j) {
+      float* s = scores.col(j).data();
+      if (options_.metric == Metric::kCosine) {
+        for (size_t row = 0; row < num_rows; ++row) s[row] *= inv_norms_[row];
+      }
+      const size_t qi = begin + j;
+      result.queries[qi] = MineOne(
+          s, exclude.empty() ? absl::Span<const uint64_t>() : exclude[qi],
+          params, qi);
+    }
+  }
+  return result;
+}
+
+QueryResult ExactIndex::MineOne(float* s, absl::Span<const uint64_t> exclude,
+                                const SearchParams& params,
+                                uint64_t stream) const {
+  const size_t num_rows = store_.num_rows();
+  for (size_t row = 0; row < num_rows; ++row) {
+    if (!store_.live(row)) s[row] = kNegInf;
+  }
+  for (uint64_t id : exclude) {
+    if (std::optional<size_t> row = store_.Row(id)) s[*row] = kNegInf;
+  }
+
+  QueryResult out;
+  const size_t num_hard = params.mode == MineMode::kTopK   ? params.k
+                          : params.mode == MineMode::kMixed ? params.num_hard
+                                                            : 0;
+  std::vector<Scored> top =
+      TopRows(s, num_rows, store_, params.rank_offset + num_hard);
+  // The rank window: the best rank_offset targets are not eligible at all.
+  const size_t skipped = std::min<size_t>(params.rank_offset, top.size());
+  for (size_t i = 0; i < skipped; ++i) s[top[i].row] = kNegInf;
+
+  const double inv_tau = 1.0 / params.temperature;
+  auto log_sum_exp = [&]() {
+    float max_s = kNegInf;
+    for (size_t row = 0; row < num_rows; ++row) max_s = std::max(max_s, s[row]);
+    if (max_s == kNegInf) return -std::numeric_limits<double>::infinity();
+    double z = 0;
+    for (size_t row = 0; row < num_rows; ++row) {
+      if (s[row] != kNegInf) z += std::exp((double{s[row]} - max_s) * inv_tau);
+    }
+    return max_s * inv_tau + std::log(z);
+  };
+  if (params.want_log_z) out.log_z_lo = out.log_z_hi = log_sum_exp();
+
+  for (size_t i = skipped; i < top.size(); ++i) {
+    out.ids.push_back(top[i].id);
+    out.scores.push_back(top[i].score);
+    out.log_q.push_back(0.0f);
+    s[top[i].row] = kNegInf;  // MIXED samples come from the rest
+  }
+  out.num_top = static_cast<int>(out.ids.size());
+
+  const size_t num_samples =
+      params.mode == MineMode::kTopK ? 0 : params.k - num_hard;
+  if (num_samples == 0) return out;
+  const double log_z = log_sum_exp();
+  if (!std::isfinite(log_z)) return out;  // nothing eligible is left
+
+  Rng rng(params.seed, stream);
+  auto emit = [&](size_t row) {
+    out.ids.push_back(store_.id(row));
+    out.scores.push_back(s[row]);
+    out.log_q.push_back(static_cast<float>(s[row] * inv_tau - log_z));
+  };
+  if (params.with_replacement) {
+    std::vector<double> cdf(num_rows);
+    double total = 0;
+    for (size_t row = 0; row < num_rows; ++row) {
+      if (s[row] != kNegInf) total += std::exp(s[row] * inv_tau - log_z);
+      cdf[row] = total;
+    }
+    for (size_t i = 0; i < num_samples; ++i) {
+      const double u = rng.Uniform() * total;
+      size_t row = std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin();
+      row = std::min(row, num_rows - 1);
+      // upper_bound never lands on an ineligible row (it has zero width)
+      // except through rounding at the very end; walk back to a live one.
+      while (s[row] == kNegInf) --row;
+      emit(row);
+    }
+  } else {
+    // Gumbel-top-k: the k largest s/tau + Gumbel are distributed exactly as
+    // k sequential softmax draws without replacement, in that order.
+    std::vector<float> keys(num_rows, kNegInf);
+    for (size_t row = 0; row < num_rows; ++row) {
+      if (s[row] != kNegInf) {
+        keys[row] = static_cast<float>(s[row] * inv_tau + rng.Gumbel());
+      }
+    }
+    for (const Scored& d : TopRows(keys.data(), num_rows, store_, num_samples)) {
+      emit(d.row);
+    }
+  }
+  return out;
+}
+
+}  // namespace negmine

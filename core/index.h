@@ -1,0 +1,192 @@
+// The one index contract of negmine.
+//
+// An Index owns the target embeddings of one collection and answers mining
+// queries over them. The exact (brute-force) index implements it and is the
+// oracle; the tree index and the CUDA backend implement the same interface.
+//
+// Data layout, stated once for every span of vectors in this library:
+// vectors are row-major float32, n rows of `dim` components, so component j
+// of vector i is x[i * dim + j].
+//
+// Scores: s(q, y) = <q, x(y)> for Metric::kInnerProduct, and
+// <q, x(y)> / (||q|| ||x(y)||) for Metric::kCosine. Stored vectors are kept
+// exactly as given (Get returns them bit-exactly); cosine normalization is
+// applied when scoring.
+//
+// Example:
+//   ASSIGN_OR_RETURN(std::unique_ptr<Index> index,
+//                    CreateIndex({.dim = 64, .metric = Metric::kCosine}));
+//   RETURN_IF_ERROR(index->Upsert(ids, vectors, /*model_step=*/0));
+//   SearchParams params{.mode = MineMode::kTopK, .k = 16};
+//   ASSIGN_OR_RETURN(SearchResult r, index->Search(queries, {}, params));
+//
+// Thread safety: every method may be called concurrently from any thread.
+// Writers (Upsert, Delete) are serialized with each other; a Search sees
+// either all or none of a write, and reports the version it saw.
+#ifndef NEGMINE_CORE_INDEX_H_
+#define NEGMINE_CORE_INDEX_H_
+
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace negmine {
+
+enum class Metric { kInnerProduct, kCosine };
+
+// Where the index lives. kAuto picks CUDA when it is built and a device is
+// present, and the CPU otherwise.
+enum class Backend { kAuto, kCpu, kCuda };
+
+// Which index structure. kExact is brute force: the oracle.
+enum class IndexKind { kExact, kTree };
+
+enum class MineMode {
+  kTopK,    // the k highest-scoring targets
+  kSample,  // k draws from the softmax at `temperature`
+  kMixed,   // the top `num_hard`, then k - num_hard softmax draws from the rest
+};
+
+enum class Sampler {
+  kProposal,  // a cheap proposal close to the softmax, with its exact log q
+  kExact,     // exact draws from the softmax
+};
+
+const char* MetricName(Metric m);
+const char* BackendName(Backend b);
+const char* IndexKindName(IndexKind k);
+
+struct IndexOptions {
+  // Number of components per vector. Must be in [1, kMaxDim].
+  int dim = 0;
+  Metric metric = Metric::kInnerProduct;
+  Backend backend = Backend::kAuto;
+  IndexKind kind = IndexKind::kExact;
+  // Reserve room for this many targets up front (a hint, not a limit).
+  size_t initial_capacity = 0;
+
+  static constexpr int kMaxDim = 65536;
+};
+
+// Per-call knobs of Search. Every field has a sane default; only k is usually
+// set by the caller.
+struct SearchParams {
+  MineMode mode = MineMode::kTopK;
+  Sampler sampler = Sampler::kProposal;
+  // Results per query. Must be >= 1 and <= the collection's size.
+  int k = 10;
+  // Softmax temperature tau for kSample / kMixed; must be > 0 and finite.
+  float temperature = 0.05f;
+  // kMixed only: how many of the k results are the hardest (top) targets.
+  // Must be <= k.
+  int num_hard = 0;
+  // Draw with replacement (the same target may repeat) or without.
+  bool with_replacement = false;
+  // Rank window: the `rank_offset` highest-scoring eligible targets are
+  // skipped by every mode (they are likely false negatives). Sampling is then
+  // from the softmax restricted to the remaining targets.
+  int rank_offset = 0;
+  // Top-k only: allow approximate search (ignored by the exact index).
+  bool approximate = false;
+  int beam_width = 0;
+  // Report the log partition function over the eligible targets.
+  bool want_log_z = false;
+  // Seed for sampling. Query i of a call uses the stream (seed, i), so a call
+  // with a fixed seed is reproducible.
+  uint64_t seed = 0;
+};
+
+// Results for one query, ordered: the top-k part first (by descending score,
+// ties by ascending id), then the sampled part in draw order.
+struct QueryResult {
+  std::vector<uint64_t> ids;
+  std::vector<float> scores;
+  // log q(y) for each result: 0 for deterministic (top-k) results, and for
+  // sampled results the log-probability of y under the distribution each
+  // draw was made from (for the exact sampler: s(y)/tau - log Z over the
+  // eligible targets).
+  std::vector<float> log_q;
+  // How many leading results are top-k (the rest are samples).
+  int num_top = 0;
+  // A certified interval for log Z = log sum_y exp(s(q, y) / tau) over the
+  // eligible targets, when SearchParams::want_log_z. lo == hi when exact.
+  double log_z_lo = std::numeric_limits<double>::quiet_NaN();
+  double log_z_hi = std::numeric_limits<double>::quiet_NaN();
+};
+
+struct SearchResult {
+  std::vector<QueryResult> queries;
+  uint64_t index_version = 0;  // the version the search ran against
+};
+
+// Summary of an index, for GetIndexInfo.
+struct IndexStats {
+  size_t num_targets = 0;
+  size_t capacity_rows = 0;
+  size_t memory_bytes = 0;
+  uint64_t version = 0;
+};
+
+class Index {
+ public:
+  virtual ~Index() = default;
+
+  virtual const IndexOptions& options() const = 0;
+  virtual IndexStats Stats() const = 0;
+
+  // Inserts or replaces the targets `ids` with `vectors` (ids.size() x dim,
+  // layout above), recording `model_step` for each. All or nothing: on error
+  // the index is unchanged.
+  //   INVALID_ARGUMENT: size mismatch, a duplicate id within `ids`, a NaN or
+  //     Inf component, or (cosine) a zero vector.
+  virtual absl::Status Upsert(absl::Span<const uint64_t> ids,
+                              absl::Span<const float> vectors,
+                              int64_t model_step) = 0;
+
+  // Deletes `ids`. All or nothing: if any id is unknown and `allow_missing`
+  // is false, returns NOT_FOUND naming it and deletes nothing. Returns the
+  // number of targets deleted.
+  virtual absl::StatusOr<size_t> Delete(absl::Span<const uint64_t> ids,
+                                        bool allow_missing) = 0;
+
+  // Copies the stored vectors of `ids` into `vectors` (resized to
+  // ids.size() x dim) and their model steps into `steps`.
+  //   NOT_FOUND: an unknown id (named in the message).
+  virtual absl::Status Get(absl::Span<const uint64_t> ids,
+                           std::vector<float>* vectors,
+                           std::vector<int64_t>* steps) const = 0;
+
+  // Mines for each of the queries (n x dim, layout above). `exclude` is
+  // either empty or has one list per query: ids never returned for, nor
+  // counted in the softmax of, that query. Unknown excluded ids are ignored.
+  //   INVALID_ARGUMENT: a bad shape or parameter (named in the message).
+  virtual absl::StatusOr<SearchResult> Search(
+      absl::Span<const float> queries,
+      absl::Span<const std::vector<uint64_t>> exclude,
+      const SearchParams& params) const = 0;
+};
+
+// Checks `params` against an index of `num_targets` targets; the message names
+// the offending field and value. Shared by every backend and by the server.
+absl::Status ValidateSearchParams(const SearchParams& params,
+                                  size_t num_targets);
+
+// Checks that `values` holds only finite numbers; `what` names the field in
+// the message (e.g. "queries").
+absl::Status CheckFinite(absl::Span<const float> values, int dim,
+                         const char* what);
+
+// Returns the index for `options`.
+//   INVALID_ARGUMENT: a bad dim.
+//   UNIMPLEMENTED: a backend or kind that is not built.
+//   FAILED_PRECONDITION: backend kCuda without a usable device.
+absl::StatusOr<std::unique_ptr<Index>> CreateIndex(const IndexOptions& options);
+
+}  // namespace negmine
+
+#endif  // NEGMINE_CORE_INDEX_H_

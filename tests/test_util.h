@@ -1,0 +1,103 @@
+// Shared test helpers: status matchers (Debian's abseil has none), oracles
+// and a chi-square goodness-of-fit check.
+#ifndef NEGMINE_TESTS_TEST_UTIL_H_
+#define NEGMINE_TESTS_TEST_UTIL_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "gmock/gmock.h"
+
+namespace negmine::testing {
+
+inline const absl::Status& GetStatus(const absl::Status& s) { return s; }
+template <typename T>
+const absl::Status& GetStatus(const absl::StatusOr<T>& s) {
+  return s.status();
+}
+
+// EXPECT_THAT(status_or, StatusIs(absl::StatusCode::kInvalidArgument,
+//                                 HasSubstr("dim")));
+MATCHER_P2(StatusIs, code, message_matcher, "") {
+  const absl::Status& s = GetStatus(arg);
+  *result_listener << "status is " << s;
+  return s.code() == code &&
+         ::testing::ExplainMatchResult(message_matcher,
+                                       std::string(s.message()),
+                                       result_listener);
+}
+
+MATCHER_P(IsOkAndHolds, value_matcher, "") {
+  if (!arg.ok()) {
+    *result_listener << "status is " << arg.status();
+    return false;
+  }
+  return ::testing::ExplainMatchResult(value_matcher, *arg, result_listener);
+}
+
+MATCHER(IsOk, "") {
+  const absl::Status& s = GetStatus(arg);
+  *result_listener << "status is " << s;
+  return s.ok();
+}
+
+// Oracle: double-precision dot product.
+inline double Dot(const float* a, const float* b, int dim) {
+  double s = 0;
+  for (int j = 0; j < dim; ++j) s += double{a[j]} * b[j];
+  return s;
+}
+
+// The upper `1 - p` quantile of chi-square with `df` degrees of freedom, by
+// the Wilson-Hilferty approximation (accurate to ~1% for df >= 10). `z` is
+// the standard normal quantile: 3.09 for p = 0.001.
+inline double ChiSquareCritical(int df, double z = 3.09) {
+  const double h = 2.0 / (9.0 * df);
+  return df * std::pow(1.0 - h + z * std::sqrt(h), 3.0);
+}
+
+// Pearson's statistic of `counts` against `probs` (summing to 1) over
+// `draws` draws. Bins whose expected count is below 5 are pooled into one,
+// so the approximation holds. Returns {statistic, degrees of freedom}.
+inline std::pair<double, int> ChiSquare(const std::vector<int64_t>& counts,
+                                        const std::vector<double>& probs,
+                                        int64_t draws) {
+  double stat = 0, pooled_obs = 0, pooled_exp = 0;
+  int bins = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    const double expected = probs[i] * draws;
+    if (expected < 5) {
+      pooled_obs += counts[i];
+      pooled_exp += expected;
+      continue;
+    }
+    stat += (counts[i] - expected) * (counts[i] - expected) / expected;
+    ++bins;
+  }
+  if (pooled_exp > 0) {
+    stat += (pooled_obs - pooled_exp) * (pooled_obs - pooled_exp) / pooled_exp;
+    ++bins;
+  }
+  return {stat, bins - 1};
+}
+
+// Softmax of `scores / tau` in double precision.
+inline std::vector<double> Softmax(const std::vector<double>& scores,
+                                   double tau) {
+  const double m = *std::max_element(scores.begin(), scores.end());
+  std::vector<double> p(scores.size());
+  double z = 0;
+  for (size_t i = 0; i < scores.size(); ++i) z += p[i] = std::exp((scores[i] - m) / tau);
+  for (double& v : p) v /= z;
+  return p;
+}
+
+}  // namespace negmine::testing
+
+#endif  // NEGMINE_TESTS_TEST_UTIL_H_
