@@ -1,0 +1,453 @@
+// negmine: the command-line client. Run `negmine help` for the commands.
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "client/negmine_client.h"
+#include "client/npy.h"
+#include "core/store/drift_bench.h"
+
+namespace negmine::client {
+namespace {
+
+constexpr char kUsage[] = R"(negmine: the negmine command-line client
+
+usage: negmine [--server HOST:PORT] COMMAND [options]
+
+  --server HOST:PORT   the negmine-server to talk to (default 127.0.0.1:50051,
+                       or $NEGMINE_SERVER)
+
+commands:
+  create   --collection C --dim D [--metric cosine|inner_product]
+           [--backend auto|cpu|cuda] [--index exact|tree]
+  list
+  drop     --collection C
+  upsert   --collection C (--npy X.npy [--ids I.npy] | --fvecs X.fvecs |
+                           --random N [--seed S])
+           [--model-step T] [--id-offset O]
+           Rows get ids O..O+n-1 unless --ids is given. --random draws N
+           drift-bench targets of the collection's dim.
+  delete   --collection C --ids 1,2,3 [--allow-missing]
+  mine     --collection C (--queries Q.npy | --random-queries N [--seed S])
+           --k K [--mode topk|sample|mixed] [--temperature T] [--num-hard H]
+           [--rank-offset R] [--with-replacement] [--sample-seed S]
+           [--exclude E.npy] [--json | --out R.npy]
+           E.npy is an n x m integer array of ids to exclude per query
+           (negative entries are padding). --json prints one object per
+           query per line; --out writes ids (n x k uint64, missing entries
+           2^64-1) to R.npy, and R.scores.npy and R.log_q.npy beside it.
+  info     [--collection C]
+  generate (--targets N | --queries N) --dim D [--seed S] --out X.npy
+           Writes drift-bench vectors (step 0) to an .npy file.
+  help
+
+.npy files are float32 or float16 (or float64) in C order; .fvecs is int32 dim
+then dim float32 per vector.
+)";
+
+// Parsed `--key value` / `--key=value` options and bare switches.
+class Args {
+ public:
+  static constexpr const char* kSwitches[] = {"json", "with-replacement",
+                                              "allow-missing", "help"};
+
+  absl::Status Parse(int argc, char** argv, int start) {
+    for (int i = start; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a.rfind("--", 0) != 0) {
+        if (command_.empty()) {
+          command_ = a;
+          continue;
+        }
+        return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", a, "'"));
+      }
+      a = a.substr(2);
+      const size_t eq = a.find('=');
+      if (eq != std::string::npos) {
+        values_[a.substr(0, eq)] = a.substr(eq + 1);
+        continue;
+      }
+      bool is_switch = false;
+      for (const char* s : kSwitches) is_switch |= a == s;
+      if (is_switch) {
+        values_[a] = "true";
+      } else if (i + 1 < argc) {
+        values_[a] = argv[++i];
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("--", a, " needs a value"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  const std::string& command() const { return command_; }
+  bool Has(const std::string& k) const {
+    used_.insert(k);
+    return values_.count(k) > 0;
+  }
+  std::string Get(const std::string& k, const std::string& def = "") const {
+    used_.insert(k);
+    auto it = values_.find(k);
+    return it == values_.end() ? def : it->second;
+  }
+  absl::StatusOr<std::string> Required(const std::string& k) const {
+    if (!Has(k)) return absl::InvalidArgumentError(absl::StrCat("--", k, " is required"));
+    return Get(k);
+  }
+  template <typename T>
+  absl::StatusOr<T> Number(const std::string& k, T def) const {
+    if (!Has(k)) return def;
+    T v;
+    bool ok;
+    if constexpr (std::is_floating_point_v<T>) {
+      ok = absl::SimpleAtof(Get(k), &v);
+    } else {
+      ok = absl::SimpleAtoi(Get(k), &v);
+    }
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", k, " = '", Get(k), "' is not a valid number"));
+    }
+    return v;
+  }
+  // Options given but never read by the command: almost always a typo.
+  absl::Status CheckAllUsed() const {
+    for (auto& [k, v] : values_) {
+      if (!used_.count(k)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("unknown option --", k, " for '", command_, "'"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::string command_;
+  std::map<std::string, std::string> values_;
+  mutable std::set<std::string> used_;
+};
+
+#define CLI_ASSIGN(lhs, expr)                 \
+  auto lhs##_or = (expr);                     \
+  if (!lhs##_or.ok()) return lhs##_or.status(); \
+  auto lhs = std::move(lhs##_or).value()
+
+#define CLI_CHECK(expr)                    \
+  do {                                     \
+    absl::Status cli_s_ = (expr);          \
+    if (!cli_s_.ok()) return cli_s_;       \
+  } while (0)
+
+absl::StatusOr<uint32_t> CollectionDim(Client& c, const std::string& collection) {
+  CLI_ASSIGN(info, c.GetIndexInfo(collection));
+  return info.info().config().dim();
+}
+
+std::string MetricText(v1::Metric m) {
+  return m == v1::METRIC_COSINE ? "cosine" : "inner_product";
+}
+
+void PrintInfo(const v1::CollectionInfo& i) {
+  std::printf("%-20s dim=%-6u metric=%-13s index=%-5s backend=%s targets=%" PRIu64
+              " version=%" PRIu64 " memory=%.1fMiB\n",
+              i.config().name().c_str(), i.config().dim(),
+              MetricText(i.config().metric()).c_str(),
+              i.config().index_kind() == v1::INDEX_KIND_TREE ? "tree" : "exact",
+              i.active_backend() == v1::BACKEND_CUDA ? "cuda" : "cpu",
+              i.num_targets(), i.index_version(), i.memory_bytes() / 1048576.0);
+}
+
+absl::Status Create(Client& c, const Args& a) {
+  CLI_ASSIGN(name, a.Required("collection"));
+  CLI_ASSIGN(dim, a.Number<uint32_t>("dim", 0));
+  v1::CollectionConfig config;
+  config.set_name(name);
+  config.set_dim(dim);
+  const std::string metric = a.Get("metric", "cosine");
+  if (metric == "cosine") {
+    config.set_metric(v1::METRIC_COSINE);
+  } else if (metric == "inner_product" || metric == "ip") {
+    config.set_metric(v1::METRIC_INNER_PRODUCT);
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--metric = '", metric, "': use cosine or inner_product"));
+  }
+  const std::string backend = a.Get("backend", "auto");
+  if (backend == "auto") config.set_backend(v1::BACKEND_AUTO);
+  else if (backend == "cpu") config.set_backend(v1::BACKEND_CPU);
+  else if (backend == "cuda") config.set_backend(v1::BACKEND_CUDA);
+  else return absl::InvalidArgumentError(absl::StrCat("--backend = '", backend, "': use auto, cpu or cuda"));
+  const std::string index = a.Get("index", "exact");
+  if (index == "exact") config.set_index_kind(v1::INDEX_KIND_EXACT);
+  else if (index == "tree") config.set_index_kind(v1::INDEX_KIND_TREE);
+  else return absl::InvalidArgumentError(absl::StrCat("--index = '", index, "': use exact or tree"));
+  CLI_CHECK(a.CheckAllUsed());
+  CLI_ASSIGN(info, c.CreateCollection(config));
+  std::printf("created ");
+  PrintInfo(info);
+  return absl::OkStatus();
+}
+
+absl::Status Upsert(Client& c, const Args& a) {
+  CLI_ASSIGN(collection, a.Required("collection"));
+  CLI_ASSIGN(step, a.Number<int64_t>("model-step", 0));
+  CLI_ASSIGN(offset, a.Number<uint64_t>("id-offset", 0));
+  Array<float> x;
+  if (a.Has("npy")) {
+    CLI_ASSIGN(loaded, LoadNpyFloat(a.Get("npy")));
+    x = std::move(loaded);
+  } else if (a.Has("fvecs")) {
+    CLI_ASSIGN(loaded, LoadFvecs(a.Get("fvecs")));
+    x = std::move(loaded);
+  } else if (a.Has("random")) {
+    CLI_ASSIGN(n, a.Number<uint64_t>("random", 0));
+    CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
+    CLI_ASSIGN(dim, CollectionDim(c, collection));
+    DriftBench bench({.num_targets = n, .num_queries = 0,
+                      .dim = static_cast<int>(dim), .seed = seed});
+    x = {n, dim, bench.Targets(0)};
+  } else {
+    return absl::InvalidArgumentError("give one of --npy, --fvecs or --random");
+  }
+  std::vector<uint64_t> ids(x.rows);
+  if (a.Has("ids")) {
+    CLI_ASSIGN(loaded, LoadNpyInt(a.Get("ids")));
+    if (loaded.data.size() != x.rows) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--ids holds ", loaded.data.size(), " ids for ", x.rows, " vectors"));
+    }
+    for (size_t i = 0; i < x.rows; ++i) ids[i] = static_cast<uint64_t>(loaded.data[i]);
+  } else {
+    std::iota(ids.begin(), ids.end(), offset);
+  }
+  CLI_CHECK(a.CheckAllUsed());
+  CLI_ASSIGN(resp, c.Upsert(collection, ids, x.data, x.cols, step));
+  std::printf("upserted %" PRIu64 " targets into '%s' (index version %" PRIu64 ")\n",
+              resp.upserted(), collection.c_str(), resp.index_version());
+  return absl::OkStatus();
+}
+
+absl::Status Delete(Client& c, const Args& a) {
+  CLI_ASSIGN(collection, a.Required("collection"));
+  CLI_ASSIGN(list, a.Required("ids"));
+  std::vector<uint64_t> ids;
+  for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
+    uint64_t id;
+    if (!absl::SimpleAtoi(part, &id)) {
+      return absl::InvalidArgumentError(absl::StrCat("--ids: '", part, "' is not an id"));
+    }
+    ids.push_back(id);
+  }
+  const bool allow_missing = a.Has("allow-missing");
+  CLI_CHECK(a.CheckAllUsed());
+  CLI_ASSIGN(resp, c.Delete(collection, ids, allow_missing));
+  std::printf("deleted %" PRIu64 " targets (index version %" PRIu64 ")\n",
+              resp.deleted(), resp.index_version());
+  return absl::OkStatus();
+}
+
+void PrintTable(const v1::MineResponse& r, size_t first_query) {
+  for (int qi = 0; qi < r.results_size(); ++qi) {
+    const v1::QueryNegatives& q = r.results(qi);
+    std::printf("\nquery %zu", first_query + qi);
+    if (q.log_z_hi() != 0 || q.log_z_lo() != 0) {
+      std::printf("   log Z in [%.4f, %.4f]", q.log_z_lo(), q.log_z_hi());
+    }
+    std::printf("\n  %4s  %-8s %12s %9s %10s\n", "rank", "kind", "target id", "score", "log q");
+    for (int i = 0; i < q.ids_size(); ++i) {
+      const bool top = static_cast<uint32_t>(i) < q.num_top();
+      std::printf("  %4d  %-8s %12" PRIu64 " %9.4f %10s\n", i + 1,
+                  top ? "top-k" : "sample", q.ids(i), q.scores(i),
+                  top ? "-" : absl::StrCat(absl::SixDigits(q.log_q(i))).c_str());
+    }
+  }
+  std::printf("\nindex version %" PRIu64 "\n", r.index_version());
+}
+
+void PrintJson(const v1::MineResponse& r, size_t first_query) {
+  for (int qi = 0; qi < r.results_size(); ++qi) {
+    const v1::QueryNegatives& q = r.results(qi);
+    std::string line = absl::StrCat("{\"query\": ", first_query + qi, ", \"ids\": [");
+    for (int i = 0; i < q.ids_size(); ++i) absl::StrAppend(&line, i ? ", " : "", q.ids(i));
+    line += "], \"scores\": [";
+    for (int i = 0; i < q.scores_size(); ++i) absl::StrAppend(&line, i ? ", " : "", q.scores(i));
+    line += "], \"log_q\": [";
+    for (int i = 0; i < q.log_q_size(); ++i) absl::StrAppend(&line, i ? ", " : "", q.log_q(i));
+    absl::StrAppend(&line, "], \"num_top\": ", q.num_top(),
+                    ", \"index_version\": ", r.index_version(), "}");
+    std::printf("%s\n", line.c_str());
+  }
+}
+
+absl::Status Mine(Client& c, const Args& a) {
+  CLI_ASSIGN(collection, a.Required("collection"));
+  CLI_ASSIGN(dim, CollectionDim(c, collection));
+  Array<float> q;
+  if (a.Has("queries")) {
+    CLI_ASSIGN(loaded, LoadNpyFloat(a.Get("queries")));
+    q = std::move(loaded);
+  } else if (a.Has("random-queries")) {
+    CLI_ASSIGN(n, a.Number<uint64_t>("random-queries", 0));
+    CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
+    DriftBench bench({.num_targets = 0, .num_queries = n,
+                      .dim = static_cast<int>(dim), .seed = seed});
+    q = {n, dim, bench.Queries(0)};
+  } else {
+    return absl::InvalidArgumentError("give --queries Q.npy or --random-queries N");
+  }
+  v1::MineParams p;
+  CLI_ASSIGN(k, a.Number<uint32_t>("k", 10));
+  p.set_k(k);
+  const std::string mode = a.Get("mode", "topk");
+  if (mode == "topk") p.set_mode(v1::MINE_MODE_TOP_K);
+  else if (mode == "sample") p.set_mode(v1::MINE_MODE_SAMPLE);
+  else if (mode == "mixed") p.set_mode(v1::MINE_MODE_MIXED);
+  else return absl::InvalidArgumentError(absl::StrCat("--mode = '", mode, "': use topk, sample or mixed"));
+  CLI_ASSIGN(tau, a.Number<float>("temperature", 0.05f));
+  p.set_temperature(tau);
+  CLI_ASSIGN(num_hard, a.Number<uint32_t>("num-hard", k / 2));
+  p.set_num_hard(num_hard);
+  CLI_ASSIGN(rank_offset, a.Number<uint32_t>("rank-offset", 0));
+  p.set_rank_offset(rank_offset);
+  p.set_with_replacement(a.Has("with-replacement"));
+  CLI_ASSIGN(sample_seed, a.Number<uint64_t>("sample-seed", 0));
+  p.set_seed(sample_seed);
+  p.set_return_log_z(p.mode() != v1::MINE_MODE_TOP_K);
+  std::vector<std::vector<uint64_t>> exclude;
+  if (a.Has("exclude")) {
+    CLI_ASSIGN(e, LoadNpyInt(a.Get("exclude")));
+    if (e.rows != q.rows) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--exclude has ", e.rows, " rows for ", q.rows, " queries"));
+    }
+    exclude.resize(e.rows);
+    for (size_t i = 0; i < e.rows; ++i) {
+      for (size_t j = 0; j < e.cols; ++j) {
+        const int64_t id = e.data[i * e.cols + j];
+        if (id >= 0) exclude[i].push_back(static_cast<uint64_t>(id));
+      }
+    }
+  }
+  const bool json = a.Has("json");
+  const std::string out = a.Get("out");
+  CLI_CHECK(a.CheckAllUsed());
+  CLI_ASSIGN(r, c.Mine(collection, q.data, static_cast<uint32_t>(q.cols), p, exclude));
+  if (!out.empty()) {
+    const size_t n = r.results_size();
+    std::vector<uint64_t> ids(n * k, UINT64_MAX);
+    std::vector<float> scores(n * k, NAN), log_q(n * k, NAN);
+    for (size_t i = 0; i < n; ++i) {
+      const v1::QueryNegatives& res = r.results(i);
+      for (int j = 0; j < res.ids_size() && j < static_cast<int>(k); ++j) {
+        ids[i * k + j] = res.ids(j);
+        scores[i * k + j] = res.scores(j);
+        log_q[i * k + j] = res.log_q(j);
+      }
+    }
+    std::string stem = out;
+    if (stem.size() > 4 && stem.substr(stem.size() - 4) == ".npy") stem.resize(stem.size() - 4);
+    CLI_CHECK(SaveNpy(stem + ".npy", n, k, ids));
+    CLI_CHECK(SaveNpy(stem + ".scores.npy", n, k, scores));
+    CLI_CHECK(SaveNpy(stem + ".log_q.npy", n, k, log_q));
+    std::fprintf(stderr, "wrote %s.npy, %s.scores.npy, %s.log_q.npy\n", stem.c_str(),
+                 stem.c_str(), stem.c_str());
+  } else if (json) {
+    PrintJson(r, 0);
+  } else {
+    PrintTable(r, 0);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Info(Client& c, const Args& a) {
+  const bool one = a.Has("collection");
+  const std::string collection = a.Get("collection");
+  CLI_CHECK(a.CheckAllUsed());
+  if (one) {
+    CLI_ASSIGN(info, c.GetIndexInfo(collection));
+    PrintInfo(info.info());
+    std::printf("limits: max_message_bytes=%" PRIu64 " max_batch=%u max_k=%u\n",
+                info.limits().max_message_bytes(), info.limits().max_batch(),
+                info.limits().max_k());
+    return absl::OkStatus();
+  }
+  CLI_ASSIGN(all, c.ListCollections());
+  if (all.empty()) std::printf("no collections\n");
+  for (const auto& i : all) PrintInfo(i);
+  return absl::OkStatus();
+}
+
+absl::Status Generate(const Args& a) {
+  CLI_ASSIGN(dim, a.Number<int>("dim", 0));
+  CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
+  CLI_ASSIGN(targets, a.Number<uint64_t>("targets", 0));
+  CLI_ASSIGN(queries, a.Number<uint64_t>("queries", 0));
+  CLI_ASSIGN(out, a.Required("out"));
+  CLI_CHECK(a.CheckAllUsed());
+  if (dim <= 0) return absl::InvalidArgumentError("--dim must be > 0");
+  if ((targets > 0) == (queries > 0)) {
+    return absl::InvalidArgumentError("give exactly one of --targets N or --queries N");
+  }
+  DriftBench bench({.num_targets = targets, .num_queries = queries, .dim = dim, .seed = seed});
+  const std::vector<float> x = targets > 0 ? bench.Targets(0) : bench.Queries(0);
+  CLI_CHECK(SaveNpy(out, targets + queries, dim, x));
+  std::printf("wrote %" PRIu64 " x %d drift-bench %s to %s\n", targets + queries, dim,
+              targets > 0 ? "targets" : "queries", out.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status Run(int argc, char** argv) {
+  Args a;
+  CLI_CHECK(a.Parse(argc, argv, 1));
+  const std::string& cmd = a.command();
+  if (cmd.empty() || cmd == "help" || a.Has("help")) {
+    std::fputs(kUsage, stdout);
+    return absl::OkStatus();
+  }
+  if (cmd == "generate") return Generate(a);
+  const char* env = std::getenv("NEGMINE_SERVER");
+  const std::string server = a.Get("server", env ? env : "127.0.0.1:50051");
+  ClientOptions options;
+  options.timeout = std::chrono::seconds(600);
+  auto client = Client::Connect(server, options);
+  if (cmd == "create") return Create(*client, a);
+  if (cmd == "list") {
+    CLI_CHECK(a.CheckAllUsed());
+    return Info(*client, a);
+  }
+  if (cmd == "drop") {
+    CLI_ASSIGN(collection, a.Required("collection"));
+    CLI_CHECK(a.CheckAllUsed());
+    CLI_CHECK(client->DropCollection(collection));
+    std::printf("dropped '%s'\n", collection.c_str());
+    return absl::OkStatus();
+  }
+  if (cmd == "upsert") return Upsert(*client, a);
+  if (cmd == "delete") return Delete(*client, a);
+  if (cmd == "mine") return Mine(*client, a);
+  if (cmd == "info") return Info(*client, a);
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown command '", cmd, "'; run 'negmine help'"));
+}
+
+}  // namespace
+}  // namespace negmine::client
+
+int main(int argc, char** argv) {
+  absl::Status s = negmine::client::Run(argc, argv);
+  if (!s.ok()) {
+    std::fprintf(stderr, "negmine: %s: %s\n",
+                 absl::StatusCodeToString(s.code()).c_str(),
+                 std::string(s.message()).c_str());
+    return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}

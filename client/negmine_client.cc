@@ -1,0 +1,249 @@
+#include "client/negmine_client.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace negmine::client {
+
+absl::Status FromGrpc(const grpc::Status& status, const char* rpc) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      absl::StrCat(rpc, ": ", status.error_message()));
+}
+
+void BuildMineRequest(const std::string& collection,
+                      absl::Span<const float> queries, uint32_t dim,
+                      const v1::MineParams& params,
+                      absl::Span<const std::vector<uint64_t>> exclude,
+                      v1::MineRequest* request) {
+  request->set_collection(collection);
+  v1::Matrix* m = request->mutable_queries();
+  m->set_rows(dim == 0 ? 0 : static_cast<uint32_t>(queries.size() / dim));
+  m->set_cols(dim);
+  m->set_dtype(v1::DTYPE_FLOAT32);
+  m->set_data(reinterpret_cast<const char*>(queries.data()),
+              queries.size() * sizeof(float));
+  for (const std::vector<uint64_t>& ids : exclude) {
+    request->add_exclude()->mutable_ids()->Add(ids.begin(), ids.end());
+  }
+  *request->mutable_params() = params;
+}
+
+std::unique_ptr<Client> Client::Connect(const std::string& target,
+                                        const ClientOptions& options) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  args.SetMaxSendMessageSize(-1);
+  auto channel = grpc::CreateCustomChannel(
+      target, grpc::InsecureChannelCredentials(), args);
+  return std::unique_ptr<Client>(new Client(std::move(channel), options));
+}
+
+Client::Client(std::shared_ptr<grpc::Channel> channel,
+               const ClientOptions& options)
+    : options_(options),
+      channel_(std::move(channel)),
+      stub_(v1::NegativeMiner::NewStub(channel_)) {}
+
+void Client::Prepare(grpc::ClientContext* ctx) const {
+  if (options_.timeout.count() > 0) {
+    ctx->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  }
+}
+
+absl::Status Client::WaitForReady(std::chrono::milliseconds timeout) {
+  if (channel_->WaitForConnected(std::chrono::system_clock::now() + timeout)) {
+    return absl::OkStatus();
+  }
+  return absl::UnavailableError(
+      absl::StrCat("no connection to the server within ", timeout.count(), " ms"));
+}
+
+absl::StatusOr<v1::CollectionInfo> Client::CreateCollection(
+    const v1::CollectionConfig& config) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::CreateCollectionRequest req;
+  *req.mutable_config() = config;
+  v1::CreateCollectionResponse resp;
+  absl::Status s = FromGrpc(stub_->CreateCollection(&ctx, req, &resp), "CreateCollection");
+  if (!s.ok()) return s;
+  return resp.info();
+}
+
+absl::StatusOr<std::vector<v1::CollectionInfo>> Client::ListCollections() {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::ListCollectionsResponse resp;
+  absl::Status s = FromGrpc(stub_->ListCollections(&ctx, {}, &resp), "ListCollections");
+  if (!s.ok()) return s;
+  return std::vector<v1::CollectionInfo>(resp.collections().begin(),
+                                         resp.collections().end());
+}
+
+absl::Status Client::DropCollection(const std::string& collection) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::DropCollectionRequest req;
+  req.set_collection(collection);
+  v1::DropCollectionResponse resp;
+  return FromGrpc(stub_->DropCollection(&ctx, req, &resp), "DropCollection");
+}
+
+absl::StatusOr<v1::UpsertTargetsResponse> Client::Upsert(
+    const std::string& collection, absl::Span<const uint64_t> ids,
+    absl::Span<const float> vectors, uint32_t dim, int64_t model_step) {
+  if (dim == 0 || vectors.size() != ids.size() * dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Upsert: ", vectors.size(), " floats do not make ", ids.size(),
+        " vectors of dim ", dim));
+  }
+  const size_t rows_per_chunk = std::max<size_t>(
+      1, options_.upsert_chunk_bytes / (size_t{dim} * sizeof(float) + 8));
+  grpc::ClientContext ctx;  // a stream: no unary timeout
+  v1::UpsertTargetsResponse resp;
+  auto writer = stub_->UpsertTargets(&ctx, &resp);
+  v1::UpsertTargetsRequest req;
+  for (size_t begin = 0; begin < ids.size() || begin == 0; begin += rows_per_chunk) {
+    const size_t n = std::min(rows_per_chunk, ids.size() - begin);
+    req.Clear();
+    req.set_collection(collection);
+    req.set_model_step(model_step);
+    req.mutable_ids()->Add(ids.begin() + begin, ids.begin() + begin + n);
+    v1::Matrix* m = req.mutable_vectors();
+    m->set_rows(static_cast<uint32_t>(n));
+    m->set_cols(dim);
+    m->set_dtype(v1::DTYPE_FLOAT32);
+    m->set_data(reinterpret_cast<const char*>(vectors.data() + begin * dim),
+                n * dim * sizeof(float));
+    if (!writer->Write(req)) break;  // the server ended the stream: see Finish
+    if (ids.empty()) break;
+  }
+  writer->WritesDone();
+  absl::Status s = FromGrpc(writer->Finish(), "UpsertTargets");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::DeleteTargetsResponse> Client::Delete(
+    const std::string& collection, absl::Span<const uint64_t> ids,
+    bool allow_missing) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::DeleteTargetsRequest req;
+  req.set_collection(collection);
+  req.mutable_ids()->Add(ids.begin(), ids.end());
+  req.set_allow_missing(allow_missing);
+  v1::DeleteTargetsResponse resp;
+  absl::Status s = FromGrpc(stub_->DeleteTargets(&ctx, req, &resp), "DeleteTargets");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::GetTargetsResponse> Client::GetTargets(
+    const std::string& collection, absl::Span<const uint64_t> ids) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::GetTargetsRequest req;
+  req.set_collection(collection);
+  req.mutable_ids()->Add(ids.begin(), ids.end());
+  v1::GetTargetsResponse resp;
+  absl::Status s = FromGrpc(stub_->GetTargets(&ctx, req, &resp), "GetTargets");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::MineResponse> Client::Mine(
+    const std::string& collection, absl::Span<const float> queries,
+    uint32_t dim, const v1::MineParams& params,
+    absl::Span<const std::vector<uint64_t>> exclude) {
+  v1::MineRequest req;
+  BuildMineRequest(collection, queries, dim, params, exclude, &req);
+  return Mine(req);
+}
+
+absl::StatusOr<v1::MineResponse> Client::Mine(const v1::MineRequest& request) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::MineResponse resp;
+  absl::Status s = FromGrpc(stub_->Mine(&ctx, request, &resp), "Mine");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::GetIndexInfoResponse> Client::GetIndexInfo(
+    const std::string& collection) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::GetIndexInfoRequest req;
+  req.set_collection(collection);
+  v1::GetIndexInfoResponse resp;
+  absl::Status s = FromGrpc(stub_->GetIndexInfo(&ctx, req, &resp), "GetIndexInfo");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+std::unique_ptr<MineSession> Client::OpenMineSession(
+    const std::string& collection) {
+  return std::unique_ptr<MineSession>(new MineSession(stub_.get(), collection));
+}
+
+MineSession::MineSession(v1::NegativeMiner::Stub* stub, std::string collection)
+    : collection_(std::move(collection)), stream_(stub->MineStream(&ctx_)) {}
+
+MineSession::~MineSession() {
+  if (!closed_) {
+    ctx_.TryCancel();
+    stream_->Finish().IgnoreError();
+  }
+}
+
+absl::StatusOr<std::string> MineSession::Send(
+    absl::Span<const float> queries, uint32_t dim, const v1::MineParams& params,
+    absl::Span<const std::vector<uint64_t>> exclude) {
+  v1::MineRequest req;
+  BuildMineRequest(collection_, queries, dim, params, exclude, &req);
+  req.set_request_id(std::to_string(next_id_));
+  std::string id = req.request_id();
+  absl::Status s = Send(std::move(req));
+  if (!s.ok()) return s;
+  return id;
+}
+
+absl::Status MineSession::Send(v1::MineRequest request) {
+  request.set_collection(collection_);
+  if (request.request_id().empty()) request.set_request_id(std::to_string(next_id_));
+  ++next_id_;
+  if (closed_ || !stream_->Write(request)) {
+    return absl::UnavailableError(
+        "MineStream: the stream is closed; Close() returns its status");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::MineResponse> MineSession::Receive() {
+  v1::MineResponse resp;
+  if (closed_ || !stream_->Read(&resp)) {
+    return absl::UnavailableError(
+        "MineStream: no more responses; Close() returns the stream's status");
+  }
+  if (resp.status().code() != 0) {
+    return absl::Status(static_cast<absl::StatusCode>(resp.status().code()),
+                        absl::StrCat("MineStream item ", resp.request_id(), ": ",
+                                     resp.status().message()));
+  }
+  return resp;
+}
+
+absl::Status MineSession::Close() {
+  if (closed_) return absl::OkStatus();
+  closed_ = true;
+  stream_->WritesDone();
+  v1::MineResponse drain;
+  while (stream_->Read(&drain)) {
+  }
+  return FromGrpc(stream_->Finish(), "MineStream");
+}
+
+}  // namespace negmine::client

@@ -1,0 +1,156 @@
+// The negmine C++ client.
+//
+//   ASSIGN_OR_RETURN(auto client, negmine::client::Client::Connect("127.0.0.1:50051"));
+//   v1::CollectionConfig config;
+//   config.set_name("docs"); config.set_dim(128);
+//   config.set_metric(v1::METRIC_COSINE);
+//   RETURN_IF_ERROR(client->CreateCollection(config).status());
+//   RETURN_IF_ERROR(client->Upsert("docs", ids, vectors, 128, /*model_step=*/0).status());
+//
+//   v1::MineParams params;
+//   params.set_mode(v1::MINE_MODE_SAMPLE); params.set_k(64);
+//   params.set_temperature(0.05f);
+//   ASSIGN_OR_RETURN(v1::MineResponse r, client->Mine("docs", queries, 128, params));
+//
+// From a training loop, a MineSession keeps one stream open and pipelines:
+//
+//   auto session = client->OpenMineSession("docs");
+//   session->Send(batch_0, 128, params);
+//   for (int step = 0; ...; ++step) {
+//     session->Send(batch_{step+1}, 128, params);   // the server starts on it
+//     ASSIGN_OR_RETURN(v1::MineResponse r, session->Receive());  // batch_step
+//     ...train on r...
+//   }
+//   RETURN_IF_ERROR(session->Close());
+//
+// Errors are absl::Status with the server's canonical code and message,
+// prefixed with the RPC name.
+//
+// Thread safety: a Client may be shared by threads. A MineSession is used by
+// one thread (or one sender and one receiver thread).
+#ifndef NEGMINE_CLIENT_NEGMINE_CLIENT_H_
+#define NEGMINE_CLIENT_NEGMINE_CLIENT_H_
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "negmine/v1/negmine.grpc.pb.h"
+
+namespace negmine::client {
+
+namespace v1 = ::negmine::v1;
+
+struct ClientOptions {
+  // Upsert streams are cut into messages of about this many bytes.
+  size_t upsert_chunk_bytes = 4 << 20;
+  // Largest message the client accepts (responses of big batches).
+  int max_receive_message_bytes = 256 << 20;
+  // Deadline of each unary call; 0 = none.
+  std::chrono::milliseconds timeout{0};
+};
+
+// grpc::Status -> absl::Status, with `rpc` prefixed to the message.
+absl::Status FromGrpc(const grpc::Status& status, const char* rpc);
+
+// Fills a MineRequest: queries are n x dim float32 (row-major); `exclude` is
+// empty or one id list per query.
+void BuildMineRequest(const std::string& collection,
+                      absl::Span<const float> queries, uint32_t dim,
+                      const v1::MineParams& params,
+                      absl::Span<const std::vector<uint64_t>> exclude,
+                      v1::MineRequest* request);
+
+class MineSession;
+
+class Client {
+ public:
+  // Connects to `target` ("host:port"), insecure. Does not wait for the
+  // server; the first call does.
+  static std::unique_ptr<Client> Connect(const std::string& target,
+                                         const ClientOptions& options = {});
+
+  // Waits until the channel is ready, up to `timeout`.
+  absl::Status WaitForReady(std::chrono::milliseconds timeout);
+
+  absl::StatusOr<v1::CollectionInfo> CreateCollection(
+      const v1::CollectionConfig& config);
+  absl::StatusOr<std::vector<v1::CollectionInfo>> ListCollections();
+  absl::Status DropCollection(const std::string& collection);
+
+  // Streams ids.size() x dim float32 vectors in chunks of about
+  // upsert_chunk_bytes. Each chunk is applied as a whole; on error, the
+  // status says how many chunks were applied.
+  absl::StatusOr<v1::UpsertTargetsResponse> Upsert(
+      const std::string& collection, absl::Span<const uint64_t> ids,
+      absl::Span<const float> vectors, uint32_t dim, int64_t model_step);
+  absl::StatusOr<v1::DeleteTargetsResponse> Delete(
+      const std::string& collection, absl::Span<const uint64_t> ids,
+      bool allow_missing = false);
+  absl::StatusOr<v1::GetTargetsResponse> GetTargets(
+      const std::string& collection, absl::Span<const uint64_t> ids);
+
+  absl::StatusOr<v1::MineResponse> Mine(
+      const std::string& collection, absl::Span<const float> queries,
+      uint32_t dim, const v1::MineParams& params,
+      absl::Span<const std::vector<uint64_t>> exclude = {});
+  absl::StatusOr<v1::MineResponse> Mine(const v1::MineRequest& request);
+
+  // Opens a MineStream.
+  std::unique_ptr<MineSession> OpenMineSession(const std::string& collection);
+
+  absl::StatusOr<v1::GetIndexInfoResponse> GetIndexInfo(
+      const std::string& collection);
+
+  v1::NegativeMiner::Stub& stub() { return *stub_; }
+
+ private:
+  Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
+  void Prepare(grpc::ClientContext* ctx) const;
+
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::NegativeMiner::Stub> stub_;
+};
+
+// One open MineStream. Responses come back in the order of Send calls.
+class MineSession {
+ public:
+  ~MineSession();
+
+  // Sends one request (n x dim queries). Returns UNAVAILABLE if the stream
+  // broke; Close() then says why. Returns the request_id used ("1", "2", ...
+  // in order) so that responses can be matched if wanted.
+  absl::StatusOr<std::string> Send(absl::Span<const float> queries, uint32_t dim,
+                                   const v1::MineParams& params,
+                                   absl::Span<const std::vector<uint64_t>> exclude = {});
+  // Sends a prepared request as is (its collection is overwritten).
+  absl::Status Send(v1::MineRequest request);
+
+  // The next response. A failed item comes back as its status (code and
+  // message of the server's per-item status); the stream goes on.
+  absl::StatusOr<v1::MineResponse> Receive();
+
+  // Half-closes, drains unread responses, and returns the stream's status.
+  absl::Status Close();
+
+ private:
+  friend class Client;
+  MineSession(v1::NegativeMiner::Stub* stub, std::string collection);
+
+  std::string collection_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::MineRequest, v1::MineResponse>> stream_;
+  uint64_t next_id_ = 1;
+  bool closed_ = false;
+};
+
+}  // namespace negmine::client
+
+#endif  // NEGMINE_CLIENT_NEGMINE_CLIENT_H_

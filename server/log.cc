@@ -1,0 +1,77 @@
+#include "server/log.h"
+
+#include <atomic>
+#include <cstdio>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
+namespace negmine::server {
+namespace {
+
+std::atomic<int> g_level{static_cast<int>(LogLevel::kInfo)};
+absl::Mutex g_mu;
+
+const char* LevelName(LogLevel l) {
+  switch (l) {
+    case LogLevel::kDebug: return "debug";
+    case LogLevel::kInfo: return "info";
+    case LogLevel::kWarning: return "warning";
+    case LogLevel::kError: return "error";
+  }
+  return "info";
+}
+
+// Quotes a logfmt value when it holds spaces, quotes or '='.
+std::string Quote(std::string_view v) {
+  const bool plain = !v.empty() && v.find_first_of(" \"=\t\n") == v.npos;
+  if (plain) return std::string(v);
+  std::string out = "\"";
+  for (char c : v) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+bool ParseLogLevel(std::string_view name, LogLevel* level) {
+  for (LogLevel l : {LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarning,
+                     LogLevel::kError}) {
+    if (name == LevelName(l)) {
+      *level = l;
+      return true;
+    }
+  }
+  return false;
+}
+
+void SetLogLevel(LogLevel level) { g_level.store(static_cast<int>(level)); }
+
+void Log(LogLevel level, std::string_view msg,
+         std::initializer_list<LogField> fields) {
+  if (static_cast<int>(level) < g_level.load()) return;
+  std::string line = "ts=" + absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(),
+                                              absl::UTCTimeZone());
+  line += " level=";
+  line += LevelName(level);
+  line += " msg=" + Quote(msg);
+  for (const LogField& f : fields) {
+    line += ' ';
+    line += f.first;
+    line += '=';
+    line += Quote(f.second);
+  }
+  line += '\n';
+  absl::MutexLock lock(&g_mu);
+  std::fputs(line.c_str(), stderr);
+  std::fflush(stderr);
+}
+
+}  // namespace negmine::server

@@ -1,0 +1,251 @@
+// negmine-server: the negmine index server.
+//
+//   negmine-server --listen=127.0.0.1:50051 --data_dir=./negmine-data
+//
+// Lifecycle: the gRPC port opens first and grpc.health.v1 answers
+// NOT_SERVING (RPCs answer UNAVAILABLE) until the data dir is locked and the
+// embedded default collection is loaded; then SERVING. SIGTERM or SIGINT
+// drains: health turns NOT_SERVING, new calls are refused, in-flight calls
+// get --shutdown_grace_seconds to finish. A second signal exits at once.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <prometheus/exposer.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "core/index.h"
+#include "core/store/drift_bench.h"
+#include "server/log.h"
+#include "server/metrics.h"
+#include "server/service.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "gRPC listen address. Localhost by default: negmine is a sidecar. "
+          "Port 0 picks a free port (see --port_file).");
+ABSL_FLAG(std::string, data_dir, "./negmine-data",
+          "Directory for the server's data; created if missing and locked "
+          "against a second server.");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "Prometheus /metrics address; empty disables it.");
+ABSL_FLAG(int, worker_threads, 0,
+          "Threads that run request work; 0 = one per core.");
+ABSL_FLAG(uint64_t, max_message_bytes, 64 << 20,
+          "Largest gRPC message accepted or sent, in bytes.");
+ABSL_FLAG(uint32_t, max_batch, 65536, "Most queries in one MineRequest.");
+ABSL_FLAG(uint32_t, max_k, 4096, "Largest k of a MineRequest.");
+ABSL_FLAG(uint32_t, default_dim, 0,
+          "If > 0, create the collection \"default\" with this dim at start.");
+ABSL_FLAG(std::string, default_metric, "cosine",
+          "Metric of the default collection: cosine | inner_product.");
+ABSL_FLAG(uint64_t, generate_targets, 0,
+          "Fill the default collection with this many drift-bench targets "
+          "(ids 0..N-1, step 0) at start. Needs --default_dim.");
+ABSL_FLAG(uint64_t, generate_seed, 1, "Seed of the drift-bench generator.");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, write the bound gRPC port here once SERVING.");
+ABSL_FLAG(int, shutdown_grace_seconds, 10,
+          "On SIGTERM, how long in-flight calls may take to finish.");
+ABSL_FLAG(std::string, log_level, "info", "debug | info | warning | error");
+
+namespace negmine::server {
+namespace {
+
+// Holds an exclusive flock on <data_dir>/LOCK for the life of the process.
+absl::Status LockDataDir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--data_dir=", dir, ": cannot create it: ", ec.message()));
+  }
+  const std::string path = dir + "/LOCK";
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--data_dir=", dir, ": cannot open ", path));
+  }
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    close(fd);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--data_dir=", dir, " is locked by another negmine-server"));
+  }
+  return absl::OkStatus();  // the fd stays open: the lock lives until exit
+}
+
+absl::Status LoadDefaultCollection(NegativeMinerService& service) {
+  const uint32_t dim = absl::GetFlag(FLAGS_default_dim);
+  const uint64_t n = absl::GetFlag(FLAGS_generate_targets);
+  if (dim == 0) {
+    if (n > 0) {
+      return absl::InvalidArgumentError(
+          "--generate_targets needs --default_dim > 0");
+    }
+    return absl::OkStatus();
+  }
+  IndexOptions options{.dim = static_cast<int>(dim), .backend = Backend::kAuto,
+                       .initial_capacity = n};
+  const std::string metric = absl::GetFlag(FLAGS_default_metric);
+  if (metric == "cosine") {
+    options.metric = Metric::kCosine;
+  } else if (metric != "inner_product") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--default_metric=", metric, ": use cosine or inner_product"));
+  }
+  absl::StatusOr<std::shared_ptr<Collection>> c = service.Create("default", options);
+  if (!c.ok()) return c.status();
+  if (n == 0) return absl::OkStatus();
+
+  const auto start = std::chrono::steady_clock::now();
+  DriftBench bench({.num_targets = n, .num_queries = 0, .dim = static_cast<int>(dim),
+                    .seed = absl::GetFlag(FLAGS_generate_seed)});
+  const std::vector<float> targets = bench.Targets(0);
+  std::vector<uint64_t> ids(n);
+  for (uint64_t i = 0; i < n; ++i) ids[i] = i;
+  absl::Status s = (*c)->index->Upsert(ids, targets, 0);
+  if (!s.ok()) return s;
+  service.UpdateCollectionMetrics(**c);
+  Log(LogLevel::kInfo, "generated the default collection",
+      {{"targets", std::to_string(n)},
+       {"dim", std::to_string(dim)},
+       {"seed", std::to_string(absl::GetFlag(FLAGS_generate_seed))},
+       {"seconds", std::to_string(std::chrono::duration<double>(
+                                      std::chrono::steady_clock::now() - start)
+                                      .count())}});
+  return absl::OkStatus();
+}
+
+int Run() {
+  LogLevel level;
+  if (!ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    std::fprintf(stderr, "--log_level=%s: use debug, info, warning or error\n",
+                 absl::GetFlag(FLAGS_log_level).c_str());
+    return 2;
+  }
+  SetLogLevel(level);
+
+  // Signals are taken by one thread with sigwait; block them everywhere
+  // before any other thread starts (threads inherit the mask).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  const std::string data_dir = absl::GetFlag(FLAGS_data_dir);
+  if (absl::Status s = LockDataDir(data_dir); !s.ok()) {
+    Log(LogLevel::kError, "cannot use the data dir", {{"error", s.ToString()}});
+    return 1;
+  }
+
+  Metrics metrics;
+  std::unique_ptr<prometheus::Exposer> exposer;
+  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  if (!metrics_listen.empty()) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(metrics_listen);
+    } catch (const std::exception& e) {
+      Log(LogLevel::kError, "cannot serve metrics",
+          {{"address", metrics_listen}, {"error", e.what()}});
+      return 1;
+    }
+    exposer->RegisterCollectable(metrics.registry());
+  }
+
+  int threads = absl::GetFlag(FLAGS_worker_threads);
+  if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  const ServiceOptions options{
+      .max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes),
+      .max_batch = absl::GetFlag(FLAGS_max_batch),
+      .max_k = absl::GetFlag(FLAGS_max_k),
+      .worker_threads = threads};
+  NegativeMinerService service(options, &metrics);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  const int max_bytes = static_cast<int>(
+      std::min<uint64_t>(options.max_message_bytes, INT32_MAX));
+  builder.SetMaxReceiveMessageSize(max_bytes);
+  builder.SetMaxSendMessageSize(max_bytes);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    Log(LogLevel::kError, "cannot listen", {{"address", listen}});
+    return 1;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(false);
+
+  if (absl::Status s = LoadDefaultCollection(service); !s.ok()) {
+    Log(LogLevel::kError, "cannot load the default collection",
+        {{"error", s.ToString()}});
+    server->Shutdown();
+    return 1;
+  }
+  service.SetReady(true);
+  health->SetServingStatus(true);
+
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty()) {
+    // Written then renamed, so a reader never sees a partial port.
+    const std::string tmp = port_file + ".tmp";
+    std::ofstream(tmp) << port << "\n";
+    std::filesystem::rename(tmp, port_file);
+  }
+  Log(LogLevel::kInfo, "serving",
+      {{"address", listen},
+       {"port", std::to_string(port)},
+       {"metrics", metrics_listen.empty() ? "off" : metrics_listen},
+       {"data_dir", data_dir},
+       {"worker_threads", std::to_string(threads)}});
+
+  std::thread signal_thread([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    Log(LogLevel::kInfo, "draining", {{"signal", strsignal(sig)}});
+    health->SetServingStatus(false);
+    std::thread([&] {
+      int again = 0;
+      sigwait(&signals, &again);
+      Log(LogLevel::kWarning, "second signal: exiting now");
+      std::_Exit(1);
+    }).detach();
+    const auto grace =
+        std::chrono::seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds));
+    server->Shutdown(std::chrono::system_clock::now() + grace);
+  });
+  server->Wait();
+  signal_thread.join();
+  Log(LogLevel::kInfo, "stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace negmine::server
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "negmine-server: the negmine hard-negative mining index server.\n"
+      "  negmine-server --listen=127.0.0.1:50051 --data_dir=./negmine-data");
+  absl::ParseCommandLine(argc, argv);
+  return negmine::server::Run();
+}

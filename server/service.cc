@@ -1,0 +1,532 @@
+#include "server/service.h"
+
+#include <chrono>
+#include <deque>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/random.h"
+#include "core/status.h"
+#include "server/wire.h"
+
+namespace negmine::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+absl::Status NotReady() {
+  return absl::UnavailableError(
+      "the server is starting (recovering its data dir); retry shortly");
+}
+
+absl::Status Unimplemented(const char* rpc, const char* what) {
+  return absl::UnimplementedError(
+      absl::StrCat(rpc, " is not available yet: it needs ", what));
+}
+
+}  // namespace
+
+const char* CodeName(grpc::StatusCode code) {
+  static const char* const kNames[] = {
+      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+      "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
+}
+
+NegativeMinerService::NegativeMinerService(const ServiceOptions& options,
+                                           Metrics* metrics)
+    : options_(options),
+      metrics_(metrics),
+      pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads))) {}
+
+NegativeMinerService::~NegativeMinerService() { pool_.reset(); }
+
+template <typename Work>
+grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
+    grpc::CallbackServerContext* ctx, const char* method, Work work) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const Clock::time_point start = Clock::now();
+  pool_->Submit([this, ctx, reactor, method, start, work = std::move(work)]() {
+    absl::Status status;
+    if (!ready()) {
+      status = NotReady();
+    } else if (ctx->IsCancelled()) {
+      // The client is gone or its deadline passed: do no work for it.
+      status = absl::CancelledError("the call was cancelled before it ran");
+    } else {
+      status = work();
+    }
+    const grpc::Status g = ToGrpc(status);
+    metrics_->ObserveRequest(method, CodeName(g.error_code()),
+                             SecondsSince(start));
+    reactor->Finish(g);
+  });
+  return reactor;
+}
+
+absl::StatusOr<std::shared_ptr<Collection>> NegativeMinerService::Create(
+    const std::string& name, const IndexOptions& options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(options));
+  auto c = std::make_shared<Collection>();
+  c->name = name;
+  c->index = std::move(index);
+  {
+    absl::MutexLock lock(&mu_);
+    if (!collections_.emplace(name, c).second) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("collection '", name, "' already exists"));
+    }
+  }
+  UpdateCollectionMetrics(*c);
+  return c;
+}
+
+absl::StatusOr<std::shared_ptr<Collection>> NegativeMinerService::Find(
+    const std::string& raw_name) const {
+  ASSIGN_OR_RETURN(std::string name, CollectionName(raw_name));
+  absl::MutexLock lock(&mu_);
+  auto it = collections_.find(name);
+  if (it == collections_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("collection '", name, "' not found"));
+  }
+  return it->second;
+}
+
+void NegativeMinerService::UpdateCollectionMetrics(const Collection& c) {
+  const IndexStats stats = c.index->Stats();
+  metrics_->SetCollection(c.name, static_cast<double>(stats.num_targets),
+                          static_cast<double>(stats.version));
+}
+
+void NegativeMinerService::FillInfo(const Collection& c,
+                                    v1::CollectionInfo* info) const {
+  const IndexOptions& o = c.index->options();
+  ToWireConfig(c.name, o, info->mutable_config());
+  const IndexStats stats = c.index->Stats();
+  info->set_num_targets(stats.num_targets);
+  info->set_index_version(stats.version);
+  info->set_memory_bytes(stats.memory_bytes);
+  // Every index today runs on the CPU (kAuto resolves to it).
+  info->set_active_backend(v1::BACKEND_CPU);
+}
+
+// ------------------------------------------------------------ collections
+
+grpc::ServerUnaryReactor* NegativeMinerService::CreateCollection(
+    grpc::CallbackServerContext* ctx, const v1::CreateCollectionRequest* req,
+    v1::CreateCollectionResponse* resp) {
+  return RunUnary(ctx, "CreateCollection", [this, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::string name, CollectionName(req->config().name()));
+    ASSIGN_OR_RETURN(IndexOptions options, ToIndexOptions(req->config()));
+    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Create(name, options));
+    FillInfo(*c, resp->mutable_info());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::ListCollections(
+    grpc::CallbackServerContext* ctx, const v1::ListCollectionsRequest*,
+    v1::ListCollectionsResponse* resp) {
+  return RunUnary(ctx, "ListCollections", [this, resp]() -> absl::Status {
+    std::vector<std::shared_ptr<Collection>> all;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [name, c] : collections_) all.push_back(c);
+    }
+    for (auto& c : all) FillInfo(*c, resp->add_collections());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::DropCollection(
+    grpc::CallbackServerContext* ctx, const v1::DropCollectionRequest* req,
+    v1::DropCollectionResponse*) {
+  return RunUnary(ctx, "DropCollection", [this, req]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::string name, CollectionName(req->collection()));
+    {
+      absl::MutexLock lock(&mu_);
+      if (collections_.erase(name) == 0) {
+        return absl::NotFoundError(
+            absl::StrCat("collection '", name, "' not found"));
+      }
+    }
+    // In-flight calls that already hold the collection finish on it.
+    metrics_->RemoveCollection(name);
+    return absl::OkStatus();
+  });
+}
+
+// ---------------------------------------------------------------- targets
+
+absl::Status NegativeMinerService::DoUpsert(
+    const v1::UpsertTargetsRequest& req, const std::string& stream_collection,
+    v1::UpsertTargetsResponse* resp) {
+  if (req.collection() != stream_collection) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "collection = '", req.collection(), "' differs from '",
+        stream_collection, "' of the stream's first message"));
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req.collection()));
+  const IndexOptions& o = c->index->options();
+  ASSIGN_OR_RETURN(std::vector<float> vectors,
+                   DecodeMatrix(req.vectors(), "vectors", o.dim));
+  if (static_cast<size_t>(req.ids_size()) != req.vectors().rows()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ids has ", req.ids_size(), " entries but vectors.rows = ",
+                     req.vectors().rows()));
+  }
+  RETURN_IF_ERROR(c->index->Upsert(req.ids(), vectors, req.model_step()));
+  resp->set_upserted(resp->upserted() + req.ids_size());
+  resp->set_index_version(c->index->Stats().version);
+  UpdateCollectionMetrics(*c);
+  return absl::OkStatus();
+}
+
+// Reads UpsertTargets messages one at a time; each is applied on the pool
+// before the next read starts, so messages apply in order and a slow disk or
+// index backs pressure up to the client.
+class UpsertReactor final
+    : public grpc::ServerReadReactor<v1::UpsertTargetsRequest> {
+ public:
+  UpsertReactor(NegativeMinerService* service, v1::UpsertTargetsResponse* resp)
+      : service_(service), resp_(resp), start_(Clock::now()) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The client closed its side: everything it sent has been applied.
+      Finish(absl::OkStatus());
+      return;
+    }
+    service_->pool().Submit([this] {
+      absl::Status status;
+      if (!service_->ready()) {
+        status = NotReady();
+      } else {
+        if (first_) {
+          stream_collection_ = request_.collection();
+          first_ = false;
+        }
+        status = service_->DoUpsert(request_, stream_collection_, resp_);
+      }
+      if (!status.ok()) {
+        Finish(absl::Status(
+            status.code(),
+            absl::StrCat(status.message(), " (message ", messages_,
+                         " of the stream; the ", messages_,
+                         " messages before it were applied, ", resp_->upserted(),
+                         " rows)")));
+        return;
+      }
+      ++messages_;
+      StartRead(&request_);
+    });
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void Finish(const absl::Status& status) {
+    const grpc::Status g = ToGrpc(status);
+    service_->metrics().ObserveRequest("UpsertTargets", CodeName(g.error_code()),
+                                       SecondsSince(start_));
+    grpc::ServerReadReactor<v1::UpsertTargetsRequest>::Finish(g);
+  }
+
+  NegativeMinerService* service_;
+  v1::UpsertTargetsResponse* resp_;
+  const Clock::time_point start_;
+  v1::UpsertTargetsRequest request_;
+  std::string stream_collection_;
+  bool first_ = true;
+  size_t messages_ = 0;
+};
+
+grpc::ServerReadReactor<v1::UpsertTargetsRequest>*
+NegativeMinerService::UpsertTargets(grpc::CallbackServerContext*,
+                                    v1::UpsertTargetsResponse* resp) {
+  return new UpsertReactor(this, resp);
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::DeleteTargets(
+    grpc::CallbackServerContext* ctx, const v1::DeleteTargetsRequest* req,
+    v1::DeleteTargetsResponse* resp) {
+  return RunUnary(ctx, "DeleteTargets", [this, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
+    ASSIGN_OR_RETURN(size_t deleted,
+                     c->index->Delete(req->ids(), req->allow_missing()));
+    resp->set_deleted(deleted);
+    resp->set_index_version(c->index->Stats().version);
+    UpdateCollectionMetrics(*c);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::GetTargets(
+    grpc::CallbackServerContext* ctx, const v1::GetTargetsRequest* req,
+    v1::GetTargetsResponse* resp) {
+  return RunUnary(ctx, "GetTargets", [this, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
+    std::vector<float> vectors;
+    std::vector<int64_t> steps;
+    RETURN_IF_ERROR(c->index->Get(req->ids(), &vectors, &steps));
+    *resp->mutable_ids() = req->ids();
+    EncodeMatrix(vectors, req->ids_size(), c->index->options().dim,
+                 resp->mutable_vectors());
+    resp->mutable_model_steps()->Add(steps.begin(), steps.end());
+    return absl::OkStatus();
+  });
+}
+
+// ----------------------------------------------------------------- mining
+
+absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req,
+                                          v1::MineResponse* resp) {
+  resp->set_request_id(req.request_id());
+  ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req.collection()));
+  const IndexOptions& o = c->index->options();
+  ASSIGN_OR_RETURN(std::vector<float> queries,
+                   DecodeMatrix(req.queries(), "queries", o.dim));
+  const uint32_t n = req.queries().rows();
+  if (n > options_.max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries.rows = ", n, " exceeds the server's max_batch = ",
+        options_.max_batch));
+  }
+  if (req.exclude_size() != 0 && static_cast<uint32_t>(req.exclude_size()) != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("exclude has ", req.exclude_size(), " lists for ", n,
+                     " queries; send none or one per query"));
+  }
+  ASSIGN_OR_RETURN(SearchParams params, ToSearchParams(req.params()));
+  if (req.params().k() > options_.max_k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("params.k = ", req.params().k(),
+                     " exceeds the server's max_k = ", options_.max_k));
+  }
+  if (params.seed == 0) params.seed = Mix64(Clock::now().time_since_epoch().count());
+  std::vector<std::vector<uint64_t>> exclude(req.exclude_size());
+  for (int i = 0; i < req.exclude_size(); ++i) {
+    exclude[i].assign(req.exclude(i).ids().begin(), req.exclude(i).ids().end());
+  }
+  ASSIGN_OR_RETURN(SearchResult result,
+                   c->index->Search(queries, exclude, params));
+  if (result.index_version < req.min_index_version()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "min_index_version = ", req.min_index_version(),
+        " is ahead of the index (version ", result.index_version, ")"));
+  }
+  resp->set_index_version(result.index_version);
+  size_t negatives = 0;
+  for (QueryResult& q : result.queries) {
+    v1::QueryNegatives* out = resp->add_results();
+    out->mutable_ids()->Add(q.ids.begin(), q.ids.end());
+    out->mutable_scores()->Add(q.scores.begin(), q.scores.end());
+    out->mutable_log_q()->Add(q.log_q.begin(), q.log_q.end());
+    out->set_num_top(q.num_top);
+    if (params.want_log_z) {
+      out->set_log_z_lo(q.log_z_lo);
+      out->set_log_z_hi(q.log_z_hi);
+    }
+    negatives += q.ids.size();
+  }
+  metrics_->ObserveMine(n, negatives);
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::Mine(
+    grpc::CallbackServerContext* ctx, const v1::MineRequest* req,
+    v1::MineResponse* resp) {
+  return RunUnary(ctx, "Mine",
+                  [this, req, resp]() { return DoMine(*req, resp); });
+}
+
+// MineStream: each request is mined on the pool, one at a time per stream so
+// that responses keep request order. Responses queue for the one write in
+// flight; when kMaxQueuedWrites are waiting (a slow reader), the reactor
+// stops reading, so a slow client holds its own memory bounded and no
+// worker waits on it.
+class MineStreamReactor final
+    : public grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse> {
+ public:
+  static constexpr size_t kMaxQueuedWrites = 8;
+
+  explicit MineStreamReactor(NegativeMinerService* service)
+      : service_(service), start_(Clock::now()) {
+    absl::MutexLock lock(&mu_);
+    read_outstanding_ = true;
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    read_outstanding_ = false;
+    if (!ok) {
+      reads_done_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    task_running_ = true;
+    service_->pool().Submit([this] { Process(); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    queued_.pop_front();
+    if (!ok) {
+      // The client is gone: drop what is queued and wind down.
+      broken_ = true;
+      queued_.clear();
+    }
+    if (!queued_.empty()) {
+      StartWrite(queued_.front().get());
+    } else {
+      writing_ = false;
+    }
+    MaybeReadLocked();
+    MaybeFinishLocked();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void Process() {
+    auto resp = std::make_unique<v1::MineResponse>();
+    const Clock::time_point item_start = Clock::now();
+    absl::Status status = service_->ready() ? service_->DoMine(request_, resp.get())
+                                            : NotReady();
+    if (!status.ok()) {
+      resp->Clear();
+      resp->set_request_id(request_.request_id());
+    }
+    resp->mutable_status()->set_code(static_cast<int>(status.code()));
+    resp->mutable_status()->set_message(std::string(status.message()));
+    service_->metrics().ObserveRequest(
+        "MineStream.item", CodeName(static_cast<grpc::StatusCode>(status.code())),
+        SecondsSince(item_start));
+
+    absl::MutexLock lock(&mu_);
+    task_running_ = false;
+    if (!broken_) {
+      queued_.push_back(std::move(resp));
+      if (!writing_) {
+        writing_ = true;
+        StartWrite(queued_.front().get());
+      }
+    }
+    MaybeReadLocked();
+    MaybeFinishLocked();
+  }
+
+  void MaybeReadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (read_outstanding_ || task_running_ || reads_done_ || broken_ ||
+        queued_.size() >= kMaxQueuedWrites) {
+      return;
+    }
+    read_outstanding_ = true;
+    StartRead(&request_);
+  }
+
+  void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || read_outstanding_ || task_running_ || writing_) return;
+    if (!reads_done_ && !broken_) return;
+    finished_ = true;
+    const grpc::Status g =
+        broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
+                : grpc::Status::OK;
+    service_->metrics().ObserveRequest("MineStream", CodeName(g.error_code()),
+                                       SecondsSince(start_));
+    Finish(g);
+  }
+
+  NegativeMinerService* service_;
+  const Clock::time_point start_;
+  absl::Mutex mu_;
+  v1::MineRequest request_;  // written by the read, then read by Process
+  std::deque<std::unique_ptr<v1::MineResponse>> queued_ ABSL_GUARDED_BY(mu_);
+  bool read_outstanding_ ABSL_GUARDED_BY(mu_) = false;
+  bool task_running_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>*
+NegativeMinerService::MineStream(grpc::CallbackServerContext*) {
+  return new MineStreamReactor(this);
+}
+
+// ------------------------------------------------- capabilities to come
+
+grpc::ServerUnaryReactor* NegativeMinerService::GetLandmarks(
+    grpc::CallbackServerContext* ctx, const v1::GetLandmarksRequest* req,
+    v1::GetLandmarksResponse*) {
+  return RunUnary(ctx, "GetLandmarks", [this, req]() -> absl::Status {
+    RETURN_IF_ERROR(Find(req->collection()).status());
+    return Unimplemented("GetLandmarks", "Nystrom drift correction (issue #5)");
+  });
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
+    grpc::CallbackServerContext* ctx, const v1::ApplyDriftRequest* req,
+    v1::ApplyDriftResponse*) {
+  return RunUnary(ctx, "ApplyDrift", [this, req]() -> absl::Status {
+    RETURN_IF_ERROR(Find(req->collection()).status());
+    return Unimplemented("ApplyDrift", "Nystrom drift correction (issue #5)");
+  });
+}
+
+// Answers at once, without reading the stream.
+class UnimplementedReadReactor final
+    : public grpc::ServerReadReactor<v1::AssignBatchesRequest> {
+ public:
+  explicit UnimplementedReadReactor(NegativeMinerService* service) {
+    const grpc::Status g = ToGrpc(Unimplemented(
+        "AssignBatches", "global contrastive batch sampling (issue #6)"));
+    service->metrics().ObserveRequest("AssignBatches", CodeName(g.error_code()), 0);
+    Finish(g);
+  }
+  void OnDone() override { delete this; }
+};
+
+grpc::ServerReadReactor<v1::AssignBatchesRequest>*
+NegativeMinerService::AssignBatches(grpc::CallbackServerContext*,
+                                    v1::AssignBatchesResponse*) {
+  return new UnimplementedReadReactor(this);
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(
+    grpc::CallbackServerContext* ctx, const v1::GetIndexInfoRequest* req,
+    v1::GetIndexInfoResponse* resp) {
+  return RunUnary(ctx, "GetIndexInfo", [this, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
+    FillInfo(*c, resp->mutable_info());
+    v1::ServerLimits* limits = resp->mutable_limits();
+    limits->set_max_message_bytes(options_.max_message_bytes);
+    limits->set_max_batch(options_.max_batch);
+    limits->set_max_k(options_.max_k);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::CreateSnapshot(
+    grpc::CallbackServerContext* ctx, const v1::CreateSnapshotRequest* req,
+    v1::CreateSnapshotResponse*) {
+  return RunUnary(ctx, "CreateSnapshot", [this, req]() -> absl::Status {
+    RETURN_IF_ERROR(Find(req->collection()).status());
+    return Unimplemented("CreateSnapshot",
+                         "the write-ahead log and snapshots (issue #8)");
+  });
+}
+
+}  // namespace negmine::server

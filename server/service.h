@@ -1,0 +1,142 @@
+// NegativeMinerService: the gRPC callback service of negmine.v1.
+//
+// Each RPC validates its request at the wire boundary (server/wire.h), runs
+// the work on the WorkerPool (reactions never block), and answers with a
+// canonical code whose message names the field and value at fault.
+//
+// Streaming RPCs have one named reactor each (in service.cc):
+//   UpsertTargets  a read reactor; each message is applied as a whole, the
+//                  one response acknowledges the stream.
+//   MineStream     a bidi reactor; requests are answered in order, one write
+//                  in flight, a failed item carries its own status.
+//
+// Thread safety: every method may run concurrently. Collections live in a
+// registry guarded by a mutex; each Index synchronizes itself.
+#ifndef NEGMINE_SERVER_SERVICE_H_
+#define NEGMINE_SERVER_SERVICE_H_
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/index.h"
+#include "negmine/v1/negmine.grpc.pb.h"
+#include "server/metrics.h"
+#include "server/worker_pool.h"
+
+namespace negmine::server {
+
+struct ServiceOptions {
+  // Limits, reported by GetIndexInfo.
+  uint64_t max_message_bytes = 64 << 20;
+  uint32_t max_batch = 65536;  // queries per MineRequest
+  uint32_t max_k = 4096;
+  // Threads that run request work.
+  int worker_threads = 2;
+};
+
+// One named index.
+struct Collection {
+  std::string name;
+  std::unique_ptr<Index> index;
+};
+
+class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
+ public:
+  NegativeMinerService(const ServiceOptions& options, Metrics* metrics);
+  ~NegativeMinerService() override;
+
+  // Until SetReady(true), every RPC answers UNAVAILABLE ("starting").
+  void SetReady(bool ready) { ready_.store(ready); }
+
+  // Creates a collection directly (the server's embedded default uses it).
+  absl::StatusOr<std::shared_ptr<Collection>> Create(
+      const std::string& name, const IndexOptions& options);
+
+  // The collection `name` ("" = "default"), or NOT_FOUND.
+  absl::StatusOr<std::shared_ptr<Collection>> Find(const std::string& name) const;
+
+  // Publishes a collection's size and version to the metrics.
+  void UpdateCollectionMetrics(const Collection& c);
+
+  // The work of one mining request; shared by Mine and MineStream.
+  absl::Status DoMine(const v1::MineRequest& request,
+                      v1::MineResponse* response);
+  // The work of one upsert message; adds the rows applied to `*upserted`.
+  absl::Status DoUpsert(const v1::UpsertTargetsRequest& request,
+                        const std::string& stream_collection,
+                        v1::UpsertTargetsResponse* response);
+
+  WorkerPool& pool() { return *pool_; }
+  Metrics& metrics() { return *metrics_; }
+  bool ready() const { return ready_.load(); }
+
+  // --- negmine.v1.NegativeMiner ---
+  grpc::ServerUnaryReactor* CreateCollection(
+      grpc::CallbackServerContext* ctx, const v1::CreateCollectionRequest* req,
+      v1::CreateCollectionResponse* resp) override;
+  grpc::ServerUnaryReactor* ListCollections(
+      grpc::CallbackServerContext* ctx, const v1::ListCollectionsRequest* req,
+      v1::ListCollectionsResponse* resp) override;
+  grpc::ServerUnaryReactor* DropCollection(
+      grpc::CallbackServerContext* ctx, const v1::DropCollectionRequest* req,
+      v1::DropCollectionResponse* resp) override;
+  grpc::ServerReadReactor<v1::UpsertTargetsRequest>* UpsertTargets(
+      grpc::CallbackServerContext* ctx,
+      v1::UpsertTargetsResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteTargets(
+      grpc::CallbackServerContext* ctx, const v1::DeleteTargetsRequest* req,
+      v1::DeleteTargetsResponse* resp) override;
+  grpc::ServerUnaryReactor* GetTargets(grpc::CallbackServerContext* ctx,
+                                       const v1::GetTargetsRequest* req,
+                                       v1::GetTargetsResponse* resp) override;
+  grpc::ServerUnaryReactor* Mine(grpc::CallbackServerContext* ctx,
+                                 const v1::MineRequest* req,
+                                 v1::MineResponse* resp) override;
+  grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>* MineStream(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* GetLandmarks(
+      grpc::CallbackServerContext* ctx, const v1::GetLandmarksRequest* req,
+      v1::GetLandmarksResponse* resp) override;
+  grpc::ServerUnaryReactor* ApplyDrift(grpc::CallbackServerContext* ctx,
+                                       const v1::ApplyDriftRequest* req,
+                                       v1::ApplyDriftResponse* resp) override;
+  grpc::ServerReadReactor<v1::AssignBatchesRequest>* AssignBatches(
+      grpc::CallbackServerContext* ctx,
+      v1::AssignBatchesResponse* resp) override;
+  grpc::ServerUnaryReactor* GetIndexInfo(
+      grpc::CallbackServerContext* ctx, const v1::GetIndexInfoRequest* req,
+      v1::GetIndexInfoResponse* resp) override;
+  grpc::ServerUnaryReactor* CreateSnapshot(
+      grpc::CallbackServerContext* ctx, const v1::CreateSnapshotRequest* req,
+      v1::CreateSnapshotResponse* resp) override;
+
+ private:
+  // Runs `work` on the pool and finishes the unary call with its status,
+  // recording the call's metrics under `method`.
+  template <typename Work>
+  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* ctx,
+                                     const char* method, Work work);
+
+  void FillInfo(const Collection& c, v1::CollectionInfo* info) const;
+
+  const ServiceOptions options_;
+  Metrics* metrics_;
+  std::atomic<bool> ready_{false};
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Collection>> collections_
+      ABSL_GUARDED_BY(mu_);
+  // Last member: destroyed first, so queued work finishes while the rest of
+  // the service is still alive.
+  std::unique_ptr<WorkerPool> pool_;
+};
+
+// The name of a gRPC code, as used in metric labels ("OK", "NOT_FOUND").
+const char* CodeName(grpc::StatusCode code);
+
+}  // namespace negmine::server
+
+#endif  // NEGMINE_SERVER_SERVICE_H_
