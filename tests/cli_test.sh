@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The negmine CLI end to end against a real server: generate, create, upsert
+# from .npy (with ids) and .fvecs, mine as a table, as JSON and into .npy, and
+# a clear error with exit code 2 on bad input.
+# usage: cli_test.sh NEGMINE_SERVER_BIN NEGMINE_CLI_BIN
+set -euo pipefail
+server_bin=$1
+cli=$2
+tmp=$(mktemp -d /tmp/negmine-cli-XXXXXX)
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+"$server_bin" --listen=127.0.0.1:0 --port_file="$tmp/port" --data_dir="$tmp/data" \
+  --metrics_listen= --log_level=warning --default_dim=16 --generate_targets=2000 &
+pid=$!
+for _ in $(seq 600); do [ -s "$tmp/port" ] && break; sleep 0.05; done
+[ -s "$tmp/port" ] || fail "server did not start"
+nm() { "$cli" --server "127.0.0.1:$(cat "$tmp/port")" "$@"; }
+
+"$cli" generate --queries 3 --dim 16 --seed 4 --out "$tmp/q.npy" >/dev/null
+nm info --collection default | grep -q "targets=2000" || fail "info"
+
+# Table, JSON and .npy output of the same top-k agree.
+nm mine --collection default --queries "$tmp/q.npy" --k 5 > "$tmp/table.txt"
+grep -q "top-k" "$tmp/table.txt" || fail "table output"
+nm mine --collection default --queries "$tmp/q.npy" --k 5 --json > "$tmp/out.json"
+[ "$(wc -l < "$tmp/out.json")" = 3 ] || fail "one JSON line per query"
+nm mine --collection default --queries "$tmp/q.npy" --k 5 --out "$tmp/r.npy" 2>/dev/null
+/usr/bin/python3 - "$tmp" <<'PY' || fail "JSON and .npy disagree"
+import json, sys, numpy as np
+tmp = sys.argv[1]
+rows = [json.loads(l) for l in open(tmp + "/out.json")]
+ids = np.load(tmp + "/r.npy")
+scores = np.load(tmp + "/r.scores.npy")
+assert ids.shape == (3, 5) and ids.dtype == np.uint64, ids
+for i, r in enumerate(rows):
+    assert r["ids"] == ids[i].tolist(), (r, ids[i])
+    assert np.allclose(r["scores"], scores[i], atol=1e-6)
+    assert r["scores"] == sorted(r["scores"], reverse=True)
+PY
+
+# Sampling prints log q; exclusions from an .npy are honored.
+nm mine --collection default --queries "$tmp/q.npy" --k 4 --mode sample \
+  --temperature 0.1 --sample-seed 3 --json | grep -q '"log_q"' || fail "sample"
+/usr/bin/python3 -c "
+import json, numpy as np
+rows = [json.loads(l) for l in open('$tmp/out.json')]
+np.save('$tmp/ex.npy', np.array([r['ids'][:2] for r in rows], dtype=np.int64))"
+nm mine --collection default --queries "$tmp/q.npy" --k 5 --exclude "$tmp/ex.npy" --json \
+  > "$tmp/ex.json"
+/usr/bin/python3 - "$tmp" <<'PY' || fail "exclusions"
+import json, sys
+tmp = sys.argv[1]
+before = [json.loads(l) for l in open(tmp + "/out.json")]
+after = [json.loads(l) for l in open(tmp + "/ex.json")]
+for b, a in zip(before, after):
+    assert not set(b["ids"][:2]) & set(a["ids"]), (b, a)
+    assert a["ids"][:3] == b["ids"][2:], (b, a)
+PY
+
+# A new collection from .npy with explicit ids, and from .fvecs.
+nm create --collection mine2 --dim 4 --metric inner_product >/dev/null
+/usr/bin/python3 -c "
+import numpy as np, struct
+x = np.arange(12, dtype=np.float32).reshape(3, 4)
+np.save('$tmp/x.npy', x)
+np.save('$tmp/ids.npy', np.array([100, 200, 300], dtype=np.uint64))
+with open('$tmp/x.fvecs', 'wb') as f:
+    for row in x[::-1] * -1:
+        f.write(struct.pack('<i', 4)); f.write(row.tobytes())"
+nm upsert --collection mine2 --npy "$tmp/x.npy" --ids "$tmp/ids.npy" | grep -q "upserted 3" || fail "upsert npy"
+nm upsert --collection mine2 --fvecs "$tmp/x.fvecs" --id-offset 1000 | grep -q "upserted 3" || fail "upsert fvecs"
+nm info --collection mine2 | grep -q "targets=6" || fail "6 targets"
+/usr/bin/python3 -c "import numpy as np; np.save('$tmp/q4.npy', np.ones((1, 4), np.float32))"
+nm mine --collection mine2 --queries "$tmp/q4.npy" --k 2 --json | grep -q '"ids": \[300, 200\]' \
+  || fail "top-2 over npy targets"
+
+# Bad input: exit code 2 and a message naming the field and value.
+set +e
+err=$(nm mine --collection default --queries "$tmp/q.npy" --k 0 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 2 ] || fail "exit code $rc for k = 0"
+echo "$err" | grep -q "params.k = 0" || fail "message: $err"
+set +e
+err=$(nm mine --collection nope --queries "$tmp/q.npy" --k 3 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 1 ] || fail "exit code $rc for an unknown collection"
+echo "$err" | grep -q "NOT_FOUND" || fail "message: $err"
+echo "cli_test: all passed"

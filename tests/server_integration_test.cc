@@ -1,0 +1,467 @@
+// Integration tests: the real negmine-server binary on a free loopback port,
+// driven through the C++ client library, against brute-force oracles.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "client/negmine_client.h"
+#include "core/dtype.h"
+#include "core/random.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/server_process.h"
+#include "tests/test_util.h"
+
+namespace negmine {
+namespace {
+
+namespace v1 = ::negmine::v1;
+using ::negmine::client::Client;
+using ::negmine::testing::ChiSquare;
+using ::negmine::testing::ChiSquareCritical;
+using ::negmine::testing::Dot;
+using ::negmine::testing::IsOk;
+using ::negmine::testing::Softmax;
+using ::negmine::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr double kScoreTol = 1e-4;
+
+std::vector<float> RandomVectors(size_t n, int dim, uint64_t seed) {
+  Rng rng(seed, 0);
+  std::vector<float> v(n * dim);
+  for (float& x : v) x = static_cast<float>(rng.Normal());
+  return v;
+}
+
+std::vector<uint64_t> Ids(size_t n, uint64_t base) {
+  std::vector<uint64_t> ids(n);
+  for (size_t i = 0; i < n; ++i) ids[i] = base + 7 * i;  // not 0..n-1
+  return ids;
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    server_ = new testing::ServerProcess();
+    ASSERT_TRUE(server_->Start(NEGMINE_SERVER_BIN, {"--worker_threads=2"}))
+        << "negmine-server did not start";
+    client::ClientOptions options;
+    options.upsert_chunk_bytes = 64 << 10;  // many messages per upsert stream
+    options.timeout = std::chrono::seconds(60);
+    client_ = Client::Connect(server_->address(), options).release();
+    ASSERT_THAT(client_->WaitForReady(std::chrono::seconds(30)), IsOk());
+  }
+
+  static void TearDownTestSuite() {
+    delete client_;
+    // SIGTERM drains and exits cleanly.
+    EXPECT_EQ(server_->Stop(), 0);
+    delete server_;
+  }
+
+  // Creates `name` and fills it with n random vectors; returns them.
+  static std::vector<float> Fill(const std::string& name, int dim, size_t n,
+                                 v1::Metric metric, std::vector<uint64_t>* ids,
+                                 uint64_t seed = 1) {
+    v1::CollectionConfig config;
+    config.set_name(name);
+    config.set_dim(dim);
+    config.set_metric(metric);
+    EXPECT_THAT(client_->CreateCollection(config).status(), IsOk());
+    std::vector<float> x = RandomVectors(n, dim, seed);
+    *ids = Ids(n, 1000);
+    auto r = client_->Upsert(name, *ids, x, dim, 3);
+    EXPECT_THAT(r.status(), IsOk());
+    if (r.ok()) {
+      EXPECT_EQ(r->upserted(), n);
+      last_version_ = r->index_version();
+    }
+    return x;
+  }
+
+  // The server must still answer a good request after each bad one.
+  static void ExpectStillServing() {
+    auto r = client_->ListCollections();
+    EXPECT_THAT(r.status(), IsOk());
+  }
+
+  static testing::ServerProcess* server_;
+  static Client* client_;
+  static uint64_t last_version_;  // the index version after the last Fill
+};
+
+testing::ServerProcess* ServerTest::server_ = nullptr;
+Client* ServerTest::client_ = nullptr;
+uint64_t ServerTest::last_version_ = 0;
+
+struct Hit {
+  double score;
+  uint64_t id;
+};
+
+std::vector<Hit> BruteForce(const std::vector<float>& x,
+                            const std::vector<uint64_t>& ids, const float* q,
+                            int dim, const std::set<uint64_t>& excluded) {
+  std::vector<Hit> hits;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (!excluded.count(ids[i])) hits.push_back({Dot(q, &x[i * dim], dim), ids[i]});
+  }
+  std::sort(hits.begin(), hits.end(), [](const Hit& a, const Hit& b) {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
+  });
+  return hits;
+}
+
+TEST_F(ServerTest, ExactTopKEqualsBruteForceWithExclusions) {
+  const int dim = 32;
+  std::vector<uint64_t> ids;
+  const auto x = Fill("topk", dim, 5000, v1::METRIC_INNER_PRODUCT, &ids);
+  const size_t nq = 25;
+  const auto q = RandomVectors(nq, dim, 2);
+  // Exclude each query's true top 2, plus an id that does not exist.
+  std::vector<std::vector<uint64_t>> exclude(nq);
+  for (size_t i = 0; i < nq; ++i) {
+    auto full = BruteForce(x, ids, &q[i * dim], dim, {});
+    exclude[i] = {full[0].id, full[1].id, 1};
+  }
+  v1::MineParams p;
+  p.set_k(20);
+  auto r = client_->Mine("topk", q, dim, p, exclude);
+  ASSERT_THAT(r.status(), IsOk());
+  ASSERT_EQ(r->results_size(), static_cast<int>(nq));
+  EXPECT_EQ(r->index_version(), last_version_);
+  EXPECT_GT(last_version_, 1u) << "5000 rows should take several messages";
+  for (size_t i = 0; i < nq; ++i) {
+    const std::set<uint64_t> ex(exclude[i].begin(), exclude[i].end());
+    const auto want = BruteForce(x, ids, &q[i * dim], dim, ex);
+    const v1::QueryNegatives& got = r->results(i);
+    ASSERT_EQ(got.ids_size(), 20);
+    EXPECT_EQ(got.num_top(), 20u);
+    for (int j = 0; j < 20; ++j) {
+      EXPECT_EQ(ex.count(got.ids(j)), 0u) << "excluded id returned";
+      EXPECT_NEAR(got.scores(j), want[j].score, kScoreTol);
+      if (got.ids(j) != want[j].id) {
+        // Only a near-tie in the oracle may swap ids.
+        ASSERT_LT(j + 1, static_cast<int>(want.size()));
+        EXPECT_NEAR(want[j].score, want[j + 1].score, kScoreTol) << "query " << i << " rank " << j;
+      }
+    }
+  }
+}
+
+TEST_F(ServerTest, SamplingFrequenciesMatchTheExactSoftmax) {
+  const int dim = 8;
+  const float tau = 0.5f;
+  std::vector<uint64_t> ids;
+  auto x = Fill("sample", dim, 50, v1::METRIC_INNER_PRODUCT, &ids, 5);
+  // Rescaled copies so the softmax is neither flat nor one-hot.
+  for (float& v : x) v *= 0.25f;
+  ASSERT_THAT(client_->Upsert("sample", ids, x, dim, 4).status(), IsOk());
+  const auto q = RandomVectors(1, dim, 6);
+  // 200 copies of the query, 50 draws each with replacement.
+  std::vector<float> batch;
+  for (int i = 0; i < 200; ++i) batch.insert(batch.end(), q.begin(), q.end());
+  v1::MineParams p;
+  p.set_mode(v1::MINE_MODE_SAMPLE);
+  p.set_k(50);
+  p.set_temperature(tau);
+  p.set_with_replacement(true);
+  p.set_seed(77);
+  p.set_return_log_z(true);
+  const std::set<uint64_t> ex = {ids[0]};
+  std::vector<std::vector<uint64_t>> exclude(200, {ids[0]});
+  auto r = client_->Mine("sample", batch, dim, p, exclude);
+  ASSERT_THAT(r.status(), IsOk());
+
+  const auto want = BruteForce(x, ids, q.data(), dim, ex);
+  std::vector<double> scores;
+  std::map<uint64_t, size_t> pos;
+  for (size_t i = 0; i < want.size(); ++i) {
+    scores.push_back(want[i].score);
+    pos[want[i].id] = i;
+  }
+  const auto probs = Softmax(scores, tau);
+  std::vector<int64_t> counts(want.size(), 0);
+  for (const v1::QueryNegatives& res : r->results()) {
+    ASSERT_EQ(res.ids_size(), 50);
+    for (int j = 0; j < res.ids_size(); ++j) {
+      ASSERT_TRUE(pos.count(res.ids(j))) << "excluded or unknown id " << res.ids(j);
+      const size_t k = pos[res.ids(j)];
+      ++counts[k];
+      // log q = s/tau - log Z, and log Z is reported exactly.
+      EXPECT_NEAR(res.log_q(j), want[k].score / tau - res.log_z_lo(), 1e-3);
+    }
+    EXPECT_EQ(res.log_z_lo(), res.log_z_hi());
+  }
+  auto [stat, df] = ChiSquare(counts, probs, 200 * 50);
+  EXPECT_LT(stat, ChiSquareCritical(df)) << "df " << df;
+}
+
+TEST_F(ServerTest, AThousandRequestsOnOneStream) {
+  const int dim = 16;
+  std::vector<uint64_t> ids;
+  const auto x = Fill("stream", dim, 2000, v1::METRIC_COSINE, &ids);
+  auto session = client_->OpenMineSession("stream");
+  v1::MineParams p;
+  p.set_k(5);
+  const int kRequests = 1000, kDepth = 4;
+  int sent = 0, received = 0;
+  std::vector<std::vector<float>> queries;
+  for (int i = 0; i < kRequests; ++i) queries.push_back(RandomVectors(3, dim, 100 + i));
+  auto check = [&](const v1::MineResponse& resp) {
+    ASSERT_EQ(resp.request_id(), std::to_string(received + 1)) << "out of order";
+    ASSERT_EQ(resp.results_size(), 3);
+    EXPECT_EQ(resp.results(0).ids_size(), 5);
+    if (received % 250 == 0) {  // spot-check against unary Mine
+      auto unary = client_->Mine("stream", queries[received], dim, p);
+      ASSERT_THAT(unary.status(), IsOk());
+      for (int j = 0; j < 3; ++j) {
+        EXPECT_THAT(resp.results(j).ids(),
+                    ::testing::ElementsAreArray(unary->results(j).ids()));
+      }
+    }
+    ++received;
+  };
+  while (received < kRequests) {
+    while (sent < kRequests && sent - received < kDepth) {
+      ASSERT_THAT(session->Send(queries[sent], dim, p).status(), IsOk());
+      ++sent;
+    }
+    auto resp = session->Receive();
+    ASSERT_THAT(resp.status(), IsOk());
+    check(*resp);
+  }
+  EXPECT_THAT(session->Close(), IsOk());
+}
+
+TEST_F(ServerTest, AFailedStreamItemCarriesItsStatusAndTheStreamLivesOn) {
+  const int dim = 4;
+  std::vector<uint64_t> ids;
+  Fill("items", dim, 100, v1::METRIC_INNER_PRODUCT, &ids);
+  auto session = client_->OpenMineSession("items");
+  v1::MineParams good, bad;
+  good.set_k(3);
+  bad.set_k(0);
+  const auto q = RandomVectors(1, dim, 1);
+  ASSERT_THAT(session->Send(q, dim, good).status(), IsOk());
+  ASSERT_THAT(session->Send(q, dim, bad).status(), IsOk());
+  ASSERT_THAT(session->Send(RandomVectors(1, 3, 1), 3, good).status(), IsOk());
+  ASSERT_THAT(session->Send(q, dim, good).status(), IsOk());
+  EXPECT_THAT(session->Receive().status(), IsOk());
+  EXPECT_THAT(session->Receive(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("params.k = 0")));
+  EXPECT_THAT(session->Receive(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("queries.cols = 3")));
+  EXPECT_THAT(session->Receive().status(), IsOk());
+  EXPECT_THAT(session->Close(), IsOk());
+}
+
+TEST_F(ServerTest, UpsertGetDeleteRoundTrip) {
+  const int dim = 3;
+  v1::CollectionConfig config;
+  config.set_name("roundtrip");
+  config.set_dim(dim);
+  ASSERT_THAT(client_->CreateCollection(config).status(), IsOk());
+  const std::vector<float> x = {0.1f, -2.5f, 3e-7f, 1e30f, -0.0f, 7.0f};
+  ASSERT_THAT(client_->Upsert("roundtrip", {5, 9}, x, dim, 11).status(), IsOk());
+  auto got = client_->GetTargets("roundtrip", std::vector<uint64_t>{9, 5});
+  ASSERT_THAT(got.status(), IsOk());
+  std::vector<float> back(6);
+  ASSERT_EQ(got->vectors().data().size(), 24u);
+  std::memcpy(back.data(), got->vectors().data().data(), 24);
+  EXPECT_EQ(std::memcmp(back.data(), x.data() + 3, 12), 0) << "not bit-exact";
+  EXPECT_EQ(std::memcmp(back.data() + 3, x.data(), 12), 0) << "not bit-exact";
+  EXPECT_THAT(got->model_steps(), ::testing::ElementsAre(11, 11));
+
+  // float16 input is decoded exactly.
+  v1::UpsertTargetsRequest req;
+  grpc::ClientContext ctx;
+  v1::UpsertTargetsResponse resp;
+  auto writer = client_->stub().UpsertTargets(&ctx, &resp);
+  req.set_collection("roundtrip");
+  req.add_ids(20);
+  req.mutable_vectors()->set_rows(1);
+  req.mutable_vectors()->set_cols(3);
+  req.mutable_vectors()->set_dtype(v1::DTYPE_FLOAT16);
+  const uint16_t half[3] = {FloatToHalf(1.5f), FloatToHalf(-0.25f), FloatToHalf(2048.0f)};
+  req.mutable_vectors()->set_data(reinterpret_cast<const char*>(half), 6);
+  ASSERT_TRUE(writer->Write(req));
+  writer->WritesDone();
+  ASSERT_TRUE(writer->Finish().ok());
+  got = client_->GetTargets("roundtrip", std::vector<uint64_t>{20});
+  ASSERT_THAT(got.status(), IsOk());
+  std::memcpy(back.data(), got->vectors().data().data(), 12);
+  EXPECT_EQ(back[0], 1.5f);
+  EXPECT_EQ(back[1], -0.25f);
+  EXPECT_EQ(back[2], 2048.0f);
+
+  EXPECT_THAT(client_->Delete("roundtrip", std::vector<uint64_t>{5, 6}),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("unknown id 6")));
+  auto del = client_->Delete("roundtrip", std::vector<uint64_t>{5, 6}, /*allow_missing=*/true);
+  ASSERT_THAT(del.status(), IsOk());
+  EXPECT_EQ(del->deleted(), 1u);
+  EXPECT_THAT(client_->GetTargets("roundtrip", std::vector<uint64_t>{5}),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("unknown id 5")));
+  auto info = client_->GetIndexInfo("roundtrip");
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->info().num_targets(), 2u);
+  EXPECT_GT(info->limits().max_k(), 0u);
+}
+
+// Every malformed request gets INVALID_ARGUMENT or NOT_FOUND with a message
+// naming the field and value, and the server goes on serving.
+TEST_F(ServerTest, MalformedRequestsGetClearErrors) {
+  const int dim = 8;
+  std::vector<uint64_t> ids;
+  Fill("bad", dim, 100, v1::METRIC_COSINE, &ids);
+  const uint64_t version = last_version_;
+  const auto q = RandomVectors(2, dim, 1);
+  v1::MineParams p;
+  p.set_k(5);
+  auto mine = [&](const v1::MineRequest& r) {
+    absl::StatusOr<v1::MineResponse> out = client_->Mine(r);
+    ExpectStillServing();
+    return out;
+  };
+  v1::MineRequest good;
+  client::BuildMineRequest("bad", q, dim, p, {}, &good);
+  ASSERT_THAT(mine(good).status(), IsOk());
+
+  // A wrong dim.
+  v1::MineRequest r = good;
+  client::BuildMineRequest("bad", RandomVectors(2, 6, 1), 6, p, {}, &r);
+  EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument,
+                                HasSubstr("queries.cols = 6 does not match the collection's dim = 8")));
+  // NaN and Inf.
+  for (float bad_value : {NAN, INFINITY}) {
+    std::vector<float> nq = q;
+    nq[dim + 2] = bad_value;
+    client::BuildMineRequest("bad", nq, dim, p, {}, &r);
+    EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument,
+                                  HasSubstr("queries[1][2] = ")));
+  }
+  // k = 0 and k larger than the collection.
+  for (uint32_t k : {0u, 101u}) {
+    r = good;
+    r.mutable_params()->set_k(k);
+    EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument,
+                                  HasSubstr(absl::StrCat("params.k = ", k))));
+  }
+  // A bad dtype, and a byte length that does not match.
+  r = good;
+  r.mutable_queries()->set_dtype(static_cast<v1::DType>(9));
+  EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("queries.dtype = 9")));
+  r = good;
+  r.mutable_queries()->mutable_data()->resize(2 * dim * 4 - 3);
+  EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument,
+                                HasSubstr("queries.data has 61 bytes")));
+  // An unknown collection.
+  r = good;
+  r.set_collection("nope");
+  EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kNotFound, HasSubstr("collection 'nope'")));
+  // An empty batch.
+  r = good;
+  r.mutable_queries()->set_rows(0);
+  r.mutable_queries()->clear_data();
+  EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("queries.rows = 0")));
+  // A temperature <= 0.
+  for (float tau : {0.0f, -1.0f}) {
+    r = good;
+    r.mutable_params()->set_mode(v1::MINE_MODE_SAMPLE);
+    r.mutable_params()->set_temperature(tau);
+    EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument,
+                                  HasSubstr("params.temperature = ")));
+  }
+  // Exclusion lists that do not match the batch.
+  r = good;
+  r.add_exclude();
+  EXPECT_THAT(mine(r), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("exclude has 1")));
+  // Duplicate ids in one upsert.
+  EXPECT_THAT(client_->Upsert("bad", {1, 2, 1}, RandomVectors(3, dim, 3), dim, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("duplicate id 1")));
+  // A NaN in an upsert, an empty upsert, a wrong-dim upsert, an unknown collection.
+  std::vector<float> nan_vec = RandomVectors(1, dim, 3);
+  nan_vec[4] = NAN;
+  EXPECT_THAT(client_->Upsert("bad", {1}, nan_vec, dim, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("vectors[0][4] = nan")));
+  EXPECT_THAT(client_->Upsert("bad", {}, {}, dim, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("vectors.rows = 0")));
+  EXPECT_THAT(client_->Upsert("bad", {1}, RandomVectors(1, 4, 3), 4, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("vectors.cols = 4")));
+  EXPECT_THAT(client_->Upsert("nope", {1}, RandomVectors(1, 4, 3), 4, 0),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("collection 'nope'")));
+  // Bad collection configs.
+  v1::CollectionConfig config;
+  config.set_name("bad");
+  config.set_dim(8);
+  EXPECT_THAT(client_->CreateCollection(config),
+              StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("'bad'")));
+  config.set_name("zero-dim");
+  config.set_dim(0);
+  EXPECT_THAT(client_->CreateCollection(config),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("config.dim = 0")));
+  config.set_name("bad name!");
+  config.set_dim(8);
+  EXPECT_THAT(client_->CreateCollection(config),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'bad name!'")));
+  EXPECT_THAT(client_->DropCollection("nope"),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("'nope'")));
+  // Nothing above changed the collection.
+  auto info = client_->GetIndexInfo("bad");
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->info().num_targets(), 100u);
+  EXPECT_EQ(info->info().index_version(), version);
+}
+
+TEST_F(ServerTest, CapabilitiesToComeAnswerUnimplementedNamingThem) {
+  std::vector<uint64_t> ids;
+  Fill("later", 4, 10, v1::METRIC_COSINE, &ids);
+  grpc::ClientContext c1, c2, c3;
+  v1::GetLandmarksRequest lr;
+  lr.set_collection("later");
+  v1::GetLandmarksResponse lresp;
+  grpc::Status s = client_->stub().GetLandmarks(&c1, lr, &lresp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("drift correction"));
+  v1::CreateSnapshotRequest sr;
+  sr.set_collection("later");
+  v1::CreateSnapshotResponse sresp;
+  s = client_->stub().CreateSnapshot(&c2, sr, &sresp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("snapshots"));
+  v1::AssignBatchesResponse bresp;
+  auto writer = client_->stub().AssignBatches(&c3, &bresp);
+  writer->WritesDone();
+  s = writer->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("batch sampling"));
+  v1::CollectionConfig config;
+  config.set_name("tree");
+  config.set_dim(4);
+  config.set_index_kind(v1::INDEX_KIND_TREE);
+  EXPECT_THAT(client_->CreateCollection(config),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("tree")));
+  ExpectStillServing();
+}
+
+TEST_F(ServerTest, ReadYourWritesWithMinIndexVersion) {
+  std::vector<uint64_t> ids;
+  const auto x = Fill("ryw", 4, 10, v1::METRIC_INNER_PRODUCT, &ids);
+  v1::MineRequest r;
+  v1::MineParams p;
+  p.set_k(1);
+  client::BuildMineRequest("ryw", RandomVectors(1, 4, 1), 4, p, {}, &r);
+  r.set_min_index_version(last_version_);
+  EXPECT_THAT(client_->Mine(r).status(), IsOk());
+  r.set_min_index_version(last_version_ + 1);
+  EXPECT_THAT(client_->Mine(r), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                         HasSubstr("min_index_version = ")));
+}
+
+}  // namespace
+}  // namespace negmine
