@@ -41,6 +41,8 @@ commands:
            --k K [--mode topk|sample|mixed] [--temperature T] [--num-hard H]
            [--rank-offset R] [--with-replacement] [--sample-seed S]
            [--exclude E.npy] [--json | --out R.npy]
+           --random-queries draws drift-bench queries; use the seed the
+           targets were generated with (the server's --generate_seed).
            E.npy is an n x m integer array of ids to exclude per query
            (negative entries are padding). --json prints one object per
            query per line; --out writes ids (n x k uint64, missing entries

@@ -1,0 +1,72 @@
+# negmine: the two commands of the quick start, and their parts.
+#   make demo   build, start a server on generated data, mine negatives, stop
+#   make test   build and run every test
+# Each target installs missing Debian packages first (make deps).
+
+BUILD_DIR ?= build
+BUILD_TYPE ?= RelWithDebInfo
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+# Where the demo server keeps its data, and its port.
+DEMO_DIR ?= demo-data
+DEMO_PORT ?= 50061
+
+# Debian packages needed to build, test and demo negmine.
+DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
+  libeigen3-dev libabsl-dev prometheus-cpp-dev \
+  libgtest-dev libgmock-dev libbenchmark-dev \
+  python3 python3-grpcio python3-protobuf python3-numpy
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps configure build test demo clean
+
+all: build
+
+# Installs only what is missing; silent when everything is there.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(BUILD_DIR)/build.ninja: CMakeLists.txt | deps
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) $(CMAKE_FLAGS)
+
+configure: $(BUILD_DIR)/build.ninja
+
+build: deps configure
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+test: build
+	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+# The server on an embedded default (CPU, a local data dir, 100k drift-bench
+# targets with d = 64), then the CLI mines top-k, sampled and mixed negatives
+# for a few queries, then the server is stopped with SIGTERM.
+demo: build
+	@set -e; \
+	srv=$(BUILD_DIR)/server/negmine-server; cli=$(BUILD_DIR)/client/negmine; \
+	rm -f $(DEMO_DIR)/port; mkdir -p $(DEMO_DIR); \
+	$$srv --listen=127.0.0.1:$(DEMO_PORT) --data_dir=$(DEMO_DIR) --metrics_listen= \
+	  --port_file=$(DEMO_DIR)/port --default_dim=64 --generate_targets=100000 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null' EXIT; \
+	for i in $$(seq 600); do [ -s $(DEMO_DIR)/port ] && break; \
+	  kill -0 $$pid 2>/dev/null || { echo "demo: the server failed to start"; exit 1; }; sleep 0.1; done; \
+	nm="$$cli --server 127.0.0.1:$(DEMO_PORT)"; \
+	echo; echo "== negmine info"; $$nm info; \
+	echo; echo "== top-10 hardest negatives for 2 queries"; \
+	$$nm mine --collection default --random-queries 2 --seed 1 --k 10 --mode topk; \
+	echo; echo "== 8 samples from the softmax at temperature 0.05 (with log q)"; \
+	$$nm mine --collection default --random-queries 2 --seed 1 --k 8 --mode sample --temperature 0.05 --sample-seed 1; \
+	echo; echo "== mixed: the top 4, then 4 samples from the rest, skipping the top 2 ranks"; \
+	$$nm mine --collection default --random-queries 1 --seed 1 --k 8 --mode mixed --num-hard 4 --rank-offset 2 --temperature 0.05 --sample-seed 1; \
+	kill -TERM $$pid; wait $$pid; trap - EXIT; echo; echo "demo: done, server stopped"
+
+clean:
+	rm -rf $(BUILD_DIR) $(DEMO_DIR)
