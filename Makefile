@@ -16,17 +16,26 @@ DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
   libeigen3-dev libabsl-dev prometheus-cpp-dev \
   libgtest-dev libgmock-dev libbenchmark-dev \
-  python3 python3-grpcio python3-protobuf python3-numpy
+  python3 python3-grpcio python3-protobuf python3-numpy \
+  libfaiss-dev libhnswlib-dev
+# Only for `make bench`: a real BLAS for the peers, and the plots.
+BENCH_PACKAGES := libopenblas0-pthread python3-matplotlib
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps configure build test demo clean
+.PHONY: all deps bench-deps install-missing configure build test demo bench bench-smoke clean
 
 all: build
 
 # Installs only what is missing; silent when everything is there.
 deps:
-	@missing=$$(for p in $(DEB_PACKAGES); do \
+	@$(MAKE) --no-print-directory install-missing PACKAGES="$(DEB_PACKAGES)"
+
+bench-deps: deps
+	@$(MAKE) --no-print-directory install-missing PACKAGES="$(BENCH_PACKAGES)"
+
+install-missing:
+	@missing=$$(for p in $(PACKAGES); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
@@ -67,6 +76,20 @@ demo: build
 	echo; echo "== mixed: the top 4, then 4 samples from the rest, skipping the top 2 ranks"; \
 	$$nm mine --collection default --random-queries 1 --seed 1 --k 8 --mode mixed --num-hard 4 --rank-offset 2 --temperature 0.05 --sample-seed 1; \
 	kill -TERM $$pid; wait $$pid; trap - EXIT; echo; echo "demo: done, server stopped"
+
+# The drift bench at the default size (N = 1M, d = 128, batches of 4096, k = 64,
+# 2 threads) against FAISS and hnswlib; results in bench/results/. OpenBLAS's
+# safety pins of this machine are lifted for this command only.
+BENCH_FLAGS ?= --n=1000000 --dim=128 --queries=4096 --k=64 --threads=2
+bench: bench-deps build
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BUILD_DIR)/bench/negmine-bench $(BENCH_FLAGS) \
+	  --server_bin=$(BUILD_DIR)/server/negmine-server --out_dir=bench/results \
+	  --flags_note="$(BUILD_TYPE), -march=x86-64-v3 (negmine); Debian libfaiss 1.7.3 + OpenBLAS pthread; hnswlib 0.6.2"
+	/usr/bin/python3 bench/plot.py bench/results/results.json
+
+# A tiny run of the same harness (also part of `make test`).
+bench-smoke: build
+	cd $(BUILD_DIR) && ctest -R bench_smoke --output-on-failure
 
 clean:
 	rm -rf $(BUILD_DIR) $(DEMO_DIR)

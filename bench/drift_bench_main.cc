@@ -1,0 +1,683 @@
+// negmine-bench: the drift bench (DESIGN.md section 4). In one process, on the
+// same data, it measures negmine against brute force, FAISS (Flat, IVF-Flat,
+// HNSW) and hnswlib:
+//   - recall@k against queries/s over each index's knob, build time and
+//     memory per target;
+//   - the cost of absorbing re-encoded embeddings for a fraction of targets,
+//     and the recall after it;
+//   - sampling quality (chi-square and TV against the exact softmax over
+//     equal-mass bins; the relative error of the grad log Z estimate against
+//     brute-force top-k) and sampling throughput;
+//   - under drift, recall@k against the step for a static index, a static
+//     index rebuilt every R steps, and negmine absorbing its re-encoding
+//     budget each step;
+//   - with --server_bin, the same top-k through the gRPC server (C++ client,
+//     MineStream), against the in-process figure.
+// It writes results.json and results.md to --out_dir.
+//
+//   negmine-bench --n=1000000 --dim=128 --queries=4096 --k=64 --threads=2
+//       --out_dir=bench/results --server_bin=build/server/negmine-server
+#include <sys/resource.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <numeric>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "bench/peers.h"
+#include "client/negmine_client.h"
+#include "core/index.h"
+#include "core/random.h"
+#include "core/store/drift_bench.h"
+#include "tests/server_process.h"
+
+ABSL_FLAG(uint64_t, n, 1000000, "targets");
+ABSL_FLAG(int, dim, 128, "embedding dimension");
+ABSL_FLAG(uint64_t, queries, 4096, "queries per batch");
+ABSL_FLAG(int, k, 64, "negatives per query");
+ABSL_FLAG(int, threads, 2, "threads for every index");
+ABSL_FLAG(uint64_t, seed, 1, "drift-bench seed");
+ABSL_FLAG(std::string, peers, "negmine-exact,faiss-flat,faiss-ivfflat,faiss-hnsw,hnswlib",
+          "indexes to measure, comma-separated");
+ABSL_FLAG(int, ivf_nlist, 1024, "FAISS IVF lists");
+ABSL_FLAG(int, hnsw_m, 32, "HNSW M (FAISS and hnswlib)");
+ABSL_FLAG(int, hnsw_ef_construction, 100, "HNSW efConstruction (FAISS and hnswlib)");
+ABSL_FLAG(double, update_fraction, 0.01, "fraction of targets re-encoded for the update test");
+ABSL_FLAG(int, drift_steps, 20, "last drift step");
+ABSL_FLAG(int, drift_every, 2, "evaluate recall every this many steps");
+ABSL_FLAG(int, rebuild_every, 10, "the static peer is rebuilt every R steps");
+ABSL_FLAG(double, reencode_budget, 0.005, "fraction of targets negmine re-encodes per step");
+ABSL_FLAG(uint64_t, drift_queries, 1024, "queries per drift evaluation");
+ABSL_FLAG(uint64_t, sample_queries, 32, "queries for the sampling-quality figures");
+ABSL_FLAG(int, sample_rounds, 40, "draw rounds of k samples per query (chi-square / TV)");
+ABSL_FLAG(std::string, server_bin, "", "negmine-server binary for the end-to-end figure");
+ABSL_FLAG(int, e2e_batches, 6, "MineStream batches per stream in the end-to-end figure");
+ABSL_FLAG(std::string, out_dir, "bench/results", "where results.json and results.md go");
+ABSL_FLAG(std::string, flags_note, "", "build flags to record next to the figures");
+
+namespace negmine::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+size_t RssBytes() {
+  std::ifstream in("/proc/self/statm");
+  size_t pages = 0, resident = 0;
+  in >> pages >> resident;
+  return resident * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+}
+
+void Log(const std::string& s) {
+  std::fprintf(stderr, "[bench] %s\n", s.c_str());
+}
+
+// A tiny JSON writer: enough for flat records and arrays of them.
+class Json {
+ public:
+  Json& Num(const std::string& k, double v) {
+    Key(k);
+    if (std::isfinite(v)) {
+      out_ << v;
+    } else {
+      out_ << "null";
+    }
+    return *this;
+  }
+  Json& Str(const std::string& k, const std::string& v) {
+    Key(k);
+    out_ << '"' << v << '"';
+    return *this;
+  }
+  Json& Raw(const std::string& k, const std::string& v) {
+    Key(k);
+    out_ << v;
+    return *this;
+  }
+  std::string Done() { return "{" + out_.str() + "}"; }
+
+ private:
+  void Key(const std::string& k) {
+    if (!first_) out_ << ", ";
+    first_ = false;
+    out_ << '"' << k << "\": ";
+  }
+  std::ostringstream out_;
+  bool first_ = true;
+};
+
+std::string JsonArray(const std::vector<std::string>& items) {
+  return "[\n    " + absl::StrJoin(items, ",\n    ") + "\n  ]";
+}
+
+// recall@k of `got` (nq x k) against `truth` (nq x k).
+double Recall(const std::vector<int64_t>& got, const std::vector<int64_t>& truth,
+              size_t nq, int k) {
+  size_t hits = 0;
+  for (size_t i = 0; i < nq; ++i) {
+    std::set<int64_t> t(truth.begin() + i * k, truth.begin() + (i + 1) * k);
+    for (int j = 0; j < k; ++j) hits += t.count(got[i * k + j]);
+  }
+  return static_cast<double>(hits) / (nq * k);
+}
+
+std::unique_ptr<BenchIndex> Make(const std::string& name, const PeerOptions& o) {
+  if (name == "negmine-exact") return MakeNegmineExact(o.threads);
+  if (name == "faiss-flat") return MakeFaissFlat(o);
+  if (name == "faiss-ivfflat") return MakeFaissIvfFlat(o);
+  if (name == "faiss-hnsw") return MakeFaissHnsw(o);
+  if (name == "hnswlib") return MakeHnswlib(o);
+  std::fprintf(stderr, "unknown index '%s'\n", name.c_str());
+  std::exit(2);
+}
+
+struct Curve {
+  std::string index, knob_name;
+  double build_s = 0, mem_bytes = 0, rss_bytes = 0;
+  std::vector<int> knobs;
+  std::vector<double> recall, qps;
+  int knob95 = -1;  // the first knob reaching recall 0.95 (-1: none)
+  double update_s = NAN, update_recall_before = NAN, update_recall_after = NAN;
+  bool update_in_place = true;
+};
+
+// Exact top-k over x (n x dim) for q, by negmine's exact index.
+std::vector<int64_t> Truth(const float* x, size_t n, int dim, const float* q,
+                           size_t nq, int k, int threads) {
+  auto exact = MakeNegmineExact(threads);
+  exact->Build(x, n, dim);
+  return exact->Search(q, nq, k, 0);
+}
+
+// ------------------------------------------------------------ sampling
+
+struct SamplingFigures {
+  double tau = 0;
+  double topk_grad_error = 0, sample_grad_error = 0;
+  double chi2 = 0, chi2_critical = 0, tv = 0;
+  int chi2_df = 0;
+  double sample_qps = 0;
+};
+
+// Equal-mass binning of the exact softmax, for chi-square and TV on N-sized
+// supports: bin b holds the targets whose cumulative mass (in descending
+// probability order) falls in [b/B, (b+1)/B).
+SamplingFigures MeasureSampling(const Index& index, const std::vector<float>& x,
+                                size_t n, int dim, const std::vector<float>& q,
+                                size_t nq, int k, double tau, int rounds,
+                                int threads) {
+  constexpr int kBins = 10;
+  SamplingFigures f;
+  f.tau = tau;
+  std::vector<int64_t> counts(kBins, 0);
+  double topk_err = 0, sample_err = 0;
+  for (size_t qi = 0; qi < nq; ++qi) {
+    const float* qv = &q[qi * dim];
+    std::vector<double> s(n);
+    for (size_t y = 0; y < n; ++y) {
+      double v = 0;
+      for (int j = 0; j < dim; ++j) v += double{qv[j]} * x[y * dim + j];
+      s[y] = v;
+    }
+    const double m = *std::max_element(s.begin(), s.end());
+    std::vector<double> p(n);
+    double z = 0;
+    for (size_t y = 0; y < n; ++y) z += p[y] = std::exp((s[y] - m) / tau);
+    for (double& v : p) v /= z;
+    // The exact gradient direction E_p[x] (the 1/tau factor cancels in the
+    // relative error).
+    std::vector<double> g(dim, 0.0);
+    for (size_t y = 0; y < n; ++y) {
+      for (int j = 0; j < dim; ++j) g[j] += p[y] * x[y * dim + j];
+    }
+    double gnorm = 0;
+    for (double v : g) gnorm += v * v;
+    gnorm = std::sqrt(gnorm);
+    auto rel_err = [&](const std::vector<uint64_t>& ids,
+                       const std::vector<double>& w) {
+      std::vector<double> e(dim, 0.0);
+      double wsum = 0;
+      for (size_t i = 0; i < ids.size(); ++i) {
+        wsum += w[i];
+        for (int j = 0; j < dim; ++j) e[j] += w[i] * x[ids[i] * dim + j];
+      }
+      double err = 0;
+      for (int j = 0; j < dim; ++j) err += std::pow(e[j] / wsum - g[j], 2);
+      return std::sqrt(err) / gnorm;
+    };
+    const absl::Span<const float> qspan(qv, dim);
+    auto top = index.Search(qspan, {}, {.mode = MineMode::kTopK, .k = k});
+    std::vector<double> wt;
+    for (float sc : top->queries[0].scores) wt.push_back(std::exp((sc - m) / tau));
+    topk_err += rel_err(top->queries[0].ids, wt);
+
+    // Bins by descending probability.
+    std::vector<size_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return p[a] > p[b]; });
+    std::vector<int> bin(n);
+    double cum = 0;
+    for (size_t r = 0; r < n; ++r) {
+      bin[order[r]] = std::min(kBins - 1, static_cast<int>(cum * kBins));
+      cum += p[order[r]];
+    }
+    std::vector<double> bin_mass(kBins, 0.0);
+    for (size_t y = 0; y < n; ++y) bin_mass[bin[y]] += p[y];
+
+    // `rounds` copies of the query in one call: copy i draws from the
+    // stream (seed, i), so the rounds are independent.
+    std::vector<float> copies;
+    for (int r = 0; r < rounds; ++r) copies.insert(copies.end(), qv, qv + dim);
+    SearchParams sp{.mode = MineMode::kSample, .k = k,
+                    .temperature = static_cast<float>(tau),
+                    .with_replacement = true, .seed = 1000003 * (qi + 1)};
+    auto smp = index.Search(copies, {}, sp);
+    if (!smp.ok()) std::abort();
+    std::vector<int64_t> qcounts(kBins, 0);
+    for (int r = 0; r < rounds; ++r) {
+      const QueryResult& res = smp->queries[r];
+      if (r == 0) {
+        // Self-normalized weights exp(s/tau) / q(y).
+        std::vector<double> w;
+        for (size_t i = 0; i < res.ids.size(); ++i) {
+          w.push_back(std::exp((res.scores[i] - m) / tau - res.log_q[i]));
+        }
+        sample_err += rel_err(res.ids, w);
+      }
+      for (uint64_t id : res.ids) ++qcounts[bin[id]];
+    }
+    const double draws = static_cast<double>(rounds) * k;
+    for (int b = 0; b < kBins; ++b) {
+      const double e = bin_mass[b] * draws;
+      if (e > 0) f.chi2 += (qcounts[b] - e) * (qcounts[b] - e) / e;
+      f.tv += 0.5 * std::abs(qcounts[b] / draws - bin_mass[b]) / nq;
+      counts[b] += qcounts[b];
+    }
+  }
+  f.chi2_df = static_cast<int>(nq) * (kBins - 1);
+  const double h = 2.0 / (9.0 * f.chi2_df);
+  f.chi2_critical = f.chi2_df * std::pow(1 - h + 3.09 * std::sqrt(h), 3);
+  f.topk_grad_error = topk_err / nq;
+  f.sample_grad_error = sample_err / nq;
+
+  // Throughput of SAMPLE mode over the whole query set, `threads` threads.
+  const auto start = Clock::now();
+  ParallelFor(nq, threads, [&](size_t b, size_t e) {
+    SearchParams sp{.mode = MineMode::kSample, .k = k,
+                    .temperature = static_cast<float>(tau), .seed = 7};
+    auto r = index.Search({&q[b * dim], (e - b) * dim}, {}, sp);
+    if (!r.ok()) std::abort();
+  });
+  f.sample_qps = nq / Seconds(start);
+  return f;
+}
+
+// ----------------------------------------------------------- end to end
+
+struct E2eFigures {
+  double upsert_rows_per_s = 0, stream_qps = 0, inprocess_qps = 0;
+  double recall = 0;
+};
+
+E2eFigures MeasureEndToEnd(const std::string& server_bin,
+                           const std::vector<float>& x, size_t n, int dim,
+                           const std::vector<float>& q, size_t nq, int k,
+                           int threads, int batches,
+                           const std::vector<int64_t>& truth,
+                           double inprocess_qps) {
+  E2eFigures f;
+  f.inprocess_qps = inprocess_qps;
+  testing::ServerProcess server;
+  if (!server.Start(server_bin, {absl::StrCat("--worker_threads=", threads),
+                                 "--max_message_bytes=268435456"})) {
+    Log("end to end: the server did not start; skipped");
+    return f;
+  }
+  client::ClientOptions options;
+  auto c = client::Client::Connect(server.address(), options);
+  v1::CollectionConfig config;
+  config.set_name("bench");
+  config.set_dim(dim);
+  config.set_metric(v1::METRIC_INNER_PRODUCT);
+  if (!c->CreateCollection(config).ok()) std::abort();
+  std::vector<uint64_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0);
+  auto start = Clock::now();
+  auto up = c->Upsert("bench", ids, x, dim, 0);
+  if (!up.ok()) {
+    Log("end to end: upsert failed: " + up.status().ToString());
+    return f;
+  }
+  f.upsert_rows_per_s = n / Seconds(start);
+
+  v1::MineParams p;
+  p.set_k(k);
+  // One MineStream per thread, each pipelining `batches` full batches.
+  std::vector<double> recalls(threads, 0);
+  start = Clock::now();
+  ParallelFor(threads, threads, [&](size_t b, size_t) {
+    auto session = c->OpenMineSession("bench");
+    int sent = 0, received = 0;
+    while (received < batches) {
+      while (sent < batches && sent - received < 2) {
+        if (!session->Send(q, dim, p).ok()) std::abort();
+        ++sent;
+      }
+      auto r = session->Receive();
+      if (!r.ok()) {
+        Log("end to end: " + r.status().ToString());
+        std::abort();
+      }
+      if (received == 0) {
+        std::vector<int64_t> got(nq * k, -1);
+        for (size_t i = 0; i < nq; ++i) {
+          for (int j = 0; j < r->results(i).ids_size(); ++j) got[i * k + j] = r->results(i).ids(j);
+        }
+        recalls[b] = Recall(got, truth, nq, k);
+      }
+      ++received;
+    }
+    if (!session->Close().ok()) std::abort();
+  });
+  f.stream_qps = static_cast<double>(threads) * batches * nq / Seconds(start);
+  f.recall = std::accumulate(recalls.begin(), recalls.end(), 0.0) / threads;
+  server.Stop();
+  return f;
+}
+
+int Main() {
+  const size_t n = absl::GetFlag(FLAGS_n);
+  const int dim = absl::GetFlag(FLAGS_dim);
+  const size_t nq = absl::GetFlag(FLAGS_queries);
+  const int k = absl::GetFlag(FLAGS_k);
+  const int threads = absl::GetFlag(FLAGS_threads);
+  const uint64_t seed = absl::GetFlag(FLAGS_seed);
+  omp_set_num_threads(threads);
+  PeerOptions po{.threads = threads,
+                 .ivf_nlist = absl::GetFlag(FLAGS_ivf_nlist),
+                 .hnsw_m = absl::GetFlag(FLAGS_hnsw_m),
+                 .hnsw_ef_construction = absl::GetFlag(FLAGS_hnsw_ef_construction)};
+  const auto bench_start = Clock::now();
+
+  Log(absl::StrCat("data: n=", n, " dim=", dim, " queries=", nq, " k=", k,
+                   " threads=", threads, " seed=", seed));
+  DriftBench gen({.num_targets = n, .num_queries = std::max<size_t>(nq, absl::GetFlag(FLAGS_drift_queries)),
+                  .dim = dim, .seed = seed});
+  const std::vector<float> x0 = gen.Targets(0);
+  const std::vector<float> q_all = gen.Queries(0);
+  const std::vector<float> q0(q_all.begin(), q_all.begin() + nq * dim);
+  std::vector<int64_t> truth = Truth(x0.data(), n, dim, q0.data(), nq, k, threads);
+
+  // The re-encoded subset for the update test.
+  const size_t n_upd = std::max<size_t>(1, static_cast<size_t>(n * absl::GetFlag(FLAGS_update_fraction)));
+  std::vector<size_t> upd_rows(n);
+  std::iota(upd_rows.begin(), upd_rows.end(), 0);
+  {
+    Rng rng(seed, 99);
+    for (size_t i = 0; i < n_upd; ++i) std::swap(upd_rows[i], upd_rows[i + rng.Below(n - i)]);
+    upd_rows.resize(n_upd);
+  }
+  const std::vector<float> x_upd = gen.EncodeTargets(1, upd_rows);
+  const std::vector<int64_t> upd_ids(upd_rows.begin(), upd_rows.end());
+  std::vector<float> x1 = x0;
+  for (size_t i = 0; i < n_upd; ++i) {
+    std::copy_n(&x_upd[i * dim], dim, &x1[upd_rows[i] * dim]);
+  }
+  const std::vector<int64_t> truth1 = Truth(x1.data(), n, dim, q0.data(), nq, k, threads);
+
+  // ---------------------------------------------- recall vs queries/s
+  std::vector<Curve> curves;
+  double exact_qps = 0;
+  for (absl::string_view name_view : absl::StrSplit(absl::GetFlag(FLAGS_peers), ',')) {
+    const std::string name(name_view);
+    Curve c;
+    c.index = name;
+    auto index = Make(name, po);
+    c.knob_name = index->knob_name();
+    const size_t rss0 = RssBytes();
+    auto start = Clock::now();
+    index->Build(x0.data(), n, dim);
+    c.build_s = Seconds(start);
+    c.rss_bytes = static_cast<double>(RssBytes()) - rss0;
+    c.mem_bytes = index->MemoryBytes();
+    Log(absl::StrCat(name, ": built in ", c.build_s, " s"));
+    for (int knob : index->knobs()) {
+      start = Clock::now();
+      auto got = index->Search(q0.data(), nq, k, knob);
+      const double qps = nq / Seconds(start);
+      const double r = Recall(got, truth, nq, k);
+      c.knobs.push_back(knob);
+      c.recall.push_back(r);
+      c.qps.push_back(qps);
+      if (c.knob95 < 0 && r >= 0.95) c.knob95 = knob;
+      Log(absl::StrCat(name, " ", c.knob_name, "=", knob, ": recall ", r, " qps ", qps));
+      if (r >= 0.999 && knob != index->knobs().back()) break;  // flat from here
+    }
+    if (name == "negmine-exact") exact_qps = c.qps.front();
+    // Absorb re-encoded embeddings for update_fraction of the targets.
+    const int knob = c.knob95 >= 0 ? c.knob95 : c.knobs.back();
+    c.update_recall_before = Recall(index->Search(q0.data(), nq, k, knob), truth, nq, k);
+    start = Clock::now();
+    c.update_in_place = index->Update(upd_ids, x_upd.data());
+    if (c.update_in_place) {
+      c.update_s = Seconds(start);
+      c.update_recall_after =
+          Recall(index->Search(q0.data(), nq, k, knob), truth1, nq, k);
+    } else {
+      // No in-place update: absorbing means a full rebuild over the same
+      // number of targets, whose cost is the build time measured above.
+      c.update_s = c.build_s;
+    }
+    Log(absl::StrCat(name, ": absorbed ", n_upd, " re-encoded targets in ", c.update_s,
+                     " s (", c.update_in_place ? "in place" : "rebuild", "), recall ",
+                     c.update_recall_before, " -> ", c.update_recall_after));
+    curves.push_back(std::move(c));
+  }
+
+  // ------------------------------------------------------- sampling
+  std::vector<SamplingFigures> sampling;
+  {
+    auto exact = CreateIndex({.dim = dim, .metric = Metric::kInnerProduct,
+                              .backend = Backend::kCpu}).value();
+    std::vector<uint64_t> ids(n);
+    std::iota(ids.begin(), ids.end(), 0);
+    if (!exact->Upsert(ids, x0, 0).ok()) std::abort();
+    const size_t sq = std::min(nq, absl::GetFlag(FLAGS_sample_queries));
+    for (double tau : {0.05, 0.1}) {
+      sampling.push_back(MeasureSampling(*exact, x0, n, dim, q0, sq, k, tau,
+                                         absl::GetFlag(FLAGS_sample_rounds), threads));
+      const auto& s = sampling.back();
+      Log(absl::StrCat("sampling tau=", tau, ": grad error top-k ", s.topk_grad_error,
+                       " samples ", s.sample_grad_error, "; chi2 ", s.chi2, " (df ", s.chi2_df,
+                       ", crit ", s.chi2_critical, ") tv ", s.tv, "; ", s.sample_qps, " q/s"));
+    }
+  }
+
+  // ---------------------------------------------------------- drift
+  struct DriftPoint {
+    int step;
+    double stale, rebuilt, negmine;
+  };
+  std::vector<DriftPoint> drift;
+  {
+    const size_t dq = std::min<size_t>(absl::GetFlag(FLAGS_drift_queries), q_all.size() / dim);
+    const int R = absl::GetFlag(FLAGS_rebuild_every);
+    const size_t budget = static_cast<size_t>(n * absl::GetFlag(FLAGS_reencode_budget));
+    auto stale = MakeFaissFlat(po);
+    stale->Build(x0.data(), n, dim);
+    auto rebuilt = MakeFaissFlat(po);
+    rebuilt->Build(x0.data(), n, dim);
+    auto nm = MakeNegmineExact(threads);
+    nm->Build(x0.data(), n, dim);
+    // negmine re-encodes its budget each step, the least recently encoded
+    // targets first (a round-robin over a fixed random order).
+    std::vector<size_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    Rng rng(seed, 123);
+    for (size_t i = n - 1; i > 0; --i) std::swap(order[i], order[rng.Below(i + 1)]);
+    size_t cursor = 0;
+    for (int t = 0; t <= absl::GetFlag(FLAGS_drift_steps); ++t) {
+      if (t > 0 && budget > 0) {
+        std::vector<size_t> rows(budget);
+        for (size_t i = 0; i < budget; ++i) rows[i] = order[(cursor + i) % n];
+        cursor += budget;
+        nm->Update(std::vector<int64_t>(rows.begin(), rows.end()),
+                   gen.EncodeTargets(t, rows).data());
+      }
+      const bool eval = t % absl::GetFlag(FLAGS_drift_every) == 0;
+      const bool rebuild = t > 0 && t % R == 0;
+      if (!eval && !rebuild) continue;
+      const std::vector<float> xt = gen.Targets(t);
+      if (rebuild) rebuilt->Build(xt.data(), n, dim);
+      if (!eval) continue;
+      const std::vector<float> qt_all = gen.Queries(t);
+      const std::vector<float> qt(qt_all.begin(), qt_all.begin() + dq * dim);
+      const auto tt = Truth(xt.data(), n, dim, qt.data(), dq, k, threads);
+      DriftPoint pnt{t, Recall(stale->Search(qt.data(), dq, k, 0), tt, dq, k),
+                     Recall(rebuilt->Search(qt.data(), dq, k, 0), tt, dq, k),
+                     Recall(nm->Search(qt.data(), dq, k, 0), tt, dq, k)};
+      drift.push_back(pnt);
+      Log(absl::StrCat("drift step ", t, ": stale ", pnt.stale, " rebuilt/", R, " ",
+                       pnt.rebuilt, " negmine ", pnt.negmine));
+    }
+  }
+
+  // ----------------------------------------------------- end to end
+  E2eFigures e2e;
+  const std::string server_bin = absl::GetFlag(FLAGS_server_bin);
+  if (!server_bin.empty()) {
+    e2e = MeasureEndToEnd(server_bin, x0, n, dim, q0, nq, k, threads,
+                          absl::GetFlag(FLAGS_e2e_batches), truth, exact_qps);
+    Log(absl::StrCat("end to end: upsert ", e2e.upsert_rows_per_s, " rows/s; MineStream ",
+                     e2e.stream_qps, " q/s vs in-process ", e2e.inprocess_qps,
+                     " q/s; recall ", e2e.recall));
+  }
+
+  // --------------------------------------------------------- output
+  const std::string out_dir = absl::GetFlag(FLAGS_out_dir);
+  std::filesystem::create_directories(out_dir);
+  std::vector<std::string> curve_json, sampling_json, drift_json;
+  for (const Curve& c : curves) {
+    auto ints = [](const std::vector<int>& v) { return "[" + absl::StrJoin(v, ", ") + "]"; };
+    auto dbls = [](const std::vector<double>& v) { return "[" + absl::StrJoin(v, ", ") + "]"; };
+    curve_json.push_back(Json()
+                             .Str("index", c.index)
+                             .Str("knob", c.knob_name)
+                             .Raw("knobs", ints(c.knobs))
+                             .Raw("recall", dbls(c.recall))
+                             .Raw("qps", dbls(c.qps))
+                             .Num("build_s", c.build_s)
+                             .Num("memory_bytes_per_target", c.mem_bytes / n)
+                             .Num("rss_bytes_per_target", c.rss_bytes / n)
+                             .Num("update_s", c.update_s)
+                             .Raw("update_in_place", c.update_in_place ? "true" : "false")
+                             .Num("update_recall_before", c.update_recall_before)
+                             .Num("update_recall_after", c.update_recall_after)
+                             .Done());
+  }
+  for (const auto& s : sampling) {
+    sampling_json.push_back(Json()
+                                .Num("tau", s.tau)
+                                .Num("topk_grad_error", s.topk_grad_error)
+                                .Num("sample_grad_error", s.sample_grad_error)
+                                .Num("chi2", s.chi2)
+                                .Num("chi2_df", s.chi2_df)
+                                .Num("chi2_critical_p001", s.chi2_critical)
+                                .Num("tv_10_equal_mass_bins", s.tv)
+                                .Num("sample_qps", s.sample_qps)
+                                .Done());
+  }
+  for (const auto& d : drift) {
+    drift_json.push_back(Json()
+                             .Num("step", d.step)
+                             .Num("stale", d.stale)
+                             .Num("rebuilt_every_r", d.rebuilt)
+                             .Num("negmine", d.negmine)
+                             .Done());
+  }
+  const double total_s = Seconds(bench_start);
+  std::ofstream json(out_dir + "/results.json");
+  json << "{\n  \"config\": "
+       << Json()
+              .Num("n", n)
+              .Num("dim", dim)
+              .Num("queries", nq)
+              .Num("k", k)
+              .Num("threads", threads)
+              .Num("seed", seed)
+              .Num("update_fraction", absl::GetFlag(FLAGS_update_fraction))
+              .Num("rebuild_every", absl::GetFlag(FLAGS_rebuild_every))
+              .Num("reencode_budget", absl::GetFlag(FLAGS_reencode_budget))
+              .Num("hnsw_m", po.hnsw_m)
+              .Num("hnsw_ef_construction", po.hnsw_ef_construction)
+              .Num("ivf_nlist", po.ivf_nlist)
+              .Str("flags", absl::GetFlag(FLAGS_flags_note))
+              .Num("total_seconds", total_s)
+              .Done()
+       << ",\n  \"curves\": " << JsonArray(curve_json)
+       << ",\n  \"sampling\": " << JsonArray(sampling_json)
+       << ",\n  \"drift\": " << JsonArray(drift_json) << ",\n  \"end_to_end\": "
+       << Json()
+              .Num("upsert_rows_per_s", e2e.upsert_rows_per_s)
+              .Num("stream_qps", e2e.stream_qps)
+              .Num("inprocess_qps", e2e.inprocess_qps)
+              .Num("recall", e2e.recall)
+              .Done()
+       << "\n}\n";
+
+  // Markdown.
+  std::ostringstream md;
+  md << "Drift bench: N = " << n << ", d = " << dim << ", " << nq << " queries per batch, k = "
+     << k << ", " << threads << " threads, seed " << seed << ". Build flags: "
+     << absl::GetFlag(FLAGS_flags_note) << ". Total " << static_cast<int>(total_s) << " s.\n\n";
+  md << "### Recall@" << k << " against queries/s\n\n"
+     << "| index | knob | recall@k | queries/s | vs brute force (negmine-exact) |\n"
+     << "| --- | --- | --- | --- | --- |\n";
+  for (const Curve& c : curves) {
+    for (size_t i = 0; i < c.knobs.size(); ++i) {
+      md << "| " << c.index << " | " << (c.knob_name.empty() ? "-" : absl::StrCat(c.knob_name, "=", c.knobs[i]))
+         << " | " << absl::StrFormat("%.4f", c.recall[i]) << " | "
+         << absl::StrFormat("%.0f", c.qps[i]) << " | "
+         << (exact_qps > 0 ? absl::StrFormat("%.2fx", c.qps[i] / exact_qps) : "-") << " |\n";
+    }
+  }
+  md << "\n### Build, memory and updates\n\n"
+     << "| index | build s | bytes/target (own) | bytes/target (RSS) | absorb " << n_upd
+     << " re-encoded s | how | recall before -> after |\n| --- | --- | --- | --- | --- | --- | --- |\n";
+  for (const Curve& c : curves) {
+    md << "| " << c.index << " | " << absl::StrFormat("%.2f", c.build_s) << " | "
+       << absl::StrFormat("%.0f", c.mem_bytes / n) << " | "
+       << absl::StrFormat("%.0f", c.rss_bytes / n) << " | "
+       << absl::StrFormat("%.3f", c.update_s) << " | "
+       << (c.update_in_place ? "in place" : "full rebuild (= build time)") << " | "
+       << (std::isnan(c.update_recall_after)
+               ? absl::StrFormat("%.4f -> (a fresh build)", c.update_recall_before)
+               : absl::StrFormat("%.4f -> %.4f", c.update_recall_before, c.update_recall_after))
+       << " |\n";
+  }
+  md << "\n### Sampling (negmine-exact, " << std::min(nq, absl::GetFlag(FLAGS_sample_queries))
+     << " queries)\n\n"
+     << "| tau | grad error, top-" << k << " | grad error, " << k
+     << " samples | chi2 (df) vs p=0.001 critical | TV, 10 equal-mass bins | sample queries/s |\n"
+     << "| --- | --- | --- | --- | --- | --- |\n";
+  for (const auto& s : sampling) {
+    md << "| " << s.tau << " | " << absl::StrFormat("%.3f", s.topk_grad_error) << " | "
+       << absl::StrFormat("%.3f", s.sample_grad_error) << " | "
+       << absl::StrFormat("%.1f (%d) vs %.1f", s.chi2, s.chi2_df, s.chi2_critical) << " | "
+       << absl::StrFormat("%.4f", s.tv) << " | " << absl::StrFormat("%.0f", s.sample_qps)
+       << " |\n";
+  }
+  md << "\n### Recall@" << k << " under drift\n\n"
+     << "| step | static (never rebuilt) | static, rebuilt every " << absl::GetFlag(FLAGS_rebuild_every)
+     << " steps | negmine (re-encodes " << absl::GetFlag(FLAGS_reencode_budget) * 100
+     << "% of targets per step) |\n| --- | --- | --- | --- |\n";
+  for (const auto& d : drift) {
+    md << "| " << d.step << " | " << absl::StrFormat("%.4f", d.stale) << " | "
+       << absl::StrFormat("%.4f", d.rebuilt) << " | " << absl::StrFormat("%.4f", d.negmine)
+       << " |\n";
+  }
+  if (!server_bin.empty()) {
+    md << "\n### End to end (gRPC server, C++ client, MineStream, " << threads
+       << " streams of " << nq << "-query batches)\n\n"
+       << "| upsert rows/s | MineStream queries/s | in-process queries/s | server overhead | recall |\n"
+       << "| --- | --- | --- | --- | --- |\n"
+       << "| " << absl::StrFormat("%.0f", e2e.upsert_rows_per_s) << " | "
+       << absl::StrFormat("%.0f", e2e.stream_qps) << " | "
+       << absl::StrFormat("%.0f", e2e.inprocess_qps) << " | "
+       << (e2e.stream_qps > 0 ? absl::StrFormat("%.1f%%", 100 * (e2e.inprocess_qps / e2e.stream_qps - 1)) : "-")
+       << " | " << absl::StrFormat("%.4f", e2e.recall) << " |\n";
+  }
+  std::ofstream(out_dir + "/results.md") << md.str();
+  std::printf("%s", md.str().c_str());
+  Log(absl::StrCat("wrote ", out_dir, "/results.json and results.md in ", total_s, " s"));
+  return 0;
+}
+
+}  // namespace
+}  // namespace negmine::bench
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return negmine::bench::Main();
+}
