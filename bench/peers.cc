@@ -30,6 +30,13 @@ void ParallelFor(size_t n, int threads,
 
 namespace {
 
+// ef values for HNSW: k, 2k, ... up to 16k (ef < k is clamped to k anyway).
+std::vector<int> EfSweep(int k) {
+  std::vector<int> v;
+  for (int ef = k; ef <= 16 * k; ef *= 2) v.push_back(ef);
+  return v;
+}
+
 // negmine's exact index, in process. A batch is split across `threads`
 // concurrent Search calls (as the server does for concurrent requests).
 class NegmineExact final : public BenchIndex {
@@ -119,7 +126,7 @@ class FaissIvfFlat final : public BenchIndex {
   explicit FaissIvfFlat(const PeerOptions& o) : o_(o) {}
   std::string name() const override { return "faiss-ivfflat"; }
   std::string knob_name() const override { return "nprobe"; }
-  std::vector<int> knobs() const override {
+  std::vector<int> knobs(int) const override {
     std::vector<int> v;
     for (int p = 1; p <= std::min(256, o_.ivf_nlist); p *= 2) v.push_back(p);
     return v;
@@ -162,7 +169,7 @@ class FaissHnsw final : public BenchIndex {
   explicit FaissHnsw(const PeerOptions& o) : o_(o) {}
   std::string name() const override { return "faiss-hnsw"; }
   std::string knob_name() const override { return "efSearch"; }
-  std::vector<int> knobs() const override { return {16, 32, 64, 128, 256, 512, 1024}; }
+  std::vector<int> knobs(int k) const override { return EfSweep(k); }
   void Build(const float* x, size_t n, int dim) override {
     index_ = std::make_unique<faiss::IndexHNSWFlat>(dim, o_.hnsw_m,
                                                     faiss::METRIC_INNER_PRODUCT);
@@ -192,7 +199,7 @@ class Hnswlib final : public BenchIndex {
   explicit Hnswlib(const PeerOptions& o) : o_(o) {}
   std::string name() const override { return "hnswlib"; }
   std::string knob_name() const override { return "ef"; }
-  std::vector<int> knobs() const override { return {16, 32, 64, 128, 256, 512, 1024}; }
+  std::vector<int> knobs(int k) const override { return EfSweep(k); }
   void Build(const float* x, size_t n, int dim) override {
     dim_ = dim;
     space_ = std::make_unique<hnswlib::InnerProductSpace>(dim);

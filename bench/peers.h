@@ -19,10 +19,11 @@ class BenchIndex {
  public:
   virtual ~BenchIndex() = default;
   virtual std::string name() const = 0;
-  // The search knob's name ("nprobe", "ef", ...) and the values to sweep;
-  // a single 0 for an exact index without a knob.
+  // The search knob's name ("nprobe", "ef", ...) and the values to sweep
+  // for top-k (values below k are meaningless for HNSW's ef); a single 0 for
+  // an exact index without a knob.
   virtual std::string knob_name() const { return ""; }
-  virtual std::vector<int> knobs() const { return {0}; }
+  virtual std::vector<int> knobs(int /*k*/) const { return {0}; }
 
   // Indexes n vectors with ids 0..n-1.
   virtual void Build(const float* x, size_t n, int dim) = 0;
@@ -39,8 +40,8 @@ class BenchIndex {
 struct PeerOptions {
   int threads = 2;
   int ivf_nlist = 1024;
-  int hnsw_m = 32;
-  int hnsw_ef_construction = 100;
+  int hnsw_m = 16;
+  int hnsw_ef_construction = 40;
 };
 
 std::unique_ptr<BenchIndex> MakeNegmineExact(int threads);

@@ -28,7 +28,8 @@ usage: negmine [--server HOST:PORT] COMMAND [options]
 
 commands:
   create   --collection C --dim D [--metric cosine|inner_product]
-           [--backend auto|cpu|cuda] [--index exact|tree]
+           [--backend auto|cpu|cuda] [--index tree|exact]
+           [--leaf-size L] [--branching B]
   list
   drop     --collection C
   upsert   --collection C (--npy X.npy [--ids I.npy] | --fvecs X.fvecs |
@@ -40,6 +41,7 @@ commands:
   mine     --collection C (--queries Q.npy | --random-queries N [--seed S])
            --k K [--mode topk|sample|mixed] [--temperature T] [--num-hard H]
            [--rank-offset R] [--with-replacement] [--sample-seed S]
+           [--sampler proposal|exact] [--approximate [--beam-width W]]
            [--exclude E.npy] [--json | --out R.npy]
            --random-queries draws drift-bench queries; use the seed the
            targets were generated with (the server's --generate_seed).
@@ -59,7 +61,7 @@ then dim float32 per vector.
 // Parsed `--key value` / `--key=value` options and bare switches.
 class Args {
  public:
-  static constexpr const char* kSwitches[] = {"json", "with-replacement",
+  static constexpr const char* kSwitches[] = {"json", "with-replacement", "approximate",
                                               "allow-missing", "help"};
 
   absl::Status Parse(int argc, char** argv, int start) {
@@ -187,10 +189,14 @@ absl::Status Create(Client& c, const Args& a) {
   else if (backend == "cpu") config.set_backend(v1::BACKEND_CPU);
   else if (backend == "cuda") config.set_backend(v1::BACKEND_CUDA);
   else return absl::InvalidArgumentError(absl::StrCat("--backend = '", backend, "': use auto, cpu or cuda"));
-  const std::string index = a.Get("index", "exact");
+  const std::string index = a.Get("index", "tree");
   if (index == "exact") config.set_index_kind(v1::INDEX_KIND_EXACT);
   else if (index == "tree") config.set_index_kind(v1::INDEX_KIND_TREE);
-  else return absl::InvalidArgumentError(absl::StrCat("--index = '", index, "': use exact or tree"));
+  else return absl::InvalidArgumentError(absl::StrCat("--index = '", index, "': use tree or exact"));
+  CLI_ASSIGN(leaf_size, a.Number<uint32_t>("leaf-size", 0));
+  CLI_ASSIGN(branching, a.Number<uint32_t>("branching", 0));
+  config.mutable_tree()->set_leaf_size(leaf_size);
+  config.mutable_tree()->set_branching(branching);
   CLI_CHECK(a.CheckAllUsed());
   CLI_ASSIGN(info, c.CreateCollection(config));
   std::printf("created ");
@@ -323,6 +329,13 @@ absl::Status Mine(Client& c, const Args& a) {
   CLI_ASSIGN(sample_seed, a.Number<uint64_t>("sample-seed", 0));
   p.set_seed(sample_seed);
   p.set_return_log_z(p.mode() != v1::MINE_MODE_TOP_K);
+  const std::string sampler = a.Get("sampler", "proposal");
+  if (sampler == "proposal") p.set_sampler(v1::SAMPLER_PROPOSAL);
+  else if (sampler == "exact") p.set_sampler(v1::SAMPLER_EXACT);
+  else return absl::InvalidArgumentError(absl::StrCat("--sampler = '", sampler, "': use proposal or exact"));
+  p.set_approximate(a.Has("approximate"));
+  CLI_ASSIGN(beam, a.Number<uint32_t>("beam-width", 0));
+  p.set_beam_width(beam);
   std::vector<std::vector<uint64_t>> exclude;
   if (a.Has("exclude")) {
     CLI_ASSIGN(e, LoadNpyInt(a.Get("exclude")));
@@ -376,6 +389,13 @@ absl::Status Info(Client& c, const Args& a) {
   if (one) {
     CLI_ASSIGN(info, c.GetIndexInfo(collection));
     PrintInfo(info.info());
+    if (info.info().has_tree()) {
+      const v1::TreeInfo& t = info.info().tree();
+      std::printf("tree: depth=%u nodes=%" PRIu64 " leaves=%" PRIu64 " leaf size min/mean/max=%" PRIu64
+                  "/%.1f/%" PRIu64 " looseness=%.3f rebuilds=%" PRIu64 " visits/query=%.1f\n",
+                  t.depth(), t.nodes(), t.leaves(), t.min_leaf(), t.mean_leaf(), t.max_leaf(),
+                  t.looseness(), t.rebuilds(), t.visits_per_query());
+    }
     std::printf("limits: max_message_bytes=%" PRIu64 " max_batch=%u max_k=%u\n",
                 info.limits().max_message_bytes(), info.limits().max_batch(),
                 info.limits().max_k());

@@ -8,33 +8,21 @@
 // Cost per query: one pass over all N x dim stored components (a GEMM for a
 // batch of queries) plus O(N) selection.
 //
-// Thread safety: as the Index contract. A reader-writer lock guards the
-// store; Search holds it shared.
+// Thread safety: as the Index contract (see StoreIndex).
 #ifndef NEGMINE_CORE_EXACT_INDEX_H_
 #define NEGMINE_CORE_EXACT_INDEX_H_
 
 #include <memory>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
-#include "core/index.h"
-#include "core/store/embedding_store.h"
+#include "core/store_index.h"
 
 namespace negmine {
 
-class ExactIndex final : public Index {
+class ExactIndex final : public StoreIndex {
  public:
-  explicit ExactIndex(const IndexOptions& options);
+  explicit ExactIndex(const IndexOptions& options) : StoreIndex(options) {}
 
-  const IndexOptions& options() const override { return options_; }
-  IndexStats Stats() const override;
-  absl::Status Upsert(absl::Span<const uint64_t> ids,
-                      absl::Span<const float> vectors,
-                      int64_t model_step) override;
-  absl::StatusOr<size_t> Delete(absl::Span<const uint64_t> ids,
-                                bool allow_missing) override;
-  absl::Status Get(absl::Span<const uint64_t> ids, std::vector<float>* vectors,
-                   std::vector<int64_t>* steps) const override;
   absl::StatusOr<SearchResult> Search(
       absl::Span<const float> queries,
       absl::Span<const std::vector<uint64_t>> exclude,
@@ -46,13 +34,6 @@ class ExactIndex final : public Index {
   QueryResult MineOne(float* scores, absl::Span<const uint64_t> exclude,
                       const SearchParams& params, uint64_t stream) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-
-  const IndexOptions options_;
-  mutable absl::Mutex mu_;
-  EmbeddingStore store_ ABSL_GUARDED_BY(mu_);
-  // Cosine only: 1 / ||x(row)||, per row.
-  std::vector<float> inv_norms_ ABSL_GUARDED_BY(mu_);
-  uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace negmine

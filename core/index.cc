@@ -6,6 +6,7 @@
 #include "core/status.h"
 #include "core/cuda/device.h"
 #include "core/exact_index.h"
+#include "core/tree/tree_index.h"
 
 namespace negmine {
 
@@ -80,10 +81,12 @@ absl::StatusOr<std::unique_ptr<Index>> CreateIndex(const IndexOptions& options) 
     return absl::InvalidArgumentError(absl::StrCat(
         "dim = ", options.dim, " must be in [1, ", IndexOptions::kMaxDim, "]"));
   }
-  if (options.kind == IndexKind::kTree) {
-    return absl::UnimplementedError(
-        "index kind 'tree' is not built yet (the dynamic tree index, issue "
-        "#3); use 'exact'");
+  if (options.kind == IndexKind::kTree &&
+      (options.tree.leaf_size < 2 || options.tree.leaf_size > 65536 ||
+       options.tree.branching < 2 || options.tree.branching > 1024)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tree.leaf_size = ", options.tree.leaf_size, " must be in [2, 65536] and "
+        "tree.branching = ", options.tree.branching, " in [2, 1024]"));
   }
   if (options.backend == Backend::kCuda) {
     if (!CudaBuilt()) {
@@ -100,6 +103,7 @@ absl::StatusOr<std::unique_ptr<Index>> CreateIndex(const IndexOptions& options) 
         "#9); use 'cpu' or 'auto'");
   }
   // kAuto and kCpu: the CPU index (kAuto moves to CUDA when it exists).
+  if (options.kind == IndexKind::kTree) return std::make_unique<TreeIndex>(options);
   return std::make_unique<ExactIndex>(options);
 }
 

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,7 +44,8 @@ enum class Metric { kInnerProduct, kCosine };
 // present, and the CPU otherwise.
 enum class Backend { kAuto, kCpu, kCuda };
 
-// Which index structure. kExact is brute force: the oracle.
+// Which index structure. kExact is brute force: the oracle. kTree is the
+// dynamic ball tree (core/tree/), the default of a collection.
 enum class IndexKind { kExact, kTree };
 
 enum class MineMode {
@@ -69,6 +71,17 @@ struct IndexOptions {
   IndexKind kind = IndexKind::kExact;
   // Reserve room for this many targets up front (a hint, not a limit).
   size_t initial_capacity = 0;
+
+  // kTree only.
+  struct Tree {
+    int leaf_size = 64;   // targets per leaf at build (split at 2x)
+    int branching = 16;   // children per node at build
+    // Rebuild in the background when the tree's looseness (stored radius
+    // over actual covering radius, max over nodes) exceeds this, or when
+    // half the tree's nodes are dead or the targets changed by half.
+    double rebuild_looseness = 2.0;
+    bool background_rebuild = true;
+  } tree;
 
   static constexpr int kMaxDim = 65536;
 };
@@ -96,6 +109,10 @@ struct SearchParams {
   int beam_width = 0;
   // Report the log partition function over the eligible targets.
   bool want_log_z = false;
+  // Width (in nats) to which the tree tightens its certified log Z interval,
+  // for want_log_z and for the exact sampler's log q. Smaller costs more
+  // scoring; 0 refines until exact.
+  double log_z_width = 1e-2;
   // Seed for sampling. Query i of a call uses the stream (seed, i), so a call
   // with a fixed seed is reproducible.
   uint64_t seed = 0;
@@ -124,6 +141,26 @@ struct SearchResult {
   uint64_t index_version = 0;  // the version the search ran against
 };
 
+// The shape of a tree index, for GetIndexInfo.
+struct TreeSummary {
+  size_t num_nodes = 0;       // reachable nodes
+  size_t num_leaves = 0;
+  size_t num_dead_nodes = 0;  // cut off by merges, until a rebuild compacts
+  int depth = 0;
+  size_t min_leaf = 0, max_leaf = 0;
+  double mean_leaf = 0;
+  // Bucket i counts leaves with size in [i * leaf_size / 4,
+  // (i + 1) * leaf_size / 4); the last bucket is open-ended.
+  std::vector<size_t> leaf_size_histogram;
+  // Max over nodes of stored radius / actual covering radius (1 = tight).
+  double looseness = 1.0;
+  uint64_t rebuilds = 0;
+  double last_rebuild_seconds = 0;
+  // Nodes visited (internal expansions plus leaves scored) per query in the
+  // last Search call.
+  double visits_per_query = 0;
+};
+
 // Summary of an index, for GetIndexInfo.
 struct IndexStats {
   size_t num_targets = 0;
@@ -138,6 +175,8 @@ class Index {
 
   virtual const IndexOptions& options() const = 0;
   virtual IndexStats Stats() const = 0;
+  // The tree's shape, for a tree index; O(N) (it measures looseness).
+  virtual std::optional<TreeSummary> TreeInfo() const { return std::nullopt; }
 
   // Inserts or replaces the targets `ids` with `vectors` (ids.size() x dim,
   // layout above), recording `model_step` for each. All or nothing: on error

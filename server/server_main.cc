@@ -53,6 +53,8 @@ ABSL_FLAG(uint32_t, default_dim, 0,
           "If > 0, create the collection \"default\" with this dim at start.");
 ABSL_FLAG(std::string, default_metric, "cosine",
           "Metric of the default collection: cosine | inner_product.");
+ABSL_FLAG(std::string, default_index, "tree",
+          "Index of the default collection: tree | exact.");
 ABSL_FLAG(uint64_t, generate_targets, 0,
           "Fill the default collection with this many drift-bench targets "
           "(ids 0..N-1, step 0) at start. Needs --default_dim.");
@@ -99,7 +101,14 @@ absl::Status LoadDefaultCollection(NegativeMinerService& service) {
     return absl::OkStatus();
   }
   IndexOptions options{.dim = static_cast<int>(dim), .backend = Backend::kAuto,
-                       .initial_capacity = n};
+                       .kind = IndexKind::kTree, .initial_capacity = n};
+  const std::string index = absl::GetFlag(FLAGS_default_index);
+  if (index == "exact") {
+    options.kind = IndexKind::kExact;
+  } else if (index != "tree") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--default_index=", index, ": use tree or exact"));
+  }
   const std::string metric = absl::GetFlag(FLAGS_default_metric);
   if (metric == "cosine") {
     options.metric = Metric::kCosine;

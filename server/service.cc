@@ -511,6 +511,9 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(
   return RunUnary(ctx, "GetIndexInfo", [this, req, resp]() -> absl::Status {
     ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
     FillInfo(*c, resp->mutable_info());
+    if (std::optional<TreeSummary> tree = c->index->TreeInfo()) {
+      ToWireTreeInfo(*tree, resp->mutable_info()->mutable_tree());
+    }
     v1::ServerLimits* limits = resp->mutable_limits();
     limits->set_max_message_bytes(options_.max_message_bytes);
     limits->set_max_batch(options_.max_batch);

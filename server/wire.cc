@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -109,6 +110,11 @@ absl::StatusOr<SearchParams> ToSearchParams(const v1::MineParams& p) {
   s.beam_width = to_int(p.beam_width());
   s.want_log_z = p.return_log_z();
   s.seed = p.seed();
+  if (p.log_z_width() < 0 || !std::isfinite(p.log_z_width())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "params.log_z_width = ", p.log_z_width(), " must be finite and >= 0"));
+  }
+  if (p.log_z_width() > 0) s.log_z_width = p.log_z_width();
   return s;
 }
 
@@ -137,13 +143,15 @@ absl::StatusOr<IndexOptions> ToIndexOptions(const v1::CollectionConfig& c) {
           absl::StrCat("config.backend = ", c.backend(), " is not a Backend"));
   }
   switch (c.index_kind()) {
-    case v1::INDEX_KIND_UNSPECIFIED:
     case v1::INDEX_KIND_EXACT: o.kind = IndexKind::kExact; break;
+    case v1::INDEX_KIND_UNSPECIFIED:
     case v1::INDEX_KIND_TREE: o.kind = IndexKind::kTree; break;
     default:
       return absl::InvalidArgumentError(absl::StrCat(
           "config.index_kind = ", c.index_kind(), " is not an IndexKind"));
   }
+  if (c.tree().leaf_size() > 0) o.tree.leaf_size = static_cast<int>(std::min<uint32_t>(c.tree().leaf_size(), 1 << 30));
+  if (c.tree().branching() > 0) o.tree.branching = static_cast<int>(std::min<uint32_t>(c.tree().branching(), 1 << 30));
   return o;
 }
 
@@ -158,6 +166,26 @@ void ToWireConfig(const std::string& name, const IndexOptions& o,
                                                 : v1::BACKEND_AUTO);
   out->set_index_kind(o.kind == IndexKind::kTree ? v1::INDEX_KIND_TREE
                                                  : v1::INDEX_KIND_EXACT);
+  if (o.kind == IndexKind::kTree) {
+    out->mutable_tree()->set_leaf_size(o.tree.leaf_size);
+    out->mutable_tree()->set_branching(o.tree.branching);
+  }
+}
+
+void ToWireTreeInfo(const TreeSummary& t, v1::TreeInfo* out) {
+  out->set_depth(t.depth);
+  out->set_nodes(t.num_nodes);
+  out->set_leaves(t.num_leaves);
+  out->set_dead_nodes(t.num_dead_nodes);
+  out->set_min_leaf(t.min_leaf);
+  out->set_max_leaf(t.max_leaf);
+  out->set_mean_leaf(t.mean_leaf);
+  out->mutable_leaf_size_histogram()->Add(t.leaf_size_histogram.begin(),
+                                          t.leaf_size_histogram.end());
+  out->set_looseness(t.looseness);
+  out->set_rebuilds(t.rebuilds);
+  out->set_last_rebuild_seconds(t.last_rebuild_seconds);
+  out->set_visits_per_query(t.visits_per_query);
 }
 
 absl::StatusOr<std::string> CollectionName(const std::string& name) {

@@ -47,6 +47,7 @@ absl::StatusOr<SearchParams> ToSearchParams(const v1::MineParams& p);
 absl::StatusOr<IndexOptions> ToIndexOptions(const v1::CollectionConfig& c);
 void ToWireConfig(const std::string& name, const IndexOptions& o,
                   v1::CollectionConfig* out);
+void ToWireTreeInfo(const TreeSummary& t, v1::TreeInfo* out);
 
 // The collection a request names: empty means "default". Checks the
 // character set and length.

@@ -333,8 +333,6 @@ TEST(ExactIndexTest, RejectsBadInputWithNamedFieldAndValue) {
   EXPECT_THAT(index->Delete({1000, 77}, true), ::negmine::testing::IsOkAndHolds(1u));
   EXPECT_THAT(CreateIndex({.dim = 0}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dim = 0")));
-  EXPECT_THAT(CreateIndex({.dim = 4, .kind = IndexKind::kTree}),
-              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("tree")));
 }
 
 TEST(ExactIndexTest, CudaBackendWithoutDeviceIsAClearError) {

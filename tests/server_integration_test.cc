@@ -6,6 +6,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "client/negmine_client.h"
@@ -440,12 +441,6 @@ TEST_F(ServerTest, CapabilitiesToComeAnswerUnimplementedNamingThem) {
   s = writer->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_THAT(s.error_message(), HasSubstr("batch sampling"));
-  v1::CollectionConfig config;
-  config.set_name("tree");
-  config.set_dim(4);
-  config.set_index_kind(v1::INDEX_KIND_TREE);
-  EXPECT_THAT(client_->CreateCollection(config),
-              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("tree")));
   ExpectStillServing();
 }
 
@@ -461,6 +456,37 @@ TEST_F(ServerTest, ReadYourWritesWithMinIndexVersion) {
   r.set_min_index_version(last_version_ + 1);
   EXPECT_THAT(client_->Mine(r), StatusIs(absl::StatusCode::kFailedPrecondition,
                                          HasSubstr("min_index_version = ")));
+}
+
+}  // namespace
+}  // namespace negmine
+
+namespace negmine {
+namespace {
+
+// SIGTERM while a call is in flight: that call still completes, the server
+// then refuses new work and exits 0.
+TEST(ServerLifecycleTest, SigtermLetsInFlightCallsFinish) {
+  testing::ServerProcess server;
+  ASSERT_TRUE(server.Start(NEGMINE_SERVER_BIN,
+                           {"--default_dim=64", "--generate_targets=200000", "--default_index=exact",
+                            "--worker_threads=1"}));
+  auto c = client::Client::Connect(server.address());
+  ASSERT_THAT(c->WaitForReady(std::chrono::seconds(30)), ::negmine::testing::IsOk());
+  // A batch big enough to be in flight when the signal lands.
+  std::vector<float> q(4096 * 64);
+  Rng rng(1, 1);
+  for (float& v : q) v = static_cast<float>(rng.Normal());
+  v1::MineParams p;
+  p.set_k(32);
+  absl::StatusOr<v1::MineResponse> result;
+  std::thread call([&] { result = c->Mine("", q, 64, p); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  kill(server.pid(), SIGTERM);
+  call.join();
+  ASSERT_THAT(result.status(), ::negmine::testing::IsOk());
+  EXPECT_EQ(result->results_size(), 4096);
+  EXPECT_EQ(server.Wait(), 0);
 }
 
 }  // namespace

@@ -59,10 +59,16 @@ class ServerProcess {
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   pid_t pid() const { return pid_; }
 
-  // SIGTERM, then waits; returns the exit status (or -1).
+  // SIGTERM, then Wait().
   int Stop() {
     if (pid_ <= 0) return -1;
     kill(pid_, SIGTERM);
+    return Wait();
+  }
+
+  // Waits for the server to exit; returns its exit status (or -1).
+  int Wait() {
+    if (pid_ <= 0) return -1;
     int status = 0;
     waitpid(pid_, &status, 0);
     pid_ = -1;

@@ -1,0 +1,102 @@
+// TreeIndex: the dynamic tree index (DESIGN.md idea 1), the default index of a
+// collection. The exact index stays the oracle it is tested against.
+//
+// Algorithms (DESIGN.md 1b), per query of a batch:
+//   - exact top-k: a beam pass (best-first by upper bound until `beam` leaves
+//     are found), its leaves scored for the whole batch grouped by leaf with
+//     one matrix product each; then a best-first branch and bound per query
+//     that starts from the beam's k-th score and scores only the leaves whose
+//     upper bound can still beat it. Identical to brute force (ties by id).
+//   - approximate top-k (params.approximate): the beam pass alone; the width
+//     in leaves is params.beam_width (default 16).
+//   - SAMPLE with Sampler::kProposal (default): a leaf f is drawn with
+//     probability proportional to n_f exp(<q, c_f>/tau + |q|^2 spread_f /
+//     (2 d tau^2)), then y within the leaf from its exact softmax. The log q
+//     returned is the exact log-probability of that proposal.
+//   - SAMPLE with Sampler::kExact: rejection from a frontier of nodes, each
+//     proposing n_f exp(hi_f/tau); a uniform descendant is accepted with
+//     probability exp((s - hi_f)/tau). Refined nodes (exactly scored leaves)
+//     are sampled exactly. Samples follow the exact softmax; log q is
+//     s/tau - log Z with log Z from the certified interval.
+//   - log Z: a certified interval [log sum L_f, log sum U_f] over a frontier,
+//     refined (largest U_f - L_f first) until its width is params.log_z_width.
+//   - MIXED and the rank window: the top rank_offset + num_hard are found
+//     exactly; the first rank_offset are skipped, and samples exclude all of
+//     them.
+//
+// Maintenance: inserts, deletes and in-place updates change the tree under
+// the writer lock (O(depth) per target, plus a leaf split or subtree merge).
+// A background thread rebuilds the whole tree when it has grown loose (see
+// IndexOptions::Tree); it builds off-lock from a copy and installs the new
+// tree under a brief writer lock, unless a write came in meanwhile (then it
+// tries again later). Queries meanwhile run on the current tree.
+//
+// Thread safety: as the Index contract.
+#ifndef NEGMINE_CORE_TREE_TREE_INDEX_H_
+#define NEGMINE_CORE_TREE_TREE_INDEX_H_
+
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "core/store_index.h"
+#include "core/tree/tree.h"
+
+namespace negmine {
+
+
+class TreeIndex final : public StoreIndex {
+ public:
+  explicit TreeIndex(const IndexOptions& options);
+  ~TreeIndex() override;
+
+  absl::StatusOr<SearchResult> Search(
+      absl::Span<const float> queries,
+      absl::Span<const std::vector<uint64_t>> exclude,
+      const SearchParams& params) const override;
+
+  // The tree's invariants (Tree::CheckInvariants) and that it holds exactly
+  // the store's live rows. For tests.
+  absl::Status CheckInvariants() const;
+  std::optional<TreeSummary> TreeInfo() const override;
+  // Rebuilds the whole tree now, on the calling thread, under the writer
+  // lock (tests and benchmarks).
+  void RebuildNow();
+
+ protected:
+  void OnUpsertLocked(absl::Span<const uint32_t> inserted,
+                      absl::Span<const uint32_t> updated) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OnDeleteLocked(absl::Span<const uint32_t> rows) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+ private:
+  struct Query;
+  class Searcher;
+
+  void MaybeScheduleRebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RebuildLoop();
+  // Builds a tree over the live rows of a copy of the store.
+  std::unique_ptr<Tree> BuildTree(const PointSource& points,
+                                  std::vector<uint32_t> rows) const;
+
+  std::unique_ptr<Tree> tree_ ABSL_GUARDED_BY(mu_);
+  // Writes (rows changed) since the tree was built.
+  size_t changes_since_build_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t size_at_build_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t rebuilds_ ABSL_GUARDED_BY(mu_) = 0;
+  double last_rebuild_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable std::atomic<double> visits_per_query_{0};
+
+  absl::Mutex rebuild_mu_;
+  bool rebuild_requested_ ABSL_GUARDED_BY(rebuild_mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(rebuild_mu_) = false;
+  std::thread rebuilder_;
+};
+
+}  // namespace negmine
+
+#endif  // NEGMINE_CORE_TREE_TREE_INDEX_H_
