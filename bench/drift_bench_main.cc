@@ -55,7 +55,8 @@ ABSL_FLAG(uint64_t, queries, 4096, "queries per batch");
 ABSL_FLAG(int, k, 64, "negatives per query");
 ABSL_FLAG(int, threads, 2, "threads for every index");
 ABSL_FLAG(uint64_t, seed, 1, "drift-bench seed");
-ABSL_FLAG(std::string, peers, "negmine-exact,faiss-flat,faiss-ivfflat,faiss-hnsw,hnswlib",
+ABSL_FLAG(std::string, peers,
+          "negmine-exact,negmine-tree-exact,negmine-tree,faiss-flat,faiss-ivfflat,faiss-hnsw,hnswlib",
           "indexes to measure, comma-separated");
 ABSL_FLAG(int, ivf_nlist, 1024, "FAISS IVF lists");
 ABSL_FLAG(int, hnsw_m, 16, "HNSW M (FAISS and hnswlib)");
@@ -144,6 +145,8 @@ double Recall(const std::vector<int64_t>& got, const std::vector<int64_t>& truth
 
 std::unique_ptr<BenchIndex> Make(const std::string& name, const PeerOptions& o) {
   if (name == "negmine-exact") return MakeNegmineExact(o.threads);
+  if (name == "negmine-tree") return MakeNegmineTree(o.threads, /*exact=*/false);
+  if (name == "negmine-tree-exact") return MakeNegmineTree(o.threads, /*exact=*/true);
   if (name == "faiss-flat") return MakeFaissFlat(o);
   if (name == "faiss-ivfflat") return MakeFaissIvfFlat(o);
   if (name == "faiss-hnsw") return MakeFaissHnsw(o);
@@ -173,6 +176,7 @@ std::vector<int64_t> Truth(const float* x, size_t n, int dim, const float* q,
 // ------------------------------------------------------------ sampling
 
 struct SamplingFigures {
+  std::string sampler;
   double tau = 0;
   double topk_grad_error = 0, sample_grad_error = 0;
   double chi2 = 0, chi2_critical = 0, tv = 0;
@@ -183,12 +187,15 @@ struct SamplingFigures {
 // Equal-mass binning of the exact softmax, for chi-square and TV on N-sized
 // supports: bin b holds the targets whose cumulative mass (in descending
 // probability order) falls in [b/B, (b+1)/B).
-SamplingFigures MeasureSampling(const Index& index, const std::vector<float>& x,
+// Throughput is measured separately on the first `throughput_queries`.
+SamplingFigures MeasureSampling(const std::string& label, const Index& index,
+                                Sampler sampler, const std::vector<float>& x,
                                 size_t n, int dim, const std::vector<float>& q,
-                                size_t nq, int k, double tau, int rounds,
-                                int threads) {
+                                size_t nq, size_t throughput_queries, int k,
+                                double tau, int rounds, int threads) {
   constexpr int kBins = 10;
   SamplingFigures f;
+  f.sampler = label;
   f.tau = tau;
   std::vector<int64_t> counts(kBins, 0);
   double topk_err = 0, sample_err = 0;
@@ -249,7 +256,7 @@ SamplingFigures MeasureSampling(const Index& index, const std::vector<float>& x,
     // stream (seed, i), so the rounds are independent.
     std::vector<float> copies;
     for (int r = 0; r < rounds; ++r) copies.insert(copies.end(), qv, qv + dim);
-    SearchParams sp{.mode = MineMode::kSample, .k = k,
+    SearchParams sp{.mode = MineMode::kSample, .sampler = sampler, .k = k,
                     .temperature = static_cast<float>(tau),
                     .with_replacement = true, .seed = 1000003 * (qi + 1)};
     auto smp = index.Search(copies, {}, sp);
@@ -281,15 +288,15 @@ SamplingFigures MeasureSampling(const Index& index, const std::vector<float>& x,
   f.topk_grad_error = topk_err / nq;
   f.sample_grad_error = sample_err / nq;
 
-  // Throughput of SAMPLE mode over the whole query set, `threads` threads.
+  // Throughput of SAMPLE mode, `threads` threads.
   const auto start = Clock::now();
-  ParallelFor(nq, threads, [&](size_t b, size_t e) {
-    SearchParams sp{.mode = MineMode::kSample, .k = k,
+  ParallelFor(throughput_queries, threads, [&](size_t b, size_t e) {
+    SearchParams sp{.mode = MineMode::kSample, .sampler = sampler, .k = k,
                     .temperature = static_cast<float>(tau), .seed = 7};
     auto r = index.Search({&q[b * dim], (e - b) * dim}, {}, sp);
     if (!r.ok()) std::abort();
   });
-  f.sample_qps = nq / Seconds(start);
+  f.sample_qps = throughput_queries / Seconds(start);
   return f;
 }
 
@@ -458,19 +465,39 @@ int Main() {
   // ------------------------------------------------------- sampling
   std::vector<SamplingFigures> sampling;
   {
-    auto exact = CreateIndex({.dim = dim, .metric = Metric::kInnerProduct,
-                              .backend = Backend::kCpu}).value();
     std::vector<uint64_t> ids(n);
     std::iota(ids.begin(), ids.end(), 0);
-    if (!exact->Upsert(ids, x0, 0).ok()) std::abort();
+    IndexOptions o{.dim = dim, .metric = Metric::kInnerProduct, .backend = Backend::kCpu};
+    o.tree.background_rebuild = false;
+    auto exact = CreateIndex(o).value();
+    o.kind = IndexKind::kTree;
+    auto tree = CreateIndex(o).value();
+    if (!exact->Upsert(ids, x0, 0).ok() || !tree->Upsert(ids, x0, 0).ok()) std::abort();
     const size_t sq = std::min(nq, absl::GetFlag(FLAGS_sample_queries));
+    const int rounds = absl::GetFlag(FLAGS_sample_rounds);
+    struct Row {
+      const char* label;
+      const Index* index;
+      Sampler sampler;
+      int rounds;
+      size_t throughput_queries;
+    };
+    // The tree's exact sampler costs up to a brute-force pass per query at
+    // low temperature: fewer rounds and queries.
+    const Row rows[] = {
+        {"negmine-exact (exact softmax)", exact.get(), Sampler::kExact, rounds, sq},
+        {"negmine-tree proposal", tree.get(), Sampler::kProposal, rounds, std::min<size_t>(nq, 1024)},
+        {"negmine-tree exact (rejection)", tree.get(), Sampler::kExact, std::max(1, rounds / 10), sq}};
     for (double tau : {0.05, 0.1}) {
-      sampling.push_back(MeasureSampling(*exact, x0, n, dim, q0, sq, k, tau,
-                                         absl::GetFlag(FLAGS_sample_rounds), threads));
+     for (const Row& row : rows) {
+      sampling.push_back(MeasureSampling(row.label, *row.index, row.sampler, x0, n, dim, q0,
+                                         sq, row.throughput_queries, k, tau, row.rounds,
+                                         threads));
       const auto& s = sampling.back();
-      Log(absl::StrCat("sampling tau=", tau, ": grad error top-k ", s.topk_grad_error,
+      Log(absl::StrCat("sampling ", row.label, " tau=", tau, ": grad error top-k ", s.topk_grad_error,
                        " samples ", s.sample_grad_error, "; chi2 ", s.chi2, " (df ", s.chi2_df,
                        ", crit ", s.chi2_critical, ") tv ", s.tv, "; ", s.sample_qps, " q/s"));
+     }
     }
   }
 
@@ -558,6 +585,7 @@ int Main() {
   }
   for (const auto& s : sampling) {
     sampling_json.push_back(Json()
+                                .Str("sampler", s.sampler)
                                 .Num("tau", s.tau)
                                 .Num("topk_grad_error", s.topk_grad_error)
                                 .Num("sample_grad_error", s.sample_grad_error)
@@ -636,16 +664,19 @@ int Main() {
                : absl::StrFormat("%.4f -> %.4f", c.update_recall_before, c.update_recall_after))
        << " |\n";
   }
-  md << "\n### Sampling (negmine-exact, " << std::min(nq, absl::GetFlag(FLAGS_sample_queries))
-     << " queries)\n\n"
-     << "| tau | grad error, top-" << k << " | grad error, " << k
-     << " samples | chi2 (df) vs p=0.001 critical | TV, 10 equal-mass bins | sample queries/s |\n"
-     << "| --- | --- | --- | --- | --- | --- |\n";
+  md << "\n### Sampling (" << std::min(nq, absl::GetFlag(FLAGS_sample_queries))
+     << " queries; grad error = relative error of the estimate of grad_q log Z from k = " << k
+     << " negatives)\n\n"
+     << "| sampler | tau | grad error, brute-force top-" << k << " | grad error, " << k
+     << " samples (self-normalized) | chi2 (df) vs p=0.001 critical | TV, 10 equal-mass bins | "
+        "sample queries/s | vs brute-force top-k queries/s |\n"
+     << "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
   for (const auto& s : sampling) {
-    md << "| " << s.tau << " | " << absl::StrFormat("%.3f", s.topk_grad_error) << " | "
+    md << "| " << s.sampler << " | " << s.tau << " | " << absl::StrFormat("%.3f", s.topk_grad_error) << " | "
        << absl::StrFormat("%.3f", s.sample_grad_error) << " | "
        << absl::StrFormat("%.1f (%d) vs %.1f", s.chi2, s.chi2_df, s.chi2_critical) << " | "
        << absl::StrFormat("%.4f", s.tv) << " | " << absl::StrFormat("%.0f", s.sample_qps)
+       << " | " << (exact_qps > 0 ? absl::StrFormat("%.1fx", s.sample_qps / exact_qps) : "-")
        << " |\n";
   }
   md << "\n### Recall@" << k << " under drift\n\n"

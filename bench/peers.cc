@@ -37,26 +37,39 @@ std::vector<int> EfSweep(int k) {
   return v;
 }
 
-// negmine's exact index, in process. A batch is split across `threads`
-// concurrent Search calls (as the server does for concurrent requests).
-class NegmineExact final : public BenchIndex {
+// A negmine index in process: the exact (brute-force) index, or the tree with
+// exact top-k, or the tree's beam search swept over its width in leaves. A
+// batch is split across `threads` concurrent Search calls (as the server
+// does for concurrent requests).
+class NegmineIndex final : public BenchIndex {
  public:
-  explicit NegmineExact(int threads) : threads_(threads) {}
-  std::string name() const override { return "negmine-exact"; }
+  enum Kind { kExact, kTreeExact, kTreeBeam };
+  NegmineIndex(Kind kind, int threads) : kind_(kind), threads_(threads) {}
+  std::string name() const override {
+    return kind_ == kExact ? "negmine-exact" : kind_ == kTreeExact ? "negmine-tree-exact" : "negmine-tree";
+  }
+  std::string knob_name() const override { return kind_ == kTreeBeam ? "beam" : ""; }
+  std::vector<int> knobs(int) const override {
+    if (kind_ != kTreeBeam) return {0};
+    return {1, 2, 4, 8, 16, 32, 64, 128, 256};
+  }
   void Build(const float* x, size_t n, int dim) override {
     dim_ = dim;
-    index_ = CreateIndex({.dim = dim, .metric = Metric::kInnerProduct,
-                          .backend = Backend::kCpu, .initial_capacity = n})
-                 .value();
+    IndexOptions o{.dim = dim, .metric = Metric::kInnerProduct, .backend = Backend::kCpu,
+                   .kind = kind_ == kExact ? IndexKind::kExact : IndexKind::kTree,
+                   .initial_capacity = n};
+    o.tree.background_rebuild = false;
+    index_ = CreateIndex(o).value();
     std::vector<uint64_t> ids(n);
     std::iota(ids.begin(), ids.end(), 0);
     Check(index_->Upsert(ids, {x, n * dim}, 0));
   }
-  std::vector<int64_t> Search(const float* q, size_t nq, int k, int) override {
+  std::vector<int64_t> Search(const float* q, size_t nq, int k, int knob) override {
     std::vector<int64_t> out(nq * k, -1);
     ParallelFor(nq, threads_, [&](size_t b, size_t e) {
       auto r = index_->Search({q + b * dim_, (e - b) * dim_}, {},
-                              {.mode = MineMode::kTopK, .k = k});
+                              {.mode = MineMode::kTopK, .k = k,
+                               .approximate = kind_ == kTreeBeam, .beam_width = knob});
       Check(r.status());
       for (size_t i = b; i < e; ++i) {
         const auto& ids = r->queries[i - b].ids;
@@ -75,10 +88,11 @@ class NegmineExact final : public BenchIndex {
  private:
   static void Check(const absl::Status& s) {
     if (!s.ok()) {
-      std::fprintf(stderr, "negmine-exact: %s\n", s.ToString().c_str());
+      std::fprintf(stderr, "negmine: %s\n", s.ToString().c_str());
       std::abort();
     }
   }
+  Kind kind_;
   int threads_;
   int dim_ = 0;
   std::unique_ptr<Index> index_;
@@ -248,7 +262,11 @@ class Hnswlib final : public BenchIndex {
 }  // namespace
 
 std::unique_ptr<BenchIndex> MakeNegmineExact(int threads) {
-  return std::make_unique<NegmineExact>(threads);
+  return std::make_unique<NegmineIndex>(NegmineIndex::kExact, threads);
+}
+std::unique_ptr<BenchIndex> MakeNegmineTree(int threads, bool exact) {
+  return std::make_unique<NegmineIndex>(
+      exact ? NegmineIndex::kTreeExact : NegmineIndex::kTreeBeam, threads);
 }
 std::unique_ptr<BenchIndex> MakeFaissFlat(const PeerOptions&) {
   return std::make_unique<FaissFlat>();

@@ -45,6 +45,8 @@ struct PeerOptions {
 };
 
 std::unique_ptr<BenchIndex> MakeNegmineExact(int threads);
+// The tree index: exact top-k, or (exact = false) beam search over its knob.
+std::unique_ptr<BenchIndex> MakeNegmineTree(int threads, bool exact);
 std::unique_ptr<BenchIndex> MakeFaissFlat(const PeerOptions& o);
 std::unique_ptr<BenchIndex> MakeFaissIvfFlat(const PeerOptions& o);
 std::unique_ptr<BenchIndex> MakeFaissHnsw(const PeerOptions& o);

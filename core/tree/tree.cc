@@ -17,12 +17,9 @@ using RowMatrix =
     Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 float SquaredDistance(const float* a, const float* b, int dim) {
-  float s = 0;
-  for (int j = 0; j < dim; ++j) {
-    const float d = a[j] - b[j];
-    s += d * d;
-  }
-  return s;
+  return (Eigen::Map<const Eigen::VectorXf>(a, dim) -
+          Eigen::Map<const Eigen::VectorXf>(b, dim))
+      .squaredNorm();
 }
 
 // Assigns each of the n points to its nearest center (squared L2), in blocks

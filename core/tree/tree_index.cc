@@ -21,12 +21,17 @@ namespace {
 using RowMatrix =
     Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
-constexpr int kDefaultBeamLeaves = 16;
+// Leaves of the beam: for approximate top-k by default, and as the first pass
+// of exact top-k (whose threshold then prunes the rest).
+constexpr int kDefaultBeamLeaves = 128;
+constexpr int kCertifyBeamLeaves = 16;
+constexpr float kBeamRadiusWeight = 0.5f;
 
+// Eigen's dot product is vectorized (a plain loop is not, without
+// -ffast-math, since it reorders the sum).
 float Dot(const float* a, const float* b, int dim) {
-  float s = 0;
-  for (int j = 0; j < dim; ++j) s += a[j] * b[j];
-  return s;
+  return Eigen::Map<const Eigen::VectorXf>(a, dim).dot(
+      Eigen::Map<const Eigen::VectorXf>(b, dim));
 }
 
 // Bounds are computed in float like the scores; this slack keeps rounding
@@ -141,7 +146,12 @@ class TreeIndex::Searcher {
     return Dot(q.q.data(), store_.vector(row), dim_) * points_.Scale(row);
   }
 
-  // Best-first by upper bound until `width` non-empty leaves are found.
+  // Best-first until `width` non-empty leaves are found. Nodes are ordered by
+  // <q, c> + kBeamRadiusWeight * r |q|. The full upper bound (weight 1)
+  // over-favours wide nodes; the center alone (0) dives into one subtree,
+  // since deep centers score higher than shallow ones. Measured on drift-bench
+  // data (200k x 128, leaves of 64): recall@64 at 128 leaves was 0.95 with
+  // 0.5, 0.89 with 0.25 and 0.73 with 0.
   void Beam(const Query& q, int width, std::vector<int32_t>* leaves) {
     std::priority_queue<std::pair<float, int32_t>> pq;
     pq.push({0.0f, 0});
@@ -157,7 +167,9 @@ class TreeIndex::Searcher {
       for (int32_t c = tree_.first_child(f);
            c < tree_.first_child(f) + tree_.num_children(f); ++c) {
         if (tree_.count(c) == 0) continue;
-        pq.push({Dot(q.q.data(), tree_.center(c), dim_) + tree_.radius(c) * q.norm, c});
+        pq.push({Dot(q.q.data(), tree_.center(c), dim_) +
+                     kBeamRadiusWeight * tree_.radius(c) * q.norm,
+                 c});
       }
     }
   }
@@ -193,31 +205,28 @@ class TreeIndex::Searcher {
     }
   }
 
-  // Branch and bound from `heap`'s state: scores every leaf not in
-  // `scored` whose upper bound can still enter the top. Exact.
-  void Certify(const Query& q, const std::vector<int32_t>& scored,
-               TopHeap* heap) {
+  // The leaves not in `scored` whose upper bound reaches `threshold` (a lower
+  // bound on the final m-th score): the only leaves that can still change
+  // the top. Internal nodes below the threshold are pruned whole.
+  void CandidateLeaves(const Query& q, float threshold,
+                       const std::vector<int32_t>& scored,
+                       std::vector<int32_t>* out) {
     absl::flat_hash_set<int32_t> done(scored.begin(), scored.end());
-    std::priority_queue<std::pair<float, int32_t>> pq;
-    pq.push({std::numeric_limits<float>::infinity(), 0});
-    while (!pq.empty()) {
-      const auto [hi, f] = pq.top();
-      if (heap->full() && hi + Slack(hi) < heap->threshold()) break;
-      pq.pop();
+    std::vector<int32_t> stack = {0};
+    while (!stack.empty()) {
+      const int32_t f = stack.back();
+      stack.pop_back();
       if (tree_.count(f) == 0) continue;
-      ++visits_;
       if (tree_.is_leaf(f)) {
-        if (done.contains(f)) continue;
-        for (uint32_t row : tree_.members(f)) {
-          if (q.excluded.contains(row)) continue;
-          heap->Push({Score(q, row), store_.id(row), row});
-        }
+        if (!done.contains(f)) out->push_back(f);
         continue;
       }
+      ++visits_;
       for (int32_t c = tree_.first_child(f);
            c < tree_.first_child(f) + tree_.num_children(f); ++c) {
         if (tree_.count(c) == 0) continue;
-        pq.push({Dot(q.q.data(), tree_.center(c), dim_) + tree_.radius(c) * q.norm, c});
+        const float hi = Dot(q.q.data(), tree_.center(c), dim_) + tree_.radius(c) * q.norm;
+        if (hi + Slack(hi) >= threshold) stack.push_back(c);
       }
     }
   }
@@ -227,14 +236,24 @@ class TreeIndex::Searcher {
                                          size_t m) {
     std::vector<TopHeap> heaps(queries.size(), TopHeap(m));
     std::vector<std::vector<int32_t>> leaves(queries.size());
-    const int width = p_.beam_width > 0 ? p_.beam_width : kDefaultBeamLeaves;
+    const int width = p_.beam_width > 0    ? p_.beam_width
+                      : p_.approximate     ? kDefaultBeamLeaves
+                                           : kCertifyBeamLeaves;
     for (size_t qi = 0; qi < queries.size(); ++qi) Beam(queries[qi], width, &leaves[qi]);
     ScoreLeavesBatched(queries, leaves, &heaps);
-    std::vector<std::vector<Hit>> out(queries.size());
-    for (size_t qi = 0; qi < queries.size(); ++qi) {
-      if (!p_.approximate) Certify(queries[qi], leaves[qi], &heaps[qi]);
-      out[qi] = heaps[qi].Sorted();
+    if (!p_.approximate) {
+      // Certify: every leaf that can still beat the beam's m-th score is
+      // scored too (batched the same way), which makes the result exact.
+      std::vector<std::vector<int32_t>> more(queries.size());
+      for (size_t qi = 0; qi < queries.size(); ++qi) {
+        const float threshold = heaps[qi].full() ? heaps[qi].threshold()
+                                                 : -std::numeric_limits<float>::infinity();
+        CandidateLeaves(queries[qi], threshold, leaves[qi], &more[qi]);
+      }
+      ScoreLeavesBatched(queries, more, &heaps);
     }
+    std::vector<std::vector<Hit>> out(queries.size());
+    for (size_t qi = 0; qi < queries.size(); ++qi) out[qi] = heaps[qi].Sorted();
     return out;
   }
 

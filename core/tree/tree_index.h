@@ -2,13 +2,15 @@
 // collection. The exact index stays the oracle it is tested against.
 //
 // Algorithms (DESIGN.md 1b), per query of a batch:
-//   - exact top-k: a beam pass (best-first by upper bound until `beam` leaves
-//     are found), its leaves scored for the whole batch grouped by leaf with
-//     one matrix product each; then a best-first branch and bound per query
-//     that starts from the beam's k-th score and scores only the leaves whose
-//     upper bound can still beat it. Identical to brute force (ties by id).
-//   - approximate top-k (params.approximate): the beam pass alone; the width
-//     in leaves is params.beam_width (default 16).
+//   - exact top-k: a beam pass (best-first until 16 leaves are found), its
+//     leaves scored for the whole batch grouped by leaf, one matrix product
+//     per leaf; then per query every leaf whose upper bound reaches the beam's
+//     k-th score (a branch and bound over the tree with that threshold),
+//     scored the same batched way. Identical to brute force (ties by id).
+//     In high dimension the ball bounds prune little, and this costs about as
+//     much as brute force.
+//   - approximate top-k (params.approximate): the beam pass alone; its width
+//     in leaves is params.beam_width (default 128).
 //   - SAMPLE with Sampler::kProposal (default): a leaf f is drawn with
 //     probability proportional to n_f exp(<q, c_f>/tau + |q|^2 spread_f /
 //     (2 d tau^2)), then y within the leaf from its exact softmax. The log q
