@@ -51,7 +51,7 @@ class NegmineIndex final : public BenchIndex {
   std::string knob_name() const override { return kind_ == kTreeBeam ? "beam" : ""; }
   std::vector<int> knobs(int) const override {
     if (kind_ != kTreeBeam) return {0};
-    return {1, 2, 4, 8, 16, 32, 64, 128, 256};
+    return {4, 16, 64, 128, 256, 512, 1024};
   }
   void Build(const float* x, size_t n, int dim) override {
     dim_ = dim;

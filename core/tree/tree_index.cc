@@ -374,25 +374,23 @@ class TreeIndex::Searcher {
 
     // Expands the loosest entry until the log Z interval is at most `width`
     // wide or `budget` expansions are done. Returns false if nothing is left
-    // to refine.
+    // to refine. The loosest entry comes from a heap; the interval (an O(F)
+    // sum) is checked every F/16 expansions, so the work is O(F log F).
     bool Refine(double width, size_t budget) {
+      size_t until_check = 0;
       for (size_t b = 0; b < budget; ++b) {
-        const auto [lo, hi] = Interval();
-        if (hi - lo <= width) return true;
-        size_t best = entries_.size();
-        double best_gap = kNegInfD;
-        for (size_t i = 0; i < entries_.size(); ++i) {
-          if (entries_[i].exact) continue;
-          const double gap = LogDiffExp(entries_[i].log_u, entries_[i].log_l);
-          if (best == entries_.size() || gap > best_gap) {
-            best = i;
-            best_gap = gap;
-          }
+        if (until_check == 0) {
+          const auto [lo, hi] = Interval();
+          if (hi - lo <= width) return true;
+          until_check = std::max<size_t>(1, entries_.size() / 16);
         }
-        if (best == entries_.size()) return false;
-        Entry e = std::move(entries_[best]);
-        entries_[best] = std::move(entries_.back());
-        entries_.pop_back();
+        --until_check;
+        if (loosest_.empty()) return false;
+        const size_t i = loosest_.top().second;
+        loosest_.pop();
+        // The entry is replaced: by its children, or by its exact self.
+        Entry e = entries_[i];
+        entries_[i].log_draw = entries_[i].log_u = entries_[i].log_l = kNegInfD;
         if (s_->tree_.is_leaf(e.node)) {
           s_->MakeExact(q_, &e);
           entries_.push_back(std::move(e));
@@ -416,16 +414,23 @@ class TreeIndex::Searcher {
       return {LogSumExp(lo), LogSumExp(hi)};
     }
 
+    // Replaced entries stay, with zero weight and bounds.
     std::vector<Entry>& entries() { return entries_; }
     size_t size() const { return entries_.size(); }
 
    private:
-    void Add(int32_t f) { entries_.push_back(s_->MakeEntry(q_, f, excluded_below_)); }
+    void Add(int32_t f) {
+      entries_.push_back(s_->MakeEntry(q_, f, excluded_below_));
+      const Entry& e = entries_.back();
+      loosest_.push({LogDiffExp(e.log_u, e.log_l), entries_.size() - 1});
+    }
 
     Searcher* s_;
     const Query& q_;
     absl::flat_hash_map<int32_t, uint32_t> excluded_below_;
     std::vector<Entry> entries_;
+    // Non-exact, live entries by log(U - L), loosest on top.
+    std::priority_queue<std::pair<double, size_t>> loosest_;
   };
 
   // Exact softmax draws by rejection from the frontier's proposal.
@@ -456,7 +461,7 @@ class TreeIndex::Searcher {
         pick = build();
         misses = 0;
       }
-      Entry& e = frontier.entries()[pick.Draw(rng)];
+      const Entry& e = frontier.entries()[pick.Draw(rng)];
       uint32_t row;
       double logw;
       if (e.exact) {
