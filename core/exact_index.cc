@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <queue>
 
 #include <Eigen/Core>
 
 #include "absl/strings/str_cat.h"
 #include "core/random.h"
 #include "core/status.h"
+#include "core/top_k.h"
 
 namespace negmine {
 namespace {
@@ -23,38 +23,15 @@ constexpr size_t kMaxScoreBlockFloats = size_t{64} << 20;
 using RowMatrix =
     Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-struct Scored {
-  float score;
-  uint64_t id;
-  size_t row;
-};
-
-// Strict "ranks before": higher score first, then lower id. Gives a total
-// order, so top-k is deterministic under ties.
-bool RanksBefore(const Scored& a, const Scored& b) {
-  return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
-
-// The `m` best entries of `scores` (finite only), best first.
-std::vector<Scored> TopRows(const float* scores, size_t num_rows,
-                            const EmbeddingStore& store, size_t m) {
-  std::vector<Scored> heap;  // a min-heap under RanksBefore: worst on top
-  if (m == 0) return heap;
-  heap.reserve(m + 1);
+// The `m` best finite entries of `scores`, best first.
+std::vector<Hit> TopRows(const float* scores, size_t num_rows,
+                         const EmbeddingStore& store, size_t m) {
+  TopHeap heap(m);
   for (size_t row = 0; row < num_rows; ++row) {
     if (scores[row] == kNegInf) continue;
-    Scored s{scores[row], store.id(row), row};
-    if (heap.size() < m) {
-      heap.push_back(s);
-      std::push_heap(heap.begin(), heap.end(), RanksBefore);
-    } else if (RanksBefore(s, heap.front())) {
-      std::pop_heap(heap.begin(), heap.end(), RanksBefore);
-      heap.back() = s;
-      std::push_heap(heap.begin(), heap.end(), RanksBefore);
-    }
+    heap.Push({scores[row], store.id(row), static_cast<uint32_t>(row)});
   }
-  std::sort(heap.begin(), heap.end(), RanksBefore);
-  return heap;
+  return heap.Sorted();
 }
 
 }  // namespace
@@ -113,7 +90,7 @@ QueryResult ExactIndex::MineOne(float* s, absl::Span<const uint64_t> exclude,
   const size_t num_hard = params.mode == MineMode::kTopK   ? params.k
                           : params.mode == MineMode::kMixed ? params.num_hard
                                                             : 0;
-  std::vector<Scored> top =
+  std::vector<Hit> top =
       TopRows(s, num_rows, store_, params.rank_offset + num_hard);
   // The rank window: the best rank_offset targets are not eligible at all.
   const size_t skipped = std::min<size_t>(params.rank_offset, top.size());
@@ -177,7 +154,7 @@ QueryResult ExactIndex::MineOne(float* s, absl::Span<const uint64_t> exclude,
         keys[row] = static_cast<float>(s[row] * inv_tau + rng.Gumbel());
       }
     }
-    for (const Scored& d : TopRows(keys.data(), num_rows, store_, num_samples)) {
+    for (const Hit& d : TopRows(keys.data(), num_rows, store_, num_samples)) {
       emit(d.row);
     }
   }

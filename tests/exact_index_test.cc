@@ -19,6 +19,7 @@ using ::negmine::testing::ChiSquare;
 using ::negmine::testing::ChiSquareCritical;
 using ::negmine::testing::Dot;
 using ::negmine::testing::IsOk;
+using ::negmine::testing::RandomVectors;
 using ::negmine::testing::Softmax;
 using ::negmine::testing::StatusIs;
 using ::testing::HasSubstr;
@@ -26,13 +27,6 @@ using ::testing::HasSubstr;
 // Scores of a float32 GEMM and of the double oracle differ by rounding; ids
 // may then differ only where the oracle's scores are this close.
 constexpr double kScoreTol = 1e-4;
-
-std::vector<float> RandomVectors(size_t n, int dim, uint64_t seed) {
-  Rng rng(seed, 0);
-  std::vector<float> v(n * dim);
-  for (float& x : v) x = static_cast<float>(rng.Normal());
-  return v;
-}
 
 std::vector<uint64_t> Ids(size_t n, uint64_t base = 1000) {
   std::vector<uint64_t> ids(n);

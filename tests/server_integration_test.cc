@@ -26,18 +26,12 @@ using ::negmine::testing::ChiSquare;
 using ::negmine::testing::ChiSquareCritical;
 using ::negmine::testing::Dot;
 using ::negmine::testing::IsOk;
+using ::negmine::testing::RandomVectors;
 using ::negmine::testing::Softmax;
 using ::negmine::testing::StatusIs;
 using ::testing::HasSubstr;
 
 constexpr double kScoreTol = 1e-4;
-
-std::vector<float> RandomVectors(size_t n, int dim, uint64_t seed) {
-  Rng rng(seed, 0);
-  std::vector<float> v(n * dim);
-  for (float& x : v) x = static_cast<float>(rng.Normal());
-  return v;
-}
 
 std::vector<uint64_t> Ids(size_t n, uint64_t base) {
   std::vector<uint64_t> ids(n);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "core/random.h"
 #include "absl/status/statusor.h"
 #include "gmock/gmock.h"
 
@@ -45,6 +46,14 @@ MATCHER(IsOk, "") {
   const absl::Status& s = GetStatus(arg);
   *result_listener << "status is " << s;
   return s.ok();
+}
+
+// n x dim standard normal floats, deterministic in `seed`.
+inline std::vector<float> RandomVectors(size_t n, int dim, uint64_t seed) {
+  Rng rng(seed, 0);
+  std::vector<float> v(n * dim);
+  for (float& x : v) x = static_cast<float>(rng.Normal());
+  return v;
 }
 
 // Oracle: double-precision dot product.

@@ -24,19 +24,13 @@ using ::negmine::testing::ChiSquare;
 using ::negmine::testing::ChiSquareCritical;
 using ::negmine::testing::Dot;
 using ::negmine::testing::IsOk;
+using ::negmine::testing::RandomVectors;
 using ::negmine::testing::StatusIs;
 using ::testing::HasSubstr;
 
 // float32 GEMM vs float32 dot loops: scores agree to this, and ids may differ
 // only between targets whose scores agree to this.
 constexpr double kScoreTol = 1e-4;
-
-std::vector<float> RandomVectors(size_t n, int dim, uint64_t seed) {
-  Rng rng(seed, 0);
-  std::vector<float> v(n * dim);
-  for (float& x : v) x = static_cast<float>(rng.Normal());
-  return v;
-}
 
 std::vector<float> Clustered(size_t n, int dim, uint64_t seed) {
   DriftBench bench({.num_targets = n, .num_queries = 0, .dim = dim, .latent_dim = 8,

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/random.h"
 #include "core/status.h"
+#include "core/top_k.h"
 
 namespace negmine {
 namespace {
@@ -53,45 +54,6 @@ double LogDiffExp(double a, double b) {
   if (a <= b) return kNegInfD;
   return a + std::log1p(-std::exp(b - a));
 }
-
-struct Hit {
-  float score;
-  uint64_t id;
-  uint32_t row;
-};
-
-bool RanksBefore(const Hit& a, const Hit& b) {
-  return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
-
-// The m best hits seen, under RanksBefore. Rows are pushed at most once.
-class TopHeap {
- public:
-  explicit TopHeap(size_t m) : m_(m) {}
-  void Push(const Hit& h) {
-    if (m_ == 0) return;
-    if (heap_.size() < m_) {
-      heap_.push_back(h);
-      std::push_heap(heap_.begin(), heap_.end(), RanksBefore);
-    } else if (RanksBefore(h, heap_.front())) {
-      std::pop_heap(heap_.begin(), heap_.end(), RanksBefore);
-      heap_.back() = h;
-      std::push_heap(heap_.begin(), heap_.end(), RanksBefore);
-    }
-  }
-  bool full() const { return heap_.size() >= m_; }
-  // The m-th best score, once full.
-  float threshold() const { return heap_.front().score; }
-  std::vector<Hit> Sorted() const {
-    std::vector<Hit> v = heap_;
-    std::sort(v.begin(), v.end(), RanksBefore);
-    return v;
-  }
-
- private:
-  size_t m_;
-  std::vector<Hit> heap_;
-};
 
 // Draws an index in proportion to exp(logw[i]).
 class Categorical {
