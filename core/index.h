@@ -76,10 +76,10 @@ struct IndexOptions {
   struct Tree {
     int leaf_size = 64;   // targets per leaf at build (split at 2x)
     int branching = 16;   // children per node at build
-    // Rebuild in the background when the tree's looseness (stored radius
-    // over actual covering radius, max over nodes) exceeds this, or when
-    // half the tree's nodes are dead or the targets changed by half.
-    double rebuild_looseness = 2.0;
+    // Rebuild the whole tree in the background once the targets written
+    // since the last build (inserted, updated or deleted) exceed half of
+    // its size. (Rebuilding only the subtrees whose measured looseness is
+    // high is not built yet.)
     bool background_rebuild = true;
   } tree;
 

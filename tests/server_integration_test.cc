@@ -464,6 +464,7 @@ TEST(ServerLifecycleTest, SigtermLetsInFlightCallsFinish) {
   testing::ServerProcess server;
   ASSERT_TRUE(server.Start(NEGMINE_SERVER_BIN,
                            {"--default_dim=64", "--generate_targets=200000", "--default_index=exact",
+                            "--shutdown_grace_seconds=300",
                             "--worker_threads=1"}));
   auto c = client::Client::Connect(server.address());
   ASSERT_THAT(c->WaitForReady(std::chrono::seconds(30)), ::negmine::testing::IsOk());

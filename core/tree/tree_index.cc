@@ -534,7 +534,6 @@ size_t TreeIndex::ExtraMemoryLocked() const { return tree_->MemoryBytes(); }
 
 void TreeIndex::MaybeScheduleRebuildLocked() {
   if (!options_.tree.background_rebuild) return;
-  // Cheap triggers; the measured looseness is checked by the rebuilder.
   const bool churn = changes_since_build_ > std::max<size_t>(size_at_build_ / 2, 1024);
   if (!churn) return;
   absl::MutexLock lock(&rebuild_mu_);

@@ -28,7 +28,7 @@
 //
 // Maintenance: inserts, deletes and in-place updates change the tree under
 // the writer lock (O(depth) per target, plus a leaf split or subtree merge).
-// A background thread rebuilds the whole tree when it has grown loose (see
+// A background thread rebuilds the whole tree after heavy churn (see
 // IndexOptions::Tree); it builds off-lock from a copy of the vectors (so a
 // rebuild briefly doubles the vectors' memory) and installs the new tree
 // under a brief writer lock, unless a write came in meanwhile (then it tries
