@@ -57,6 +57,10 @@ absl::Status ValidateSearchParams(const SearchParams& p, size_t num_targets) {
         absl::StrCat("params.rank_offset = ", p.rank_offset, " must be in [0, ",
                      num_targets, ")"));
   }
+  if (!(p.log_z_width >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "params.log_z_width = ", p.log_z_width, " must be >= 0"));
+  }
   if (p.beam_width < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("params.beam_width = ", p.beam_width, " must be >= 0"));

@@ -648,12 +648,6 @@ absl::StatusOr<SearchResult> TreeIndex::Search(
   ASSIGN_OR_RETURN(const size_t n, CheckQueries(queries, exclude));
   absl::ReaderMutexLock lock(&mu_);
   RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
-  if (params.mode != MineMode::kTopK || params.want_log_z) {
-    if (!(params.log_z_width >= 0)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "params.log_z_width = ", params.log_z_width, " must be >= 0"));
-    }
-  }
   std::vector<Query> qs(n);
   for (size_t i = 0; i < n; ++i) {
     Query& q = qs[i];
