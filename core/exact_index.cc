@@ -36,15 +36,11 @@ std::vector<Hit> TopRows(const float* scores, size_t num_rows,
 
 }  // namespace
 
-absl::StatusOr<SearchResult> ExactIndex::Search(
-    absl::Span<const float> queries,
+absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
+    absl::Span<const float> queries, size_t n,
     absl::Span<const std::vector<uint64_t>> exclude,
     const SearchParams& params) const {
   const int dim = options_.dim;
-  ASSIGN_OR_RETURN(const size_t n, CheckQueries(queries, exclude));
-
-  absl::ReaderMutexLock lock(&mu_);
-  RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
   SearchResult result;
   result.index_version = version_;
   result.queries.resize(n);

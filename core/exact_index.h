@@ -23,10 +23,11 @@ class ExactIndex final : public StoreIndex {
  public:
   explicit ExactIndex(const IndexOptions& options) : StoreIndex(options) {}
 
-  absl::StatusOr<SearchResult> Search(
-      absl::Span<const float> queries,
+  absl::StatusOr<SearchResult> SearchLocked(
+      absl::Span<const float> queries, size_t n,
       absl::Span<const std::vector<uint64_t>> exclude,
-      const SearchParams& params) const override;
+      const SearchParams& params) const override
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
   // Mines one query whose scores against every row are in `scores`

@@ -125,9 +125,10 @@ absl::Status StoreIndex::Get(absl::Span<const uint64_t> ids,
   return absl::OkStatus();
 }
 
-absl::StatusOr<size_t> StoreIndex::CheckQueries(
+absl::StatusOr<SearchResult> StoreIndex::Search(
     absl::Span<const float> queries,
-    absl::Span<const std::vector<uint64_t>> exclude) const {
+    absl::Span<const std::vector<uint64_t>> exclude,
+    const SearchParams& params) const {
   const int dim = options_.dim;
   if (queries.empty() || queries.size() % dim != 0) {
     return absl::InvalidArgumentError(
@@ -141,7 +142,9 @@ absl::StatusOr<size_t> StoreIndex::CheckQueries(
                      " queries; send none or one per query"));
   }
   RETURN_IF_ERROR(CheckFinite(queries, dim, "queries"));
-  return n;
+  absl::ReaderMutexLock lock(&mu_);
+  RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
+  return SearchLocked(queries, n, exclude, params);
 }
 
 }  // namespace negmine

@@ -30,8 +30,21 @@ class StoreIndex : public Index {
                                 bool allow_missing) override;
   absl::Status Get(absl::Span<const uint64_t> ids, std::vector<float>* vectors,
                    std::vector<int64_t>* steps) const override;
+  // Checks the queries' shape and values and the params against the
+  // collection, then runs SearchLocked under the reader lock.
+  absl::StatusOr<SearchResult> Search(
+      absl::Span<const float> queries,
+      absl::Span<const std::vector<uint64_t>> exclude,
+      const SearchParams& params) const final;
 
  protected:
+  // The search proper, on validated input: `n` queries (n x dim), `exclude`
+  // empty or n lists, params valid for the collection (which is not empty).
+  virtual absl::StatusOr<SearchResult> SearchLocked(
+      absl::Span<const float> queries, size_t n,
+      absl::Span<const std::vector<uint64_t>> exclude,
+      const SearchParams& params) const ABSL_SHARED_LOCKS_REQUIRED(mu_) = 0;
+
   // After the store took new rows (`inserted`) and overwrote others
   // (`updated`).
   virtual void OnUpsertLocked(absl::Span<const uint32_t> /*inserted*/,
@@ -44,12 +57,6 @@ class StoreIndex : public Index {
   virtual size_t ExtraMemoryLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return 0;
   }
-
-  // Checks a Search call's shape (queries n x dim, finite; exclude empty or
-  // one list per query) and returns n.
-  absl::StatusOr<size_t> CheckQueries(
-      absl::Span<const float> queries,
-      absl::Span<const std::vector<uint64_t>> exclude) const;
 
   // The scoring-space view of the store (cosine: rows scaled by 1/||x||).
   PointSource Points() const ABSL_SHARED_LOCKS_REQUIRED(mu_);

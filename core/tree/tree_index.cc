@@ -640,14 +640,11 @@ std::optional<TreeSummary> TreeIndex::TreeInfo() const {
   return s;
 }
 
-absl::StatusOr<SearchResult> TreeIndex::Search(
-    absl::Span<const float> queries,
+absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
+    absl::Span<const float> queries, size_t n,
     absl::Span<const std::vector<uint64_t>> exclude,
     const SearchParams& params) const {
   const int dim = options_.dim;
-  ASSIGN_OR_RETURN(const size_t n, CheckQueries(queries, exclude));
-  absl::ReaderMutexLock lock(&mu_);
-  RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
   std::vector<Query> qs(n);
   for (size_t i = 0; i < n; ++i) {
     Query& q = qs[i];

@@ -55,10 +55,11 @@ class TreeIndex final : public StoreIndex {
   explicit TreeIndex(const IndexOptions& options);
   ~TreeIndex() override;
 
-  absl::StatusOr<SearchResult> Search(
-      absl::Span<const float> queries,
+  absl::StatusOr<SearchResult> SearchLocked(
+      absl::Span<const float> queries, size_t n,
       absl::Span<const std::vector<uint64_t>> exclude,
-      const SearchParams& params) const override;
+      const SearchParams& params) const override
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   // The tree's invariants (Tree::CheckInvariants) and that it holds exactly
   // the store's live rows. For tests.
