@@ -105,7 +105,10 @@ absl::StatusOr<v1::UpsertTargetsResponse> Client::Upsert(
   v1::UpsertTargetsResponse resp;
   auto writer = stub_->UpsertTargets(&ctx, &resp);
   v1::UpsertTargetsRequest req;
-  for (size_t begin = 0; begin < ids.size() || begin == 0; begin += rows_per_chunk) {
+  // At least one message, so that an empty upsert reaches the server and
+  // gets its INVALID_ARGUMENT.
+  size_t begin = 0;
+  do {
     const size_t n = std::min(rows_per_chunk, ids.size() - begin);
     req.Clear();
     req.set_collection(collection);
@@ -118,8 +121,8 @@ absl::StatusOr<v1::UpsertTargetsResponse> Client::Upsert(
     m->set_data(reinterpret_cast<const char*>(vectors.data() + begin * dim),
                 n * dim * sizeof(float));
     if (!writer->Write(req)) break;  // the server ended the stream: see Finish
-    if (ids.empty()) break;
-  }
+    begin += n;
+  } while (begin < ids.size());
   writer->WritesDone();
   absl::Status s = FromGrpc(writer->Finish(), "UpsertTargets");
   if (!s.ok()) return s;

@@ -6,7 +6,6 @@
 
 #include <Eigen/Core>
 
-#include "absl/strings/str_cat.h"
 #include "core/random.h"
 #include "core/status.h"
 #include "core/top_k.h"

@@ -255,8 +255,7 @@ void Tree::Build(const PointSource& points, std::vector<uint32_t> rows) {
   RefreshLeaves();
 }
 
-int32_t Tree::NearestChild(const PointSource&, int32_t f,
-                           const float* x) const {
+int32_t Tree::NearestChild(int32_t f, const float* x) const {
   int32_t best = first_child_[f];
   float best_d = std::numeric_limits<float>::infinity();
   for (int32_t c = first_child_[f]; c < first_child_[f] + num_children_[f]; ++c) {
@@ -306,7 +305,7 @@ void Tree::Insert(const PointSource& points, uint32_t row) {
     spread_[f] = (spread_[f] * count_[f] + d2) / (count_[f] + 1);
     ++count_[f];
     if (is_leaf(f)) break;
-    f = NearestChild(points, f, x.data());
+    f = NearestChild(f, x.data());
   }
   AppendMember(f, row);
   if (member_count_[f] > 2u * params_.leaf_size) {
@@ -357,7 +356,7 @@ void Tree::CollapseToLeaf(int32_t f) {
   RefreshLeaves();
 }
 
-bool Tree::Remove(const PointSource&, uint32_t row) {
+bool Tree::Remove(uint32_t row) {
   const int32_t leaf = leaf_of(row);
   if (leaf == kNone) return false;
   uint32_t* m = members_.data() + member_begin_[leaf];

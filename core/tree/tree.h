@@ -89,7 +89,7 @@ class Tree {
   void Insert(const PointSource& points, uint32_t row);
   // Removes `row`; merges a subtree that became small. Returns false if the
   // row is not in the tree.
-  bool Remove(const PointSource& points, uint32_t row);
+  bool Remove(uint32_t row);
 
   // Every descendant lies within its ancestors' radii, counts are exact,
   // every row is in exactly one leaf. For tests; O(N depth dim).
@@ -138,8 +138,7 @@ class Tree {
   void CollapseToLeaf(int32_t f);
   void CollectRows(int32_t f, std::vector<uint32_t>* rows) const;
   void RefreshLeaves();
-  int32_t NearestChild(const PointSource& points, int32_t f,
-                       const float* x) const;
+  int32_t NearestChild(int32_t f, const float* x) const;
 
   int dim_;
   TreeParams params_;

@@ -515,7 +515,7 @@ void TreeIndex::OnUpsertLocked(absl::Span<const uint32_t> inserted,
     return;
   }
   for (uint32_t row : updated) {
-    tree_->Remove(points, row);
+    tree_->Remove(row);
     tree_->Insert(points, row);
   }
   for (uint32_t row : inserted) tree_->Insert(points, row);
@@ -524,8 +524,7 @@ void TreeIndex::OnUpsertLocked(absl::Span<const uint32_t> inserted,
 }
 
 void TreeIndex::OnDeleteLocked(absl::Span<const uint32_t> rows) {
-  const PointSource points = Points();
-  for (uint32_t row : rows) tree_->Remove(points, row);
+  for (uint32_t row : rows) tree_->Remove(row);
   changes_since_build_ += rows.size();
   MaybeScheduleRebuildLocked();
 }
