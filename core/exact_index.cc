@@ -48,7 +48,8 @@ absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
   const size_t chunk =
       std::clamp<size_t>(kMaxScoreBlockFloats / std::max<size_t>(num_rows, 1),
                          1, n);
-  Eigen::Map<const RowMatrix> targets(store_.data(), num_rows, dim);
+  const PointSource points = Points();
+  Eigen::Map<const RowMatrix> targets(points.data, num_rows, dim);
   RowMatrix q;
   Eigen::MatrixXf scores;  // column-major: column j holds query j's scores
   for (size_t begin = 0; begin < n; begin += chunk) {
@@ -58,8 +59,8 @@ absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
     scores.noalias() = targets * q.transpose();
     for (size_t j = 0; j < c; ++j) {
       float* s = scores.col(j).data();
-      if (options_.metric == Metric::kCosine) {
-        for (size_t row = 0; row < num_rows; ++row) s[row] *= inv_norms_[row];
+      if (points.scale != nullptr) {
+        for (size_t row = 0; row < num_rows; ++row) s[row] *= points.scale[row];
       }
       const size_t qi = begin + j;
       result.queries[qi] = MineOne(

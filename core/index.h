@@ -83,6 +83,18 @@ struct IndexOptions {
     bool background_rebuild = true;
   } tree;
 
+  // Drift correction (core/drift/drift.h).
+  struct Drift {
+    // Landmarks per set; 0 means 4 * dim, at least 64. Capped at the
+    // collection's size when the set is chosen.
+    int num_landmarks = 0;
+    // Re-base after a fit whose held-out residual exceeds this; 0: never.
+    double rebase_residual = 0;
+    // Re-base every this many steps since the last re-base; 0: never.
+    int64_t rebase_every_steps = 0;
+    uint64_t seed = 1;
+  } drift;
+
   static constexpr int kMaxDim = 65536;
 };
 
@@ -161,6 +173,59 @@ struct TreeSummary {
   double visits_per_query = 0;
 };
 
+// The landmarks a trainer re-encodes for ApplyDrift. `epoch` names the set;
+// it changes at every re-base.
+struct LandmarkSet {
+  std::vector<uint64_t> ids;
+  uint64_t epoch = 0;
+};
+
+// One drift update at the trainer's `model_step`: either the landmarks
+// re-encoded by the current model, or an exact linear map of the embeddings.
+struct DriftUpdate {
+  int64_t model_step = 0;
+  // The set the landmark embeddings are for (LandmarkSet::epoch).
+  uint64_t landmark_epoch = 0;
+  // m x dim, in LandmarkSet order. Non-empty for a landmark update.
+  absl::Span<const float> landmark_embeddings;
+  // dim x dim (new = a old + b, a row-major) and dim (or empty: zero), for
+  // a linear-map update.
+  absl::Span<const float> linear_a;
+  absl::Span<const float> linear_b;
+};
+
+struct DriftReport {
+  double heldout_residual = 0;  // relative fit error, landmarks held out
+  double stale_residual = 0;    // the same error with no correction
+  const char* kernel = "none";  // the model chosen
+  double lambda = 0;
+  bool rebased = false;         // the update ended with a re-base
+  uint64_t landmark_epoch = 0;  // the set for the next landmark update
+  uint64_t index_version = 0;
+  double fit_seconds = 0;       // fitting the model
+  double apply_seconds = 0;     // correcting every target and the index
+};
+
+// The drift state, for GetIndexInfo.
+struct DriftSummary {
+  bool active = false;          // a drift update has been applied
+  int64_t step = 0;             // model_step of the last update
+  uint64_t landmark_epoch = 0;  // 0 until landmarks are first chosen
+  size_t num_landmarks = 0;
+  const char* kernel = "none";
+  double lambda = 0;
+  double heldout_residual = 0;
+  double stale_residual = 0;
+  uint64_t updates = 0;
+  uint64_t rebases = 0;
+  double last_fit_seconds = 0;
+  double last_apply_seconds = 0;
+  // Live targets by staleness (step - the model_step they were written
+  // with): [0], [1, 10), [10, 100), [100, 1000), [1000, inf). Empty until
+  // active.
+  std::vector<size_t> staleness_histogram;
+};
+
 // Summary of an index, for GetIndexInfo.
 struct IndexStats {
   size_t num_targets = 0;
@@ -199,6 +264,30 @@ class Index {
   virtual absl::Status Get(absl::Span<const uint64_t> ids,
                            std::vector<float>* vectors,
                            std::vector<int64_t>* steps) const = 0;
+
+  // The vectors the index scores `ids` with: drift-corrected once a drift
+  // update is applied, and for cosine scaled to unit length. ids.size() x dim.
+  //   NOT_FOUND: an unknown id.
+  virtual absl::Status GetScored(absl::Span<const uint64_t> ids,
+                                 std::vector<float>* vectors) const = 0;
+
+  // The current landmark set, chosen (k-means++ over the targets) on the
+  // first call and at every re-base.
+  //   FAILED_PRECONDITION: the collection is empty.
+  virtual absl::StatusOr<LandmarkSet> GetLandmarks() = 0;
+
+  // Fits the drift model to `update` and corrects every target's scoring
+  // vector and the index, atomically: a Search sees the old or the new
+  // state, and the version goes up. A linear map is applied exactly and
+  // starts a new landmark set. Queries are not blocked while it runs.
+  //   INVALID_ARGUMENT: a bad shape, a NaN or Inf, or both or neither of
+  //     landmark embeddings and linear map.
+  //   FAILED_PRECONDITION: model_step below the last update's, the landmark
+  //     epoch is not the current set's (call GetLandmarks again), or no
+  //     landmarks were chosen yet.
+  virtual absl::StatusOr<DriftReport> ApplyDrift(const DriftUpdate& update) = 0;
+
+  virtual DriftSummary DriftInfo() const = 0;
 
   // Mines for each of the queries (n x dim, layout above). `exclude` is
   // either empty or has one list per query: ids never returned for, nor

@@ -1,9 +1,11 @@
 #include "core/store_index.h"
 
+#include <chrono>
 #include <cmath>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "core/random.h"
 #include "core/status.h"
 
 namespace negmine {
@@ -18,12 +20,14 @@ IndexStats StoreIndex::Stats() const {
   return {.num_targets = store_.size(),
           .capacity_rows = store_.num_rows(),
           .memory_bytes = store_.MemoryBytes() +
-                          inv_norms_.capacity() * sizeof(float) +
+                          (inv_norms_.capacity() + served_.capacity() +
+                           frame_.capacity()) * sizeof(float) +
                           ExtraMemoryLocked(),
           .version = version_};
 }
 
 PointSource StoreIndex::Points() const {
+  if (drift_active_) return {.data = served_.data(), .dim = options_.dim};
   return {.data = store_.data(),
           .scale = inv_norms_.empty() ? nullptr : inv_norms_.data(),
           .dim = options_.dim};
@@ -62,6 +66,31 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
     }
   }
 
+  absl::MutexLock write_lock(&write_mu_);
+  // Once drift is active: the new rows' frame and served vectors, and their
+  // offsets (see the header).
+  std::vector<float> frame_rows, served_rows, offset_rows;
+  if (drift_active_) {
+    const size_t n = ids.size();
+    frame_rows.assign(vectors.begin(), vectors.end());
+    for (size_t i = 0; i < inv.size(); ++i) {
+      for (int j = 0; j < dim; ++j) frame_rows[i * dim + j] *= inv[i];
+    }
+    served_rows = frame_rows;
+    const std::shared_ptr<const DriftModel> then = ModelAt(model_step);
+    const std::shared_ptr<const DriftModel> now =
+        history_.empty() ? nullptr : history_.back().second;
+    if (then != nullptr) {
+      offset_rows.resize(n * dim);
+      then->Apply(frame_rows.data(), n, /*normalize=*/false, offset_rows.data());
+      for (size_t i = 0; i < n * dim; ++i) offset_rows[i] = frame_rows[i] - offset_rows[i];
+    }
+    if (now != then) {
+      now->Apply(frame_rows.data(), n, /*normalize=*/false, served_rows.data());
+      for (size_t i = 0; i < offset_rows.size(); ++i) served_rows[i] += offset_rows[i];
+      if (options_.metric == Metric::kCosine) NormalizeRows(served_rows.data(), n, dim);
+    }
+  }
   absl::WriterMutexLock lock(&mu_);
   std::vector<uint32_t> updated;
   for (uint64_t id : ids) {
@@ -72,6 +101,21 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
     inv_norms_.resize(store_.num_rows());
     for (size_t i = 0; i < ids.size(); ++i) {
       inv_norms_[*store_.Row(ids[i])] = inv[i];
+    }
+  }
+  if (drift_active_) {
+    frame_.resize(store_.num_rows() * dim);
+    served_.resize(store_.num_rows() * dim);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const size_t row = *store_.Row(ids[i]);
+      std::copy_n(frame_rows.data() + i * dim, dim, frame_.data() + row * dim);
+      std::copy_n(served_rows.data() + i * dim, dim, served_.data() + row * dim);
+      if (offset_rows.empty()) {
+        offsets_.erase(row);
+      } else {
+        offsets_[row].assign(offset_rows.begin() + i * dim,
+                             offset_rows.begin() + (i + 1) * dim);
+      }
     }
   }
   std::vector<uint32_t> inserted;
@@ -89,6 +133,7 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
 
 absl::StatusOr<size_t> StoreIndex::Delete(absl::Span<const uint64_t> ids,
                                           bool allow_missing) {
+  absl::MutexLock write_lock(&write_mu_);
   absl::WriterMutexLock lock(&mu_);
   if (!allow_missing) {
     for (uint64_t id : ids) {
@@ -100,7 +145,10 @@ absl::StatusOr<size_t> StoreIndex::Delete(absl::Span<const uint64_t> ids,
   std::vector<uint32_t> rows;
   for (uint64_t id : ids) {
     std::optional<size_t> row = store_.Row(id);
-    if (row && store_.Delete(id)) rows.push_back(static_cast<uint32_t>(*row));
+    if (row && store_.Delete(id)) {
+      rows.push_back(static_cast<uint32_t>(*row));
+      offsets_.erase(*row);
+    }
   }
   if (!rows.empty()) {
     OnDeleteLocked(rows);
@@ -145,6 +193,340 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
   absl::ReaderMutexLock lock(&mu_);
   RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
   return SearchLocked(queries, n, exclude, params);
+}
+
+}  // namespace negmine
+
+// ------------------------------------------------------------------ drift
+
+namespace negmine {
+namespace {
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since)
+      .count();
+}
+
+}  // namespace
+
+absl::Status StoreIndex::GetScored(absl::Span<const uint64_t> ids,
+                                   std::vector<float>* vectors) const {
+  const int dim = options_.dim;
+  absl::ReaderMutexLock lock(&mu_);
+  const PointSource points = Points();
+  vectors->resize(ids.size() * dim);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    std::optional<size_t> row = store_.Row(ids[i]);
+    if (!row) return absl::NotFoundError(absl::StrCat("ids: unknown id ", ids[i]));
+    points.Get(static_cast<uint32_t>(*row), vectors->data() + i * dim);
+  }
+  return absl::OkStatus();
+}
+
+int StoreIndex::NumLandmarks() const {
+  return options_.drift.num_landmarks > 0 ? options_.drift.num_landmarks
+                                          : std::max(64, 4 * options_.dim);
+}
+
+std::vector<float> StoreIndex::ScoringCopy() const {
+  const int dim = options_.dim;
+  std::vector<float> out(store_.num_rows() * dim);
+  const PointSource points = Points();
+  for (uint32_t r = 0; r < store_.num_rows(); ++r) points.Get(r, out.data() + size_t{r} * dim);
+  return out;
+}
+
+std::shared_ptr<const DriftModel> StoreIndex::ModelAt(int64_t step) const {
+  for (auto it = history_.rbegin(); it != history_.rend(); ++it) {
+    if (it->first <= step) return it->second->is_identity() ? nullptr : it->second;
+  }
+  return nullptr;
+}
+
+absl::Status StoreIndex::ChooseLandmarks() {
+  const int dim = options_.dim;
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<uint32_t> live;
+  live.reserve(store_.size());
+  for (uint32_t r = 0; r < store_.num_rows(); ++r) {
+    if (store_.live(r)) live.push_back(r);
+  }
+  if (live.empty()) {
+    return absl::FailedPreconditionError(
+        "the collection is empty: upsert targets before drift updates");
+  }
+  const int m = static_cast<int>(std::min<size_t>(NumLandmarks(), live.size()));
+  // k-means++ over a uniform sample of 16 candidates per landmark.
+  const uint64_t epoch = landmarks_.epoch + 1;
+  Rng rng(options_.drift.seed, epoch);
+  const size_t sample = std::min(live.size(), std::max<size_t>(16 * size_t(m), 4096));
+  for (size_t i = 0; i < sample; ++i) {
+    std::swap(live[i], live[i + rng.Below(live.size() - i)]);
+  }
+  std::vector<float> x(sample * dim);
+  const PointSource points = Points();
+  for (size_t i = 0; i < sample; ++i) points.Get(live[i], x.data() + i * dim);
+  const std::vector<size_t> chosen =
+      KMeansPlusPlus(x.data(), sample, dim, m, Mix64(options_.drift.seed + epoch));
+  landmarks_.ids.clear();
+  landmark_frame_.resize(m, dim);
+  for (int i = 0; i < m; ++i) {
+    landmarks_.ids.push_back(store_.id(live[chosen[i]]));
+    std::copy_n(x.data() + chosen[i] * dim, dim, landmark_frame_.row(i).data());
+  }
+  landmarks_.epoch = epoch;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LandmarkSet> StoreIndex::GetLandmarks() {
+  absl::MutexLock write_lock(&write_mu_);
+  if (landmarks_.epoch == 0) {
+    RETURN_IF_ERROR(ChooseLandmarks());
+    absl::WriterMutexLock lock(&mu_);
+    drift_summary_.landmark_epoch = landmarks_.epoch;
+    drift_summary_.num_landmarks = landmarks_.ids.size();
+  }
+  return landmarks_;
+}
+
+std::vector<float> StoreIndex::Materialize(const DriftModel& model) const {
+  const int dim = options_.dim;
+  const size_t rows = frame_.size() / dim;
+  std::vector<float> served(frame_.size());
+  model.Apply(frame_.data(), rows, /*normalize=*/false, served.data());
+  for (const auto& [row, offset] : offsets_) {
+    for (int j = 0; j < dim; ++j) served[size_t{row} * dim + j] += offset[j];
+  }
+  if (options_.metric == Metric::kCosine) NormalizeRows(served.data(), rows, dim);
+  return served;
+}
+
+void StoreIndex::InstallServed(std::vector<float> served) {
+  const int dim = options_.dim;
+  std::vector<float> movement;
+  {
+    // Readers go on meanwhile: only writers change what is read here, and
+    // this writer holds write_mu_.
+    absl::ReaderMutexLock lock(&mu_);
+    const PointSource before = Points();
+    movement.assign(store_.num_rows(), 0.0f);
+    std::vector<float> x(dim);
+    for (uint32_t r = 0; r < store_.num_rows(); ++r) {
+      if (!store_.live(r)) continue;
+      before.Get(r, x.data());
+      double sq = 0;
+      for (int j = 0; j < dim; ++j) {
+        const double t = double{served[size_t{r} * dim + j]} - x[j];
+        sq += t * t;
+      }
+      // Rounded up, so that radii grown by it stay valid bounds.
+      movement[r] = static_cast<float>(std::sqrt(sq) * (1 + 1e-6));
+    }
+  }
+  absl::WriterMutexLock lock(&mu_);
+  served_.swap(served);
+  drift_active_ = true;
+  OnDriftLocked(movement);
+  ++version_;
+}
+
+void StoreIndex::Rebase() {
+  std::vector<float> frame = served_;
+  {
+    absl::WriterMutexLock lock(&mu_);
+    frame_.swap(frame);
+  }
+  offsets_.clear();
+  history_.clear();
+  rebase_step_ = drift_summary_.step;
+  // Cannot fail: the collection was not empty for the update.
+  ChooseLandmarks().IgnoreError();
+  absl::WriterMutexLock lock(&mu_);
+  ++drift_summary_.rebases;
+  drift_summary_.landmark_epoch = landmarks_.epoch;
+  drift_summary_.num_landmarks = landmarks_.ids.size();
+}
+
+absl::StatusOr<DriftReport> StoreIndex::ApplyDrift(const DriftUpdate& update) {
+  const int dim = options_.dim;
+  const bool has_landmarks = !update.landmark_embeddings.empty();
+  const bool has_map = !update.linear_a.empty() || !update.linear_b.empty();
+  if (has_landmarks == has_map) {
+    return absl::InvalidArgumentError(
+        "a drift update carries either landmark embeddings or a linear map, "
+        "not both and not neither");
+  }
+  absl::MutexLock write_lock(&write_mu_);
+  if (store_.size() == 0) {
+    return absl::FailedPreconditionError(
+        "the collection is empty: upsert targets before drift updates");
+  }
+  if (drift_active_ && update.model_step < drift_summary_.step) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model_step ", update.model_step,
+                     " is below the last drift update's step ",
+                     drift_summary_.step, "; steps must not go backwards"));
+  }
+  if (has_map) return ApplyLinearMap(update);
+
+  if (landmarks_.epoch == 0) {
+    return absl::FailedPreconditionError(
+        "no landmark set yet: call GetLandmarks and re-encode those targets");
+  }
+  if (update.landmark_epoch != landmarks_.epoch) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "landmark_epoch ", update.landmark_epoch, " is not the current set's (",
+        landmarks_.epoch, "; it changes at every re-base): call GetLandmarks "
+        "again and re-encode those targets"));
+  }
+  const size_t m = landmarks_.ids.size();
+  if (update.landmark_embeddings.size() != m * dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "landmark_embeddings hold ", update.landmark_embeddings.size(),
+        " floats; the ", m, " landmarks x dim ", dim, " need ", m * dim));
+  }
+  RETURN_IF_ERROR(CheckFinite(update.landmark_embeddings, dim, "landmark_embeddings"));
+  RowMatrixF current =
+      Eigen::Map<const RowMatrixF>(update.landmark_embeddings.data(), m, dim);
+  const bool cosine = options_.metric == Metric::kCosine;
+  if (cosine) {
+    for (size_t i = 0; i < m; ++i) {
+      if (current.row(i).squaredNorm() == 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "landmark_embeddings: row ", i, " (id ", landmarks_.ids[i],
+            ") has zero norm, which a cosine collection cannot score"));
+      }
+    }
+    NormalizeRows(current.data(), m, dim);
+  }
+
+  auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(DriftFit fit, FitDrift(landmark_frame_, current, cosine));
+  const double fit_seconds = Seconds(start);
+  start = std::chrono::steady_clock::now();
+  auto model = std::make_shared<const DriftModel>(std::move(fit.model));
+  if (!drift_active_) {
+    std::vector<float> frame;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      frame = ScoringCopy();
+    }
+    absl::WriterMutexLock lock(&mu_);
+    frame_.swap(frame);
+    rebase_step_ = update.model_step;
+  }
+  InstallServed(Materialize(*model));
+  history_.emplace_back(update.model_step, model);
+  if (history_.size() > kHistory) history_.pop_front();
+  const double apply_seconds = Seconds(start);
+
+  DriftReport report{.heldout_residual = fit.heldout_residual,
+                     .stale_residual = fit.stale_residual,
+                     .kernel = DriftKernelName(model->kernel),
+                     .lambda = model->lambda,
+                     .fit_seconds = fit_seconds,
+                     .apply_seconds = apply_seconds};
+  {
+    absl::WriterMutexLock lock(&mu_);
+    DriftSummary& s = drift_summary_;
+    s.active = true;
+    s.step = update.model_step;
+    s.kernel = report.kernel;
+    s.lambda = report.lambda;
+    s.heldout_residual = report.heldout_residual;
+    s.stale_residual = report.stale_residual;
+    ++s.updates;
+    s.last_fit_seconds = fit_seconds;
+    s.last_apply_seconds = apply_seconds;
+  }
+  const IndexOptions::Drift& opt = options_.drift;
+  if ((opt.rebase_residual > 0 && fit.heldout_residual > opt.rebase_residual) ||
+      (opt.rebase_every_steps > 0 &&
+       update.model_step - rebase_step_ >= opt.rebase_every_steps)) {
+    Rebase();
+    report.rebased = true;
+  }
+  absl::ReaderMutexLock lock(&mu_);
+  report.landmark_epoch = landmarks_.epoch;
+  report.index_version = version_;
+  return report;
+}
+
+absl::StatusOr<DriftReport> StoreIndex::ApplyLinearMap(const DriftUpdate& update) {
+  const int dim = options_.dim;
+  const size_t d = dim;
+  if (update.linear_a.size() != d * d) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("linear_map.a holds ", update.linear_a.size(),
+                     " floats; dim x dim needs ", d * d));
+  }
+  if (!update.linear_b.empty() && update.linear_b.size() != d) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("linear_map.b holds ", update.linear_b.size(),
+                     " floats; it needs dim = ", d, " (or none)"));
+  }
+  RETURN_IF_ERROR(CheckFinite(update.linear_a, dim, "linear_map.a"));
+  RETURN_IF_ERROR(CheckFinite(update.linear_b, dim, "linear_map.b"));
+  const auto start = std::chrono::steady_clock::now();
+  Eigen::Map<const RowMatrixF> a(update.linear_a.data(), d, d);
+  std::vector<float> served;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    served = ScoringCopy();
+  }
+  const size_t rows = served.size() / d;
+  Eigen::Map<RowMatrixF> x(served.data(), rows, d);
+  x = x * a.transpose();  // row form of new = a old
+  if (!update.linear_b.empty()) {
+    x.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(update.linear_b.data(), d);
+  }
+  if (options_.metric == Metric::kCosine) {
+    absl::ReaderMutexLock lock(&mu_);
+    for (uint32_t r = 0; r < rows; ++r) {
+      if (store_.live(r) && x.row(r).squaredNorm() == 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "linear_map sends target ", store_.id(r),
+            " to zero, which a cosine collection cannot score"));
+      }
+    }
+    NormalizeRows(served.data(), rows, dim);
+  }
+  InstallServed(std::move(served));
+  {
+    absl::WriterMutexLock lock(&mu_);
+    drift_summary_.active = true;
+    drift_summary_.step = update.model_step;
+    drift_summary_.kernel = "linear_map";
+    drift_summary_.lambda = 0;
+    drift_summary_.heldout_residual = 0;
+    drift_summary_.stale_residual = 0;
+    ++drift_summary_.updates;
+    drift_summary_.last_fit_seconds = 0;
+  }
+  Rebase();
+  const double seconds = Seconds(start);
+  absl::WriterMutexLock lock(&mu_);
+  drift_summary_.last_apply_seconds = seconds;
+  return DriftReport{.kernel = "linear_map",
+                     .rebased = true,
+                     .landmark_epoch = landmarks_.epoch,
+                     .index_version = version_,
+                     .apply_seconds = seconds};
+}
+
+DriftSummary StoreIndex::DriftInfo() const {
+  absl::ReaderMutexLock lock(&mu_);
+  DriftSummary s = drift_summary_;
+  if (s.active) {
+    s.staleness_histogram.assign(5, 0);
+    for (uint32_t r = 0; r < store_.num_rows(); ++r) {
+      if (!store_.live(r)) continue;
+      const int64_t age = s.step - store_.model_step(r);
+      const size_t bucket = age <= 0 ? 0 : age < 10 ? 1 : age < 100 ? 2 : age < 1000 ? 3 : 4;
+      ++s.staleness_histogram[bucket];
+    }
+  }
+  return s;
 }
 
 }  // namespace negmine

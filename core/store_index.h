@@ -1,16 +1,48 @@
 // StoreIndex: the part every host-memory index shares. It owns the
 // EmbeddingStore, validates and applies writes (Upsert, Delete), serves Get,
-// keeps the version, and for cosine the per-row inverse norms. A subclass adds
-// its structure through two hooks that run under the writer lock.
+// keeps the version, for cosine the per-row inverse norms, and the drift
+// state. A subclass adds its structure through hooks that run under the
+// writer lock.
 //
-// Thread safety: as the Index contract. `mu_` is a reader-writer lock:
-// writes hold it exclusively, Search and Get hold it shared.
+// Drift (core/drift/drift.h). Until the first ApplyDrift the index scores
+// the stored vectors. From then on it scores `served_`, one corrected vector
+// per row, materialized by one pass over the targets per update:
+//   served(y) = normalize?( E(y) + k(E(y), L) C_t + o(y) ),
+// with E = `frame_` (the frame of the last re-base), C_t the current model,
+// and o(y) an offset for targets re-encoded since the re-base:
+//   o(y) = -k(g_s(y), L) C_s   for a target upserted at model step s,
+// where C_s is the model that was current at step s (the latest update at
+// or before s; none before the re-base), and E(y) = g_s(y). So at t = s the
+// target is served exactly as sent, and later it receives only the drift
+// after s (C_t - C_s): no double counting. This is the "virtual base"
+// E(y) + o(y) of the issue, kept as a sparse offset so that the kernel is
+// still evaluated at the real embedding. Models of the last kHistory updates
+// are kept; a step older than those is treated as encoded at the re-base.
+// A re-base makes the served vectors the new frame, drops the offsets,
+// chooses new landmarks (k-means++ on a sample) and bumps the landmark
+// epoch. It happens after a linear map, when a fit's held-out residual
+// exceeds IndexOptions::Drift::rebase_residual, or every rebase_every_steps.
+// Memory: once drift is active, frame_ and served_ add 2 x dim floats per
+// row to the stored vectors.
+//
+// Thread safety: as the Index contract. Writers (Upsert, Delete, GetLandmarks,
+// ApplyDrift, a subclass installing a rebuild) first take `write_mu_`, so they
+// run one at a time; state only writers read (frame_, offsets_, the drift
+// models) is guarded by it. `mu_` is a reader-writer lock: a writer holds it
+// exclusively only to install its change, Search and Get hold it shared. The
+// slow part of ApplyDrift runs under write_mu_ and mu_ shared, so queries go
+// on meanwhile.
 #ifndef NEGMINE_CORE_STORE_INDEX_H_
 #define NEGMINE_CORE_STORE_INDEX_H_
 
 #include <vector>
 
+#include <deque>
+#include <memory>
+
+#include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "core/drift/drift.h"
 #include "core/index.h"
 #include "core/store/embedding_store.h"
 #include "core/tree/tree.h"
@@ -30,6 +62,11 @@ class StoreIndex : public Index {
                                 bool allow_missing) override;
   absl::Status Get(absl::Span<const uint64_t> ids, std::vector<float>* vectors,
                    std::vector<int64_t>* steps) const override;
+  absl::Status GetScored(absl::Span<const uint64_t> ids,
+                         std::vector<float>* vectors) const override;
+  absl::StatusOr<LandmarkSet> GetLandmarks() override;
+  absl::StatusOr<DriftReport> ApplyDrift(const DriftUpdate& update) override;
+  DriftSummary DriftInfo() const override;
   // Checks the queries' shape and values and the params against the
   // collection, then runs SearchLocked under the reader lock.
   absl::StatusOr<SearchResult> Search(
@@ -53,6 +90,10 @@ class StoreIndex : public Index {
   // After the store freed `rows`.
   virtual void OnDeleteLocked(absl::Span<const uint32_t> /*rows*/)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {}
+  // After the scoring vectors of every row changed (a drift update):
+  // `movement[row]` bounds how far row's scoring vector moved.
+  virtual void OnDriftLocked(absl::Span<const float> /*movement*/)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {}
   // Bytes held beyond the store.
   virtual size_t ExtraMemoryLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return 0;
@@ -62,11 +103,52 @@ class StoreIndex : public Index {
   PointSource Points() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   const IndexOptions options_;
+  // Acquired before mu_ by every writer.
+  absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
   EmbeddingStore store_ ABSL_GUARDED_BY(mu_);
   // Cosine only: 1 / ||x(row)||, per row.
   std::vector<float> inv_norms_ ABSL_GUARDED_BY(mu_);
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+
+ private:
+  static constexpr size_t kHistory = 64;
+
+  // The landmarks' count for this collection and size.
+  int NumLandmarks() const;
+  // The stored vectors in scoring space (cosine: unit rows), num_rows x dim.
+  std::vector<float> ScoringCopy() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Chooses a new landmark set from the current frame.
+  absl::Status ChooseLandmarks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // The served vectors of every row, from the frame, `model` and offsets.
+  std::vector<float> Materialize(const DriftModel& model) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // Installs `served` (and the frame, on first activation), moves the
+  // index, bumps the version.
+  void InstallServed(std::vector<float> served)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  void Rebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  absl::StatusOr<DriftReport> ApplyLinearMap(const DriftUpdate& update)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // The model that was current at `step` (null: none since the re-base).
+  std::shared_ptr<const DriftModel> ModelAt(int64_t step) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+
+  // Drift state. Writers read it under write_mu_. What readers see (the
+  // flag, the served and frame vectors, the summary) is written under both
+  // write_mu_ and mu_.
+  bool drift_active_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<float> served_ ABSL_GUARDED_BY(mu_);  // num_rows x dim
+  std::vector<float> frame_ ABSL_GUARDED_BY(mu_);   // num_rows x dim
+  absl::flat_hash_map<uint32_t, std::vector<float>> offsets_
+      ABSL_GUARDED_BY(write_mu_);
+  LandmarkSet landmarks_ ABSL_GUARDED_BY(write_mu_);
+  RowMatrixF landmark_frame_ ABSL_GUARDED_BY(write_mu_);
+  int64_t rebase_step_ ABSL_GUARDED_BY(write_mu_) = 0;
+  // (step, model) of the updates since the re-base, oldest first.
+  std::deque<std::pair<int64_t, std::shared_ptr<const DriftModel>>> history_
+      ABSL_GUARDED_BY(write_mu_);
+  DriftSummary drift_summary_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace negmine

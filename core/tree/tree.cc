@@ -381,6 +381,23 @@ bool Tree::Remove(uint32_t row) {
   return true;
 }
 
+double Tree::GrowRadii(absl::Span<const float> movement) {
+  std::vector<float> grow(num_nodes(), 0.0f);
+  for (int32_t leaf : leaves_) {
+    for (uint32_t row : members(leaf)) grow[leaf] = std::max(grow[leaf], movement[row]);
+  }
+  // Children come after their parent in the arrays.
+  for (int32_t f = static_cast<int32_t>(num_nodes()) - 1; f > 0; --f) {
+    if (parent_[f] != kNone) grow[parent_[f]] = std::max(grow[parent_[f]], grow[f]);
+  }
+  double relative = 0;
+  for (int32_t leaf : leaves_) {
+    relative += grow[leaf] / std::max(radius_[leaf], 1e-12f);
+  }
+  for (size_t f = 0; f < num_nodes(); ++f) radius_[f] += grow[f];
+  return leaves_.empty() ? 0.0 : relative / leaves_.size();
+}
+
 void Tree::RefreshLeaves() {
   leaves_.clear();
   if (radius_.empty()) return;

@@ -91,6 +91,12 @@ class Tree {
   // row is not in the tree.
   bool Remove(uint32_t row);
 
+  // After the vectors moved in place (drift): grows every node's radius by
+  // the largest movement[row] of a target below it, which keeps the bounds
+  // valid (centers stay). Returns the mean over leaves of growth / radius,
+  // a measure of the looseness added.
+  double GrowRadii(absl::Span<const float> movement);
+
   // Every descendant lies within its ancestors' radii, counts are exact,
   // every row is in exactly one leaf. For tests; O(N depth dim).
   absl::Status CheckInvariants(const PointSource& points) const;

@@ -105,7 +105,8 @@ class TreeIndex::Searcher {
   size_t visits() const { return visits_; }
 
   float Score(const Query& q, uint32_t row) const {
-    return Dot(q.q.data(), store_.vector(row), dim_) * points_.Scale(row);
+    return Dot(q.q.data(), points_.data + size_t{row} * dim_, dim_) *
+           points_.Scale(row);
   }
 
   // Best-first until `width` non-empty leaves are found. Nodes are ordered by
@@ -529,6 +530,14 @@ void TreeIndex::OnDeleteLocked(absl::Span<const uint32_t> rows) {
   MaybeScheduleRebuildLocked();
 }
 
+void TreeIndex::OnDriftLocked(absl::Span<const float> movement) {
+  drift_growth_ += tree_->GrowRadii(movement);
+  if (options_.tree.background_rebuild && drift_growth_ > kMaxDriftGrowth) {
+    absl::MutexLock lock(&rebuild_mu_);
+    rebuild_requested_ = true;
+  }
+}
+
 size_t TreeIndex::ExtraMemoryLocked() const { return tree_->MemoryBytes(); }
 
 void TreeIndex::MaybeScheduleRebuildLocked() {
@@ -563,43 +572,75 @@ void TreeIndex::RebuildLoop() {
       if (!rebuild_requested_) continue;
       rebuild_requested_ = false;
     }
-    // Snapshot the store under the reader lock; build off-lock.
+    // Snapshot the scoring vectors under the reader lock; build off-lock.
     std::vector<float> data, scale;
     std::vector<uint32_t> rows;
-    uint64_t version;
     {
       absl::ReaderMutexLock lock(&mu_);
-      version = version_;
-      data.assign(store_.data(), store_.data() + store_.num_rows() * options_.dim);
-      scale = inv_norms_;
+      const PointSource points = Points();
+      data.assign(points.data, points.data + store_.num_rows() * options_.dim);
+      if (points.scale) scale.assign(points.scale, points.scale + store_.num_rows());
       for (uint32_t r = 0; r < store_.num_rows(); ++r) {
         if (store_.live(r)) rows.push_back(r);
       }
     }
     const auto start = std::chrono::steady_clock::now();
-    const size_t n = rows.size();
-    std::unique_ptr<Tree> fresh = BuildTree(
-        {.data = data.data(), .scale = scale.empty() ? nullptr : scale.data(),
-         .dim = options_.dim},
-        std::move(rows));
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const size_t snapshot_rows = data.size() / options_.dim;
+    const PointSource snapshot{.data = data.data(),
+                               .scale = scale.empty() ? nullptr : scale.data(),
+                               .dim = options_.dim};
+    std::unique_ptr<Tree> fresh = BuildTree(snapshot, std::move(rows));
+    absl::MutexLock write_lock(&write_mu_);
     absl::WriterMutexLock lock(&mu_);
-    if (version_ != version) {
-      // Writes came in meanwhile: try again when they settle.
-      absl::MutexLock r(&rebuild_mu_);
-      rebuild_requested_ = true;
-      continue;
-    }
+    changes_since_build_ = CatchUpLocked(fresh.get(), snapshot, snapshot_rows);
     tree_ = std::move(fresh);
-    size_at_build_ = n;
-    changes_since_build_ = 0;
+    size_at_build_ = store_.size();
+    drift_growth_ = 0;
     ++rebuilds_;
-    last_rebuild_seconds_ = seconds;
+    last_rebuild_seconds_ =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
 }
 
+size_t TreeIndex::CatchUpLocked(Tree* fresh, const PointSource& snapshot,
+                                size_t snapshot_rows) const {
+  const int dim = options_.dim;
+  const PointSource now = Points();
+  std::vector<float> movement(store_.num_rows(), 0.0f), a(dim), b(dim);
+  size_t changed = 0;
+  for (uint32_t r = 0; r < snapshot_rows; ++r) {
+    if (fresh->leaf_of(r) == Tree::kNone) continue;
+    if (r >= store_.num_rows() || !store_.live(r)) {
+      fresh->Remove(r);
+      ++changed;
+      continue;
+    }
+    now.Get(r, a.data());
+    snapshot.Get(r, b.data());
+    double sq = 0;
+    for (int j = 0; j < dim; ++j) sq += (double{a[j]} - b[j]) * (double{a[j]} - b[j]);
+    if (sq == 0) continue;
+    ++changed;
+    const float moved = static_cast<float>(std::sqrt(sq) * (1 + 1e-6));
+    if (moved > fresh->radius(fresh->leaf_of(r))) {
+      fresh->Remove(r);  // moved far (re-encoded): place it anew
+      fresh->Insert(now, r);
+    } else {
+      movement[r] = moved;
+    }
+  }
+  for (uint32_t r = 0; r < store_.num_rows(); ++r) {
+    if (store_.live(r) && fresh->leaf_of(r) == Tree::kNone) {
+      fresh->Insert(now, r);
+      ++changed;
+    }
+  }
+  fresh->GrowRadii(movement);
+  return changed;
+}
+
 void TreeIndex::RebuildNow() {
+  absl::MutexLock write_lock(&write_mu_);
   absl::WriterMutexLock lock(&mu_);
   const auto start = std::chrono::steady_clock::now();
   std::vector<uint32_t> rows;
@@ -609,6 +650,7 @@ void TreeIndex::RebuildNow() {
   size_at_build_ = rows.size();
   tree_ = BuildTree(Points(), std::move(rows));
   changes_since_build_ = 0;
+  drift_growth_ = 0;
   ++rebuilds_;
   last_rebuild_seconds_ =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

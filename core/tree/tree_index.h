@@ -28,11 +28,16 @@
 //
 // Maintenance: inserts, deletes and in-place updates change the tree under
 // the writer lock (O(depth) per target, plus a leaf split or subtree merge).
+// A drift update moves every target a little: each node's radius grows by
+// the largest movement below it (Tree::GrowRadii), so the bounds stay valid
+// without a rebuild; the growth relative to the leaves' radii is summed.
 // A background thread rebuilds the whole tree after heavy churn (see
-// IndexOptions::Tree); it builds off-lock from a copy of the vectors (so a
-// rebuild briefly doubles the vectors' memory) and installs the new tree
-// under a brief writer lock, unless a write came in meanwhile (then it tries
-// again later). Queries meanwhile run on the current tree.
+// IndexOptions::Tree) or once that summed growth passes kMaxDriftGrowth. It
+// builds off-lock from a copy of the scoring vectors (so a rebuild briefly
+// doubles their memory), then, holding the writer lock, catches the new
+// tree up with the writes made meanwhile (removed rows out, new rows in,
+// moved rows re-inserted or their radii grown; O(N dim)) and installs it.
+// Queries meanwhile run on the current tree.
 //
 // Thread safety: as the Index contract.
 #ifndef NEGMINE_CORE_TREE_TREE_INDEX_H_
@@ -75,13 +80,24 @@ class TreeIndex final : public StoreIndex {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnDeleteLocked(absl::Span<const uint32_t> rows) override
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OnDriftLocked(absl::Span<const float> movement) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
   struct Query;
   class Searcher;
 
+  // Summed relative radius growth from drift that triggers a rebuild.
+  static constexpr double kMaxDriftGrowth = 0.5;
+
   void MaybeScheduleRebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Brings `fresh`, built over `snapshot` (the scoring vectors when the
+  // build began), up to the current rows and vectors; returns the rows
+  // changed.
+  size_t CatchUpLocked(Tree* fresh, const PointSource& snapshot,
+                       size_t snapshot_rows) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RebuildLoop();
   // Builds a tree over the live rows of a copy of the store.
   std::unique_ptr<Tree> BuildTree(const PointSource& points,
@@ -91,6 +107,7 @@ class TreeIndex final : public StoreIndex {
   // Writes (rows changed) since the tree was built.
   size_t changes_since_build_ ABSL_GUARDED_BY(mu_) = 0;
   size_t size_at_build_ ABSL_GUARDED_BY(mu_) = 0;
+  double drift_growth_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t rebuilds_ ABSL_GUARDED_BY(mu_) = 0;
   double last_rebuild_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   mutable std::atomic<double> visits_per_query_{0};
