@@ -57,7 +57,8 @@ test: build
 
 # The server on an embedded default (CPU, a local data dir, 100k drift-bench
 # targets with d = 64), then the CLI mines top-k, sampled and mixed negatives
-# for a few queries, then the server is stopped with SIGTERM.
+# for a few queries, applies a simulated drift update (the landmarks
+# re-encoded at step 20), mines again, then stops the server with SIGTERM.
 demo: build
 	@set -e; \
 	srv=$(BUILD_DIR)/server/negmine-server; cli=$(BUILD_DIR)/client/negmine; \
@@ -75,6 +76,11 @@ demo: build
 	$$nm mine --collection default --random-queries 2 --seed 1 --k 8 --mode sample --temperature 0.05 --sample-seed 1; \
 	echo; echo "== mixed: the top 4, then 4 samples from the rest, skipping the top 2 ranks"; \
 	$$nm mine --collection default --random-queries 1 --seed 1 --k 8 --mode mixed --num-hard 4 --rank-offset 2 --temperature 0.05 --sample-seed 1; \
+	echo; echo "== the trainer's model moved to step 20: it re-encodes only the landmarks, and the index corrects all targets"; \
+	$$nm landmarks --collection default; \
+	$$nm drift --collection default --model-step 20 --simulate --seed 1; \
+	echo; echo "== top-10 again, now from the corrected embeddings"; \
+	$$nm mine --collection default --random-queries 1 --seed 1 --k 10 --mode topk; \
 	kill -TERM $$pid; wait $$pid; trap - EXIT; echo; echo "demo: done, server stopped"
 
 # The drift bench at the default size (N = 1M, d = 128, batches of 4096, k = 64,

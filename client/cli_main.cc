@@ -30,6 +30,7 @@ commands:
   create   --collection C --dim D [--metric cosine|inner_product]
            [--backend auto|cpu|cuda] [--index tree|exact]
            [--leaf-size L] [--branching B]
+           [--landmarks M] [--rebase-residual R] [--rebase-every S]
   list
   drop     --collection C
   upsert   --collection C (--npy X.npy [--ids I.npy] | --fvecs X.fvecs |
@@ -49,6 +50,18 @@ commands:
            (negative entries are padding). --json prints one object per
            query per line; --out writes ids (n x k uint64, missing entries
            2^64-1) to R.npy, and R.scores.npy and R.log_q.npy beside it.
+  landmarks --collection C [--out L.npy]
+           The ids to re-encode for the next drift update, and their
+           landmark epoch; --out writes the ids (uint64) to L.npy.
+  drift    --collection C --model-step T
+           (--landmarks G.npy --epoch E | --linear-a A.npy [--linear-b B.npy] |
+            --simulate [--seed S])
+           Applies a drift update: G.npy holds the landmarks re-encoded at
+           step T (in `landmarks` order); A.npy (dim x dim) and B.npy
+           (1 x dim) an exact linear map new = A old + b. --simulate
+           re-encodes the landmarks with the drift-bench encoder at step T,
+           for collections of drift-bench targets whose ids are their rows
+           (--random, or the server's --generate_targets).
   info     [--collection C]
   generate (--targets N | --queries N) --dim D [--seed S] --out X.npy
            Writes drift-bench vectors (step 0) to an .npy file.
@@ -62,7 +75,7 @@ then dim float32 per vector.
 class Args {
  public:
   static constexpr const char* kSwitches[] = {"json", "with-replacement", "approximate",
-                                              "allow-missing", "help"};
+                                              "allow-missing", "help", "simulate"};
 
   absl::Status Parse(int argc, char** argv, int start) {
     for (int i = start; i < argc; ++i) {
@@ -112,7 +125,9 @@ class Args {
     if (!Has(k)) return def;
     T v;
     bool ok;
-    if constexpr (std::is_floating_point_v<T>) {
+    if constexpr (std::is_same_v<T, double>) {
+      ok = absl::SimpleAtod(Get(k), &v);
+    } else if constexpr (std::is_floating_point_v<T>) {
       ok = absl::SimpleAtof(Get(k), &v);
     } else {
       ok = absl::SimpleAtoi(Get(k), &v);
@@ -197,6 +212,12 @@ absl::Status Create(Client& c, const Args& a) {
   CLI_ASSIGN(branching, a.Number<uint32_t>("branching", 0));
   config.mutable_tree()->set_leaf_size(leaf_size);
   config.mutable_tree()->set_branching(branching);
+  CLI_ASSIGN(landmarks, a.Number<uint32_t>("landmarks", 0));
+  CLI_ASSIGN(rebase_residual, a.Number<double>("rebase-residual", 0));
+  CLI_ASSIGN(rebase_every, a.Number<int64_t>("rebase-every", 0));
+  config.mutable_drift()->set_num_landmarks(landmarks);
+  config.mutable_drift()->set_rebase_residual(rebase_residual);
+  config.mutable_drift()->set_rebase_every_steps(rebase_every);
   CLI_CHECK(a.CheckAllUsed());
   CLI_ASSIGN(info, c.CreateCollection(config));
   std::printf("created ");
@@ -396,6 +417,15 @@ absl::Status Info(Client& c, const Args& a) {
                   t.depth(), t.nodes(), t.leaves(), t.min_leaf(), t.mean_leaf(), t.max_leaf(),
                   t.looseness(), t.rebuilds(), t.visits_per_query());
     }
+    const v1::DriftInfo& d = info.info().drift();
+    if (d.active()) {
+      std::printf("drift: step=%" PRId64 " kernel=%s residual=%.4f (no correction %.4f) updates=%" PRIu64
+                  " rebases=%" PRIu64 " landmarks=%u (epoch %" PRIu64 ")\n",
+                  d.model_step(), d.kernel().c_str(), d.heldout_residual(), d.stale_residual(),
+                  d.updates(), d.rebases(), d.num_landmarks(), d.landmark_epoch());
+    } else {
+      std::printf("drift: none applied\n");
+    }
     std::printf("limits: max_message_bytes=%" PRIu64 " max_batch=%u max_k=%u\n",
                 info.limits().max_message_bytes(), info.limits().max_batch(),
                 info.limits().max_k());
@@ -404,6 +434,68 @@ absl::Status Info(Client& c, const Args& a) {
   CLI_ASSIGN(all, c.ListCollections());
   if (all.empty()) std::printf("no collections\n");
   for (const auto& i : all) PrintInfo(i);
+  return absl::OkStatus();
+}
+
+absl::Status Landmarks(Client& c, const Args& a) {
+  CLI_ASSIGN(collection, a.Required("collection"));
+  const std::string out = a.Get("out");
+  CLI_CHECK(a.CheckAllUsed());
+  CLI_ASSIGN(resp, c.GetLandmarks(collection));
+  const std::vector<uint64_t> ids(resp.ids().begin(), resp.ids().end());
+  std::printf("landmark epoch %" PRIu64 ": %zu landmarks\n", resp.landmark_epoch(), ids.size());
+  if (!out.empty()) {
+    CLI_CHECK(SaveNpy(out, ids.size(), 1, ids));
+    std::printf("wrote their ids to %s\n", out.c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Drift(Client& c, const Args& a) {
+  CLI_ASSIGN(collection, a.Required("collection"));
+  if (!a.Has("model-step")) return absl::InvalidArgumentError("--model-step is required");
+  CLI_ASSIGN(step, a.Number<int64_t>("model-step", 0));
+  CLI_ASSIGN(dim, CollectionDim(c, collection));
+  absl::StatusOr<v1::ApplyDriftResponse> resp;
+  if (a.Has("simulate")) {
+    CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
+    CLI_CHECK(a.CheckAllUsed());
+    CLI_ASSIGN(lm, c.GetLandmarks(collection));
+    CLI_ASSIGN(info, c.GetIndexInfo(collection));
+    // The drift-bench encoder over rows 0..max id: ids are rows.
+    uint64_t max_id = 0;
+    for (uint64_t id : lm.ids()) max_id = std::max(max_id, id);
+    DriftBench bench({.num_targets = std::max<uint64_t>(max_id + 1, info.info().num_targets()),
+                      .num_queries = 0, .dim = static_cast<int>(dim), .seed = seed});
+    const std::vector<size_t> rows(lm.ids().begin(), lm.ids().end());
+    resp = c.ApplyDrift(collection, step, lm.landmark_epoch(),
+                        bench.EncodeTargets(static_cast<double>(step), rows), dim);
+  } else if (a.Has("landmarks")) {
+    CLI_ASSIGN(epoch, a.Number<uint64_t>("epoch", 0));
+    if (!a.Has("epoch")) {
+      return absl::InvalidArgumentError("--epoch is required with --landmarks (see `negmine landmarks`)");
+    }
+    CLI_ASSIGN(g, LoadNpyFloat(a.Get("landmarks")));
+    CLI_CHECK(a.CheckAllUsed());
+    resp = c.ApplyDrift(collection, step, epoch, g.data, g.cols);
+  } else if (a.Has("linear-a")) {
+    CLI_ASSIGN(m, LoadNpyFloat(a.Get("linear-a")));
+    std::vector<float> b;
+    if (a.Has("linear-b")) {
+      CLI_ASSIGN(loaded, LoadNpyFloat(a.Get("linear-b")));
+      b = std::move(loaded.data);
+    }
+    CLI_CHECK(a.CheckAllUsed());
+    resp = c.ApplyLinearMap(collection, step, m.data, b, m.cols);
+  } else {
+    return absl::InvalidArgumentError("give one of --landmarks, --linear-a or --simulate");
+  }
+  if (!resp.ok()) return resp.status();
+  std::printf("drift at step %" PRId64 ": kernel=%s held-out residual %.4f (no correction %.4f) "
+              "fit %.3fs apply %.3fs%s; index version %" PRIu64 ", landmark epoch %" PRIu64 "\n",
+              step, resp->kernel().c_str(), resp->heldout_residual(), resp->stale_residual(),
+              resp->fit_seconds(), resp->apply_seconds(), resp->rebased() ? ", re-based" : "",
+              resp->index_version(), resp->landmark_epoch());
   return absl::OkStatus();
 }
 
@@ -456,6 +548,8 @@ absl::Status Run(int argc, char** argv) {
   if (cmd == "delete") return Delete(*client, a);
   if (cmd == "mine") return Mine(*client, a);
   if (cmd == "info") return Info(*client, a);
+  if (cmd == "landmarks") return Landmarks(*client, a);
+  if (cmd == "drift") return Drift(*client, a);
   return absl::InvalidArgumentError(
       absl::StrCat("unknown command '", cmd, "'; run 'negmine help'"));
 }

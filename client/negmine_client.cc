@@ -12,18 +12,22 @@ absl::Status FromGrpc(const grpc::Status& status, const char* rpc) {
                       absl::StrCat(rpc, ": ", status.error_message()));
 }
 
+// values.size() / cols rows of float32, as a Matrix.
+void EncodeMatrix(absl::Span<const float> values, uint32_t cols, v1::Matrix* m) {
+  m->set_rows(cols == 0 ? 0 : static_cast<uint32_t>(values.size() / cols));
+  m->set_cols(cols);
+  m->set_dtype(v1::DTYPE_FLOAT32);
+  m->set_data(reinterpret_cast<const char*>(values.data()),
+              values.size() * sizeof(float));
+}
+
 void BuildMineRequest(const std::string& collection,
                       absl::Span<const float> queries, uint32_t dim,
                       const v1::MineParams& params,
                       absl::Span<const std::vector<uint64_t>> exclude,
                       v1::MineRequest* request) {
   request->set_collection(collection);
-  v1::Matrix* m = request->mutable_queries();
-  m->set_rows(dim == 0 ? 0 : static_cast<uint32_t>(queries.size() / dim));
-  m->set_cols(dim);
-  m->set_dtype(v1::DTYPE_FLOAT32);
-  m->set_data(reinterpret_cast<const char*>(queries.data()),
-              queries.size() * sizeof(float));
+  EncodeMatrix(queries, dim, request->mutable_queries());
   for (const std::vector<uint64_t>& ids : exclude) {
     request->add_exclude()->mutable_ids()->Add(ids.begin(), ids.end());
   }
@@ -114,12 +118,7 @@ absl::StatusOr<v1::UpsertTargetsResponse> Client::Upsert(
     req.set_collection(collection);
     req.set_model_step(model_step);
     req.mutable_ids()->Add(ids.begin() + begin, ids.begin() + begin + n);
-    v1::Matrix* m = req.mutable_vectors();
-    m->set_rows(static_cast<uint32_t>(n));
-    m->set_cols(dim);
-    m->set_dtype(v1::DTYPE_FLOAT32);
-    m->set_data(reinterpret_cast<const char*>(vectors.data() + begin * dim),
-                n * dim * sizeof(float));
+    EncodeMatrix(vectors.subspan(begin * dim, n * dim), dim, req.mutable_vectors());
     if (!writer->Write(req)) break;  // the server ended the stream: see Finish
     begin += n;
   } while (begin < ids.size());
@@ -145,14 +144,57 @@ absl::StatusOr<v1::DeleteTargetsResponse> Client::Delete(
 }
 
 absl::StatusOr<v1::GetTargetsResponse> Client::GetTargets(
-    const std::string& collection, absl::Span<const uint64_t> ids) {
+    const std::string& collection, absl::Span<const uint64_t> ids, bool scored) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::GetTargetsRequest req;
   req.set_collection(collection);
   req.mutable_ids()->Add(ids.begin(), ids.end());
+  req.set_scored(scored);
   v1::GetTargetsResponse resp;
   absl::Status s = FromGrpc(stub_->GetTargets(&ctx, req, &resp), "GetTargets");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::GetLandmarksResponse> Client::GetLandmarks(
+    const std::string& collection) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::GetLandmarksRequest req;
+  req.set_collection(collection);
+  v1::GetLandmarksResponse resp;
+  absl::Status s = FromGrpc(stub_->GetLandmarks(&ctx, req, &resp), "GetLandmarks");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::ApplyDriftResponse> Client::ApplyDrift(
+    const std::string& collection, int64_t model_step, uint64_t landmark_epoch,
+    absl::Span<const float> embeddings, uint32_t dim) {
+  v1::ApplyDriftRequest req;
+  req.set_landmark_epoch(landmark_epoch);
+  EncodeMatrix(embeddings, dim, req.mutable_landmark_embeddings());
+  return CallApplyDrift(collection, model_step, &req);
+}
+
+absl::StatusOr<v1::ApplyDriftResponse> Client::ApplyLinearMap(
+    const std::string& collection, int64_t model_step, absl::Span<const float> a,
+    absl::Span<const float> b, uint32_t dim) {
+  v1::ApplyDriftRequest req;
+  EncodeMatrix(a, dim, req.mutable_linear_map()->mutable_a());
+  if (!b.empty()) EncodeMatrix(b, dim, req.mutable_linear_map()->mutable_b());
+  return CallApplyDrift(collection, model_step, &req);
+}
+
+absl::StatusOr<v1::ApplyDriftResponse> Client::CallApplyDrift(
+    const std::string& collection, int64_t model_step, v1::ApplyDriftRequest* req) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  req->set_collection(collection);
+  req->set_model_step(model_step);
+  v1::ApplyDriftResponse resp;
+  absl::Status s = FromGrpc(stub_->ApplyDrift(&ctx, *req, &resp), "ApplyDrift");
   if (!s.ok()) return s;
   return resp;
 }

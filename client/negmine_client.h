@@ -93,8 +93,23 @@ class Client {
   absl::StatusOr<v1::DeleteTargetsResponse> Delete(
       const std::string& collection, absl::Span<const uint64_t> ids,
       bool allow_missing = false);
+  // The stored vectors, or with `scored` the ones the index scores with
+  // (drift-corrected, unit length for cosine).
   absl::StatusOr<v1::GetTargetsResponse> GetTargets(
-      const std::string& collection, absl::Span<const uint64_t> ids);
+      const std::string& collection, absl::Span<const uint64_t> ids,
+      bool scored = false);
+
+  // Drift correction, per trainer step: GetLandmarks, re-encode those ids
+  // with the current model, ApplyDrift with the set's epoch.
+  absl::StatusOr<v1::GetLandmarksResponse> GetLandmarks(const std::string& collection);
+  // `embeddings`: the landmarks re-encoded, ids.size() x dim, in order.
+  absl::StatusOr<v1::ApplyDriftResponse> ApplyDrift(
+      const std::string& collection, int64_t model_step, uint64_t landmark_epoch,
+      absl::Span<const float> embeddings, uint32_t dim);
+  // An exact linear map new = a old + b: a is dim x dim, b dim or empty.
+  absl::StatusOr<v1::ApplyDriftResponse> ApplyLinearMap(
+      const std::string& collection, int64_t model_step, absl::Span<const float> a,
+      absl::Span<const float> b, uint32_t dim);
 
   absl::StatusOr<v1::MineResponse> Mine(
       const std::string& collection, absl::Span<const float> queries,
@@ -113,6 +128,8 @@ class Client {
  private:
   Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
   void Prepare(grpc::ClientContext* ctx) const;
+  absl::StatusOr<v1::ApplyDriftResponse> CallApplyDrift(
+      const std::string& collection, int64_t model_step, v1::ApplyDriftRequest* req);
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;

@@ -383,7 +383,8 @@ absl::StatusOr<DriftReport> StoreIndex::ApplyDrift(const DriftUpdate& update) {
   if (update.landmark_embeddings.size() != m * dim) {
     return absl::InvalidArgumentError(absl::StrCat(
         "landmark_embeddings hold ", update.landmark_embeddings.size(),
-        " floats; the ", m, " landmarks x dim ", dim, " need ", m * dim));
+        " floats (", update.landmark_embeddings.size() / dim, " rows of dim ", dim,
+        "); the set has ", m, " landmarks, so ", m * dim, " are needed"));
   }
   RETURN_IF_ERROR(CheckFinite(update.landmark_embeddings, dim, "landmark_embeddings"));
   RowMatrixF current =

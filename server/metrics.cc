@@ -46,7 +46,21 @@ Metrics::Metrics()
       version_(prometheus::BuildGauge()
                    .Name("negmine_index_version")
                    .Help("Index version per collection.")
-                   .Register(*registry_)) {}
+                   .Register(*registry_)),
+      drift_step_(prometheus::BuildGauge()
+                      .Name("negmine_drift_step")
+                      .Help("Model step of the last drift update, per collection.")
+                      .Register(*registry_)),
+      drift_residual_(prometheus::BuildGauge()
+                          .Name("negmine_drift_residual")
+                          .Help("Held-out relative residual of the last drift fit, "
+                                "per collection.")
+                          .Register(*registry_)),
+      drift_rebases_(prometheus::BuildCounter()
+                         .Name("negmine_drift_rebases_total")
+                         .Help("Drift re-bases (new frame and landmarks), per "
+                               "collection.")
+                         .Register(*registry_)) {}
 
 void Metrics::ObserveRequest(const std::string& method, const std::string& code,
                              double seconds) {
@@ -65,9 +79,23 @@ void Metrics::SetCollection(const std::string& collection, double targets,
   version_.Add({{"collection", collection}}).Set(version);
 }
 
+void Metrics::SetDrift(const std::string& collection, double step,
+                       double residual, bool rebased) {
+  drift_step_.Add({{"collection", collection}}).Set(step);
+  drift_residual_.Add({{"collection", collection}}).Set(residual);
+  prometheus::Counter& rebases = drift_rebases_.Add({{"collection", collection}});
+  if (rebased) rebases.Increment();
+}
+
 void Metrics::RemoveCollection(const std::string& collection) {
-  targets_.Remove(&targets_.Add({{"collection", collection}}));
-  version_.Remove(&version_.Add({{"collection", collection}}));
+  const prometheus::Labels labels = {{"collection", collection}};
+  targets_.Remove(&targets_.Add(labels));
+  version_.Remove(&version_.Add(labels));
+  if (drift_step_.Has(labels)) {
+    drift_step_.Remove(&drift_step_.Add(labels));
+    drift_residual_.Remove(&drift_residual_.Add(labels));
+    drift_rebases_.Remove(&drift_rebases_.Add(labels));
+  }
 }
 
 }  // namespace negmine::server

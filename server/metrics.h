@@ -34,6 +34,9 @@ class Metrics {
   void SetCollection(const std::string& collection, double targets,
                      double version);
   void RemoveCollection(const std::string& collection);
+  // After a drift update of a collection.
+  void SetDrift(const std::string& collection, double step, double residual,
+                bool rebased);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -43,6 +46,9 @@ class Metrics {
   prometheus::Histogram& batch_queries_;
   prometheus::Family<prometheus::Gauge>& targets_;
   prometheus::Family<prometheus::Gauge>& version_;
+  prometheus::Family<prometheus::Gauge>& drift_step_;
+  prometheus::Family<prometheus::Gauge>& drift_residual_;
+  prometheus::Family<prometheus::Counter>& drift_rebases_;
 };
 
 }  // namespace negmine::server

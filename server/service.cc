@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/random.h"
 #include "core/status.h"
+#include "server/log.h"
 #include "server/wire.h"
 
 namespace negmine::server {
@@ -279,6 +280,7 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetTargets(
     std::vector<float> vectors;
     std::vector<int64_t> steps;
     RETURN_IF_ERROR(c->index->Get(req->ids(), &vectors, &steps));
+    if (req->scored()) RETURN_IF_ERROR(c->index->GetScored(req->ids(), &vectors));
     *resp->mutable_ids() = req->ids();
     EncodeMatrix(vectors, req->ids_size(), c->index->options().dim,
                  resp->mutable_vectors());
@@ -466,25 +468,86 @@ NegativeMinerService::MineStream(grpc::CallbackServerContext*) {
   return new MineStreamReactor(this);
 }
 
-// ------------------------------------------------- capabilities to come
+// ------------------------------------------------------------------ drift
 
 grpc::ServerUnaryReactor* NegativeMinerService::GetLandmarks(
     grpc::CallbackServerContext* ctx, const v1::GetLandmarksRequest* req,
-    v1::GetLandmarksResponse*) {
-  return RunUnary(ctx, "GetLandmarks", [this, req]() -> absl::Status {
-    RETURN_IF_ERROR(Find(req->collection()).status());
-    return Unimplemented("GetLandmarks", "Nystrom drift correction (issue #5)");
+    v1::GetLandmarksResponse* resp) {
+  return RunUnary(ctx, "GetLandmarks", [this, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
+    ASSIGN_OR_RETURN(LandmarkSet set, c->index->GetLandmarks());
+    resp->mutable_ids()->Add(set.ids.begin(), set.ids.end());
+    resp->set_landmark_epoch(set.epoch);
+    resp->set_index_version(c->index->Stats().version);
+    return absl::OkStatus();
   });
 }
 
 grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
     grpc::CallbackServerContext* ctx, const v1::ApplyDriftRequest* req,
-    v1::ApplyDriftResponse*) {
-  return RunUnary(ctx, "ApplyDrift", [this, req]() -> absl::Status {
-    RETURN_IF_ERROR(Find(req->collection()).status());
-    return Unimplemented("ApplyDrift", "Nystrom drift correction (issue #5)");
+    v1::ApplyDriftResponse* resp) {
+  return RunUnary(ctx, "ApplyDrift", [this, req, resp]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
+    const uint32_t dim = c->index->options().dim;
+    DriftUpdate update{.model_step = req->model_step(),
+                       .landmark_epoch = req->landmark_epoch()};
+    std::vector<float> landmarks, a, b;
+    switch (req->update_case()) {
+      case v1::ApplyDriftRequest::kLandmarkEmbeddings: {
+        ASSIGN_OR_RETURN(landmarks, DecodeMatrix(req->landmark_embeddings(),
+                                                 "landmark_embeddings", dim));
+        update.landmark_embeddings = landmarks;
+        break;
+      }
+      case v1::ApplyDriftRequest::kLinearMap: {
+        const v1::LinearMap& map = req->linear_map();
+        ASSIGN_OR_RETURN(a, DecodeMatrix(map.a(), "linear_map.a", dim));
+        if (map.a().rows() != dim) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "linear_map.a has ", map.a().rows(), " rows; it must be dim x dim = ",
+              dim, " x ", dim));
+        }
+        if (map.has_b()) {
+          ASSIGN_OR_RETURN(b, DecodeMatrix(map.b(), "linear_map.b", dim));
+          if (map.b().rows() != 1) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "linear_map.b has ", map.b().rows(), " rows; it must be 1 x dim"));
+          }
+        }
+        update.linear_a = a;
+        update.linear_b = b;
+        break;
+      }
+      default:
+        return absl::InvalidArgumentError(
+            "ApplyDrift needs landmark_embeddings or linear_map");
+    }
+    ASSIGN_OR_RETURN(DriftReport report, c->index->ApplyDrift(update));
+    resp->set_heldout_residual(report.heldout_residual);
+    resp->set_stale_residual(report.stale_residual);
+    resp->set_kernel(report.kernel);
+    resp->set_lambda(report.lambda);
+    resp->set_rebased(report.rebased);
+    resp->set_landmark_epoch(report.landmark_epoch);
+    resp->set_index_version(report.index_version);
+    resp->set_fit_seconds(report.fit_seconds);
+    resp->set_apply_seconds(report.apply_seconds);
+    UpdateCollectionMetrics(*c);
+    metrics_->SetDrift(c->name, req->model_step(), report.heldout_residual,
+                      report.rebased);
+    Log(LogLevel::kInfo, "drift update", {{"collection", c->name},
+                             {"model_step", absl::StrCat(req->model_step())},
+                             {"kernel", report.kernel},
+                             {"heldout_residual", absl::StrCat(report.heldout_residual)},
+                             {"stale_residual", absl::StrCat(report.stale_residual)},
+                             {"rebased", report.rebased ? "true" : "false"},
+                             {"fit_seconds", absl::StrCat(report.fit_seconds)},
+                             {"apply_seconds", absl::StrCat(report.apply_seconds)}});
+    return absl::OkStatus();
   });
 }
+
+// ------------------------------------------------- capabilities to come
 
 // Answers at once, without reading the stream.
 class UnimplementedReadReactor final
@@ -514,6 +577,7 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(
     if (std::optional<TreeSummary> tree = c->index->TreeInfo()) {
       ToWireTreeInfo(*tree, resp->mutable_info()->mutable_tree());
     }
+    ToWireDriftInfo(c->index->DriftInfo(), resp->mutable_info()->mutable_drift());
     v1::ServerLimits* limits = resp->mutable_limits();
     limits->set_max_message_bytes(options_.max_message_bytes);
     limits->set_max_batch(options_.max_batch);

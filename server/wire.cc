@@ -152,6 +152,24 @@ absl::StatusOr<IndexOptions> ToIndexOptions(const v1::CollectionConfig& c) {
   }
   if (c.tree().leaf_size() > 0) o.tree.leaf_size = static_cast<int>(std::min<uint32_t>(c.tree().leaf_size(), 1 << 30));
   if (c.tree().branching() > 0) o.tree.branching = static_cast<int>(std::min<uint32_t>(c.tree().branching(), 1 << 30));
+  const v1::DriftParams& d = c.drift();
+  if (d.num_landmarks() > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.drift.num_landmarks = ", d.num_landmarks(), " must be at most 65536"));
+  }
+  if (!(d.rebase_residual() >= 0 && d.rebase_residual() <= 10)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.drift.rebase_residual = ", d.rebase_residual(), " must be in [0, 10]"));
+  }
+  if (d.rebase_every_steps() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.drift.rebase_every_steps = ", d.rebase_every_steps(), " must be >= 0"));
+  }
+  o.drift.num_landmarks = d.num_landmarks() > 0 ? static_cast<int>(d.num_landmarks())
+                                                : std::max(64, 4 * o.dim);
+  o.drift.rebase_residual = d.rebase_residual();
+  o.drift.rebase_every_steps = d.rebase_every_steps();
+  if (d.seed() != 0) o.drift.seed = d.seed();
   return o;
 }
 
@@ -170,6 +188,11 @@ void ToWireConfig(const std::string& name, const IndexOptions& o,
     out->mutable_tree()->set_leaf_size(o.tree.leaf_size);
     out->mutable_tree()->set_branching(o.tree.branching);
   }
+  v1::DriftParams* d = out->mutable_drift();
+  d->set_num_landmarks(o.drift.num_landmarks);
+  d->set_rebase_residual(o.drift.rebase_residual);
+  d->set_rebase_every_steps(o.drift.rebase_every_steps);
+  d->set_seed(o.drift.seed);
 }
 
 void ToWireTreeInfo(const TreeSummary& t, v1::TreeInfo* out) {
@@ -186,6 +209,23 @@ void ToWireTreeInfo(const TreeSummary& t, v1::TreeInfo* out) {
   out->set_rebuilds(t.rebuilds);
   out->set_last_rebuild_seconds(t.last_rebuild_seconds);
   out->set_visits_per_query(t.visits_per_query);
+}
+
+void ToWireDriftInfo(const DriftSummary& d, v1::DriftInfo* out) {
+  out->set_active(d.active);
+  out->set_model_step(d.step);
+  out->set_landmark_epoch(d.landmark_epoch);
+  out->set_num_landmarks(static_cast<uint32_t>(d.num_landmarks));
+  out->set_kernel(d.kernel);
+  out->set_lambda(d.lambda);
+  out->set_heldout_residual(d.heldout_residual);
+  out->set_stale_residual(d.stale_residual);
+  out->set_updates(d.updates);
+  out->set_rebases(d.rebases);
+  out->set_last_fit_seconds(d.last_fit_seconds);
+  out->set_last_apply_seconds(d.last_apply_seconds);
+  out->mutable_staleness_histogram()->Add(d.staleness_histogram.begin(),
+                                          d.staleness_histogram.end());
 }
 
 absl::StatusOr<std::string> CollectionName(const std::string& name) {

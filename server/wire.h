@@ -48,6 +48,7 @@ absl::StatusOr<IndexOptions> ToIndexOptions(const v1::CollectionConfig& c);
 void ToWireConfig(const std::string& name, const IndexOptions& o,
                   v1::CollectionConfig* out);
 void ToWireTreeInfo(const TreeSummary& t, v1::TreeInfo* out);
+void ToWireDriftInfo(const DriftSummary& d, v1::DriftInfo* out);
 
 // The collection a request names: empty means "default". Checks the
 // character set and length.

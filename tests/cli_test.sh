@@ -80,6 +80,30 @@ nm info --collection mine2 | grep -q "targets=6" || fail "6 targets"
 nm mine --collection mine2 --queries "$tmp/q4.npy" --k 2 --json | grep -q '"ids": \[300, 200\]' \
   || fail "top-2 over npy targets"
 
+# Drift: landmarks, a simulated update, a landmark file, a linear map.
+nm create --collection drifty --dim 16 --landmarks 64 >/dev/null
+nm upsert --collection drifty --random 2000 --seed 3 >/dev/null
+nm landmarks --collection drifty --out "$tmp/lm.npy" | grep -q "landmark epoch 1: 64 landmarks" \
+  || fail "landmarks"
+nm drift --collection drifty --model-step 5 --simulate --seed 3 | grep -q "drift at step 5: kernel=" \
+  || fail "drift --simulate"
+nm info --collection drifty | grep -q "drift: step=5" || fail "info shows the drift state"
+/usr/bin/python3 -c "
+import numpy as np
+ids = np.load('$tmp/lm.npy')
+assert ids.shape == (64, 1) and ids.dtype == np.uint64, (ids.shape, ids.dtype)
+np.save('$tmp/g.npy', np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32))
+np.save('$tmp/eye.npy', np.eye(16, dtype=np.float32))"
+nm drift --collection drifty --model-step 6 --landmarks "$tmp/g.npy" --epoch 1 | grep -q "step 6" \
+  || fail "drift --landmarks"
+nm drift --collection drifty --model-step 7 --linear-a "$tmp/eye.npy" | grep -q "re-based" \
+  || fail "drift --linear-a"
+set +e
+err=$(nm drift --collection drifty --model-step 8 --landmarks "$tmp/g.npy" --epoch 1 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 1 ] || fail "exit code $rc for a stale landmark epoch"
+echo "$err" | grep -q "FAILED_PRECONDITION" || fail "message: $err"
+
 # Bad input: exit code 2 and a message naming the field and value.
 set +e
 err=$(nm mine --collection default --queries "$tmp/q.npy" --k 0 2>&1 >/dev/null); rc=$?

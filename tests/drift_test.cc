@@ -471,7 +471,7 @@ TEST(DriftErrorsTest, BadUpdatesGetClearErrorsAndChangeNothing) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("either")));
   EXPECT_THAT(index->ApplyDrift({.model_step = 1, .landmark_epoch = lm.epoch,
                                  .landmark_embeddings = absl::MakeSpan(g).subspan(8)}),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("16 landmarks")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("the set has 16 landmarks")));
   std::vector<float> bad = g;
   bad[5] = std::nanf("");
   EXPECT_THAT(index->ApplyDrift({.model_step = 1, .landmark_epoch = lm.epoch,

@@ -59,6 +59,10 @@ class NegmineClient:
                           pb.GetIndexInfoResponse)
         self.get = unary("GetTargets", pb.GetTargetsRequest,
                          pb.GetTargetsResponse)
+        self.landmarks = unary("GetLandmarks", pb.GetLandmarksRequest,
+                               pb.GetLandmarksResponse)
+        self.drift = unary("ApplyDrift", pb.ApplyDriftRequest,
+                           pb.ApplyDriftResponse)
         self.upsert_stream = self.channel.stream_unary(
             SERVICE + "UpsertTargets",
             request_serializer=pb.UpsertTargetsRequest.SerializeToString,
@@ -237,6 +241,57 @@ class NegmineFromPython(unittest.TestCase):
         info = self.client.info(pb.GetIndexInfoRequest(collection="py"))
         self.assertEqual(info.info.num_targets, 10000)
         self.assertEqual(len(mine(mine_request("py", q, 3)).results), 2)
+
+    def test_drift_landmarks_and_linear_map(self):
+        # The "current model" moves every target by a linear map W: the
+        # displacement is linear in the stale embedding, so the Nystrom fit
+        # over 128 landmarks recovers it almost exactly.
+        d, n = 16, 2000
+        x = self.rng.standard_normal((n, d)).astype(np.float32)
+        ids = np.arange(n, dtype=np.uint64) + 5
+        self.client.create(pb.CreateCollectionRequest(config=pb.CollectionConfig(
+            name="pydrift", dim=d, metric=pb.METRIC_INNER_PRODUCT,
+            drift=pb.DriftParams(num_landmarks=128))))
+        upsert(self.client, "pydrift", ids, x)
+        w = (np.eye(d) + 0.1 * self.rng.standard_normal((d, d))).astype(np.float32)
+        lm = self.client.landmarks(pb.GetLandmarksRequest(collection="pydrift"))
+        self.assertEqual(len(lm.ids), 128)
+        rows = np.array(lm.ids, dtype=np.int64) - 5
+        resp = self.client.drift(pb.ApplyDriftRequest(
+            collection="pydrift", model_step=7, landmark_epoch=lm.landmark_epoch,
+            landmark_embeddings=matrix(x[rows] @ w.T)))
+        self.assertLess(resp.heldout_residual, 0.1 * resp.stale_residual)
+        got = self.client.get(pb.GetTargetsRequest(collection="pydrift",
+                                                   ids=ids.tolist(), scored=True))
+        scored = np.frombuffer(got.vectors.data, dtype="<f4").reshape(n, d)
+        want = x @ w.T
+        self.assertLess(np.linalg.norm(scored - want) / np.linalg.norm(want), 0.05)
+        # The stored vectors are untouched.
+        got = self.client.get(pb.GetTargetsRequest(collection="pydrift", ids=[5]))
+        self.assertTrue(np.array_equal(
+            np.frombuffer(got.vectors.data, dtype="<f4"), x[0]))
+        # An exact linear map acts on what is served.
+        a = (np.eye(d) + 0.1 * self.rng.standard_normal((d, d))).astype(np.float32)
+        b = self.rng.standard_normal((1, d)).astype(np.float32)
+        resp = self.client.drift(pb.ApplyDriftRequest(
+            collection="pydrift", model_step=8,
+            linear_map=pb.LinearMap(a=matrix(a), b=matrix(b))))
+        self.assertTrue(resp.rebased)
+        self.assertEqual(resp.landmark_epoch, lm.landmark_epoch + 1)
+        got = self.client.get(pb.GetTargetsRequest(collection="pydrift",
+                                                   ids=ids.tolist(), scored=True))
+        mapped = np.frombuffer(got.vectors.data, dtype="<f4").reshape(n, d)
+        np.testing.assert_allclose(mapped, scored.astype(np.float64) @ a.T + b,
+                                   atol=1e-4)
+        info = self.client.info(pb.GetIndexInfoRequest(collection="pydrift"))
+        self.assertTrue(info.info.drift.active)
+        self.assertEqual(info.info.drift.model_step, 8)
+        self.assertEqual(info.info.drift.updates, 2)
+        # A stale landmark set is refused, by name.
+        self.assert_status(self.client.drift, pb.ApplyDriftRequest(
+            collection="pydrift", model_step=9, landmark_epoch=lm.landmark_epoch,
+            landmark_embeddings=matrix(x[rows])),
+            grpc.StatusCode.FAILED_PRECONDITION, "call GetLandmarks again")
 
     def test_health_reports_serving(self):
         # HealthCheckRequest{service: ""} is empty; SERVING = 1 is field 1.

@@ -2,8 +2,10 @@
 // driven through the C++ client library, against brute-force oracles.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <set>
 #include <string>
 #include <thread>
@@ -12,6 +14,7 @@
 #include "client/negmine_client.h"
 #include "core/dtype.h"
 #include "core/random.h"
+#include "core/store/drift_bench.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/server_process.h"
@@ -416,17 +419,11 @@ TEST_F(ServerTest, MalformedRequestsGetClearErrors) {
 TEST_F(ServerTest, CapabilitiesToComeAnswerUnimplementedNamingThem) {
   std::vector<uint64_t> ids;
   Fill("later", 4, 10, v1::METRIC_COSINE, &ids);
-  grpc::ClientContext c1, c2, c3;
-  v1::GetLandmarksRequest lr;
-  lr.set_collection("later");
-  v1::GetLandmarksResponse lresp;
-  grpc::Status s = client_->stub().GetLandmarks(&c1, lr, &lresp);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(s.error_message(), HasSubstr("drift correction"));
+  grpc::ClientContext c2, c3;
   v1::CreateSnapshotRequest sr;
   sr.set_collection("later");
   v1::CreateSnapshotResponse sresp;
-  s = client_->stub().CreateSnapshot(&c2, sr, &sresp);
+  grpc::Status s = client_->stub().CreateSnapshot(&c2, sr, &sresp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_THAT(s.error_message(), HasSubstr("snapshots"));
   v1::AssignBatchesResponse bresp;
@@ -435,6 +432,103 @@ TEST_F(ServerTest, CapabilitiesToComeAnswerUnimplementedNamingThem) {
   s = writer->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_THAT(s.error_message(), HasSubstr("batch sampling"));
+  ExpectStillServing();
+}
+
+// Drift over the wire: landmarks, an update, mining over the corrected
+// vectors (brute force over GetTargets(scored) as the oracle), the drift
+// state in GetIndexInfo, and the error codes.
+TEST_F(ServerTest, DriftUpdatesOverTheWire) {
+  const int dim = 16, n = 3000;
+  const DriftBench bench({.num_targets = n, .num_queries = 8, .dim = dim, .latent_dim = 8,
+                          .hidden_dim = 32, .num_clusters = 20, .drift_sigma = 0.03,
+                          .seed = 3});
+  v1::CollectionConfig config;
+  config.set_name("drift");
+  config.set_dim(dim);
+  config.set_metric(v1::METRIC_COSINE);
+  config.mutable_drift()->set_num_landmarks(64);
+  ASSERT_THAT(client_->CreateCollection(config).status(), IsOk());
+  std::vector<uint64_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0);
+  ASSERT_THAT(client_->Upsert("drift", ids, bench.Targets(0), dim, 0).status(), IsOk());
+
+  absl::StatusOr<v1::GetLandmarksResponse> lm = client_->GetLandmarks("drift");
+  ASSERT_THAT(lm.status(), IsOk());
+  ASSERT_EQ(lm->ids_size(), 64);
+  const std::vector<size_t> rows(lm->ids().begin(), lm->ids().end());
+  const std::vector<float> g = bench.EncodeTargets(10, rows);
+  absl::StatusOr<v1::ApplyDriftResponse> r =
+      client_->ApplyDrift("drift", 10, lm->landmark_epoch(), g, dim);
+  ASSERT_THAT(r.status(), IsOk());
+  EXPECT_LT(r->heldout_residual(), r->stale_residual());
+  EXPECT_NE(r->kernel(), "none");
+  EXPECT_FALSE(r->rebased());
+  EXPECT_EQ(r->landmark_epoch(), lm->landmark_epoch());
+
+  // Mining serves the corrected vectors.
+  absl::StatusOr<v1::GetTargetsResponse> scored = client_->GetTargets("drift", ids, true);
+  ASSERT_THAT(scored.status(), IsOk());
+  std::vector<float> x(n * dim);
+  std::memcpy(x.data(), scored->vectors().data().data(), x.size() * sizeof(float));
+  const std::vector<float> queries = bench.Queries(10);
+  v1::MineParams params;
+  params.set_k(10);
+  absl::StatusOr<v1::MineResponse> mined = client_->Mine("drift", queries, dim, params);
+  ASSERT_THAT(mined.status(), IsOk());
+  EXPECT_EQ(mined->index_version(), r->index_version());
+  for (int qi = 0; qi < 8; ++qi) {
+    const float* q = &queries[qi * dim];
+    const double qn = std::sqrt(Dot(q, q, dim));
+    std::vector<double> s(n);
+    for (int i = 0; i < n; ++i) s[i] = Dot(q, &x[i * dim], dim) / qn;
+    std::sort(s.rbegin(), s.rend());
+    for (int j = 0; j < 10; ++j) EXPECT_NEAR(mined->results(qi).scores(j), s[j], kScoreTol);
+  }
+
+  absl::StatusOr<v1::GetIndexInfoResponse> info = client_->GetIndexInfo("drift");
+  ASSERT_THAT(info.status(), IsOk());
+  const v1::DriftInfo& d = info->info().drift();
+  EXPECT_TRUE(d.active());
+  EXPECT_EQ(d.model_step(), 10);
+  EXPECT_EQ(d.updates(), 1u);
+  EXPECT_EQ(d.num_landmarks(), 64u);
+  EXPECT_EQ(d.kernel(), r->kernel());
+  EXPECT_THAT(d.staleness_histogram(), ::testing::ElementsAre(0, 0, n, 0, 0));
+  EXPECT_EQ(info->info().config().drift().num_landmarks(), 64u);
+
+  // Errors: each with its code, and nothing changes.
+  EXPECT_THAT(client_->ApplyDrift("drift", 5, lm->landmark_epoch(), g, dim),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("backwards")));
+  EXPECT_THAT(client_->ApplyDrift("drift", 11, lm->landmark_epoch() + 1, g, dim),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("GetLandmarks")));
+  EXPECT_THAT(client_->ApplyDrift("drift", 11, lm->landmark_epoch(),
+                                  absl::MakeConstSpan(g).subspan(0, 63 * dim), dim),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("63 rows")));
+  EXPECT_THAT(client_->ApplyDrift("nope", 11, 1, g, dim),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("nope")));
+  EXPECT_THAT(client_->ApplyLinearMap("drift", 11, std::vector<float>(2 * dim, 1.0f), {}, dim),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dim x dim")));
+  {
+    grpc::ClientContext ctx;
+    v1::ApplyDriftRequest req;
+    req.set_collection("drift");
+    req.set_model_step(11);
+    v1::ApplyDriftResponse resp;
+    const grpc::Status s = client_->stub().ApplyDrift(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("landmark_embeddings or linear_map"));
+  }
+  EXPECT_EQ(client_->GetIndexInfo("drift")->info().index_version(), r->index_version());
+
+  // An exact linear map (identity here) re-bases: a new landmark set.
+  std::vector<float> eye(dim * dim, 0.0f);
+  for (int i = 0; i < dim; ++i) eye[i * dim + i] = 1;
+  absl::StatusOr<v1::ApplyDriftResponse> lin = client_->ApplyLinearMap("drift", 12, eye, {}, dim);
+  ASSERT_THAT(lin.status(), IsOk());
+  EXPECT_TRUE(lin->rebased());
+  EXPECT_EQ(lin->landmark_epoch(), lm->landmark_epoch() + 1);
+  EXPECT_EQ(client_->GetLandmarks("drift")->landmark_epoch(), lm->landmark_epoch() + 1);
   ExpectStillServing();
 }
 
