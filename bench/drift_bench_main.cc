@@ -8,9 +8,10 @@
 //   - sampling quality (chi-square and TV against the exact softmax over
 //     equal-mass bins; the relative error of the grad log Z estimate against
 //     brute-force top-k) and sampling throughput;
-//   - under drift, recall@k against the step for a static index, a static
-//     index rebuilt every R steps, and negmine absorbing its re-encoding
-//     budget each step;
+//   - under drift, recall@k and the softmax's KL against the step for a
+//     static index, a static index rebuilt every R steps, and negmine's
+//     drift-corrected tree at several m (plus one variant that also
+//     re-encodes a budget of targets per step), with the cost of an update;
 //   - with --server_bin, the same top-k through the gRPC server (C++ client,
 //     MineStream), against the in-process figure.
 // It writes results.json and results.md to --out_dir.
@@ -36,8 +37,11 @@
 #include <thread>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -65,7 +69,11 @@ ABSL_FLAG(double, update_fraction, 0.01, "fraction of targets re-encoded for the
 ABSL_FLAG(int, drift_steps, 20, "last drift step");
 ABSL_FLAG(int, drift_every, 4, "evaluate recall every this many steps");
 ABSL_FLAG(int, rebuild_every, 10, "the static peer is rebuilt every R steps");
-ABSL_FLAG(double, reencode_budget, 0.005, "fraction of targets negmine re-encodes per step");
+ABSL_FLAG(double, reencode_budget, 0.005,
+          "fraction of targets one drift variant also re-encodes per step (0: none)");
+ABSL_FLAG(std::string, drift_landmarks, "2,8", "landmarks per drift variant, in multiples of dim");
+ABSL_FLAG(uint64_t, kl_queries, 32, "queries for the KL-under-drift figure");
+ABSL_FLAG(double, kl_temperature, 0.05, "softmax temperature of the KL-under-drift figure");
 ABSL_FLAG(uint64_t, drift_queries, 1024, "queries per drift evaluation");
 ABSL_FLAG(uint64_t, sample_queries, 32, "queries for the sampling-quality figures");
 ABSL_FLAG(int, sample_rounds, 40, "draw rounds of k samples per query (chi-square / TV)");
@@ -92,6 +100,11 @@ size_t RssBytes() {
 
 void Log(const std::string& s) {
   std::fprintf(stderr, "[bench] %s\n", s.c_str());
+}
+
+[[noreturn]] void Die(const std::string& s) {
+  std::fprintf(stderr, "[bench] fatal: %s\n", s.c_str());
+  std::exit(1);
 }
 
 // A tiny JSON writer: enough for flat records and arrays of them.
@@ -504,51 +517,156 @@ int Main() {
   }
 
   // ---------------------------------------------------------- drift
+  // Every evaluated step t: the stale index, a static index rebuilt over
+  // freshly re-encoded targets every R steps, and negmine's drift-corrected
+  // tree at several m (each re-encoding only its m landmarks at step t; one
+  // variant also re-encodes a budget of targets every step). Recall@k of
+  // exact top-k against brute force over the step-t targets, and the KL of
+  // each one's softmax from the current model's.
+  struct DriftVariant {
+    std::string name;
+    int m = 0;
+    bool budget = false;
+    std::unique_ptr<BenchIndex> index;
+    double fit_s = 0, apply_s = 0;
+    int updates = 0;
+    double qps_before = 0, qps_after = 0;
+  };
   struct DriftPoint {
     int step;
-    double stale, rebuilt, negmine;
+    double stale, rebuilt;
+    std::vector<double> negmine;
+    double kl_stale = 0, kl_rebuilt = 0;
+    std::vector<double> kl_negmine;
   };
+  std::vector<DriftVariant> variants;
   std::vector<DriftPoint> drift;
+  const double kl_tau = absl::GetFlag(FLAGS_kl_temperature);
   {
     const size_t dq = std::min<size_t>(absl::GetFlag(FLAGS_drift_queries), q_all.size() / dim);
+    const size_t kq = std::min<size_t>(absl::GetFlag(FLAGS_kl_queries), dq);
     const int R = absl::GetFlag(FLAGS_rebuild_every);
     const size_t budget = static_cast<size_t>(n * absl::GetFlag(FLAGS_reencode_budget));
     auto stale = MakeFaissFlat(po);
     stale->Build(x0.data(), n, dim);
     auto rebuilt = MakeFaissFlat(po);
     rebuilt->Build(x0.data(), n, dim);
-    auto nm = MakeNegmineExact(threads);
-    nm->Build(x0.data(), n, dim);
-    // negmine re-encodes its budget each step, the least recently encoded
-    // targets first (a round-robin over a fixed random order).
+    std::vector<float> x_rebuilt = x0;
+    for (absl::string_view f :
+         absl::StrSplit(absl::GetFlag(FLAGS_drift_landmarks), ',', absl::SkipEmpty())) {
+      int factor = 0;
+      if (!absl::SimpleAtoi(f, &factor) || factor <= 0) {
+        Die(absl::StrCat("--drift_landmarks: '", f, "' is not a positive integer"));
+      }
+      const int m = factor * dim;
+      variants.push_back({.name = absl::StrCat("m=", f, "d"), .m = m});
+    }
+    if (budget > 0 && !variants.empty()) {
+      variants.push_back({.name = absl::StrCat(variants[0].name, " + re-encode ",
+                                               absl::GetFlag(FLAGS_reencode_budget) * 100, "%/step"),
+                          .m = variants[0].m, .budget = true});
+    }
+    const std::vector<float> q_eval(q_all.begin(), q_all.begin() + dq * dim);
+    for (DriftVariant& v : variants) {
+      v.index = MakeNegmineDrift(threads, v.m);
+      v.index->Build(x0.data(), n, dim);
+    }
+    {
+      const auto t0 = Clock::now();
+      variants[0].index->Search(q_eval.data(), dq, k, 0);
+      variants[0].qps_before = dq / Seconds(t0);
+    }
+    // The budget variant re-encodes the least recently encoded targets first
+    // (a round-robin over a fixed random order).
     std::vector<size_t> order(n);
     std::iota(order.begin(), order.end(), 0);
     Rng rng(seed, 123);
     for (size_t i = n - 1; i > 0; --i) std::swap(order[i], order[rng.Below(i + 1)]);
     size_t cursor = 0;
+    // Mean KL(p_now || p) over the first kq queries at temperature kl_tau.
+    auto kl = [&](const std::vector<float>& now, const float* x, const std::vector<float>& q) {
+      using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+      Eigen::Map<const RowMatrix> qs(q.data(), kq, dim), xn(now.data(), n, dim), xm(x, n, dim);
+      const RowMatrix s_now = qs * xn.transpose(), s = qs * xm.transpose();
+      double total = 0;
+      for (size_t i = 0; i < kq; ++i) {
+        auto log_softmax = [&](const RowMatrix& m) {
+          Eigen::ArrayXd a = m.row(i).cast<double>().array() / kl_tau;
+          const double mx = a.maxCoeff();
+          return (a - mx - std::log((a - mx).exp().sum())).eval();
+        };
+        const Eigen::ArrayXd lp = log_softmax(s_now), lq = log_softmax(s);
+        total += (lp.exp() * (lp - lq)).sum();
+      }
+      return total / kq;
+    };
+    std::vector<uint64_t> all_ids(n);
+    std::iota(all_ids.begin(), all_ids.end(), 0);
     for (int t = 0; t <= absl::GetFlag(FLAGS_drift_steps); ++t) {
       if (t > 0 && budget > 0) {
         std::vector<size_t> rows(budget);
         for (size_t i = 0; i < budget; ++i) rows[i] = order[(cursor + i) % n];
         cursor += budget;
-        nm->Update(std::vector<int64_t>(rows.begin(), rows.end()),
-                   gen.EncodeTargets(t, rows).data());
+        const std::vector<float> enc = gen.EncodeTargets(t, rows);
+        for (DriftVariant& v : variants) {
+          if (!v.budget) continue;
+          const absl::Status st = v.index->core()->Upsert(
+              std::vector<uint64_t>(rows.begin(), rows.end()), enc, t);
+          if (!st.ok()) Die(st.ToString());
+        }
       }
       const bool eval = t % absl::GetFlag(FLAGS_drift_every) == 0;
       const bool rebuild = t > 0 && t % R == 0;
       if (!eval && !rebuild) continue;
       const std::vector<float> xt = gen.Targets(t);
-      if (rebuild) rebuilt->Build(xt.data(), n, dim);
+      if (rebuild) {
+        rebuilt->Build(xt.data(), n, dim);
+        x_rebuilt = xt;
+      }
       if (!eval) continue;
       const std::vector<float> qt_all = gen.Queries(t);
       const std::vector<float> qt(qt_all.begin(), qt_all.begin() + dq * dim);
       const auto tt = Truth(xt.data(), n, dim, qt.data(), dq, k, threads);
       DriftPoint pnt{t, Recall(stale->Search(qt.data(), dq, k, 0), tt, dq, k),
-                     Recall(rebuilt->Search(qt.data(), dq, k, 0), tt, dq, k),
-                     Recall(nm->Search(qt.data(), dq, k, 0), tt, dq, k)};
+                     Recall(rebuilt->Search(qt.data(), dq, k, 0), tt, dq, k)};
+      pnt.kl_stale = kl(xt, x0.data(), qt);
+      pnt.kl_rebuilt = kl(xt, x_rebuilt.data(), qt);
+      for (DriftVariant& v : variants) {
+        Index& idx = *v.index->core();
+        if (t > 0) {
+          absl::StatusOr<LandmarkSet> lm = idx.GetLandmarks();
+          if (!lm.ok()) Die(lm.status().ToString());
+          const std::vector<float> g =
+              gen.EncodeTargets(t, std::vector<size_t>(lm->ids.begin(), lm->ids.end()));
+          absl::StatusOr<DriftReport> rep = idx.ApplyDrift(
+              {.model_step = t, .landmark_epoch = lm->epoch, .landmark_embeddings = g});
+          if (!rep.ok()) Die(rep.status().ToString());
+          v.fit_s += rep->fit_seconds;
+          v.apply_s += rep->apply_seconds;
+          ++v.updates;
+        }
+        pnt.negmine.push_back(Recall(v.index->Search(qt.data(), dq, k, 0), tt, dq, k));
+        std::vector<float> scored;
+        const absl::Status st = idx.GetScored(all_ids, &scored);
+        if (!st.ok()) Die(st.ToString());
+        pnt.kl_negmine.push_back(kl(xt, scored.data(), qt));
+      }
       drift.push_back(pnt);
-      Log(absl::StrCat("drift step ", t, ": stale ", pnt.stale, " rebuilt/", R, " ",
-                       pnt.rebuilt, " negmine ", pnt.negmine));
+      std::string line = absl::StrCat("drift step ", t, ": recall stale ", pnt.stale,
+                                      " rebuilt/", R, " ", pnt.rebuilt);
+      for (size_t i = 0; i < variants.size(); ++i) {
+        absl::StrAppend(&line, " ", variants[i].name, " ", pnt.negmine[i]);
+      }
+      absl::StrAppend(&line, "; KL stale ", pnt.kl_stale, " rebuilt ", pnt.kl_rebuilt);
+      for (size_t i = 0; i < variants.size(); ++i) {
+        absl::StrAppend(&line, " ", variants[i].name, " ", pnt.kl_negmine[i]);
+      }
+      Log(line);
+    }
+    {
+      const auto t0 = Clock::now();
+      variants[0].index->Search(q_eval.data(), dq, k, 0);
+      variants[0].qps_after = dq / Seconds(t0);
     }
   }
 
@@ -599,11 +717,21 @@ int Main() {
                                 .Done());
   }
   for (const auto& d : drift) {
+    Json j;
+    j.Num("step", d.step).Num("stale", d.stale).Num("rebuilt_every_r", d.rebuilt);
+    j.Num("kl_stale", d.kl_stale).Num("kl_rebuilt_every_r", d.kl_rebuilt);
+    for (size_t i = 0; i < variants.size(); ++i) {
+      j.Num(absl::StrCat("negmine ", variants[i].name), d.negmine[i]);
+      j.Num(absl::StrCat("kl negmine ", variants[i].name), d.kl_negmine[i]);
+    }
+    drift_json.push_back(j.Done());
+  }
+  for (const auto& v : variants) {
     drift_json.push_back(Json()
-                             .Num("step", d.step)
-                             .Num("stale", d.stale)
-                             .Num("rebuilt_every_r", d.rebuilt)
-                             .Num("negmine", d.negmine)
+                             .Str("variant", v.name)
+                             .Num("landmarks", v.m)
+                             .Num("fit_seconds_per_update", v.updates ? v.fit_s / v.updates : 0)
+                             .Num("apply_seconds_per_update", v.updates ? v.apply_s / v.updates : 0)
                              .Done());
   }
   const double total_s = Seconds(bench_start);
@@ -681,14 +809,39 @@ int Main() {
        << " | " << (exact_qps > 0 ? absl::StrFormat("%.1fx", s.sample_qps / exact_qps) : "-")
        << " |\n";
   }
-  md << "\n### Recall@" << k << " under drift\n\n"
-     << "| step | static (never rebuilt) | static, rebuilt every " << absl::GetFlag(FLAGS_rebuild_every)
-     << " steps | negmine (re-encodes " << absl::GetFlag(FLAGS_reencode_budget) * 100
-     << "% of targets per step) |\n| --- | --- | --- | --- |\n";
+  md << "\n### Recall@" << k << " and KL under drift\n\n"
+     << "Exact top-" << k << " against brute force over the step-t targets. negmine's "
+     << "tree (cosine) re-encodes only its m landmarks at each evaluated step and "
+     << "corrects every target (Nystrom, displacement form). KL: mean KL(p_now || p) of "
+     << "the softmax at tau = " << kl_tau << " over all targets, " << absl::GetFlag(FLAGS_kl_queries)
+     << " queries; the oracle (fresh embeddings) has recall 1 and KL 0.\n\n"
+     << "| step | static | static, rebuilt every " << absl::GetFlag(FLAGS_rebuild_every) << " steps";
+  for (const auto& v : variants) md << " | negmine " << v.name;
+  md << " | KL static | KL rebuilt";
+  for (const auto& v : variants) md << " | KL " << v.name;
+  md << " |\n|";
+  for (size_t i = 0; i < 5 + 2 * variants.size(); ++i) md << " --- |";
+  md << "\n";
   for (const auto& d : drift) {
     md << "| " << d.step << " | " << absl::StrFormat("%.4f", d.stale) << " | "
-       << absl::StrFormat("%.4f", d.rebuilt) << " | " << absl::StrFormat("%.4f", d.negmine)
-       << " |\n";
+       << absl::StrFormat("%.4f", d.rebuilt);
+    for (double r : d.negmine) md << " | " << absl::StrFormat("%.4f", r);
+    md << " | " << absl::StrFormat("%.4f", d.kl_stale) << " | " << absl::StrFormat("%.4f", d.kl_rebuilt);
+    for (double r : d.kl_negmine) md << " | " << absl::StrFormat("%.4f", r);
+    md << " |\n";
+  }
+  md << "\n| variant | landmarks | fit s / update | apply s / update (all " << n << " targets + tree) |\n"
+     << "| --- | --- | --- | --- |\n";
+  for (const auto& v : variants) {
+    md << "| " << v.name << " | " << v.m << " | "
+       << absl::StrFormat("%.3f", v.updates ? v.fit_s / v.updates : 0) << " | "
+       << absl::StrFormat("%.3f", v.updates ? v.apply_s / v.updates : 0) << " |\n";
+  }
+  if (!variants.empty()) {
+    md << "\nPer-query cost of the correction (" << variants[0].name << ", exact top-" << k
+       << ", one thread per batch part): " << absl::StrFormat("%.0f", variants[0].qps_before)
+       << " queries/s before any drift update, " << absl::StrFormat("%.0f", variants[0].qps_after)
+       << " after the last (the radii grown by the movement, no rebuild).\n";
   }
   if (!server_bin.empty()) {
     md << "\n### End to end (gRPC server, C++ client, MineStream, " << threads

@@ -44,7 +44,9 @@ std::vector<int> EfSweep(int k) {
 class NegmineIndex final : public BenchIndex {
  public:
   enum Kind { kExact, kTreeExact, kTreeBeam };
-  NegmineIndex(Kind kind, int threads) : kind_(kind), threads_(threads) {}
+  NegmineIndex(Kind kind, int threads, Metric metric = Metric::kInnerProduct,
+               IndexOptions::Drift drift = {})
+      : kind_(kind), threads_(threads), metric_(metric), drift_(drift) {}
   std::string name() const override {
     return kind_ == kExact ? "negmine-exact" : kind_ == kTreeExact ? "negmine-tree-exact" : "negmine-tree";
   }
@@ -55,10 +57,11 @@ class NegmineIndex final : public BenchIndex {
   }
   void Build(const float* x, size_t n, int dim) override {
     dim_ = dim;
-    IndexOptions o{.dim = dim, .metric = Metric::kInnerProduct, .backend = Backend::kCpu,
+    IndexOptions o{.dim = dim, .metric = metric_, .backend = Backend::kCpu,
                    .kind = kind_ == kExact ? IndexKind::kExact : IndexKind::kTree,
                    .initial_capacity = n};
     o.tree.background_rebuild = false;
+    o.drift = drift_;
     index_ = CreateIndex(o).value();
     std::vector<uint64_t> ids(n);
     std::iota(ids.begin(), ids.end(), 0);
@@ -84,6 +87,7 @@ class NegmineIndex final : public BenchIndex {
     return true;
   }
   size_t MemoryBytes() const override { return index_->Stats().memory_bytes; }
+  Index* core() override { return index_.get(); }
 
  private:
   static void Check(const absl::Status& s) {
@@ -94,6 +98,8 @@ class NegmineIndex final : public BenchIndex {
   }
   Kind kind_;
   int threads_;
+  Metric metric_;
+  IndexOptions::Drift drift_;
   int dim_ = 0;
   std::unique_ptr<Index> index_;
 };
@@ -267,6 +273,10 @@ std::unique_ptr<BenchIndex> MakeNegmineExact(int threads) {
 std::unique_ptr<BenchIndex> MakeNegmineTree(int threads, bool exact) {
   return std::make_unique<NegmineIndex>(
       exact ? NegmineIndex::kTreeExact : NegmineIndex::kTreeBeam, threads);
+}
+std::unique_ptr<BenchIndex> MakeNegmineDrift(int threads, int num_landmarks) {
+  return std::make_unique<NegmineIndex>(NegmineIndex::kTreeExact, threads, Metric::kCosine,
+                                        IndexOptions::Drift{.num_landmarks = num_landmarks});
 }
 std::unique_ptr<BenchIndex> MakeFaissFlat(const PeerOptions&) {
   return std::make_unique<FaissFlat>();

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "core/index.h"
+
 namespace negmine::bench {
 
 class BenchIndex {
@@ -35,6 +37,8 @@ class BenchIndex {
   virtual bool Update(const std::vector<int64_t>& ids, const float* x) = 0;
   // Bytes the index holds, by its own account; 0 if it cannot say.
   virtual size_t MemoryBytes() const { return 0; }
+  // negmine's indexes: the core index (drift updates, scored vectors).
+  virtual Index* core() { return nullptr; }
 };
 
 struct PeerOptions {
@@ -47,6 +51,9 @@ struct PeerOptions {
 std::unique_ptr<BenchIndex> MakeNegmineExact(int threads);
 // The tree index: exact top-k, or (exact = false) beam search over its knob.
 std::unique_ptr<BenchIndex> MakeNegmineTree(int threads, bool exact);
+// The tree index (exact top-k) on cosine, with drift correction over
+// `num_landmarks` landmarks, for the drift figures.
+std::unique_ptr<BenchIndex> MakeNegmineDrift(int threads, int num_landmarks);
 std::unique_ptr<BenchIndex> MakeFaissFlat(const PeerOptions& o);
 std::unique_ptr<BenchIndex> MakeFaissIvfFlat(const PeerOptions& o);
 std::unique_ptr<BenchIndex> MakeFaissHnsw(const PeerOptions& o);
