@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <limits>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -76,19 +77,26 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
     for (size_t i = 0; i < inv.size(); ++i) {
       for (int j = 0; j < dim; ++j) frame_rows[i * dim + j] *= inv[i];
     }
-    served_rows = frame_rows;
-    const std::shared_ptr<const DriftModel> then = ModelAt(model_step);
-    const std::shared_ptr<const DriftModel> now =
-        history_.empty() ? nullptr : history_.back().second;
-    if (then != nullptr) {
-      offset_rows.resize(n * dim);
-      then->Apply(frame_rows.data(), n, /*normalize=*/false, offset_rows.data());
-      for (size_t i = 0; i < n * dim; ++i) offset_rows[i] = frame_rows[i] - offset_rows[i];
+    // served = x + corr_latest(x) - corr_s(x), offset = -corr_s(x); a step
+    // beyond the latest update is pending, with offset -corr_latest(x).
+    const size_t total = n * dim;
+    std::vector<float> corr_latest(total, 0.0f);
+    if (!history_.empty()) {
+      history_.back().second->Apply(frame_rows.data(), n, /*normalize=*/false,
+                                    corr_latest.data());
+      for (size_t i = 0; i < total; ++i) corr_latest[i] -= frame_rows[i];
     }
-    if (now != then) {
-      now->Apply(frame_rows.data(), n, /*normalize=*/false, served_rows.data());
-      for (size_t i = 0; i < offset_rows.size(); ++i) served_rows[i] += offset_rows[i];
+    std::vector<float> corr_s = corr_latest;
+    if (model_step < LatestStep()) CorrectionAt(model_step, frame_rows.data(), n, corr_s.data());
+    served_rows = frame_rows;  // exactly as sent, unless s is in the past
+    offset_rows.resize(total);
+    for (size_t i = 0; i < total; ++i) offset_rows[i] = -corr_s[i];
+    if (model_step < LatestStep()) {
+      for (size_t i = 0; i < total; ++i) served_rows[i] += corr_latest[i] - corr_s[i];
       if (options_.metric == Metric::kCosine) NormalizeRows(served_rows.data(), n, dim);
+    }
+    if (std::all_of(offset_rows.begin(), offset_rows.end(), [](float v) { return v == 0; })) {
+      offset_rows.clear();
     }
   }
   absl::WriterMutexLock lock(&mu_);
@@ -115,6 +123,11 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
       } else {
         offsets_[row].assign(offset_rows.begin() + i * dim,
                              offset_rows.begin() + (i + 1) * dim);
+      }
+      if (model_step > LatestStep()) {
+        pending_[row] = model_step;
+      } else {
+        pending_.erase(row);
       }
     }
   }
@@ -148,6 +161,7 @@ absl::StatusOr<size_t> StoreIndex::Delete(absl::Span<const uint64_t> ids,
     if (row && store_.Delete(id)) {
       rows.push_back(static_cast<uint32_t>(*row));
       offsets_.erase(*row);
+      pending_.erase(*row);
     }
   }
   if (!rows.empty()) {
@@ -236,24 +250,57 @@ std::vector<float> StoreIndex::ScoringCopy() const {
   return out;
 }
 
-std::shared_ptr<const DriftModel> StoreIndex::ModelAt(int64_t step) const {
-  for (auto it = history_.rbegin(); it != history_.rend(); ++it) {
-    if (it->first <= step) return it->second->is_identity() ? nullptr : it->second;
+void StoreIndex::CorrectionAt(int64_t step, const float* x, size_t n,
+                              float* out) const {
+  const size_t total = n * options_.dim;
+  // corr of the i-th anchor: (s_F, 0), then the updates.
+  auto corr = [&](size_t i, float* dst) {
+    if (i == 0) {
+      std::fill_n(dst, total, 0.0f);
+      return;
+    }
+    history_[i - 1].second->Apply(x, n, /*normalize=*/false, dst);
+    for (size_t j = 0; j < total; ++j) dst[j] -= x[j];
+  };
+  auto anchor_step = [&](size_t i) { return i == 0 ? frame_step_ : history_[i - 1].first; };
+  const size_t anchors = history_.size() + 1;
+  size_t a = 0;
+  while (a + 1 < anchors && anchor_step(a + 1) <= step) ++a;
+  corr(a, out);
+  if (a + 1 == anchors || step <= anchor_step(a)) return;
+  const double alpha = static_cast<double>(step - anchor_step(a)) /
+                       static_cast<double>(anchor_step(a + 1) - anchor_step(a));
+  std::vector<float> next(total);
+  corr(a + 1, next.data());
+  for (size_t j = 0; j < total; ++j) {
+    out[j] = static_cast<float>((1 - alpha) * out[j] + alpha * next[j]);
   }
-  return nullptr;
 }
 
 absl::Status StoreIndex::ChooseLandmarks() {
   const int dim = options_.dim;
   absl::ReaderMutexLock lock(&mu_);
-  std::vector<uint32_t> live;
+  // Landmarks come from the rows whose frame vector is at the frame's step:
+  // a target re-encoded since then would show only part of the drift.
+  int64_t min_step = std::numeric_limits<int64_t>::max();
+  for (uint32_t r = 0; r < store_.num_rows(); ++r) {
+    if (store_.live(r)) min_step = std::min(min_step, store_.model_step(r));
+  }
+  std::vector<uint32_t> live, reencoded;
   live.reserve(store_.size());
   for (uint32_t r = 0; r < store_.num_rows(); ++r) {
-    if (store_.live(r)) live.push_back(r);
+    if (!store_.live(r)) continue;
+    const bool at_frame = drift_active_
+                              ? !offsets_.contains(r) && !pending_.contains(r)
+                              : store_.model_step(r) == min_step;
+    (at_frame ? live : reencoded).push_back(r);
   }
-  if (live.empty()) {
+  if (live.size() + reencoded.size() == 0) {
     return absl::FailedPreconditionError(
         "the collection is empty: upsert targets before drift updates");
+  }
+  if (live.size() < size_t(NumLandmarks())) {
+    live.insert(live.end(), reencoded.begin(), reencoded.end());
   }
   const int m = static_cast<int>(std::min<size_t>(NumLandmarks(), live.size()));
   // k-means++ over a uniform sample of 16 candidates per landmark.
@@ -289,13 +336,34 @@ absl::StatusOr<LandmarkSet> StoreIndex::GetLandmarks() {
   return landmarks_;
 }
 
-std::vector<float> StoreIndex::Materialize(const DriftModel& model) const {
+std::vector<float> StoreIndex::Materialize(
+    int64_t step, const DriftModel& model,
+    std::vector<std::pair<uint32_t, std::vector<float>>>* resolved) const {
   const int dim = options_.dim;
   const size_t rows = frame_.size() / dim;
   std::vector<float> served(frame_.size());
   model.Apply(frame_.data(), rows, /*normalize=*/false, served.data());
   for (const auto& [row, offset] : offsets_) {
+    if (pending_.contains(row)) continue;
     for (int j = 0; j < dim; ++j) served[size_t{row} * dim + j] += offset[j];
+  }
+  // A pending row at step s, with offset o = -corr_last(x): served
+  // x + (1 - alpha) (corr_t(x) + o), and its new offset -corr_s(x) =
+  // (1 - alpha) o - alpha corr_t(x), alpha = (s - last) / (t - last) <= 1.
+  const int64_t last = LatestStep();
+  std::vector<float> x(dim);
+  for (const auto& [row, s] : pending_) {
+    const double alpha = step > last ? std::min(1.0, double(s - last) / double(step - last)) : 1.0;
+    auto it = offsets_.find(row);
+    std::vector<float> o = it == offsets_.end() ? std::vector<float>(dim, 0.0f) : it->second;
+    float* out = served.data() + size_t{row} * dim;
+    const float* xr = frame_.data() + size_t{row} * dim;
+    for (int j = 0; j < dim; ++j) {
+      const double corr_t = double{out[j]} - xr[j];
+      out[j] = static_cast<float>(xr[j] + (1 - alpha) * (corr_t + o[j]));
+      o[j] = static_cast<float>((1 - alpha) * o[j] - alpha * corr_t);
+    }
+    resolved->emplace_back(row, std::move(o));
   }
   if (options_.metric == Metric::kCosine) NormalizeRows(served.data(), rows, dim);
   return served;
@@ -338,7 +406,9 @@ void StoreIndex::Rebase() {
   }
   offsets_.clear();
   history_.clear();
-  rebase_step_ = drift_summary_.step;
+  frame_step_ = drift_summary_.step;
+  // Rows from beyond the new frame's step stay pending, served as sent.
+  absl::erase_if(pending_, [&](const auto& p) { return p.second <= frame_step_; });
   // Cannot fail: the collection was not empty for the update.
   ChooseLandmarks().IgnoreError();
   absl::WriterMutexLock lock(&mu_);
@@ -407,16 +477,32 @@ absl::StatusOr<DriftReport> StoreIndex::ApplyDrift(const DriftUpdate& update) {
   start = std::chrono::steady_clock::now();
   auto model = std::make_shared<const DriftModel>(std::move(fit.model));
   if (!drift_active_) {
+    // The frame is the stored vectors, at the lowest step among them;
+    // targets stored at a later step are pending.
     std::vector<float> frame;
     {
       absl::ReaderMutexLock lock(&mu_);
       frame = ScoringCopy();
+      frame_step_ = update.model_step;
+      for (uint32_t r = 0; r < store_.num_rows(); ++r) {
+        if (store_.live(r)) frame_step_ = std::min(frame_step_, store_.model_step(r));
+      }
+      pending_.clear();
+      for (uint32_t r = 0; r < store_.num_rows(); ++r) {
+        if (store_.live(r) && store_.model_step(r) > frame_step_) {
+          pending_[r] = store_.model_step(r);
+        }
+      }
     }
     absl::WriterMutexLock lock(&mu_);
     frame_.swap(frame);
-    rebase_step_ = update.model_step;
   }
-  InstallServed(Materialize(*model));
+  std::vector<std::pair<uint32_t, std::vector<float>>> resolved;
+  InstallServed(Materialize(update.model_step, *model, &resolved));
+  for (auto& [row, offset] : resolved) {
+    if (pending_[row] <= update.model_step) pending_.erase(row);
+    offsets_[row] = std::move(offset);
+  }
   history_.emplace_back(update.model_step, model);
   if (history_.size() > kHistory) history_.pop_front();
   const double apply_seconds = Seconds(start);
@@ -443,7 +529,7 @@ absl::StatusOr<DriftReport> StoreIndex::ApplyDrift(const DriftUpdate& update) {
   const IndexOptions::Drift& opt = options_.drift;
   if ((opt.rebase_residual > 0 && fit.heldout_residual > opt.rebase_residual) ||
       (opt.rebase_every_steps > 0 &&
-       update.model_step - rebase_step_ >= opt.rebase_every_steps)) {
+       update.model_step - frame_step_ >= opt.rebase_every_steps)) {
     Rebase();
     report.rebased = true;
   }

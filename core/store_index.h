@@ -7,21 +7,32 @@
 // Drift (core/drift/drift.h). Until the first ApplyDrift the index scores
 // the stored vectors. From then on it scores `served_`, one corrected vector
 // per row, materialized by one pass over the targets per update:
-//   served(y) = normalize?( E(y) + k(E(y), L) C_t + o(y) ),
-// with E = `frame_` (the frame of the last re-base), C_t the current model,
-// and o(y) an offset for targets re-encoded since the re-base:
-//   o(y) = -k(g_s(y), L) C_s   for a target upserted at model step s,
-// where C_s is the model that was current at step s (the latest update at
-// or before s; none before the re-base), and E(y) = g_s(y). So at t = s the
-// target is served exactly as sent, and later it receives only the drift
-// after s (C_t - C_s): no double counting. This is the "virtual base"
-// E(y) + o(y) of the issue, kept as a sparse offset so that the kernel is
-// still evaluated at the real embedding. Models of the last kHistory updates
-// are kept; a step older than those is treated as encoded at the re-base.
-// A re-base makes the served vectors the new frame, drops the offsets,
-// chooses new landmarks (k-means++ on a sample) and bumps the landmark
-// epoch. It happens after a linear map, when a fit's held-out residual
-// exceeds IndexOptions::Drift::rebase_residual, or every rebase_every_steps.
+//   served(y) = normalize?( E(y) + corr_t(E(y)) + o(y) ),
+// with E = `frame_` (the frame of the last re-base, at step s_F),
+// corr_t(x) = k(x, L) C_t the current model's correction, and o(y) an offset
+// for targets re-encoded since the re-base.
+//
+// Re-encoded targets. A target upserted at model step s carries the drift
+// up to s already; it must receive only the drift after s. Let corr_s be the
+// correction "as of step s": 0 at s_F, the update's own at each update step,
+// linear in the step between two updates (the drift is taken to accrue
+// evenly between updates). Then E(y) = g_s(y) and o(y) = -corr_s(g_s(y)),
+// so at t = s the target is served exactly as sent and later it receives
+// corr_t - corr_s. When s lies beyond the last update, corr_s is not known
+// yet: the target is served as sent and stays "pending" until the next
+// update t, which interpolates between the last update and t. This is the
+// "virtual base" E(y) + o(y) of the issue, kept as a sparse offset so that
+// the kernel is still evaluated at the real embedding. The models of the
+// last kHistory updates are kept for late upserts (steps older than those
+// interpolate from s_F to the oldest kept).
+//
+// At the first update the frame is the stored vectors, s_F is the lowest
+// model_step among them, and the targets stored at a later step are
+// pending. A re-base makes the served vectors the new frame at the update's
+// step, drops the offsets, chooses new landmarks (k-means++ on a sample)
+// and bumps the landmark epoch. It happens after a linear map, when a fit's
+// held-out residual exceeds IndexOptions::Drift::rebase_residual, or every
+// rebase_every_steps.
 // Memory: once drift is active, frame_ and served_ add 2 x dim floats per
 // row to the stored vectors.
 //
@@ -120,8 +131,12 @@ class StoreIndex : public Index {
   std::vector<float> ScoringCopy() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Chooses a new landmark set from the current frame.
   absl::Status ChooseLandmarks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
-  // The served vectors of every row, from the frame, `model` and offsets.
-  std::vector<float> Materialize(const DriftModel& model) const
+  // The served vectors of every row for the update (`step`, `model`), from
+  // the frame and the offsets; the new offsets of the pending rows go to
+  // `resolved` (row, offset).
+  std::vector<float> Materialize(
+      int64_t step, const DriftModel& model,
+      std::vector<std::pair<uint32_t, std::vector<float>>>* resolved) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   // Installs `served` (and the frame, on first activation), moves the
   // index, bumps the version.
@@ -130,9 +145,14 @@ class StoreIndex : public Index {
   void Rebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   absl::StatusOr<DriftReport> ApplyLinearMap(const DriftUpdate& update)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
-  // The model that was current at `step` (null: none since the re-base).
-  std::shared_ptr<const DriftModel> ModelAt(int64_t step) const
+  // corr_s(x) (see above) for the n rows of x, into out (n x dim), for a
+  // step s at or before the last update.
+  void CorrectionAt(int64_t step, const float* x, size_t n, float* out) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // The step of the last update since the re-base, or s_F.
+  int64_t LatestStep() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {
+    return history_.empty() ? frame_step_ : history_.back().first;
+  }
 
   // Drift state. Writers read it under write_mu_. What readers see (the
   // flag, the served and frame vectors, the summary) is written under both
@@ -144,7 +164,9 @@ class StoreIndex : public Index {
       ABSL_GUARDED_BY(write_mu_);
   LandmarkSet landmarks_ ABSL_GUARDED_BY(write_mu_);
   RowMatrixF landmark_frame_ ABSL_GUARDED_BY(write_mu_);
-  int64_t rebase_step_ ABSL_GUARDED_BY(write_mu_) = 0;
+  int64_t frame_step_ ABSL_GUARDED_BY(write_mu_) = 0;  // s_F
+  // Rows upserted at a step beyond the last update: row -> step.
+  absl::flat_hash_map<uint32_t, int64_t> pending_ ABSL_GUARDED_BY(write_mu_);
   // (step, model) of the updates since the re-base, oldest first.
   std::deque<std::pair<int64_t, std::shared_ptr<const DriftModel>>> history_
       ABSL_GUARDED_BY(write_mu_);
