@@ -370,31 +370,14 @@ std::vector<float> StoreIndex::Materialize(
 }
 
 void StoreIndex::InstallServed(std::vector<float> served) {
-  const int dim = options_.dim;
-  std::vector<float> movement;
   {
-    // Readers go on meanwhile: only writers change what is read here, and
-    // this writer holds write_mu_.
     absl::ReaderMutexLock lock(&mu_);
-    const PointSource before = Points();
-    movement.assign(store_.num_rows(), 0.0f);
-    std::vector<float> x(dim);
-    for (uint32_t r = 0; r < store_.num_rows(); ++r) {
-      if (!store_.live(r)) continue;
-      before.Get(r, x.data());
-      double sq = 0;
-      for (int j = 0; j < dim; ++j) {
-        const double t = double{served[size_t{r} * dim + j]} - x[j];
-        sq += t * t;
-      }
-      // Rounded up, so that radii grown by it stay valid bounds.
-      movement[r] = static_cast<float>(std::sqrt(sq) * (1 + 1e-6));
-    }
+    PrepareDrift({.data = served.data(), .dim = options_.dim});
   }
   absl::WriterMutexLock lock(&mu_);
   served_.swap(served);
   drift_active_ = true;
-  OnDriftLocked(movement);
+  OnDriftLocked();
   ++version_;
 }
 

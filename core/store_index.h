@@ -101,10 +101,13 @@ class StoreIndex : public Index {
   // After the store freed `rows`.
   virtual void OnDeleteLocked(absl::Span<const uint32_t> /*rows*/)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {}
-  // After the scoring vectors of every row changed (a drift update):
-  // `movement[row]` bounds how far row's scoring vector moved.
-  virtual void OnDriftLocked(absl::Span<const float> /*movement*/)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {}
+  // A drift update, in two steps. PrepareDrift sees the new scoring vectors
+  // of every row (`after`) under the reader lock, so queries go on while it
+  // works; OnDriftLocked then installs its result under the writer lock.
+  // No other write comes between the two (the caller holds write_mu_).
+  virtual void PrepareDrift(const PointSource& /*after*/)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
+  virtual void OnDriftLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_) {}
   // Bytes held beyond the store.
   virtual size_t ExtraMemoryLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return 0;

@@ -381,7 +381,7 @@ bool Tree::Remove(uint32_t row) {
   return true;
 }
 
-double Tree::GrowRadii(absl::Span<const float> movement) {
+void Tree::GrowRadii(absl::Span<const float> movement) {
   std::vector<float> grow(num_nodes(), 0.0f);
   for (int32_t leaf : leaves_) {
     for (uint32_t row : members(leaf)) grow[leaf] = std::max(grow[leaf], movement[row]);
@@ -390,12 +390,42 @@ double Tree::GrowRadii(absl::Span<const float> movement) {
   for (int32_t f = static_cast<int32_t>(num_nodes()) - 1; f > 0; --f) {
     if (parent_[f] != kNone) grow[parent_[f]] = std::max(grow[parent_[f]], grow[f]);
   }
-  double relative = 0;
-  for (int32_t leaf : leaves_) {
-    relative += grow[leaf] / std::max(radius_[leaf], 1e-12f);
-  }
   for (size_t f = 0; f < num_nodes(); ++f) radius_[f] += grow[f];
-  return leaves_.empty() ? 0.0 : relative / leaves_.size();
+}
+
+Tree::Bounds Tree::ComputeBounds(const PointSource& points) const {
+  Bounds b{.radius = radius_, .spread = spread_};
+  std::vector<float> r2(num_nodes(), 0.0f);
+  std::vector<double> sq(num_nodes(), 0.0);
+  std::vector<float> x(dim_);
+  for (int32_t leaf : leaves_) {
+    for (uint32_t row : members(leaf)) {
+      points.Get(row, x.data());
+      for (int32_t f = leaf; f != kNone; f = parent_[f]) {
+        const float d = SquaredDistance(x.data(), center(f), dim_);
+        r2[f] = std::max(r2[f], d);
+        sq[f] += d;
+      }
+    }
+  }
+  for (size_t f = 0; f < num_nodes(); ++f) {
+    if (count_[f] == 0) continue;
+    // Padded as in Summarize, so the covering property holds in float.
+    b.radius[f] = std::sqrt(r2[f]) * (1.0f + 1e-6f) + 1e-7f;
+    b.spread[f] = static_cast<float>(sq[f] / count_[f]);
+  }
+  return b;
+}
+
+void Tree::SetBounds(Bounds bounds) {
+  radius_ = std::move(bounds.radius);
+  spread_ = std::move(bounds.spread);
+}
+
+double Tree::LeafRadiusSum() const {
+  double sum = 0;
+  for (int32_t leaf : leaves_) sum += radius_[leaf];
+  return sum;
 }
 
 void Tree::RefreshLeaves() {

@@ -91,11 +91,22 @@ class Tree {
   // row is not in the tree.
   bool Remove(uint32_t row);
 
-  // After the vectors moved in place (drift): grows every node's radius by
-  // the largest movement[row] of a target below it, which keeps the bounds
-  // valid (centers stay). Returns the mean over leaves of growth / radius,
-  // a measure of the looseness added.
-  double GrowRadii(absl::Span<const float> movement);
+  // After some vectors moved in place: grows every node's radius by the
+  // largest movement[row] of a target below it, which keeps the bounds
+  // valid (centers stay). O(N).
+  void GrowRadii(absl::Span<const float> movement);
+
+  // Every node's exact covering radius and spread around its (unchanged)
+  // center, for `points` (after every vector moved: a drift update). The
+  // structure is not touched, so this can run under a reader lock, and
+  // SetBounds installs the result. O(N depth dim).
+  struct Bounds {
+    std::vector<float> radius, spread;
+  };
+  Bounds ComputeBounds(const PointSource& points) const;
+  void SetBounds(Bounds bounds);
+  // Sum of the leaves' radii: grows as the centers go stale.
+  double LeafRadiusSum() const;
 
   // Every descendant lies within its ancestors' radii, counts are exact,
   // every row is in exactly one leaf. For tests; O(N depth dim).

@@ -513,6 +513,7 @@ void TreeIndex::OnUpsertLocked(absl::Span<const uint32_t> inserted,
     tree_->Build(points, std::vector<uint32_t>(inserted.begin(), inserted.end()));
     size_at_build_ = inserted.size();
     changes_since_build_ = 0;
+    leaf_radius_at_build_ = tree_->LeafRadiusSum();
     return;
   }
   for (uint32_t row : updated) {
@@ -530,9 +531,14 @@ void TreeIndex::OnDeleteLocked(absl::Span<const uint32_t> rows) {
   MaybeScheduleRebuildLocked();
 }
 
-void TreeIndex::OnDriftLocked(absl::Span<const float> movement) {
-  drift_growth_ += tree_->GrowRadii(movement);
-  if (options_.tree.background_rebuild && drift_growth_ > kMaxDriftGrowth) {
+void TreeIndex::PrepareDrift(const PointSource& after) {
+  drift_bounds_ = tree_->ComputeBounds(after);
+}
+
+void TreeIndex::OnDriftLocked() {
+  tree_->SetBounds(std::move(drift_bounds_));
+  if (options_.tree.background_rebuild &&
+      tree_->LeafRadiusSum() > (1 + kMaxDriftGrowth) * leaf_radius_at_build_) {
     absl::MutexLock lock(&rebuild_mu_);
     rebuild_requested_ = true;
   }
@@ -595,7 +601,7 @@ void TreeIndex::RebuildLoop() {
     changes_since_build_ = CatchUpLocked(fresh.get(), snapshot, snapshot_rows);
     tree_ = std::move(fresh);
     size_at_build_ = store_.size();
-    drift_growth_ = 0;
+    leaf_radius_at_build_ = tree_->LeafRadiusSum();
     ++rebuilds_;
     last_rebuild_seconds_ =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -650,7 +656,7 @@ void TreeIndex::RebuildNow() {
   size_at_build_ = rows.size();
   tree_ = BuildTree(Points(), std::move(rows));
   changes_since_build_ = 0;
-  drift_growth_ = 0;
+  leaf_radius_at_build_ = tree_->LeafRadiusSum();
   ++rebuilds_;
   last_rebuild_seconds_ =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -28,11 +28,13 @@
 //
 // Maintenance: inserts, deletes and in-place updates change the tree under
 // the writer lock (O(depth) per target, plus a leaf split or subtree merge).
-// A drift update moves every target a little: each node's radius grows by
-// the largest movement below it (Tree::GrowRadii), so the bounds stay valid
-// without a rebuild; the growth relative to the leaves' radii is summed.
-// A background thread rebuilds the whole tree after heavy churn (see
-// IndexOptions::Tree) or once that summed growth passes kMaxDriftGrowth. It
+// A drift update moves every target a little: the structure and the
+// centers stay, and every node's radius and spread are recomputed exactly
+// for the moved targets (Tree::ComputeBounds, O(N depth dim), under the
+// reader lock), so the bounds stay valid without a rebuild. As the centers
+// go stale the radii grow. A background thread rebuilds the whole tree after
+// heavy churn (see IndexOptions::Tree) or once the leaves' summed radius has
+// grown by kMaxDriftGrowth since the build. It
 // builds off-lock from a copy of the scoring vectors (so a rebuild briefly
 // doubles their memory), then, holding the writer lock, catches the new
 // tree up with the writes made meanwhile (removed rows out, new rows in,
@@ -80,15 +82,17 @@ class TreeIndex final : public StoreIndex {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnDeleteLocked(absl::Span<const uint32_t> rows) override
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void OnDriftLocked(absl::Span<const float> movement) override
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PrepareDrift(const PointSource& after) override
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  void OnDriftLocked() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_);
   size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
   struct Query;
   class Searcher;
 
-  // Summed relative radius growth from drift that triggers a rebuild.
+  // Growth of the leaves' summed radius since the build (0.5: by half)
+  // that triggers a rebuild after drift.
   static constexpr double kMaxDriftGrowth = 0.5;
 
   void MaybeScheduleRebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -107,7 +111,8 @@ class TreeIndex final : public StoreIndex {
   // Writes (rows changed) since the tree was built.
   size_t changes_since_build_ ABSL_GUARDED_BY(mu_) = 0;
   size_t size_at_build_ ABSL_GUARDED_BY(mu_) = 0;
-  double drift_growth_ ABSL_GUARDED_BY(mu_) = 0;
+  double leaf_radius_at_build_ ABSL_GUARDED_BY(mu_) = 0;
+  Tree::Bounds drift_bounds_ ABSL_GUARDED_BY(write_mu_);
   uint64_t rebuilds_ ABSL_GUARDED_BY(mu_) = 0;
   double last_rebuild_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   mutable std::atomic<double> visits_per_query_{0};
