@@ -48,6 +48,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/peers.h"
 #include "client/negmine_client.h"
+#include "core/batches/gcbs.h"
 #include "core/index.h"
 #include "core/random.h"
 #include "core/store/drift_bench.h"
@@ -78,6 +79,9 @@ ABSL_FLAG(double, kl_temperature, 0.05, "softmax temperature of the KL-under-dri
 ABSL_FLAG(uint64_t, drift_queries, 1024, "queries per drift evaluation");
 ABSL_FLAG(uint64_t, sample_queries, 32, "queries for the sampling-quality figures");
 ABSL_FLAG(int, sample_rounds, 40, "draw rounds of k samples per query (chi-square / TV)");
+ABSL_FLAG(uint64_t, batches_n, 0, "GCBS examples (0: --n)");
+ABSL_FLAG(int, batch_size, 128, "GCBS batch size");
+ABSL_FLAG(uint64_t, batches_dense_n, 20000, "GCBS subsample for the dense O(N^2) reference");
 ABSL_FLAG(std::string, server_bin, "", "negmine-server binary for the end-to-end figure");
 ABSL_FLAG(int, e2e_batches, 2, "MineStream batches per stream in the end-to-end figure");
 ABSL_FLAG(std::string, out_dir, "bench/results", "where results.json and results.md go");
@@ -676,6 +680,57 @@ int Main() {
     }
   }
 
+  // ------------------------------------------------------------- GCBS
+  // Examples: (query, positive) pairs, the positives drift-bench targets and
+  // the queries their noisy copies (noise of norm about 0.5). The streamed
+  // order is random, so "before" is random batching.
+  struct GcbsFigures {
+    size_t n = 0, dense_n = 0;
+    double seconds = 0, random = 0, gcbs = 0;
+    int64_t bw_before = 0, bw_after = 0;
+    size_t edges = 0, components = 0;
+    double sub_random = 0, sub_sparse = 0, sub_dense = 0, sub_sparse_s = 0, sub_dense_s = 0;
+  } gcbs;
+  {
+    const size_t bn = std::min<size_t>(absl::GetFlag(FLAGS_batches_n) ? absl::GetFlag(FLAGS_batches_n) : n, n);
+    const int bsz = absl::GetFlag(FLAGS_batch_size);
+    std::vector<float> pos(x0.begin(), x0.begin() + bn * dim), qry(bn * dim);
+    Rng rng(seed, 777);
+    const double sigma = 0.5 / std::sqrt(static_cast<double>(dim));
+    for (size_t i = 0; i < qry.size(); ++i) qry[i] = pos[i] + static_cast<float>(sigma * rng.Normal());
+    auto run = [&](size_t m, bool dense, double* seconds) {
+      const auto t0 = Clock::now();
+      const BatchOptions o{.batch_size = bsz, .threads = threads};
+      absl::Span<const float> q(qry.data(), m * dim), p(pos.data(), m * dim);
+      absl::StatusOr<BatchAssignment> a =
+          dense ? AssignBatchesDense(q, p, dim, o) : AssignBatches(q, p, dim, o);
+      if (!a.ok()) Die(a.status().ToString());
+      *seconds = Seconds(t0);
+      return *std::move(a);
+    };
+    const BatchAssignment full = run(bn, false, &gcbs.seconds);
+    gcbs.n = bn;
+    gcbs.random = full.in_batch_similarity_before;
+    gcbs.gcbs = full.in_batch_similarity_after;
+    gcbs.bw_before = full.bandwidth_before;
+    gcbs.bw_after = full.bandwidth_after;
+    gcbs.edges = full.edges;
+    gcbs.components = full.components;
+    Log(absl::StrCat("gcbs n=", bn, " B=", bsz, ": ", gcbs.seconds, " s; in-batch similarity ",
+                     gcbs.random, " -> ", gcbs.gcbs, "; bandwidth ", gcbs.bw_before, " -> ",
+                     gcbs.bw_after));
+    gcbs.dense_n = std::min<size_t>(absl::GetFlag(FLAGS_batches_dense_n), bn);
+    // The dense reference uses the same k nearest neighbours (exactly).
+    const BatchAssignment sub_sparse = run(gcbs.dense_n, false, &gcbs.sub_sparse_s);
+    const BatchAssignment sub_dense = run(gcbs.dense_n, true, &gcbs.sub_dense_s);
+    gcbs.sub_random = sub_sparse.in_batch_similarity_before;
+    gcbs.sub_sparse = sub_sparse.in_batch_similarity_after;
+    gcbs.sub_dense = sub_dense.in_batch_similarity_after;
+    Log(absl::StrCat("gcbs subsample n=", gcbs.dense_n, ": random ", gcbs.sub_random, " sparse ",
+                     gcbs.sub_sparse, " (", gcbs.sub_sparse_s, " s) dense ", gcbs.sub_dense, " (",
+                     gcbs.sub_dense_s, " s)"));
+  }
+
   // ----------------------------------------------------- end to end
   E2eFigures e2e;
   const std::string server_bin = absl::GetFlag(FLAGS_server_bin);
@@ -732,12 +787,17 @@ int Main() {
     }
     drift_json.push_back(j.Done());
   }
+  std::vector<std::string> drift_update_json;
   for (const auto& v : variants) {
-    drift_json.push_back(Json()
+    drift_update_json.push_back(Json()
                              .Str("variant", v.name)
                              .Num("landmarks", v.m)
                              .Num("fit_seconds_per_update", v.updates ? v.fit_s / v.updates : 0)
                              .Num("apply_seconds_per_update", v.updates ? v.apply_s / v.updates : 0)
+                             .Num("tree_exact_qps_before", v.qps_before)
+                             .Num("tree_exact_qps_after", v.qps_after)
+                             .Num("tree_exact_qps_rebuilt", v.qps_rebuilt)
+                             .Num("rebuild_seconds", v.rebuild_s)
                              .Done());
   }
   const double total_s = Seconds(bench_start);
@@ -761,7 +821,27 @@ int Main() {
               .Done()
        << ",\n  \"curves\": " << JsonArray(curve_json)
        << ",\n  \"sampling\": " << JsonArray(sampling_json)
-       << ",\n  \"drift\": " << JsonArray(drift_json) << ",\n  \"end_to_end\": "
+       << ",\n  \"drift\": " << JsonArray(drift_json)
+       << ",\n  \"drift_updates\": " << JsonArray(drift_update_json)
+       << ",\n  \"batches\": "
+       << Json()
+              .Num("examples", gcbs.n)
+              .Num("batch_size", absl::GetFlag(FLAGS_batch_size))
+              .Num("seconds", gcbs.seconds)
+              .Num("in_batch_similarity_random", gcbs.random)
+              .Num("in_batch_similarity_gcbs", gcbs.gcbs)
+              .Num("bandwidth_before", gcbs.bw_before)
+              .Num("bandwidth_after", gcbs.bw_after)
+              .Num("edges", gcbs.edges)
+              .Num("components", gcbs.components)
+              .Num("subsample", gcbs.dense_n)
+              .Num("subsample_random", gcbs.sub_random)
+              .Num("subsample_sparse", gcbs.sub_sparse)
+              .Num("subsample_dense", gcbs.sub_dense)
+              .Num("subsample_sparse_seconds", gcbs.sub_sparse_s)
+              .Num("subsample_dense_seconds", gcbs.sub_dense_s)
+              .Done()
+       << ",\n  \"end_to_end\": "
        << Json()
               .Num("upsert_rows_per_s", e2e.upsert_rows_per_s)
               .Num("stream_qps", e2e.stream_qps)
@@ -852,6 +932,26 @@ int Main() {
        << absl::StrFormat("%.1f", variants[0].rebuild_s) << " s; the background rebuild "
        << "does this off the query path once the leaves' radii have grown by half).\n";
   }
+  md << "\n### Batch assignment (GCBS), B = " << absl::GetFlag(FLAGS_batch_size) << "\n\n"
+     << "Examples: the targets as positives, queries their noisy copies; the streamed order "
+     << "is random. In-batch similarity: sum over batches of sum_{i != j} cos(q_i, p_j).\n\n"
+     << "| examples | method | seconds | in-batch similarity | vs random | graph |\n"
+     << "| --- | --- | --- | --- | --- | --- |\n"
+     << "| " << gcbs.n << " | random batches | - | " << absl::StrFormat("%.0f", gcbs.random)
+     << " | 1x | - |\n"
+     << "| " << gcbs.n << " | GCBS, kNN graph (k = 16) + RCM | " << absl::StrFormat("%.1f", gcbs.seconds)
+     << " | " << absl::StrFormat("%.0f", gcbs.gcbs) << " | "
+     << absl::StrFormat("%.1fx", gcbs.gcbs / gcbs.random) << " | " << gcbs.edges << " edges, "
+     << gcbs.components << " components, bandwidth " << gcbs.bw_before << " -> " << gcbs.bw_after
+     << " |\n"
+     << "| " << gcbs.dense_n << " | random batches | - | " << absl::StrFormat("%.0f", gcbs.sub_random)
+     << " | 1x | - |\n"
+     << "| " << gcbs.dense_n << " | GCBS, kNN graph + RCM | " << absl::StrFormat("%.1f", gcbs.sub_sparse_s)
+     << " | " << absl::StrFormat("%.0f", gcbs.sub_sparse) << " | "
+     << absl::StrFormat("%.1fx", gcbs.sub_sparse / gcbs.sub_random) << " | |\n"
+     << "| " << gcbs.dense_n << " | dense reference (exact kNN from X Y^T, O(N^2)) | "
+     << absl::StrFormat("%.1f", gcbs.sub_dense_s) << " | " << absl::StrFormat("%.0f", gcbs.sub_dense)
+     << " | " << absl::StrFormat("%.1fx", gcbs.sub_dense / gcbs.sub_random) << " | |\n";
   if (!server_bin.empty()) {
     md << "\n### End to end (gRPC server, C++ client, MineStream, " << threads
        << " streams of " << nq << "-query batches, exact top-k on a tree collection)\n\n"

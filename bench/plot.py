@@ -35,12 +35,15 @@ def main(path):
     fig.savefig(os.path.join(out, "recall_vs_qps.png"), dpi=120)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    steps = [d["step"] for d in r["drift"]]
-    ax.plot(steps, [d["stale"] for d in r["drift"]], marker="o", label="static, never rebuilt")
-    ax.plot(steps, [d["rebuilt_every_r"] for d in r["drift"]], marker="o",
+    points = [d for d in r["drift"] if "step" in d]
+    steps = [d["step"] for d in points]
+    ax.plot(steps, [d["stale"] for d in points], marker="o", label="static, never rebuilt")
+    ax.plot(steps, [d["rebuilt_every_r"] for d in points], marker="o",
             label="static, rebuilt every %d steps" % c["rebuild_every"])
-    ax.plot(steps, [d["negmine"] for d in r["drift"]], marker="o",
-            label="negmine (re-encodes %.1f%%/step)" % (100 * c["reencode_budget"]))
+    for key in points[0] if points else []:
+        if key.startswith("negmine"):
+            ax.plot(steps, [d[key] for d in points], marker="o",
+                    label=key + " (drift-corrected)")
     ax.set_xlabel("training step")
     ax.set_ylabel("recall@%d against the current model" % c["k"])
     ax.set_title("recall under drift\n" + title, fontsize=10)

@@ -7,10 +7,12 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "client/negmine_client.h"
 #include "client/npy.h"
@@ -62,6 +64,14 @@ commands:
            re-encodes the landmarks with the drift-bench encoder at step T,
            for collections of drift-bench targets whose ids are their rows
            (--random, or the server's --generate_targets).
+  batches  --queries X.npy --positives Y.npy --batch-size B --out batches.npy
+           [--neighbors K] [--quantile Q] [--seed S] [--keep-batch-order] [--async]
+           Global contrastive batch sampling: orders the N training examples
+           (row i of X and of Y) so that each batch holds hard negatives of
+           each other. Writes the batches as a (num batches x B) uint64
+           array of example rows (a short last batch padded with 2^64-1).
+           Runs as a job with progress above the server's synchronous limit
+           (or with --async).
   info     [--collection C]
   generate (--targets N | --queries N) --dim D [--seed S] --out X.npy
            Writes drift-bench vectors (step 0) to an .npy file.
@@ -75,7 +85,8 @@ then dim float32 per vector.
 class Args {
  public:
   static constexpr const char* kSwitches[] = {"json", "with-replacement", "approximate",
-                                              "allow-missing", "help", "simulate"};
+                                              "allow-missing", "help", "simulate",
+                                              "keep-batch-order", "async"};
 
   absl::Status Parse(int argc, char** argv, int start) {
     for (int i = start; i < argc; ++i) {
@@ -499,6 +510,79 @@ absl::Status Drift(Client& c, const Args& a) {
   return absl::OkStatus();
 }
 
+absl::Status Batches(Client& c, const Args& a) {
+  CLI_ASSIGN(qpath, a.Required("queries"));
+  CLI_ASSIGN(ppath, a.Required("positives"));
+  CLI_ASSIGN(out, a.Required("out"));
+  CLI_ASSIGN(batch_size, a.Number<uint32_t>("batch-size", 0));
+  CLI_ASSIGN(neighbors, a.Number<uint32_t>("neighbors", 0));
+  CLI_ASSIGN(quantile, a.Number<double>("quantile", 0));
+  CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
+  const bool keep_order = a.Has("keep-batch-order");
+  bool async = a.Has("async");
+  CLI_CHECK(a.CheckAllUsed());
+  CLI_ASSIGN(q, LoadNpyFloat(qpath));
+  CLI_ASSIGN(p, LoadNpyFloat(ppath));
+  if (q.rows != p.rows || q.cols != p.cols) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--queries is ", q.rows, " x ", q.cols, " but --positives is ", p.rows, " x ", p.cols,
+        "; row i of each is one training example"));
+  }
+  v1::AssignBatchesRequest first;
+  first.set_batch_size(batch_size);
+  first.set_seed(seed);
+  first.mutable_params()->set_neighbors(neighbors);
+  first.mutable_params()->set_quantile(quantile);
+  first.mutable_params()->set_keep_batch_order(keep_order);
+  first.set_async(async);
+  absl::StatusOr<v1::AssignBatchesResponse> resp = c.AssignBatches(first, q.data, p.data, q.cols);
+  // Above the server's synchronous limit: run as a job.
+  if (!async && !resp.ok() && resp.status().code() == absl::StatusCode::kResourceExhausted &&
+      absl::StrContains(resp.status().message(), "set async")) {
+    async = true;
+    first.set_async(true);
+    resp = c.AssignBatches(first, q.data, p.data, q.cols);
+  }
+  if (!resp.ok()) return resp.status();
+  v1::AssignBatchesResponse result = *std::move(resp);
+  if (async) {
+    const std::string job = result.job_id();
+    std::fprintf(stderr, "job %s: %zu examples\n", job.c_str(), q.rows);
+    while (true) {
+      CLI_ASSIGN(status, c.GetBatchJob(job));
+      if (status.state() == v1::JOB_STATE_DONE) {
+        result = status.result();
+        break;
+      }
+      if (status.state() == v1::JOB_STATE_FAILED) {
+        return absl::Status(static_cast<absl::StatusCode>(status.error().code()),
+                            absl::StrCat("batch job ", job, ": ", status.error().message()));
+      }
+      std::fprintf(stderr, "\rjob %s: %3.0f%%", job.c_str(), 100 * status.progress());
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
+    std::fprintf(stderr, "\n");
+  }
+  const size_t num = result.batches_size();
+  std::vector<uint64_t> table(num * batch_size, ~uint64_t{0});
+  for (size_t b = 0; b < num; ++b) {
+    const auto& ids = result.batches(b).example_indices();
+    std::copy(ids.begin(), ids.end(), table.begin() + b * batch_size);
+  }
+  CLI_CHECK(SaveNpy(out, num, batch_size, table));
+  std::printf("%zu batches of %u from %" PRIu64 " examples (%" PRIu64 " graph edges, %" PRIu64
+              " components) in %.2f s; in-batch similarity %.1f -> %.1f (x%.2f), bandwidth %.0f -> %.0f; "
+              "wrote %s\n",
+              num, batch_size, result.num_examples(), result.edges(), result.components(),
+              result.seconds(), result.in_batch_similarity_before(),
+              result.in_batch_similarity_after(),
+              result.in_batch_similarity_before() != 0
+                  ? result.in_batch_similarity_after() / result.in_batch_similarity_before()
+                  : 0.0,
+              result.bandwidth_before(), result.bandwidth_after(), out.c_str());
+  return absl::OkStatus();
+}
+
 absl::Status Generate(const Args& a) {
   CLI_ASSIGN(dim, a.Number<int>("dim", 0));
   CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
@@ -550,6 +634,7 @@ absl::Status Run(int argc, char** argv) {
   if (cmd == "info") return Info(*client, a);
   if (cmd == "landmarks") return Landmarks(*client, a);
   if (cmd == "drift") return Drift(*client, a);
+  if (cmd == "batches") return Batches(*client, a);
   return absl::InvalidArgumentError(
       absl::StrCat("unknown command '", cmd, "'; run 'negmine help'"));
 }

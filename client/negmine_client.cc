@@ -157,6 +157,44 @@ absl::StatusOr<v1::GetTargetsResponse> Client::GetTargets(
   return resp;
 }
 
+absl::StatusOr<v1::AssignBatchesResponse> Client::AssignBatches(
+    const v1::AssignBatchesRequest& first, absl::Span<const float> queries,
+    absl::Span<const float> positives, uint32_t dim) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::AssignBatchesResponse resp;
+  auto writer = stub_->AssignBatches(&ctx, &resp);
+  const size_t n = dim == 0 ? 0 : queries.size() / dim;
+  const size_t rows_per_chunk =
+      std::max<size_t>(1, options_.upsert_chunk_bytes / (2 * sizeof(float) * std::max<uint32_t>(dim, 1)));
+  v1::AssignBatchesRequest req = first;
+  size_t begin = 0;
+  do {  // at least one message, so that an empty call gets its error
+    const size_t rows = std::min(rows_per_chunk, n - begin);
+    EncodeMatrix(queries.subspan(begin * dim, rows * dim), dim, req.mutable_queries());
+    EncodeMatrix(positives.subspan(std::min(positives.size(), begin * dim), rows * dim), dim,
+                 req.mutable_positives());
+    if (!writer->Write(req)) break;  // the server ended the stream: see Finish
+    req.Clear();
+    begin += rows;
+  } while (begin < n);
+  writer->WritesDone();
+  absl::Status s = FromGrpc(writer->Finish(), "AssignBatches");
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::GetBatchJobResponse> Client::GetBatchJob(const std::string& job_id) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::GetBatchJobRequest req;
+  req.set_job_id(job_id);
+  v1::GetBatchJobResponse resp;
+  absl::Status s = FromGrpc(stub_->GetBatchJob(&ctx, req, &resp), "GetBatchJob");
+  if (!s.ok()) return s;
+  return resp;
+}
+
 absl::StatusOr<v1::GetLandmarksResponse> Client::GetLandmarks(
     const std::string& collection) {
   grpc::ClientContext ctx;

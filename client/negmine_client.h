@@ -117,6 +117,15 @@ class Client {
       absl::Span<const std::vector<uint64_t>> exclude = {});
   absl::StatusOr<v1::MineResponse> Mine(const v1::MineRequest& request);
 
+  // GCBS: streams n examples (queries and positives, n x dim each) in chunks
+  // of about upsert_chunk_bytes. `first` carries the batch size, seed,
+  // params and async flag (its matrices are ignored). Synchronous: the
+  // response holds the batches; async: its job_id, for GetBatchJob.
+  absl::StatusOr<v1::AssignBatchesResponse> AssignBatches(
+      const v1::AssignBatchesRequest& first, absl::Span<const float> queries,
+      absl::Span<const float> positives, uint32_t dim);
+  absl::StatusOr<v1::GetBatchJobResponse> GetBatchJob(const std::string& job_id);
+
   // Opens a MineStream.
   std::unique_ptr<MineSession> OpenMineSession(const std::string& collection);
 

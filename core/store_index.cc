@@ -72,32 +72,7 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
   // offsets (see the header).
   std::vector<float> frame_rows, served_rows, offset_rows;
   if (drift_active_) {
-    const size_t n = ids.size();
-    frame_rows.assign(vectors.begin(), vectors.end());
-    for (size_t i = 0; i < inv.size(); ++i) {
-      for (int j = 0; j < dim; ++j) frame_rows[i * dim + j] *= inv[i];
-    }
-    // served = x + corr_latest(x) - corr_s(x), offset = -corr_s(x); a step
-    // beyond the latest update is pending, with offset -corr_latest(x).
-    const size_t total = n * dim;
-    std::vector<float> corr_latest(total, 0.0f);
-    if (!history_.empty()) {
-      history_.back().second->Apply(frame_rows.data(), n, /*normalize=*/false,
-                                    corr_latest.data());
-      for (size_t i = 0; i < total; ++i) corr_latest[i] -= frame_rows[i];
-    }
-    std::vector<float> corr_s = corr_latest;
-    if (model_step < LatestStep()) CorrectionAt(model_step, frame_rows.data(), n, corr_s.data());
-    served_rows = frame_rows;  // exactly as sent, unless s is in the past
-    offset_rows.resize(total);
-    for (size_t i = 0; i < total; ++i) offset_rows[i] = -corr_s[i];
-    if (model_step < LatestStep()) {
-      for (size_t i = 0; i < total; ++i) served_rows[i] += corr_latest[i] - corr_s[i];
-      if (options_.metric == Metric::kCosine) NormalizeRows(served_rows.data(), n, dim);
-    }
-    if (std::all_of(offset_rows.begin(), offset_rows.end(), [](float v) { return v == 0; })) {
-      offset_rows.clear();
-    }
+    DriftRows(vectors, inv, model_step, &frame_rows, &served_rows, &offset_rows);
   }
   absl::WriterMutexLock lock(&mu_);
   std::vector<uint32_t> updated;
@@ -248,6 +223,41 @@ std::vector<float> StoreIndex::ScoringCopy() const {
   const PointSource points = Points();
   for (uint32_t r = 0; r < store_.num_rows(); ++r) points.Get(r, out.data() + size_t{r} * dim);
   return out;
+}
+
+void StoreIndex::DriftRows(absl::Span<const float> vectors,
+                           absl::Span<const float> inv, int64_t step,
+                           std::vector<float>* frame_rows,
+                           std::vector<float>* served_rows,
+                           std::vector<float>* offset_rows) const {
+  const int dim = options_.dim;
+  const size_t n = vectors.size() / dim, total = vectors.size();
+  frame_rows->assign(vectors.begin(), vectors.end());
+  for (size_t i = 0; i < inv.size(); ++i) {
+    for (int j = 0; j < dim; ++j) (*frame_rows)[i * dim + j] *= inv[i];
+  }
+  // served = x + corr_latest(x) - corr_s(x), offset = -corr_s(x); a step at
+  // or beyond the latest update is served as sent, with offset
+  // -corr_latest(x) (pending if beyond).
+  std::vector<float> corr_latest(total, 0.0f);
+  if (!history_.empty()) {
+    history_.back().second->Apply(frame_rows->data(), n, /*normalize=*/false,
+                                  corr_latest.data());
+    for (size_t i = 0; i < total; ++i) corr_latest[i] -= (*frame_rows)[i];
+  }
+  const bool past = step < LatestStep();
+  std::vector<float> corr_s = corr_latest;
+  if (past) CorrectionAt(step, frame_rows->data(), n, corr_s.data());
+  *served_rows = *frame_rows;
+  offset_rows->resize(total);
+  for (size_t i = 0; i < total; ++i) (*offset_rows)[i] = -corr_s[i];
+  if (past) {
+    for (size_t i = 0; i < total; ++i) (*served_rows)[i] += corr_latest[i] - corr_s[i];
+    if (options_.metric == Metric::kCosine) NormalizeRows(served_rows->data(), n, dim);
+  }
+  if (std::all_of(offset_rows->begin(), offset_rows->end(), [](float v) { return v == 0; })) {
+    offset_rows->clear();
+  }
 }
 
 void StoreIndex::CorrectionAt(int64_t step, const float* x, size_t n,

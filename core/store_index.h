@@ -148,6 +148,13 @@ class StoreIndex : public Index {
   void Rebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   absl::StatusOr<DriftReport> ApplyLinearMap(const DriftUpdate& update)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // For an upsert of `vectors` (inverse norms `inv` for cosine) at `step`
+  // under drift: their frame rows, served rows and offsets (empty: none).
+  void DriftRows(absl::Span<const float> vectors, absl::Span<const float> inv,
+                 int64_t step, std::vector<float>* frame_rows,
+                 std::vector<float>* served_rows,
+                 std::vector<float>* offset_rows) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   // corr_s(x) (see above) for the n rows of x, into out (n x dim), for a
   // step s at or before the last update.
   void CorrectionAt(int64_t step, const float* x, size_t n, float* out) const

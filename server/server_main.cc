@@ -49,6 +49,12 @@ ABSL_FLAG(uint64_t, max_message_bytes, 64 << 20,
           "Largest gRPC message accepted or sent, in bytes.");
 ABSL_FLAG(uint32_t, max_batch, 65536, "Most queries in one MineRequest.");
 ABSL_FLAG(uint32_t, max_k, 4096, "Largest k of a MineRequest.");
+ABSL_FLAG(uint64_t, max_batch_examples, 2000000,
+          "Most training examples in one AssignBatches call.");
+ABSL_FLAG(uint64_t, max_sync_batch_examples, 100000,
+          "Most examples in a synchronous AssignBatches call; more need async.");
+ABSL_FLAG(int, max_batch_jobs, 2, "AssignBatches jobs running at once.");
+ABSL_FLAG(int, batch_job_threads, 2, "Threads per AssignBatches job.");
 ABSL_FLAG(uint32_t, default_dim, 0,
           "If > 0, create the collection \"default\" with this dim at start.");
 ABSL_FLAG(std::string, default_metric, "cosine",
@@ -182,7 +188,11 @@ int Run() {
       .max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes),
       .max_batch = absl::GetFlag(FLAGS_max_batch),
       .max_k = absl::GetFlag(FLAGS_max_k),
-      .worker_threads = threads};
+      .worker_threads = threads,
+      .max_batch_examples = absl::GetFlag(FLAGS_max_batch_examples),
+      .max_sync_batch_examples = absl::GetFlag(FLAGS_max_sync_batch_examples),
+      .max_batch_jobs = absl::GetFlag(FLAGS_max_batch_jobs),
+      .batch_job_threads = absl::GetFlag(FLAGS_batch_job_threads)};
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/random.h"
 #include "core/status.h"
+#include "server/batch_jobs.h"
 #include "server/log.h"
 #include "server/wire.h"
 
@@ -45,9 +46,15 @@ NegativeMinerService::NegativeMinerService(const ServiceOptions& options,
                                            Metrics* metrics)
     : options_(options),
       metrics_(metrics),
+      batch_jobs_(std::make_unique<BatchJobs>(std::max(1, options.max_batch_jobs),
+                                              /*max_kept=*/64,
+                                              std::max(1, options.batch_job_threads))),
       pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads))) {}
 
-NegativeMinerService::~NegativeMinerService() { pool_.reset(); }
+NegativeMinerService::~NegativeMinerService() {
+  pool_.reset();
+  batch_jobs_.reset();  // cancels running assignments and waits for them
+}
 
 template <typename Work>
 grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
@@ -549,23 +556,171 @@ grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
 
 // ------------------------------------------------- capabilities to come
 
-// Answers at once, without reading the stream.
-class UnimplementedReadReactor final
+// ---------------------------------------------------------------- batches
+
+// Reads the examples, then runs the assignment as a BatchJobs job: the
+// call finishes with the batches when the job ends (or, with `async`, at
+// once with the job's id).
+class AssignBatchesReactor final
     : public grpc::ServerReadReactor<v1::AssignBatchesRequest> {
  public:
-  explicit UnimplementedReadReactor(NegativeMinerService* service) {
-    const grpc::Status g = ToGrpc(Unimplemented(
-        "AssignBatches", "global contrastive batch sampling (issue #6)"));
-    service->metrics().ObserveRequest("AssignBatches", CodeName(g.error_code()), 0);
-    Finish(g);
+  AssignBatchesReactor(NegativeMinerService* service, v1::AssignBatchesResponse* resp)
+      : service_(service), resp_(resp), start_(Clock::now()) {
+    StartRead(&request_);
   }
+
+  void OnReadDone(bool ok) override {
+    absl::Status status = ok ? Take() : Run();
+    if (!status.ok()) {
+      Finish(status);
+    } else if (ok) {
+      StartRead(&request_);
+    }
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    if (job_ != nullptr) job_->cancel = true;
+  }
+
   void OnDone() override { delete this; }
+
+ private:
+  // One message: the first carries the options; every one a chunk of rows.
+  absl::Status Take() {
+    if (!service_->ready()) return NotReady();
+    const v1::AssignBatchesRequest& r = request_;
+    if (messages_++ == 0) {
+      if (r.batch_size() == 0) {
+        return absl::InvalidArgumentError("batch_size = 0: set it (>= 1) in the first message");
+      }
+      options_.batch_size = static_cast<int>(std::min<uint32_t>(r.batch_size(), 1 << 30));
+      options_.seed = r.seed() != 0 ? r.seed() : 1;
+      if (r.params().neighbors() > 0) {
+        options_.neighbors = static_cast<int>(std::min<uint32_t>(r.params().neighbors(), 4096));
+      }
+      options_.quantile = r.params().quantile();
+      if (r.params().beam_width() > 0) {
+        options_.beam_width = static_cast<int>(std::min<uint32_t>(r.params().beam_width(), 1 << 20));
+      }
+      options_.shuffle_batches = !r.params().keep_batch_order();
+      async_ = r.async();
+      dim_ = r.queries().cols();
+      if (dim_ == 0 || dim_ > IndexOptions::kMaxDim) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "queries.cols = ", dim_, " must be in [1, ", IndexOptions::kMaxDim, "]"));
+      }
+    }
+    const std::string where = absl::StrCat(" (message ", messages_, ")");
+    ASSIGN_OR_RETURN(std::vector<float> q, DecodeMatrix(r.queries(), "queries", dim_));
+    ASSIGN_OR_RETURN(std::vector<float> p, DecodeMatrix(r.positives(), "positives", dim_));
+    if (r.queries().rows() != r.positives().rows()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "queries.rows = ", r.queries().rows(), " but positives.rows = ",
+          r.positives().rows(), where, "; every example needs both"));
+    }
+    const uint64_t total = queries_.size() / dim_ + r.queries().rows();
+    if (total > service_->options().max_batch_examples) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          total, " examples exceed the server's max_batch_examples = ",
+          service_->options().max_batch_examples));
+    }
+    queries_.insert(queries_.end(), q.begin(), q.end());
+    positives_.insert(positives_.end(), p.begin(), p.end());
+    return absl::OkStatus();
+  }
+
+  // The client closed its side: start the job.
+  absl::Status Run() {
+    if (queries_.empty()) {
+      return absl::InvalidArgumentError("AssignBatches got no examples");
+    }
+    const size_t n = queries_.size() / dim_;
+    if (!async_ && n > service_->options().max_sync_batch_examples) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          n, " examples exceed the server's max_sync_batch_examples = ",
+          service_->options().max_sync_batch_examples,
+          "; set async and poll GetBatchJob"));
+    }
+    std::function<void(BatchJobs::Job&)> on_done;
+    if (!async_) {
+      on_done = [this](BatchJobs::Job& job) {
+        { absl::MutexLock gate(&mu_); }  // Run has finished with the reactor
+        absl::Status status;
+        {
+          absl::MutexLock lock(&job.mu);
+          status = job.status;
+          if (status.ok()) *resp_ = std::move(job.result);
+        }
+        Finish(status);
+      };
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      ASSIGN_OR_RETURN(job_, service_->batch_jobs().Start(std::move(queries_),
+                                                          std::move(positives_), dim_,
+                                                          options_, std::move(on_done)));
+      Log(LogLevel::kInfo, "batch assignment started",
+          {{"job", job_->id}, {"examples", absl::StrCat(n)},
+           {"batch_size", absl::StrCat(options_.batch_size)},
+           {"async", async_ ? "true" : "false"}});
+      if (!async_) return absl::OkStatus();
+      resp_->set_job_id(job_->id);
+      resp_->set_num_examples(n);
+    }
+    Finish(absl::OkStatus());
+    return absl::OkStatus();
+  }
+
+  void Finish(const absl::Status& status) {
+    const grpc::Status g = ToGrpc(status);
+    service_->metrics().ObserveRequest("AssignBatches", CodeName(g.error_code()),
+                                       SecondsSince(start_));
+    grpc::ServerReadReactor<v1::AssignBatchesRequest>::Finish(g);
+  }
+
+  NegativeMinerService* service_;
+  v1::AssignBatchesResponse* resp_;
+  const Clock::time_point start_;
+  v1::AssignBatchesRequest request_;
+  size_t messages_ = 0;
+  uint32_t dim_ = 0;
+  bool async_ = false;
+  BatchOptions options_;
+  std::vector<float> queries_, positives_;
+  absl::Mutex mu_;
+  std::shared_ptr<BatchJobs::Job> job_ ABSL_GUARDED_BY(mu_);
 };
 
 grpc::ServerReadReactor<v1::AssignBatchesRequest>*
 NegativeMinerService::AssignBatches(grpc::CallbackServerContext*,
-                                    v1::AssignBatchesResponse*) {
-  return new UnimplementedReadReactor(this);
+                                    v1::AssignBatchesResponse* resp) {
+  return new AssignBatchesReactor(this, resp);
+}
+
+grpc::ServerUnaryReactor* NegativeMinerService::GetBatchJob(
+    grpc::CallbackServerContext* ctx, const v1::GetBatchJobRequest* req,
+    v1::GetBatchJobResponse* resp) {
+  return RunUnary(ctx, "GetBatchJob", [this, req, resp]() -> absl::Status {
+    std::shared_ptr<BatchJobs::Job> job = batch_jobs_->Find(req->job_id());
+    if (job == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          "batch job '", req->job_id(), "' not found (finished jobs are kept for a while only)"));
+    }
+    absl::MutexLock lock(&job->mu);
+    resp->set_progress(job->progress.load());
+    if (!job->done) {
+      resp->set_state(v1::JOB_STATE_RUNNING);
+    } else if (job->status.ok()) {
+      resp->set_state(v1::JOB_STATE_DONE);
+      *resp->mutable_result() = job->result;
+    } else {
+      resp->set_state(v1::JOB_STATE_FAILED);
+      resp->mutable_error()->set_code(static_cast<int>(job->status.code()));
+      resp->mutable_error()->set_message(std::string(job->status.message()));
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(

@@ -24,6 +24,7 @@
 #include "absl/synchronization/mutex.h"
 #include "core/index.h"
 #include "negmine/v1/negmine.grpc.pb.h"
+#include "server/batch_jobs.h"
 #include "server/metrics.h"
 #include "server/worker_pool.h"
 
@@ -36,6 +37,12 @@ struct ServiceOptions {
   uint32_t max_k = 4096;
   // Threads that run request work.
   int worker_threads = 2;
+  // AssignBatches: most examples in one assignment; most in a synchronous
+  // one (more need `async`); jobs running at once; threads per job.
+  uint64_t max_batch_examples = 2000000;
+  uint64_t max_sync_batch_examples = 100000;
+  int max_batch_jobs = 2;
+  int batch_job_threads = 2;
 };
 
 // One named index.
@@ -71,6 +78,8 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
                         v1::UpsertTargetsResponse* response);
 
   WorkerPool& pool() { return *pool_; }
+  BatchJobs& batch_jobs() { return *batch_jobs_; }
+  const ServiceOptions& options() const { return options_; }
   Metrics& metrics() { return *metrics_; }
   bool ready() const { return ready_.load(); }
 
@@ -107,6 +116,9 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   grpc::ServerReadReactor<v1::AssignBatchesRequest>* AssignBatches(
       grpc::CallbackServerContext* ctx,
       v1::AssignBatchesResponse* resp) override;
+  grpc::ServerUnaryReactor* GetBatchJob(grpc::CallbackServerContext* ctx,
+                                        const v1::GetBatchJobRequest* req,
+                                        v1::GetBatchJobResponse* resp) override;
   grpc::ServerUnaryReactor* GetIndexInfo(
       grpc::CallbackServerContext* ctx, const v1::GetIndexInfoRequest* req,
       v1::GetIndexInfoResponse* resp) override;
@@ -129,6 +141,7 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Collection>> collections_
       ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<BatchJobs> batch_jobs_;
   // Last member: destroyed first, so queued work finishes while the rest of
   // the service is still alive.
   std::unique_ptr<WorkerPool> pool_;

@@ -16,7 +16,8 @@ trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 "$server_bin" --listen=127.0.0.1:0 --port_file="$tmp/port" --data_dir="$tmp/data" \
-  --metrics_listen= --log_level=warning --default_dim=16 --generate_targets=2000 &
+  --metrics_listen= --log_level=warning --default_dim=16 --generate_targets=2000 \
+  --max_sync_batch_examples=1000 &
 pid=$!
 for _ in $(seq 600); do [ -s "$tmp/port" ] && break; sleep 0.05; done
 [ -s "$tmp/port" ] || fail "server did not start"
@@ -103,6 +104,32 @@ err=$(nm drift --collection drifty --model-step 8 --landmarks "$tmp/g.npy" --epo
 set -e
 [ "$rc" = 1 ] || fail "exit code $rc for a stale landmark epoch"
 echo "$err" | grep -q "FAILED_PRECONDITION" || fail "message: $err"
+
+# Batches: synchronous (500 examples) and, above the server's synchronous
+# limit (1000 here), as a job.
+/usr/bin/python3 -c "
+import numpy as np
+rng = np.random.default_rng(3)
+centers = rng.standard_normal((20, 16))
+y = centers[rng.integers(0, 20, 2000)] + 0.2 * rng.standard_normal((2000, 16))
+x = y + 0.2 * rng.standard_normal((2000, 16))
+np.save('$tmp/bx.npy', x.astype(np.float32)); np.save('$tmp/by.npy', y.astype(np.float32))
+np.save('$tmp/bx500.npy', x[:500].astype(np.float32)); np.save('$tmp/by500.npy', y[:500].astype(np.float32))"
+nm batches --queries "$tmp/bx500.npy" --positives "$tmp/by500.npy" --batch-size 64 \
+  --out "$tmp/b500.npy" | grep -q "8 batches of 64 from 500 examples" || fail "batches sync"
+nm batches --queries "$tmp/bx.npy" --positives "$tmp/by.npy" --batch-size 64 \
+  --out "$tmp/b.npy" 2>/dev/null | grep -q "32 batches of 64 from 2000 examples" || fail "batches as a job"
+/usr/bin/python3 -c "
+import numpy as np
+b = np.load('$tmp/b.npy')
+assert b.shape == (32, 64) and b.dtype == np.uint64, (b.shape, b.dtype)
+ids = b[b != np.iinfo(np.uint64).max]
+assert sorted(ids.tolist()) == list(range(2000)), 'not a partition'
+b = np.load('$tmp/b500.npy')
+pad = (b == np.iinfo(np.uint64).max).sum(axis=1)
+assert sorted(pad.tolist()) == [0] * 7 + [12], pad  # one short batch (shuffled in place)
+assert sorted(b[b < 500].tolist()) == list(range(500))
+" || fail "batches.npy is not a partition"
 
 # Bad input: exit code 2 and a message naming the field and value.
 set +e

@@ -419,19 +419,77 @@ TEST_F(ServerTest, MalformedRequestsGetClearErrors) {
 TEST_F(ServerTest, CapabilitiesToComeAnswerUnimplementedNamingThem) {
   std::vector<uint64_t> ids;
   Fill("later", 4, 10, v1::METRIC_COSINE, &ids);
-  grpc::ClientContext c2, c3;
+  grpc::ClientContext c2;
   v1::CreateSnapshotRequest sr;
   sr.set_collection("later");
   v1::CreateSnapshotResponse sresp;
   grpc::Status s = client_->stub().CreateSnapshot(&c2, sr, &sresp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_THAT(s.error_message(), HasSubstr("snapshots"));
-  v1::AssignBatchesResponse bresp;
-  auto writer = client_->stub().AssignBatches(&c3, &bresp);
-  writer->WritesDone();
-  s = writer->Finish();
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(s.error_message(), HasSubstr("batch sampling"));
+  ExpectStillServing();
+}
+
+// GCBS over the wire, synchronous and as a job: a partition of the
+// examples that beats the streamed (random) order, the same batches both
+// ways for the same seed, and the error codes.
+TEST_F(ServerTest, AssignBatchesSynchronouslyAndAsAJob) {
+  const int dim = 16, n = 3000, b = 32;
+  const DriftBench bench({.num_targets = n, .num_queries = 0, .dim = dim, .latent_dim = 8,
+                          .hidden_dim = 32, .num_clusters = 30, .seed = 9});
+  const std::vector<float> positives = bench.Targets(0);
+  std::vector<float> queries = RandomVectors(n, dim, 10);
+  for (size_t i = 0; i < queries.size(); ++i) queries[i] = positives[i] + 0.3f * queries[i];
+  v1::AssignBatchesRequest first;
+  first.set_batch_size(b);
+  first.set_seed(4);
+  absl::StatusOr<v1::AssignBatchesResponse> sync =
+      client_->AssignBatches(first, queries, positives, dim);
+  ASSERT_THAT(sync.status(), IsOk());
+  EXPECT_EQ(sync->num_examples(), static_cast<uint64_t>(n));
+  ASSERT_EQ(sync->batches_size(), (n + b - 1) / b);
+  std::vector<int> seen(n, 0);
+  for (const v1::Batch& batch : sync->batches()) {
+    EXPECT_LE(batch.example_indices_size(), b);
+    for (uint64_t i : batch.example_indices()) {
+      ASSERT_LT(i, static_cast<uint64_t>(n));
+      ++seen[i];
+    }
+  }
+  EXPECT_THAT(seen, ::testing::Each(1));
+  EXPECT_GT(sync->in_batch_similarity_after(), 2 * sync->in_batch_similarity_before());
+  EXPECT_LT(sync->bandwidth_after(), sync->bandwidth_before());
+
+  first.set_async(true);
+  absl::StatusOr<v1::AssignBatchesResponse> started =
+      client_->AssignBatches(first, queries, positives, dim);
+  ASSERT_THAT(started.status(), IsOk());
+  ASSERT_FALSE(started->job_id().empty());
+  EXPECT_EQ(started->batches_size(), 0);
+  v1::GetBatchJobResponse job;
+  for (int i = 0; i < 600; ++i) {  // bounded wait, not a timing assertion
+    absl::StatusOr<v1::GetBatchJobResponse> r = client_->GetBatchJob(started->job_id());
+    ASSERT_THAT(r.status(), IsOk());
+    job = *r;
+    if (job.state() != v1::JOB_STATE_RUNNING) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_EQ(job.state(), v1::JOB_STATE_DONE) << job.error().message();
+  EXPECT_EQ(job.progress(), 1.0);
+  ASSERT_EQ(job.result().batches_size(), sync->batches_size());
+  for (int i = 0; i < sync->batches_size(); ++i) {
+    EXPECT_THAT(job.result().batches(i).example_indices(),
+                ::testing::ElementsAreArray(sync->batches(i).example_indices()));
+  }
+
+  EXPECT_THAT(client_->GetBatchJob("batches-999999"),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("batches-999999")));
+  v1::AssignBatchesRequest bad;
+  EXPECT_THAT(client_->AssignBatches(bad, queries, positives, dim),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("batch_size = 0")));
+  bad.set_batch_size(8);
+  EXPECT_THAT(client_->AssignBatches(bad, queries,
+                                     absl::MakeConstSpan(positives).subspan(0, 10 * dim), dim),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("positives.rows")));
   ExpectStillServing();
 }
 

@@ -20,12 +20,6 @@ constexpr float kMaxExponent = 60.0f;
 constexpr size_t kApplyBlock = 1024;
 constexpr int kMedianSample = 256;
 
-double SquaredNorm(const float* x, int dim) {
-  double s = 0;
-  for (int j = 0; j < dim; ++j) s += double{x[j]} * x[j];
-  return s;
-}
-
 // Median of ||l_i - l_j||^2 over pairs of the first kMedianSample landmarks.
 float MedianSquaredDistance(const RowMatrixF& l) {
   const int n = std::min<int>(l.rows(), kMedianSample);
@@ -48,17 +42,6 @@ const char* DriftKernelName(DriftKernel k) {
     case DriftKernel::kExpInner: return "exp_inner";
   }
   return "?";
-}
-
-void NormalizeRows(float* x, size_t n, int dim) {
-  for (size_t i = 0; i < n; ++i) {
-    float* row = x + i * dim;
-    const double norm = std::sqrt(SquaredNorm(row, dim));
-    if (norm > 0) {
-      const float inv = static_cast<float>(1.0 / norm);
-      for (int j = 0; j < dim; ++j) row[j] *= inv;
-    }
-  }
 }
 
 RowMatrixF DriftModel::Features(const float* x, size_t n) const {

@@ -52,6 +52,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/linalg.h"
 
 namespace negmine {
 
@@ -96,9 +97,6 @@ absl::StatusOr<DriftFit> FitDrift(const RowMatrixF& frame,
 // indices, m <= n. Deterministic in seed.
 std::vector<size_t> KMeansPlusPlus(const float* x, size_t n, int dim, int m,
                                    uint64_t seed);
-
-// Scales each of the n rows of x (n x dim) to unit length; zero rows stay.
-void NormalizeRows(float* x, size_t n, int dim);
 
 }  // namespace negmine
 
