@@ -79,6 +79,8 @@ ABSL_FLAG(double, kl_temperature, 0.05, "softmax temperature of the KL-under-dri
 ABSL_FLAG(uint64_t, drift_queries, 1024, "queries per drift evaluation");
 ABSL_FLAG(uint64_t, sample_queries, 32, "queries for the sampling-quality figures");
 ABSL_FLAG(int, sample_rounds, 40, "draw rounds of k samples per query (chi-square / TV)");
+ABSL_FLAG(std::string, sections, "curves,sampling,drift,batches,e2e",
+          "which parts to run, comma-separated");
 ABSL_FLAG(uint64_t, batches_n, 0, "GCBS examples (0: --n)");
 ABSL_FLAG(int, batch_size, 128, "GCBS batch size");
 ABSL_FLAG(uint64_t, batches_dense_n, 20000, "GCBS subsample for the dense O(N^2) reference");
@@ -105,6 +107,13 @@ size_t RssBytes() {
 
 void Log(const std::string& s) {
   std::fprintf(stderr, "[bench] %s\n", s.c_str());
+}
+
+bool Enabled(absl::string_view section) {
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_sections), ',')) {
+    if (s == section) return true;
+  }
+  return false;
 }
 
 [[noreturn]] void Die(const std::string& s) {
@@ -435,56 +444,58 @@ int Main() {
   // ---------------------------------------------- recall vs queries/s
   std::vector<Curve> curves;
   double exact_qps = 0, tree_exact_qps = 0;
-  for (absl::string_view name_view : absl::StrSplit(absl::GetFlag(FLAGS_peers), ',')) {
-    const std::string name(name_view);
-    Curve c;
-    c.index = name;
-    auto index = Make(name, po);
-    c.knob_name = index->knob_name();
-    const size_t rss0 = RssBytes();
-    auto start = Clock::now();
-    index->Build(x0.data(), n, dim);
-    c.build_s = Seconds(start);
-    c.rss_bytes = static_cast<double>(RssBytes()) - rss0;
-    c.mem_bytes = index->MemoryBytes();
-    Log(absl::StrCat(name, ": built in ", c.build_s, " s"));
-    for (int knob : index->knobs(k)) {
+  if (Enabled("curves")) {
+    for (absl::string_view name_view : absl::StrSplit(absl::GetFlag(FLAGS_peers), ',')) {
+      const std::string name(name_view);
+      Curve c;
+      c.index = name;
+      auto index = Make(name, po);
+      c.knob_name = index->knob_name();
+      const size_t rss0 = RssBytes();
+      auto start = Clock::now();
+      index->Build(x0.data(), n, dim);
+      c.build_s = Seconds(start);
+      c.rss_bytes = static_cast<double>(RssBytes()) - rss0;
+      c.mem_bytes = index->MemoryBytes();
+      Log(absl::StrCat(name, ": built in ", c.build_s, " s"));
+      for (int knob : index->knobs(k)) {
+        start = Clock::now();
+        auto got = index->Search(q0.data(), nq, k, knob);
+        const double qps = nq / Seconds(start);
+        const double r = Recall(got, truth, nq, k);
+        c.knobs.push_back(knob);
+        c.recall.push_back(r);
+        c.qps.push_back(qps);
+        if (c.knob95 < 0 && r >= 0.95) c.knob95 = knob;
+        Log(absl::StrCat(name, " ", c.knob_name, "=", knob, ": recall ", r, " qps ", qps));
+        if (r >= 0.999) break;  // flat from here
+      }
+      if (name == "negmine-exact") exact_qps = c.qps.front();
+      if (name == "negmine-tree-exact") tree_exact_qps = c.qps.front();
+      // Absorb re-encoded embeddings for update_fraction of the targets.
+      const int knob = c.knob95 >= 0 ? c.knob95 : c.knobs.back();
+      c.update_recall_before = Recall(index->Search(q0.data(), nq, k, knob), truth, nq, k);
       start = Clock::now();
-      auto got = index->Search(q0.data(), nq, k, knob);
-      const double qps = nq / Seconds(start);
-      const double r = Recall(got, truth, nq, k);
-      c.knobs.push_back(knob);
-      c.recall.push_back(r);
-      c.qps.push_back(qps);
-      if (c.knob95 < 0 && r >= 0.95) c.knob95 = knob;
-      Log(absl::StrCat(name, " ", c.knob_name, "=", knob, ": recall ", r, " qps ", qps));
-      if (r >= 0.999) break;  // flat from here
+      c.update_in_place = index->Update(upd_ids, x_upd.data());
+      if (c.update_in_place) {
+        c.update_s = Seconds(start);
+        c.update_recall_after =
+            Recall(index->Search(q0.data(), nq, k, knob), truth1, nq, k);
+      } else {
+        // No in-place update: absorbing means a full rebuild over the same
+        // number of targets, whose cost is the build time measured above.
+        c.update_s = c.build_s;
+      }
+      Log(absl::StrCat(name, ": absorbed ", n_upd, " re-encoded targets in ", c.update_s,
+                       " s (", c.update_in_place ? "in place" : "rebuild", "), recall ",
+                       c.update_recall_before, " -> ", c.update_recall_after));
+      curves.push_back(std::move(c));
     }
-    if (name == "negmine-exact") exact_qps = c.qps.front();
-    if (name == "negmine-tree-exact") tree_exact_qps = c.qps.front();
-    // Absorb re-encoded embeddings for update_fraction of the targets.
-    const int knob = c.knob95 >= 0 ? c.knob95 : c.knobs.back();
-    c.update_recall_before = Recall(index->Search(q0.data(), nq, k, knob), truth, nq, k);
-    start = Clock::now();
-    c.update_in_place = index->Update(upd_ids, x_upd.data());
-    if (c.update_in_place) {
-      c.update_s = Seconds(start);
-      c.update_recall_after =
-          Recall(index->Search(q0.data(), nq, k, knob), truth1, nq, k);
-    } else {
-      // No in-place update: absorbing means a full rebuild over the same
-      // number of targets, whose cost is the build time measured above.
-      c.update_s = c.build_s;
-    }
-    Log(absl::StrCat(name, ": absorbed ", n_upd, " re-encoded targets in ", c.update_s,
-                     " s (", c.update_in_place ? "in place" : "rebuild", "), recall ",
-                     c.update_recall_before, " -> ", c.update_recall_after));
-    curves.push_back(std::move(c));
   }
 
   // ------------------------------------------------------- sampling
   std::vector<SamplingFigures> sampling;
-  {
+  if (Enabled("sampling")) {
     std::vector<uint64_t> ids(n);
     std::iota(ids.begin(), ids.end(), 0);
     IndexOptions o{.dim = dim, .metric = Metric::kInnerProduct, .backend = Backend::kCpu};
@@ -547,7 +558,7 @@ int Main() {
   std::vector<DriftVariant> variants;
   std::vector<DriftPoint> drift;
   const double kl_tau = absl::GetFlag(FLAGS_kl_temperature);
-  {
+  if (Enabled("drift")) {
     const size_t dq = std::min<size_t>(absl::GetFlag(FLAGS_drift_queries), q_all.size() / dim);
     const size_t kq = std::min<size_t>(absl::GetFlag(FLAGS_kl_queries), dq);
     const int R = absl::GetFlag(FLAGS_rebuild_every);
@@ -691,7 +702,7 @@ int Main() {
     size_t edges = 0, components = 0;
     double sub_random = 0, sub_sparse = 0, sub_dense = 0, sub_sparse_s = 0, sub_dense_s = 0;
   } gcbs;
-  {
+  if (Enabled("batches")) {
     const size_t bn = std::min<size_t>(absl::GetFlag(FLAGS_batches_n) ? absl::GetFlag(FLAGS_batches_n) : n, n);
     const int bsz = absl::GetFlag(FLAGS_batch_size);
     std::vector<float> pos(x0.begin(), x0.begin() + bn * dim), qry(bn * dim);
@@ -734,7 +745,7 @@ int Main() {
   // ----------------------------------------------------- end to end
   E2eFigures e2e;
   const std::string server_bin = absl::GetFlag(FLAGS_server_bin);
-  if (!server_bin.empty()) {
+  if (!server_bin.empty() && Enabled("e2e")) {
     e2e = MeasureEndToEnd(server_bin, x0, n, dim, q0, nq, k, threads,
                           absl::GetFlag(FLAGS_e2e_batches), truth, tree_exact_qps);
     Log(absl::StrCat("end to end: upsert ", e2e.upsert_rows_per_s, " rows/s; MineStream ",
@@ -855,104 +866,112 @@ int Main() {
   md << "Drift bench: N = " << n << ", d = " << dim << ", " << nq << " queries per batch, k = "
      << k << ", " << threads << " threads, seed " << seed << ". Build flags: "
      << absl::GetFlag(FLAGS_flags_note) << ". Total " << static_cast<int>(total_s) << " s.\n\n";
-  md << "### Recall@" << k << " against queries/s\n\n"
-     << "| index | knob | recall@k | queries/s | vs brute force (negmine-exact) |\n"
-     << "| --- | --- | --- | --- | --- |\n";
-  for (const Curve& c : curves) {
-    for (size_t i = 0; i < c.knobs.size(); ++i) {
-      md << "| " << c.index << " | " << (c.knob_name.empty() ? "-" : absl::StrCat(c.knob_name, "=", c.knobs[i]))
-         << " | " << absl::StrFormat("%.4f", c.recall[i]) << " | "
-         << absl::StrFormat("%.0f", c.qps[i]) << " | "
-         << (exact_qps > 0 ? absl::StrFormat("%.2fx", c.qps[i] / exact_qps) : "-") << " |\n";
+  if (Enabled("curves")) {
+    md << "### Recall@" << k << " against queries/s\n\n"
+       << "| index | knob | recall@k | queries/s | vs brute force (negmine-exact) |\n"
+       << "| --- | --- | --- | --- | --- |\n";
+    for (const Curve& c : curves) {
+      for (size_t i = 0; i < c.knobs.size(); ++i) {
+        md << "| " << c.index << " | " << (c.knob_name.empty() ? "-" : absl::StrCat(c.knob_name, "=", c.knobs[i]))
+           << " | " << absl::StrFormat("%.4f", c.recall[i]) << " | "
+           << absl::StrFormat("%.0f", c.qps[i]) << " | "
+           << (exact_qps > 0 ? absl::StrFormat("%.2fx", c.qps[i] / exact_qps) : "-") << " |\n";
+      }
+    }
+    md << "\n### Build, memory and updates\n\n"
+       << "| index | build s | bytes/target (own) | bytes/target (RSS) | absorb " << n_upd
+       << " re-encoded s | how | recall before -> after |\n| --- | --- | --- | --- | --- | --- | --- |\n";
+    for (const Curve& c : curves) {
+      md << "| " << c.index << " | " << absl::StrFormat("%.2f", c.build_s) << " | "
+         << absl::StrFormat("%.0f", c.mem_bytes / n) << " | "
+         << absl::StrFormat("%.0f", c.rss_bytes / n) << " | "
+         << absl::StrFormat("%.3f", c.update_s) << " | "
+         << (c.update_in_place ? "in place" : "full rebuild (= build time)") << " | "
+         << (std::isnan(c.update_recall_after)
+                 ? absl::StrFormat("%.4f -> (a fresh build)", c.update_recall_before)
+                 : absl::StrFormat("%.4f -> %.4f", c.update_recall_before, c.update_recall_after))
+         << " |\n";
     }
   }
-  md << "\n### Build, memory and updates\n\n"
-     << "| index | build s | bytes/target (own) | bytes/target (RSS) | absorb " << n_upd
-     << " re-encoded s | how | recall before -> after |\n| --- | --- | --- | --- | --- | --- | --- |\n";
-  for (const Curve& c : curves) {
-    md << "| " << c.index << " | " << absl::StrFormat("%.2f", c.build_s) << " | "
-       << absl::StrFormat("%.0f", c.mem_bytes / n) << " | "
-       << absl::StrFormat("%.0f", c.rss_bytes / n) << " | "
-       << absl::StrFormat("%.3f", c.update_s) << " | "
-       << (c.update_in_place ? "in place" : "full rebuild (= build time)") << " | "
-       << (std::isnan(c.update_recall_after)
-               ? absl::StrFormat("%.4f -> (a fresh build)", c.update_recall_before)
-               : absl::StrFormat("%.4f -> %.4f", c.update_recall_before, c.update_recall_after))
-       << " |\n";
+  if (Enabled("sampling")) {
+    md << "\n### Sampling (" << std::min(nq, absl::GetFlag(FLAGS_sample_queries))
+       << " queries; grad error = relative error of the estimate of grad_q log Z from k = " << k
+       << " negatives)\n\n"
+       << "| sampler | tau | grad error, brute-force top-" << k << " | grad error, " << k
+       << " samples (self-normalized) | chi2 (df) vs p=0.001 critical | TV, 10 equal-mass bins | "
+          "sample queries/s | vs brute-force top-k queries/s |\n"
+       << "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for (const auto& s : sampling) {
+      md << "| " << s.sampler << " | " << s.tau << " | " << absl::StrFormat("%.3f", s.topk_grad_error) << " | "
+         << absl::StrFormat("%.3f", s.sample_grad_error) << " | "
+         << absl::StrFormat("%.1f (%d) vs %.1f", s.chi2, s.chi2_df, s.chi2_critical) << " | "
+         << absl::StrFormat("%.4f", s.tv) << " | " << absl::StrFormat("%.0f", s.sample_qps)
+         << " | " << (exact_qps > 0 ? absl::StrFormat("%.1fx", s.sample_qps / exact_qps) : "-")
+         << " |\n";
+    }
   }
-  md << "\n### Sampling (" << std::min(nq, absl::GetFlag(FLAGS_sample_queries))
-     << " queries; grad error = relative error of the estimate of grad_q log Z from k = " << k
-     << " negatives)\n\n"
-     << "| sampler | tau | grad error, brute-force top-" << k << " | grad error, " << k
-     << " samples (self-normalized) | chi2 (df) vs p=0.001 critical | TV, 10 equal-mass bins | "
-        "sample queries/s | vs brute-force top-k queries/s |\n"
-     << "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
-  for (const auto& s : sampling) {
-    md << "| " << s.sampler << " | " << s.tau << " | " << absl::StrFormat("%.3f", s.topk_grad_error) << " | "
-       << absl::StrFormat("%.3f", s.sample_grad_error) << " | "
-       << absl::StrFormat("%.1f (%d) vs %.1f", s.chi2, s.chi2_df, s.chi2_critical) << " | "
-       << absl::StrFormat("%.4f", s.tv) << " | " << absl::StrFormat("%.0f", s.sample_qps)
-       << " | " << (exact_qps > 0 ? absl::StrFormat("%.1fx", s.sample_qps / exact_qps) : "-")
-       << " |\n";
+  if (Enabled("drift")) {
+    md << "\n### Recall@" << k << " and KL under drift\n\n"
+       << "Exact top-" << k << " against brute force over the step-t targets. negmine's "
+       << "tree (cosine) re-encodes only its m landmarks at each evaluated step and "
+       << "corrects every target (Nystrom, displacement form). KL: mean KL(p_now || p) of "
+       << "the softmax at tau = " << kl_tau << " over all targets, " << absl::GetFlag(FLAGS_kl_queries)
+       << " queries; the oracle (fresh embeddings) has recall 1 and KL 0.\n\n"
+       << "| step | static | static, rebuilt every " << absl::GetFlag(FLAGS_rebuild_every) << " steps";
+    for (const auto& v : variants) md << " | negmine " << v.name;
+    md << " | KL static | KL rebuilt";
+    for (const auto& v : variants) md << " | KL " << v.name;
+    md << " |\n|";
+    for (size_t i = 0; i < 5 + 2 * variants.size(); ++i) md << " --- |";
+    md << "\n";
+    for (const auto& d : drift) {
+      md << "| " << d.step << " | " << absl::StrFormat("%.4f", d.stale) << " | "
+         << absl::StrFormat("%.4f", d.rebuilt);
+      for (double r : d.negmine) md << " | " << absl::StrFormat("%.4f", r);
+      md << " | " << absl::StrFormat("%.4f", d.kl_stale) << " | " << absl::StrFormat("%.4f", d.kl_rebuilt);
+      for (double r : d.kl_negmine) md << " | " << absl::StrFormat("%.4f", r);
+      md << " |\n";
+    }
+    md << "\n| variant | landmarks | fit s / update | apply s / update (all " << n << " targets + tree) |\n"
+       << "| --- | --- | --- | --- |\n";
+    for (const auto& v : variants) {
+      md << "| " << v.name << " | " << v.m << " | "
+         << absl::StrFormat("%.3f", v.updates ? v.fit_s / v.updates : 0) << " | "
+         << absl::StrFormat("%.3f", v.updates ? v.apply_s / v.updates : 0) << " |\n";
+    }
+    if (!variants.empty()) {
+      md << "\nPer-query cost of the correction (" << variants[0].name << ", exact top-" << k
+         << ", one thread per batch part): " << absl::StrFormat("%.0f", variants[0].qps_before)
+         << " queries/s before any drift update, " << absl::StrFormat("%.0f", variants[0].qps_after)
+         << " after the last (same structure and centers, bounds refit to the moved targets), "
+         << absl::StrFormat("%.0f", variants[0].qps_rebuilt) << " after a rebuild ("
+         << absl::StrFormat("%.1f", variants[0].rebuild_s) << " s; the background rebuild "
+         << "does this off the query path once the leaves' radii have grown by half).\n";
+    }
   }
-  md << "\n### Recall@" << k << " and KL under drift\n\n"
-     << "Exact top-" << k << " against brute force over the step-t targets. negmine's "
-     << "tree (cosine) re-encodes only its m landmarks at each evaluated step and "
-     << "corrects every target (Nystrom, displacement form). KL: mean KL(p_now || p) of "
-     << "the softmax at tau = " << kl_tau << " over all targets, " << absl::GetFlag(FLAGS_kl_queries)
-     << " queries; the oracle (fresh embeddings) has recall 1 and KL 0.\n\n"
-     << "| step | static | static, rebuilt every " << absl::GetFlag(FLAGS_rebuild_every) << " steps";
-  for (const auto& v : variants) md << " | negmine " << v.name;
-  md << " | KL static | KL rebuilt";
-  for (const auto& v : variants) md << " | KL " << v.name;
-  md << " |\n|";
-  for (size_t i = 0; i < 5 + 2 * variants.size(); ++i) md << " --- |";
-  md << "\n";
-  for (const auto& d : drift) {
-    md << "| " << d.step << " | " << absl::StrFormat("%.4f", d.stale) << " | "
-       << absl::StrFormat("%.4f", d.rebuilt);
-    for (double r : d.negmine) md << " | " << absl::StrFormat("%.4f", r);
-    md << " | " << absl::StrFormat("%.4f", d.kl_stale) << " | " << absl::StrFormat("%.4f", d.kl_rebuilt);
-    for (double r : d.kl_negmine) md << " | " << absl::StrFormat("%.4f", r);
-    md << " |\n";
+  if (Enabled("batches")) {
+    md << "\n### Batch assignment (GCBS), B = " << absl::GetFlag(FLAGS_batch_size) << "\n\n"
+       << "Examples: the targets as positives, queries their noisy copies; the streamed order "
+       << "is random. In-batch similarity: sum over batches of sum_{i != j} cos(q_i, p_j).\n\n"
+       << "| examples | method | seconds | in-batch similarity | vs random | graph |\n"
+       << "| --- | --- | --- | --- | --- | --- |\n"
+       << "| " << gcbs.n << " | random batches | - | " << absl::StrFormat("%.0f", gcbs.random)
+       << " | 1x | - |\n"
+       << "| " << gcbs.n << " | GCBS, kNN graph (k = 16) + RCM | " << absl::StrFormat("%.1f", gcbs.seconds)
+       << " | " << absl::StrFormat("%.0f", gcbs.gcbs) << " | "
+       << absl::StrFormat("%.1fx", gcbs.gcbs / gcbs.random) << " | " << gcbs.edges << " edges, "
+       << gcbs.components << " components, bandwidth " << gcbs.bw_before << " -> " << gcbs.bw_after
+       << " |\n"
+       << "| " << gcbs.dense_n << " | random batches | - | " << absl::StrFormat("%.0f", gcbs.sub_random)
+       << " | 1x | - |\n"
+       << "| " << gcbs.dense_n << " | GCBS, kNN graph + RCM | " << absl::StrFormat("%.1f", gcbs.sub_sparse_s)
+       << " | " << absl::StrFormat("%.0f", gcbs.sub_sparse) << " | "
+       << absl::StrFormat("%.1fx", gcbs.sub_sparse / gcbs.sub_random) << " | |\n"
+       << "| " << gcbs.dense_n << " | dense reference (exact kNN from X Y^T, O(N^2)) | "
+       << absl::StrFormat("%.1f", gcbs.sub_dense_s) << " | " << absl::StrFormat("%.0f", gcbs.sub_dense)
+       << " | " << absl::StrFormat("%.1fx", gcbs.sub_dense / gcbs.sub_random) << " | |\n";
   }
-  md << "\n| variant | landmarks | fit s / update | apply s / update (all " << n << " targets + tree) |\n"
-     << "| --- | --- | --- | --- |\n";
-  for (const auto& v : variants) {
-    md << "| " << v.name << " | " << v.m << " | "
-       << absl::StrFormat("%.3f", v.updates ? v.fit_s / v.updates : 0) << " | "
-       << absl::StrFormat("%.3f", v.updates ? v.apply_s / v.updates : 0) << " |\n";
-  }
-  if (!variants.empty()) {
-    md << "\nPer-query cost of the correction (" << variants[0].name << ", exact top-" << k
-       << ", one thread per batch part): " << absl::StrFormat("%.0f", variants[0].qps_before)
-       << " queries/s before any drift update, " << absl::StrFormat("%.0f", variants[0].qps_after)
-       << " after the last (same structure and centers, bounds refit to the moved targets), "
-       << absl::StrFormat("%.0f", variants[0].qps_rebuilt) << " after a rebuild ("
-       << absl::StrFormat("%.1f", variants[0].rebuild_s) << " s; the background rebuild "
-       << "does this off the query path once the leaves' radii have grown by half).\n";
-  }
-  md << "\n### Batch assignment (GCBS), B = " << absl::GetFlag(FLAGS_batch_size) << "\n\n"
-     << "Examples: the targets as positives, queries their noisy copies; the streamed order "
-     << "is random. In-batch similarity: sum over batches of sum_{i != j} cos(q_i, p_j).\n\n"
-     << "| examples | method | seconds | in-batch similarity | vs random | graph |\n"
-     << "| --- | --- | --- | --- | --- | --- |\n"
-     << "| " << gcbs.n << " | random batches | - | " << absl::StrFormat("%.0f", gcbs.random)
-     << " | 1x | - |\n"
-     << "| " << gcbs.n << " | GCBS, kNN graph (k = 16) + RCM | " << absl::StrFormat("%.1f", gcbs.seconds)
-     << " | " << absl::StrFormat("%.0f", gcbs.gcbs) << " | "
-     << absl::StrFormat("%.1fx", gcbs.gcbs / gcbs.random) << " | " << gcbs.edges << " edges, "
-     << gcbs.components << " components, bandwidth " << gcbs.bw_before << " -> " << gcbs.bw_after
-     << " |\n"
-     << "| " << gcbs.dense_n << " | random batches | - | " << absl::StrFormat("%.0f", gcbs.sub_random)
-     << " | 1x | - |\n"
-     << "| " << gcbs.dense_n << " | GCBS, kNN graph + RCM | " << absl::StrFormat("%.1f", gcbs.sub_sparse_s)
-     << " | " << absl::StrFormat("%.0f", gcbs.sub_sparse) << " | "
-     << absl::StrFormat("%.1fx", gcbs.sub_sparse / gcbs.sub_random) << " | |\n"
-     << "| " << gcbs.dense_n << " | dense reference (exact kNN from X Y^T, O(N^2)) | "
-     << absl::StrFormat("%.1f", gcbs.sub_dense_s) << " | " << absl::StrFormat("%.0f", gcbs.sub_dense)
-     << " | " << absl::StrFormat("%.1fx", gcbs.sub_dense / gcbs.sub_random) << " | |\n";
-  if (!server_bin.empty()) {
+  if (!server_bin.empty() && Enabled("e2e")) {
     md << "\n### End to end (gRPC server, C++ client, MineStream, " << threads
        << " streams of " << nq << "-query batches, exact top-k on a tree collection)\n\n"
        << "| upsert rows/s | MineStream queries/s | in-process queries/s (negmine-tree-exact) | server overhead | recall |\n"

@@ -404,6 +404,7 @@ void StoreIndex::Rebase() {
   absl::erase_if(pending_, [&](const auto& p) { return p.second <= frame_step_; });
   // Cannot fail: the collection was not empty for the update.
   ChooseLandmarks().IgnoreError();
+  OnRebase();
   absl::WriterMutexLock lock(&mu_);
   ++drift_summary_.rebases;
   drift_summary_.landmark_epoch = landmarks_.epoch;

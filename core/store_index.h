@@ -30,7 +30,8 @@
 // model_step among them, and the targets stored at a later step are
 // pending. A re-base makes the served vectors the new frame at the update's
 // step, drops the offsets, chooses new landmarks (k-means++ on a sample)
-// and bumps the landmark epoch. It happens after a linear map, when a fit's
+// and bumps the landmark epoch; a tree index rebuilds in the background
+// (OnRebase). It happens after a linear map, when a fit's
 // held-out residual exceeds IndexOptions::Drift::rebase_residual, or every
 // rebase_every_steps.
 // Memory: once drift is active, frame_ and served_ add 2 x dim floats per
@@ -46,10 +47,9 @@
 #ifndef NEGMINE_CORE_STORE_INDEX_H_
 #define NEGMINE_CORE_STORE_INDEX_H_
 
-#include <vector>
-
 #include <deque>
 #include <memory>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
@@ -108,6 +108,8 @@ class StoreIndex : public Index {
   virtual void PrepareDrift(const PointSource& /*after*/)
       ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
   virtual void OnDriftLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_) {}
+  // After a drift re-base (the scoring vectors did not change).
+  virtual void OnRebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
   // Bytes held beyond the store.
   virtual size_t ExtraMemoryLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return 0;

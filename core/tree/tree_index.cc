@@ -537,21 +537,23 @@ void TreeIndex::PrepareDrift(const PointSource& after) {
 
 void TreeIndex::OnDriftLocked() {
   tree_->SetBounds(std::move(drift_bounds_));
-  if (options_.tree.background_rebuild &&
-      tree_->LeafRadiusSum() > (1 + kMaxDriftGrowth) * leaf_radius_at_build_) {
-    absl::MutexLock lock(&rebuild_mu_);
-    rebuild_requested_ = true;
+  if (tree_->LeafRadiusSum() > (1 + kMaxDriftGrowth) * leaf_radius_at_build_) {
+    RequestRebuild();
   }
+}
+
+void TreeIndex::OnRebase() { RequestRebuild(); }
+
+void TreeIndex::RequestRebuild() {
+  if (!options_.tree.background_rebuild) return;
+  absl::MutexLock lock(&rebuild_mu_);
+  rebuild_requested_ = true;
 }
 
 size_t TreeIndex::ExtraMemoryLocked() const { return tree_->MemoryBytes(); }
 
 void TreeIndex::MaybeScheduleRebuildLocked() {
-  if (!options_.tree.background_rebuild) return;
-  const bool churn = changes_since_build_ > std::max<size_t>(size_at_build_ / 2, 1024);
-  if (!churn) return;
-  absl::MutexLock lock(&rebuild_mu_);
-  rebuild_requested_ = true;
+  if (changes_since_build_ > std::max<size_t>(size_at_build_ / 2, 1024)) RequestRebuild();
 }
 
 std::unique_ptr<Tree> TreeIndex::BuildTree(const PointSource& points,
@@ -641,7 +643,13 @@ size_t TreeIndex::CatchUpLocked(Tree* fresh, const PointSource& snapshot,
       ++changed;
     }
   }
-  fresh->GrowRadii(movement);
+  // A few moved rows: grow the radii over them (O(N)). Many (a drift
+  // update came in): refit every bound exactly (O(N depth dim)).
+  if (changed > store_.size() / 10) {
+    fresh->SetBounds(fresh->ComputeBounds(now));
+  } else {
+    fresh->GrowRadii(movement);
+  }
   return changed;
 }
 

@@ -38,7 +38,8 @@
 // builds off-lock from a copy of the scoring vectors (so a rebuild briefly
 // doubles their memory), then, holding the writer lock, catches the new
 // tree up with the writes made meanwhile (removed rows out, new rows in,
-// moved rows re-inserted or their radii grown; O(N dim)) and installs it.
+// rows moved far re-inserted, the bounds grown over the others, or refit
+// exactly when a drift update moved them all) and installs it.
 // Queries meanwhile run on the current tree.
 //
 // Thread safety: as the Index contract.
@@ -85,6 +86,8 @@ class TreeIndex final : public StoreIndex {
   void PrepareDrift(const PointSource& after) override
       ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   void OnDriftLocked() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_);
+  // A drift re-base: a fresh tree over the new frame, in the background.
+  void OnRebase() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
@@ -96,6 +99,7 @@ class TreeIndex final : public StoreIndex {
   static constexpr double kMaxDriftGrowth = 0.5;
 
   void MaybeScheduleRebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RequestRebuild();
   // Brings `fresh`, built over `snapshot` (the scoring vectors when the
   // build began), up to the current rows and vectors; returns the rows
   // changed.
