@@ -171,6 +171,12 @@ struct TreeSummary {
   // Nodes visited (internal expansions plus leaves scored) per query in the
   // last Search call.
   double visits_per_query = 0;
+  // A background rebuild is requested and not installed yet.
+  bool rebuild_pending = false;
+  // The exact sampler's draws proposed and accepted since the start (their
+  // ratio is its acceptance rate).
+  uint64_t sampler_proposals = 0;
+  uint64_t sampler_accepted = 0;
 };
 
 // The landmarks a trainer re-encodes for ApplyDrift. `epoch` names the set;

@@ -1,13 +1,20 @@
 #include "server/metrics.h"
 
-#include <prometheus/counter.h>
+#include <dirent.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+
+#include <prometheus/client_metric.h>
+#include <prometheus/metric_family.h>
 
 namespace negmine::server {
 namespace {
 
 const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
   static const auto* b = new prometheus::Histogram::BucketBoundaries{
-      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
   return *b;
 }
 
@@ -17,17 +24,73 @@ const prometheus::Histogram::BucketBoundaries& BatchBuckets() {
   return *b;
 }
 
+// The standard process_* metrics of Prometheus clients, from /proc/self.
+class ProcessCollector final : public prometheus::Collectable {
+ public:
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<prometheus::MetricFamily> out;
+    auto add = [&](const char* name, const char* help, prometheus::MetricType type, double v) {
+      prometheus::MetricFamily f{.name = name, .help = help, .type = type};
+      prometheus::ClientMetric m;
+      if (type == prometheus::MetricType::Counter) {
+        m.counter.value = v;
+      } else {
+        m.gauge.value = v;
+      }
+      f.metric.push_back(m);
+      out.push_back(std::move(f));
+    };
+    const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
+    const double page = static_cast<double>(sysconf(_SC_PAGESIZE));
+    // /proc/self/stat: fields after the parenthesized command name.
+    std::ifstream stat_file("/proc/self/stat");
+    std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
+    const size_t close = stat.rfind(')');
+    if (close != std::string::npos) {
+      std::istringstream in(stat.substr(close + 2));
+      std::vector<std::string> f;
+      for (std::string s; in >> s;) f.push_back(s);
+      // f[0] is field 3 (state): utime 14, stime 15, num_threads 20,
+      // starttime 22, vsize 23, rss 24.
+      if (f.size() > 21) {
+        add("process_cpu_seconds_total", "User and system CPU time, seconds.",
+            prometheus::MetricType::Counter, (std::stod(f[11]) + std::stod(f[12])) / tick);
+        add("process_threads", "OS threads.", prometheus::MetricType::Gauge, std::stod(f[17]));
+        add("process_virtual_memory_bytes", "Virtual memory size, bytes.",
+            prometheus::MetricType::Gauge, std::stod(f[20]));
+        add("process_resident_memory_bytes", "Resident memory size, bytes.",
+            prometheus::MetricType::Gauge, std::stod(f[21]) * page);
+        std::ifstream uptime_file("/proc/uptime");
+        double uptime = 0;
+        uptime_file >> uptime;
+        const double boot = static_cast<double>(time(nullptr)) - uptime;
+        add("process_start_time_seconds", "Start time since the Unix epoch, seconds.",
+            prometheus::MetricType::Gauge, boot + std::stod(f[19]) / tick);
+      }
+    }
+    if (DIR* d = opendir("/proc/self/fd")) {
+      double fds = 0;
+      while (readdir(d) != nullptr) ++fds;
+      closedir(d);
+      add("process_open_fds", "Open file descriptors.", prometheus::MetricType::Gauge,
+          fds - 3);  // ".", ".." and the one opendir holds
+    }
+    return out;
+  }
+};
+
 }  // namespace
 
 Metrics::Metrics()
     : registry_(std::make_shared<prometheus::Registry>()),
+      process_(std::make_shared<ProcessCollector>()),
       requests_(prometheus::BuildCounter()
                     .Name("negmine_requests_total")
                     .Help("Finished RPCs, by method and gRPC status code.")
                     .Register(*registry_)),
       latency_(prometheus::BuildHistogram()
                    .Name("negmine_request_duration_seconds")
-                   .Help("RPC latency, by method.")
+                   .Help("RPC latency, by method and gRPC status code.")
                    .Register(*registry_)),
       negatives_(prometheus::BuildCounter()
                      .Name("negmine_negatives_served_total")
@@ -47,6 +110,43 @@ Metrics::Metrics()
                    .Name("negmine_index_version")
                    .Help("Index version per collection.")
                    .Register(*registry_)),
+      memory_(prometheus::BuildGauge()
+                  .Name("negmine_index_memory_bytes")
+                  .Help("Host memory held by a collection's index, bytes.")
+                  .Register(*registry_)),
+      tree_nodes_(prometheus::BuildGauge()
+                      .Name("negmine_tree_nodes")
+                      .Help("Reachable nodes of a collection's tree.")
+                      .Register(*registry_)),
+      tree_depth_(prometheus::BuildGauge()
+                      .Name("negmine_tree_depth")
+                      .Help("Depth of a collection's tree.")
+                      .Register(*registry_)),
+      tree_looseness_(prometheus::BuildGauge()
+                          .Name("negmine_tree_looseness")
+                          .Help("Max over nodes of stored radius / actual radius (1 = tight).")
+                          .Register(*registry_)),
+      tree_rebuilds_(prometheus::BuildCounter()
+                         .Name("negmine_tree_rebuilds_total")
+                         .Help("Background tree rebuilds installed.")
+                         .Register(*registry_)),
+      tree_rebuild_seconds_(prometheus::BuildGauge()
+                                .Name("negmine_tree_last_rebuild_seconds")
+                                .Help("Duration of the last tree rebuild, seconds.")
+                                .Register(*registry_)),
+      tree_rebuild_pending_(prometheus::BuildGauge()
+                                .Name("negmine_tree_rebuild_pending")
+                                .Help("1 while a requested tree rebuild has not started.")
+                                .Register(*registry_)),
+      sampler_proposals_(prometheus::BuildCounter()
+                             .Name("negmine_sampler_proposals_total")
+                             .Help("Exact sampler: draws proposed.")
+                             .Register(*registry_)),
+      sampler_accepted_(prometheus::BuildCounter()
+                            .Name("negmine_sampler_accepted_total")
+                            .Help("Exact sampler: draws accepted (acceptance rate = "
+                                  "accepted / proposals).")
+                            .Register(*registry_)),
       drift_step_(prometheus::BuildGauge()
                       .Name("negmine_drift_step")
                       .Help("Model step of the last drift update, per collection.")
@@ -60,12 +160,19 @@ Metrics::Metrics()
                          .Name("negmine_drift_rebases_total")
                          .Help("Drift re-bases (new frame and landmarks), per "
                                "collection.")
-                         .Register(*registry_)) {}
+                         .Register(*registry_)) {
+  collection_gauges_ = {&targets_,    &version_,       &memory_,
+                        &tree_nodes_, &tree_depth_,    &tree_looseness_,
+                        &tree_rebuild_seconds_, &tree_rebuild_pending_,
+                        &drift_step_, &drift_residual_};
+  collection_counters_ = {&tree_rebuilds_, &sampler_proposals_, &sampler_accepted_,
+                          &drift_rebases_};
+}
 
 void Metrics::ObserveRequest(const std::string& method, const std::string& code,
                              double seconds) {
   requests_.Add({{"method", method}, {"code", code}}).Increment();
-  latency_.Add({{"method", method}}, LatencyBuckets()).Observe(seconds);
+  latency_.Add({{"method", method}, {"code", code}}, LatencyBuckets()).Observe(seconds);
 }
 
 void Metrics::ObserveMine(size_t queries, size_t negatives) {
@@ -87,14 +194,44 @@ void Metrics::SetDrift(const std::string& collection, double step,
   if (rebased) rebases.Increment();
 }
 
-void Metrics::RemoveCollection(const std::string& collection) {
+void Metrics::CounterTo(CounterFamily& family, const std::string& collection, double value) {
+  prometheus::Counter& c = family.Add({{"collection", collection}});
+  if (value > c.Value()) c.Increment(value - c.Value());
+}
+
+void Metrics::SetIndex(const std::string& collection, const IndexStats& stats,
+                       const std::optional<TreeSummary>& tree,
+                       const DriftSummary& drift) {
+  absl::MutexLock lock(&mu_);
   const prometheus::Labels labels = {{"collection", collection}};
-  targets_.Remove(&targets_.Add(labels));
-  version_.Remove(&version_.Add(labels));
-  if (drift_step_.Has(labels)) {
-    drift_step_.Remove(&drift_step_.Add(labels));
-    drift_residual_.Remove(&drift_residual_.Add(labels));
-    drift_rebases_.Remove(&drift_rebases_.Add(labels));
+  SetCollection(collection, static_cast<double>(stats.num_targets),
+                static_cast<double>(stats.version));
+  memory_.Add(labels).Set(static_cast<double>(stats.memory_bytes));
+  if (tree) {
+    tree_nodes_.Add(labels).Set(static_cast<double>(tree->num_nodes));
+    tree_depth_.Add(labels).Set(tree->depth);
+    tree_looseness_.Add(labels).Set(tree->looseness);
+    tree_rebuild_seconds_.Add(labels).Set(tree->last_rebuild_seconds);
+    tree_rebuild_pending_.Add(labels).Set(tree->rebuild_pending ? 1 : 0);
+    CounterTo(tree_rebuilds_, collection, static_cast<double>(tree->rebuilds));
+    CounterTo(sampler_proposals_, collection, static_cast<double>(tree->sampler_proposals));
+    CounterTo(sampler_accepted_, collection, static_cast<double>(tree->sampler_accepted));
+  }
+  if (drift.active) {
+    drift_step_.Add(labels).Set(static_cast<double>(drift.step));
+    drift_residual_.Add(labels).Set(drift.heldout_residual);
+    CounterTo(drift_rebases_, collection, static_cast<double>(drift.rebases));
+  }
+}
+
+void Metrics::RemoveCollection(const std::string& collection) {
+  absl::MutexLock lock(&mu_);
+  const prometheus::Labels labels = {{"collection", collection}};
+  for (GaugeFamily* f : collection_gauges_) {
+    if (f->Has(labels)) f->Remove(&f->Add(labels));
+  }
+  for (CounterFamily* f : collection_counters_) {
+    if (f->Has(labels)) f->Remove(&f->Add(labels));
   }
 }
 

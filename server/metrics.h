@@ -1,19 +1,28 @@
 // The server's Prometheus metrics: every family registered once, at startup,
 // into this struct of references. Labels are low-cardinality (method, code,
-// collection), never request ids.
+// collection), never request ids. The process_* families follow the
+// Prometheus client convention (no negmine_ prefix), so that standard
+// dashboards find them.
 //
-// Thread safety: prometheus-cpp metrics are safe to update from any thread.
+// Thread safety: prometheus-cpp metrics are safe to update from any thread;
+// SetIndex and RemoveCollection are serialized internally.
 #ifndef NEGMINE_SERVER_METRICS_H_
 #define NEGMINE_SERVER_METRICS_H_
 
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
+#include <prometheus/collectable.h>
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+
+#include "absl/synchronization/mutex.h"
+#include "core/index.h"
 
 namespace negmine::server {
 
@@ -24,6 +33,8 @@ class Metrics {
   const std::shared_ptr<prometheus::Registry>& registry() const {
     return registry_;
   }
+  // process_* metrics, read from /proc at scrape time.
+  const std::shared_ptr<prometheus::Collectable>& process() const { return process_; }
 
   // One finished RPC: its method, canonical code name and latency.
   void ObserveRequest(const std::string& method, const std::string& code,
@@ -33,22 +44,46 @@ class Metrics {
   // The current size and version of a collection.
   void SetCollection(const std::string& collection, double targets,
                      double version);
-  void RemoveCollection(const std::string& collection);
   // After a drift update of a collection.
   void SetDrift(const std::string& collection, double step, double residual,
                 bool rebased);
+  // A collection's full state (GetIndexInfo's figures; refreshed
+  // periodically, since the tree's figures cost O(N)).
+  void SetIndex(const std::string& collection, const IndexStats& stats,
+                const std::optional<TreeSummary>& tree, const DriftSummary& drift);
+  void RemoveCollection(const std::string& collection);
 
  private:
+  using GaugeFamily = prometheus::Family<prometheus::Gauge>;
+  using CounterFamily = prometheus::Family<prometheus::Counter>;
+  // Raises the counter of `family` for `collection` to `value` (a
+  // cumulative count kept by the index).
+  static void CounterTo(CounterFamily& family, const std::string& collection, double value);
+
   std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<prometheus::Collectable> process_;
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& latency_;
   prometheus::Counter& negatives_;
   prometheus::Histogram& batch_queries_;
-  prometheus::Family<prometheus::Gauge>& targets_;
-  prometheus::Family<prometheus::Gauge>& version_;
-  prometheus::Family<prometheus::Gauge>& drift_step_;
-  prometheus::Family<prometheus::Gauge>& drift_residual_;
-  prometheus::Family<prometheus::Counter>& drift_rebases_;
+  GaugeFamily& targets_;
+  GaugeFamily& version_;
+  GaugeFamily& memory_;
+  GaugeFamily& tree_nodes_;
+  GaugeFamily& tree_depth_;
+  GaugeFamily& tree_looseness_;
+  CounterFamily& tree_rebuilds_;
+  GaugeFamily& tree_rebuild_seconds_;
+  GaugeFamily& tree_rebuild_pending_;
+  CounterFamily& sampler_proposals_;
+  CounterFamily& sampler_accepted_;
+  GaugeFamily& drift_step_;
+  GaugeFamily& drift_residual_;
+  CounterFamily& drift_rebases_;
+  // Per-collection families, for RemoveCollection.
+  std::vector<GaugeFamily*> collection_gauges_;
+  std::vector<CounterFamily*> collection_counters_;
+  absl::Mutex mu_;  // serializes SetIndex / RemoveCollection
 };
 
 }  // namespace negmine::server

@@ -55,6 +55,8 @@ ABSL_FLAG(uint64_t, max_sync_batch_examples, 100000,
           "Most examples in a synchronous AssignBatches call; more need async.");
 ABSL_FLAG(int, max_batch_jobs, 2, "AssignBatches jobs running at once.");
 ABSL_FLAG(int, batch_job_threads, 2, "Threads per AssignBatches job.");
+ABSL_FLAG(double, stats_interval_seconds, 15,
+          "How often the tree and drift metrics are refreshed (O(N) each); 0: never.");
 ABSL_FLAG(uint32_t, default_dim, 0,
           "If > 0, create the collection \"default\" with this dim at start.");
 ABSL_FLAG(std::string, default_metric, "cosine",
@@ -180,6 +182,7 @@ int Run() {
       return 1;
     }
     exposer->RegisterCollectable(metrics.registry());
+    exposer->RegisterCollectable(metrics.process());
   }
 
   int threads = absl::GetFlag(FLAGS_worker_threads);
@@ -192,7 +195,8 @@ int Run() {
       .max_batch_examples = absl::GetFlag(FLAGS_max_batch_examples),
       .max_sync_batch_examples = absl::GetFlag(FLAGS_max_sync_batch_examples),
       .max_batch_jobs = absl::GetFlag(FLAGS_max_batch_jobs),
-      .batch_job_threads = absl::GetFlag(FLAGS_batch_job_threads)};
+      .batch_job_threads = absl::GetFlag(FLAGS_batch_job_threads),
+      .stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_seconds)};
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);

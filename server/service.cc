@@ -49,9 +49,26 @@ NegativeMinerService::NegativeMinerService(const ServiceOptions& options,
       batch_jobs_(std::make_unique<BatchJobs>(std::max(1, options.max_batch_jobs),
                                               /*max_kept=*/64,
                                               std::max(1, options.batch_job_threads))),
-      pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads))) {}
+      pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads))) {
+  if (options.stats_interval_seconds > 0) {
+    stats_thread_ = std::thread([this] {
+      absl::MutexLock lock(&stats_mu_);
+      while (!stats_mu_.AwaitWithTimeout(absl::Condition(&stopping_),
+                                         absl::Seconds(options_.stats_interval_seconds))) {
+        stats_mu_.Unlock();
+        RefreshIndexMetrics();
+        stats_mu_.Lock();
+      }
+    });
+  }
+}
 
 NegativeMinerService::~NegativeMinerService() {
+  {
+    absl::MutexLock lock(&stats_mu_);
+    stopping_ = true;
+  }
+  if (stats_thread_.joinable()) stats_thread_.join();
   pool_.reset();
   batch_jobs_.reset();  // cancels running assignments and waits for them
 }
@@ -112,6 +129,18 @@ void NegativeMinerService::UpdateCollectionMetrics(const Collection& c) {
   const IndexStats stats = c.index->Stats();
   metrics_->SetCollection(c.name, static_cast<double>(stats.num_targets),
                           static_cast<double>(stats.version));
+}
+
+void NegativeMinerService::RefreshIndexMetrics() {
+  std::vector<std::shared_ptr<Collection>> all;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    for (const auto& [name, c] : collections_) all.push_back(c);
+  }
+  for (const auto& c : all) {
+    metrics_->SetIndex(c->name, c->index->Stats(), c->index->TreeInfo(),
+                       c->index->DriftInfo());
+  }
 }
 
 void NegativeMinerService::FillInfo(const Collection& c,

@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -43,6 +44,9 @@ struct ServiceOptions {
   uint64_t max_sync_batch_examples = 100000;
   int max_batch_jobs = 2;
   int batch_job_threads = 2;
+  // Every collection's tree and drift figures are published to the metrics
+  // this often (they cost O(N) to gather); 0: never.
+  double stats_interval_seconds = 15;
 };
 
 // One named index.
@@ -68,6 +72,8 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
 
   // Publishes a collection's size and version to the metrics.
   void UpdateCollectionMetrics(const Collection& c);
+  // Publishes every collection's full state (tree, drift) to the metrics.
+  void RefreshIndexMetrics();
 
   // The work of one mining request; shared by Mine and MineStream.
   absl::Status DoMine(const v1::MineRequest& request,
@@ -142,6 +148,10 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   std::map<std::string, std::shared_ptr<Collection>> collections_
       ABSL_GUARDED_BY(mu_);
   std::unique_ptr<BatchJobs> batch_jobs_;
+  // RefreshIndexMetrics every stats_interval_seconds, until stopping_.
+  absl::Mutex stats_mu_;
+  bool stopping_ ABSL_GUARDED_BY(stats_mu_) = false;
+  std::thread stats_thread_;
   // Last member: destroyed first, so queued work finishes while the rest of
   // the service is still alive.
   std::unique_ptr<WorkerPool> pool_;

@@ -209,6 +209,9 @@ void ToWireTreeInfo(const TreeSummary& t, v1::TreeInfo* out) {
   out->set_rebuilds(t.rebuilds);
   out->set_last_rebuild_seconds(t.last_rebuild_seconds);
   out->set_visits_per_query(t.visits_per_query);
+  out->set_rebuild_pending(t.rebuild_pending);
+  out->set_sampler_proposals(t.sampler_proposals);
+  out->set_sampler_accepted(t.sampler_accepted);
 }
 
 void ToWireDriftInfo(const DriftSummary& d, v1::DriftInfo* out) {

@@ -103,6 +103,9 @@ class TreeIndex::Searcher {
         dim_(points.dim), inv_tau_(1.0 / params.temperature) {}
 
   size_t visits() const { return visits_; }
+  // Exact sampler: draws proposed and accepted, over this searcher's life.
+  size_t proposals() const { return proposals_; }
+  size_t accepted() const { return accepted_; }
 
   float Score(const Query& q, uint32_t row) const {
     return Dot(q.q.data(), points_.data + size_t{row} * dim_, dim_) *
@@ -416,7 +419,9 @@ class TreeIndex::Searcher {
     // Without replacement, the last of k ~ eligible targets can be very
     // unlikely; the attempts are capped and fewer results come back.
     const size_t max_attempts = 1000 * want + 100000;
-    for (size_t a = 0; a < max_attempts && out->ids.size() - out->num_top < want; ++a) {
+    const size_t before = out->ids.size();
+    size_t a = 0;
+    for (; a < max_attempts && out->ids.size() - out->num_top < want; ++a) {
       if (misses > 64 && !all_exact) {
         // Acceptance is low: refine more (doubling the frontier) and go on.
         // Each accepted draw is exact for the proposal it came from.
@@ -466,6 +471,8 @@ class TreeIndex::Searcher {
       out->scores.push_back(s);
       out->log_q.push_back(static_cast<float>(logw - log_z));
     }
+    proposals_ += a;
+    accepted_ += out->ids.size() - before;
   }
 
   std::pair<double, double> LogZ(const Query& q) {
@@ -482,6 +489,7 @@ class TreeIndex::Searcher {
   const int dim_;
   const double inv_tau_;
   size_t visits_ = 0;
+  size_t proposals_ = 0, accepted_ = 0;
 };
 
 TreeIndex::TreeIndex(const IndexOptions& options)
@@ -692,6 +700,12 @@ std::optional<TreeSummary> TreeIndex::TreeInfo() const {
   s.rebuilds = rebuilds_;
   s.last_rebuild_seconds = last_rebuild_seconds_;
   s.visits_per_query = visits_per_query_.load();
+  s.sampler_proposals = sampler_proposals_.load();
+  s.sampler_accepted = sampler_accepted_.load();
+  {
+    absl::MutexLock lock(&rebuild_mu_);
+    s.rebuild_pending = rebuild_requested_;
+  }
   return s;
 }
 
@@ -783,6 +797,8 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
     }
   }
   visits_per_query_.store(static_cast<double>(searcher.visits()) / n);
+  sampler_proposals_ += searcher.proposals();
+  sampler_accepted_ += searcher.accepted();
   return result;
 }
 

@@ -120,8 +120,9 @@ class TreeIndex final : public StoreIndex {
   uint64_t rebuilds_ ABSL_GUARDED_BY(mu_) = 0;
   double last_rebuild_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   mutable std::atomic<double> visits_per_query_{0};
+  mutable std::atomic<uint64_t> sampler_proposals_{0}, sampler_accepted_{0};
 
-  absl::Mutex rebuild_mu_;
+  mutable absl::Mutex rebuild_mu_;
   bool rebuild_requested_ ABSL_GUARDED_BY(rebuild_mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(rebuild_mu_) = false;
   std::thread rebuilder_;
