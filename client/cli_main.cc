@@ -14,6 +14,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/synchronization/mutex.h"
 #include "client/negmine_client.h"
 #include "client/npy.h"
 #include "core/store/drift_bench.h"
@@ -72,6 +76,9 @@ commands:
            array of example rows (a short last batch padded with 2^64-1).
            Runs as a job with progress above the server's synchronous limit
            (or with --async).
+  health   [--timeout-seconds T]
+           grpc.health.v1 Check: exit 0 when the server is SERVING, 1 when
+           it is not (or unreachable). For container health checks.
   info     [--collection C]
   generate (--targets N | --queries N) --dim D [--seed S] --out X.npy
            Writes drift-bench vectors (step 0) to an .npy file.
@@ -583,6 +590,44 @@ absl::Status Batches(Client& c, const Args& a) {
   return absl::OkStatus();
 }
 
+// grpc.health.v1.Health/Check through a generic stub: the request is the
+// empty HealthCheckRequest (service ""), and SERVING is the response bytes
+// 08 01 (field 1, varint 1).
+absl::Status Health(const std::string& server, const Args& a) {
+  CLI_ASSIGN(timeout, a.Number<double>("timeout-seconds", 5));
+  CLI_CHECK(a.CheckAllUsed());
+  auto channel = grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000)));
+  grpc::Slice empty;
+  grpc::ByteBuffer request(&empty, 1), response;
+  absl::Mutex mu;
+  bool done = false;
+  grpc::Status status;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                 &response, [&](grpc::Status s) {
+                   absl::MutexLock lock(&mu);
+                   status = std::move(s);
+                   done = true;
+                 });
+  {
+    absl::MutexLock lock(&mu);
+    mu.Await(absl::Condition(&done));
+  }
+  if (!status.ok()) return FromGrpc(status, "health");
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return absl::InternalError("health: unreadable response");
+  std::string bytes;
+  for (const grpc::Slice& sl : slices) bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  if (bytes != std::string("\x08\x01", 2)) {
+    return absl::UnavailableError("health: the server is not SERVING (starting or draining)");
+  }
+  std::printf("SERVING\n");
+  return absl::OkStatus();
+}
+
 absl::Status Generate(const Args& a) {
   CLI_ASSIGN(dim, a.Number<int>("dim", 0));
   CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
@@ -615,6 +660,7 @@ absl::Status Run(int argc, char** argv) {
   const std::string server = a.Get("server", env ? env : "127.0.0.1:50051");
   ClientOptions options;
   options.timeout = std::chrono::seconds(600);
+  if (cmd == "health") return Health(server, a);
   auto client = Client::Connect(server, options);
   if (cmd == "create") return Create(*client, a);
   if (cmd == "list") {

@@ -23,6 +23,7 @@ for _ in $(seq 600); do [ -s "$tmp/port" ] && break; sleep 0.05; done
 [ -s "$tmp/port" ] || fail "server did not start"
 nm() { "$cli" --server "127.0.0.1:$(cat "$tmp/port")" "$@"; }
 
+nm health | grep -q SERVING || fail "health"
 "$cli" generate --queries 3 --dim 16 --seed 4 --out "$tmp/q.npy" >/dev/null
 nm info --collection default | grep -q "targets=2000" || fail "info"
 
