@@ -55,14 +55,14 @@ build: deps configure
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 
-# The server on an embedded default (CPU, a local data dir, 100k drift-bench
+# The server on an embedded default (CPU, a fresh local data dir, 100k drift-bench
 # targets with d = 64), then the CLI mines top-k, sampled and mixed negatives
 # for a few queries, applies a simulated drift update (the landmarks
 # re-encoded at step 20), mines again, then stops the server with SIGTERM.
 demo: build
 	@set -e; \
 	srv=$(BUILD_DIR)/server/negmine-server; cli=$(BUILD_DIR)/client/negmine; \
-	rm -f $(DEMO_DIR)/port; mkdir -p $(DEMO_DIR); \
+	rm -rf $(DEMO_DIR); mkdir -p $(DEMO_DIR); \
 	$$srv --listen=127.0.0.1:$(DEMO_PORT) --data_dir=$(DEMO_DIR) --metrics_listen= \
 	  --port_file=$(DEMO_DIR)/port --default_dim=64 --generate_targets=100000 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null' EXIT; \

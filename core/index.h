@@ -184,6 +184,7 @@ struct TreeSummary {
 struct LandmarkSet {
   std::vector<uint64_t> ids;
   uint64_t epoch = 0;
+  bool chosen = false;  // this call chose the set (a change of state)
 };
 
 // One drift update at the trainer's `model_step`: either the landmarks

@@ -337,13 +337,14 @@ absl::Status StoreIndex::ChooseLandmarks() {
 
 absl::StatusOr<LandmarkSet> StoreIndex::GetLandmarks() {
   absl::MutexLock write_lock(&write_mu_);
-  if (landmarks_.epoch == 0) {
-    RETURN_IF_ERROR(ChooseLandmarks());
-    absl::WriterMutexLock lock(&mu_);
-    drift_summary_.landmark_epoch = landmarks_.epoch;
-    drift_summary_.num_landmarks = landmarks_.ids.size();
-  }
-  return landmarks_;
+  if (landmarks_.epoch != 0) return landmarks_;
+  RETURN_IF_ERROR(ChooseLandmarks());
+  absl::WriterMutexLock lock(&mu_);
+  drift_summary_.landmark_epoch = landmarks_.epoch;
+  drift_summary_.num_landmarks = landmarks_.ids.size();
+  LandmarkSet out = landmarks_;
+  out.chosen = true;
+  return out;
 }
 
 std::vector<float> StoreIndex::Materialize(

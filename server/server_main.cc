@@ -30,6 +30,9 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "core/index.h"
+#include "core/persist/wal.h"
+#include "core/persist/wal_entry.h"
+#include "core/status.h"
 #include "core/store/drift_bench.h"
 #include "server/log.h"
 #include "server/metrics.h"
@@ -55,6 +58,12 @@ ABSL_FLAG(uint64_t, max_sync_batch_examples, 100000,
           "Most examples in a synchronous AssignBatches call; more need async.");
 ABSL_FLAG(int, max_batch_jobs, 2, "AssignBatches jobs running at once.");
 ABSL_FLAG(int, batch_job_threads, 2, "Threads per AssignBatches job.");
+ABSL_FLAG(std::string, wal_sync, "always",
+          "always: every acknowledged change is fsynced first (concurrent ones share an "
+          "fsync); never: the OS writes the log back (survives a server crash, not a "
+          "machine crash)");
+ABSL_FLAG(int, wal_group_commit_ms, 0,
+          "with --wal_sync=always: wait this long for more changes to share an fsync");
 ABSL_FLAG(double, stats_interval_seconds, 15,
           "How often the tree and drift metrics are refreshed (O(N) each); 0: never.");
 ABSL_FLAG(uint32_t, default_dim, 0,
@@ -124,19 +133,21 @@ absl::Status LoadDefaultCollection(NegativeMinerService& service) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--default_metric=", metric, ": use cosine or inner_product"));
   }
-  absl::StatusOr<std::shared_ptr<Collection>> c = service.Create("default", options);
-  if (!c.ok()) return c.status();
+  if (service.Find("default").ok()) return absl::OkStatus();  // recovered
+  RETURN_IF_ERROR(service.Commit({.op = WalOp::kCreateCollection,
+                                  .collection = "default",
+                                  .options = options})
+                      .status());
   if (n == 0) return absl::OkStatus();
 
   const auto start = std::chrono::steady_clock::now();
   DriftBench bench({.num_targets = n, .num_queries = 0, .dim = static_cast<int>(dim),
                     .seed = absl::GetFlag(FLAGS_generate_seed)});
-  const std::vector<float> targets = bench.Targets(0);
-  std::vector<uint64_t> ids(n);
-  for (uint64_t i = 0; i < n; ++i) ids[i] = i;
-  absl::Status s = (*c)->index->Upsert(ids, targets, 0);
-  if (!s.ok()) return s;
-  service.UpdateCollectionMetrics(**c);
+  std::vector<float> targets = bench.Targets(0);
+  WalEntry upsert{.op = WalOp::kUpsert, .collection = "default", .ids = std::vector<uint64_t>(n),
+                  .vectors = std::move(targets)};
+  for (uint64_t i = 0; i < n; ++i) upsert.ids[i] = i;
+  RETURN_IF_ERROR(service.Commit(upsert).status());
   Log(LogLevel::kInfo, "generated the default collection",
       {{"targets", std::to_string(n)},
        {"dim", std::to_string(dim)},
@@ -145,6 +156,41 @@ absl::Status LoadDefaultCollection(NegativeMinerService& service) {
                                       std::chrono::steady_clock::now() - start)
                                       .count())}});
   return absl::OkStatus();
+}
+
+// Replays <data_dir>/wal.log into the service, cuts a torn tail, and opens
+// the log for appending.
+absl::StatusOr<std::unique_ptr<WalWriter>> Recover(NegativeMinerService& service,
+                                                   const std::string& dir) {
+  WalWriter::Options options;
+  const std::string sync = absl::GetFlag(FLAGS_wal_sync);
+  if (sync == "never") {
+    options.sync = WalWriter::SyncPolicy::kNever;
+  } else if (sync != "always") {
+    return absl::InvalidArgumentError(absl::StrCat("--wal_sync=", sync, ": use always or never"));
+  }
+  options.group_commit_window = absl::Milliseconds(absl::GetFlag(FLAGS_wal_group_commit_ms));
+  const std::string path = dir + "/wal.log";
+  const auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(WalContents wal, ReadWal(path));
+  for (const WalRecord& r : wal.records) {
+    absl::StatusOr<WalEntry> e = DecodeWalEntry(r.type, r.payload);
+    absl::Status s = e.ok() ? service.Replay(*e) : e.status();
+    if (!s.ok()) {
+      return absl::DataLossError(absl::StrCat("write-ahead log ", path, ": the record at offset ",
+                                              r.offset, " does not replay: ", s.message()));
+    }
+  }
+  if (wal.torn_bytes > 0) {
+    Log(LogLevel::kWarning, "cutting a torn write at the end of the write-ahead log",
+        {{"path", path}, {"offset", absl::StrCat(wal.valid_bytes)},
+         {"bytes", absl::StrCat(wal.torn_bytes)}});
+  }
+  Log(LogLevel::kInfo, "recovered",
+      {{"records", absl::StrCat(wal.records.size())}, {"bytes", absl::StrCat(wal.valid_bytes)},
+       {"seconds", absl::StrCat(std::chrono::duration<double>(
+                                    std::chrono::steady_clock::now() - start).count())}});
+  return WalWriter::Open(path, wal.valid_bytes, options);
 }
 
 int Run() {
@@ -197,6 +243,7 @@ int Run() {
       .max_batch_jobs = absl::GetFlag(FLAGS_max_batch_jobs),
       .batch_job_threads = absl::GetFlag(FLAGS_batch_job_threads),
       .stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_seconds)};
+  std::unique_ptr<WalWriter> wal;  // outlives the service, which logs to it
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -218,6 +265,15 @@ int Run() {
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(false);
 
+  // Until here the health service says NOT_SERVING: recovery first.
+  absl::StatusOr<std::unique_ptr<WalWriter>> recovered = Recover(service, data_dir);
+  if (!recovered.ok()) {
+    Log(LogLevel::kError, "cannot recover the data dir", {{"error", recovered.status().ToString()}});
+    server->Shutdown();
+    return 1;
+  }
+  wal = *std::move(recovered);
+  service.SetWal(wal.get());
   if (absl::Status s = LoadDefaultCollection(service); !s.ok()) {
     Log(LogLevel::kError, "cannot load the default collection",
         {{"error", s.ToString()}});

@@ -96,21 +96,102 @@ grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
   return reactor;
 }
 
-absl::StatusOr<std::shared_ptr<Collection>> NegativeMinerService::Create(
-    const std::string& name, const IndexOptions& options) {
-  ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(options));
-  auto c = std::make_shared<Collection>();
-  c->name = name;
-  c->index = std::move(index);
-  {
+absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offset) {
+  const std::string payload = EncodeWalEntry(entry);
+  ASSIGN_OR_RETURN(*offset,
+                   wal_->Append(static_cast<uint8_t>(entry.op),
+                                {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()}));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool log,
+                                                         uint64_t* offset) {
+  log = log && wal_ != nullptr;
+  CommitResult out;
+  if (e.op == WalOp::kCreateCollection) {
+    ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(e.options));
+    out.collection = std::make_shared<Collection>();
+    out.collection->name = e.collection;
+    out.collection->index = std::move(index);
     absl::MutexLock lock(&mu_);
-    if (!collections_.emplace(name, c).second) {
+    if (!collections_.emplace(e.collection, out.collection).second) {
       return absl::AlreadyExistsError(
-          absl::StrCat("collection '", name, "' already exists"));
+          absl::StrCat("collection '", e.collection, "' already exists"));
+    }
+    if (log) RETURN_IF_ERROR(Append(e, offset));
+    return out;
+  }
+  if (e.op == WalOp::kDropCollection) {
+    absl::MutexLock lock(&mu_);
+    auto it = collections_.find(e.collection);
+    if (it == collections_.end()) {
+      return absl::NotFoundError(absl::StrCat("collection '", e.collection, "' not found"));
+    }
+    out.collection = it->second;
+    absl::MutexLock write_lock(&out.collection->write_mu);
+    out.collection->dropped = true;
+    collections_.erase(it);
+    if (log) RETURN_IF_ERROR(Append(e, offset));
+    return out;
+  }
+  ASSIGN_OR_RETURN(out.collection, Find(e.collection));
+  Collection& c = *out.collection;
+  absl::MutexLock write_lock(&c.write_mu);
+  if (c.dropped) {
+    return absl::NotFoundError(absl::StrCat("collection '", e.collection, "' not found"));
+  }
+  switch (e.op) {
+    case WalOp::kUpsert:
+      RETURN_IF_ERROR(c.index->Upsert(e.ids, e.vectors, e.model_step));
+      break;
+    case WalOp::kDelete: {
+      ASSIGN_OR_RETURN(out.deleted, c.index->Delete(e.ids, e.allow_missing));
+      break;
+    }
+    case WalOp::kChooseLandmarks: {
+      ASSIGN_OR_RETURN(out.landmarks, c.index->GetLandmarks());
+      log = log && out.landmarks.chosen;
+      break;
+    }
+    case WalOp::kDrift: {
+      ASSIGN_OR_RETURN(out.drift, c.index->ApplyDrift({.model_step = e.model_step,
+                                                       .landmark_epoch = e.landmark_epoch,
+                                                       .landmark_embeddings = e.vectors,
+                                                       .linear_a = e.linear_a,
+                                                       .linear_b = e.linear_b}));
+      break;
+    }
+    default:
+      return absl::InternalError("unreachable");
+  }
+  if (log) RETURN_IF_ERROR(Append(e, offset));
+  return out;
+}
+
+absl::StatusOr<CommitResult> NegativeMinerService::Commit(const WalEntry& entry) {
+  if (wal_ != nullptr) {
+    if (absl::Status s = wal_->health(); !s.ok()) {
+      return absl::InternalError(absl::StrCat(
+          "the write-ahead log failed (", s.message(),
+          "); no change is accepted until the server restarts and recovers"));
     }
   }
-  UpdateCollectionMetrics(*c);
-  return c;
+  uint64_t offset = 0;
+  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/true, &offset));
+  if (offset > 0) RETURN_IF_ERROR(wal_->Sync(offset));
+  if (entry.op == WalOp::kDropCollection) {
+    metrics_->RemoveCollection(entry.collection);
+  } else {
+    UpdateCollectionMetrics(*out.collection);
+  }
+  return out;
+}
+
+absl::Status NegativeMinerService::Replay(const WalEntry& entry) {
+  uint64_t offset = 0;
+  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/false, &offset));
+  if (entry.op != WalOp::kDropCollection) UpdateCollectionMetrics(*out.collection);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::shared_ptr<Collection>> NegativeMinerService::Find(
@@ -161,10 +242,11 @@ grpc::ServerUnaryReactor* NegativeMinerService::CreateCollection(
     grpc::CallbackServerContext* ctx, const v1::CreateCollectionRequest* req,
     v1::CreateCollectionResponse* resp) {
   return RunUnary(ctx, "CreateCollection", [this, req, resp]() -> absl::Status {
-    ASSIGN_OR_RETURN(std::string name, CollectionName(req->config().name()));
-    ASSIGN_OR_RETURN(IndexOptions options, ToIndexOptions(req->config()));
-    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Create(name, options));
-    FillInfo(*c, resp->mutable_info());
+    WalEntry e{.op = WalOp::kCreateCollection};
+    ASSIGN_OR_RETURN(e.collection, CollectionName(req->config().name()));
+    ASSIGN_OR_RETURN(e.options, ToIndexOptions(req->config()));
+    ASSIGN_OR_RETURN(CommitResult r, Commit(e));
+    FillInfo(*r.collection, resp->mutable_info());
     return absl::OkStatus();
   });
 }
@@ -187,17 +269,10 @@ grpc::ServerUnaryReactor* NegativeMinerService::DropCollection(
     grpc::CallbackServerContext* ctx, const v1::DropCollectionRequest* req,
     v1::DropCollectionResponse*) {
   return RunUnary(ctx, "DropCollection", [this, req]() -> absl::Status {
-    ASSIGN_OR_RETURN(std::string name, CollectionName(req->collection()));
-    {
-      absl::MutexLock lock(&mu_);
-      if (collections_.erase(name) == 0) {
-        return absl::NotFoundError(
-            absl::StrCat("collection '", name, "' not found"));
-      }
-    }
-    // In-flight calls that already hold the collection finish on it.
-    metrics_->RemoveCollection(name);
-    return absl::OkStatus();
+    WalEntry e{.op = WalOp::kDropCollection};
+    ASSIGN_OR_RETURN(e.collection, CollectionName(req->collection()));
+    // In-flight reads that already hold the collection finish on it.
+    return Commit(e).status();
   });
 }
 
@@ -212,18 +287,17 @@ absl::Status NegativeMinerService::DoUpsert(
         stream_collection, "' of the stream's first message"));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req.collection()));
-  const IndexOptions& o = c->index->options();
-  ASSIGN_OR_RETURN(std::vector<float> vectors,
-                   DecodeMatrix(req.vectors(), "vectors", o.dim));
+  WalEntry e{.op = WalOp::kUpsert, .collection = c->name, .model_step = req.model_step()};
+  ASSIGN_OR_RETURN(e.vectors, DecodeMatrix(req.vectors(), "vectors", c->index->options().dim));
   if (static_cast<size_t>(req.ids_size()) != req.vectors().rows()) {
     return absl::InvalidArgumentError(
         absl::StrCat("ids has ", req.ids_size(), " entries but vectors.rows = ",
                      req.vectors().rows()));
   }
-  RETURN_IF_ERROR(c->index->Upsert(req.ids(), vectors, req.model_step()));
+  e.ids.assign(req.ids().begin(), req.ids().end());
+  RETURN_IF_ERROR(Commit(e).status());
   resp->set_upserted(resp->upserted() + req.ids_size());
   resp->set_index_version(c->index->Stats().version);
-  UpdateCollectionMetrics(*c);
   return absl::OkStatus();
 }
 
@@ -298,12 +372,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::DeleteTargets(
     grpc::CallbackServerContext* ctx, const v1::DeleteTargetsRequest* req,
     v1::DeleteTargetsResponse* resp) {
   return RunUnary(ctx, "DeleteTargets", [this, req, resp]() -> absl::Status {
-    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
-    ASSIGN_OR_RETURN(size_t deleted,
-                     c->index->Delete(req->ids(), req->allow_missing()));
-    resp->set_deleted(deleted);
-    resp->set_index_version(c->index->Stats().version);
-    UpdateCollectionMetrics(*c);
+    WalEntry e{.op = WalOp::kDelete, .allow_missing = req->allow_missing()};
+    ASSIGN_OR_RETURN(e.collection, CollectionName(req->collection()));
+    e.ids.assign(req->ids().begin(), req->ids().end());
+    ASSIGN_OR_RETURN(CommitResult r, Commit(e));
+    resp->set_deleted(r.deleted);
+    resp->set_index_version(r.collection->index->Stats().version);
     return absl::OkStatus();
   });
 }
@@ -510,11 +584,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetLandmarks(
     grpc::CallbackServerContext* ctx, const v1::GetLandmarksRequest* req,
     v1::GetLandmarksResponse* resp) {
   return RunUnary(ctx, "GetLandmarks", [this, req, resp]() -> absl::Status {
-    ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
-    ASSIGN_OR_RETURN(LandmarkSet set, c->index->GetLandmarks());
-    resp->mutable_ids()->Add(set.ids.begin(), set.ids.end());
-    resp->set_landmark_epoch(set.epoch);
-    resp->set_index_version(c->index->Stats().version);
+    WalEntry e{.op = WalOp::kChooseLandmarks};
+    ASSIGN_OR_RETURN(e.collection, CollectionName(req->collection()));
+    ASSIGN_OR_RETURN(CommitResult r, Commit(e));
+    resp->mutable_ids()->Add(r.landmarks.ids.begin(), r.landmarks.ids.end());
+    resp->set_landmark_epoch(r.landmarks.epoch);
+    resp->set_index_version(r.collection->index->Stats().version);
     return absl::OkStatus();
   });
 }
@@ -525,40 +600,37 @@ grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
   return RunUnary(ctx, "ApplyDrift", [this, req, resp]() -> absl::Status {
     ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
     const uint32_t dim = c->index->options().dim;
-    DriftUpdate update{.model_step = req->model_step(),
-                       .landmark_epoch = req->landmark_epoch()};
-    std::vector<float> landmarks, a, b;
+    WalEntry e{.op = WalOp::kDrift, .collection = c->name, .model_step = req->model_step(),
+               .landmark_epoch = req->landmark_epoch()};
     switch (req->update_case()) {
       case v1::ApplyDriftRequest::kLandmarkEmbeddings: {
-        ASSIGN_OR_RETURN(landmarks, DecodeMatrix(req->landmark_embeddings(),
+        ASSIGN_OR_RETURN(e.vectors, DecodeMatrix(req->landmark_embeddings(),
                                                  "landmark_embeddings", dim));
-        update.landmark_embeddings = landmarks;
         break;
       }
       case v1::ApplyDriftRequest::kLinearMap: {
         const v1::LinearMap& map = req->linear_map();
-        ASSIGN_OR_RETURN(a, DecodeMatrix(map.a(), "linear_map.a", dim));
+        ASSIGN_OR_RETURN(e.linear_a, DecodeMatrix(map.a(), "linear_map.a", dim));
         if (map.a().rows() != dim) {
           return absl::InvalidArgumentError(absl::StrCat(
               "linear_map.a has ", map.a().rows(), " rows; it must be dim x dim = ",
               dim, " x ", dim));
         }
         if (map.has_b()) {
-          ASSIGN_OR_RETURN(b, DecodeMatrix(map.b(), "linear_map.b", dim));
+          ASSIGN_OR_RETURN(e.linear_b, DecodeMatrix(map.b(), "linear_map.b", dim));
           if (map.b().rows() != 1) {
             return absl::InvalidArgumentError(absl::StrCat(
                 "linear_map.b has ", map.b().rows(), " rows; it must be 1 x dim"));
           }
         }
-        update.linear_a = a;
-        update.linear_b = b;
         break;
       }
       default:
         return absl::InvalidArgumentError(
             "ApplyDrift needs landmark_embeddings or linear_map");
     }
-    ASSIGN_OR_RETURN(DriftReport report, c->index->ApplyDrift(update));
+    ASSIGN_OR_RETURN(CommitResult r, Commit(e));
+    const DriftReport& report = r.drift;
     resp->set_heldout_residual(report.heldout_residual);
     resp->set_stale_residual(report.stale_residual);
     resp->set_kernel(report.kernel);
@@ -568,7 +640,6 @@ grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
     resp->set_index_version(report.index_version);
     resp->set_fit_seconds(report.fit_seconds);
     resp->set_apply_seconds(report.apply_seconds);
-    UpdateCollectionMetrics(*c);
     metrics_->SetDrift(c->name, req->model_step(), report.heldout_residual,
                       report.rebased);
     Log(LogLevel::kInfo, "drift update", {{"collection", c->name},

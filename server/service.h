@@ -24,6 +24,8 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "core/index.h"
+#include "core/persist/wal.h"
+#include "core/persist/wal_entry.h"
 #include "negmine/v1/negmine.grpc.pb.h"
 #include "server/batch_jobs.h"
 #include "server/metrics.h"
@@ -53,6 +55,18 @@ struct ServiceOptions {
 struct Collection {
   std::string name;
   std::unique_ptr<Index> index;
+  // Held across a change and its log record, so that the log's order is
+  // the order the changes were applied in.
+  absl::Mutex write_mu;
+  bool dropped ABSL_GUARDED_BY(write_mu) = false;
+};
+
+// What a committed change produced, for the RPC's response.
+struct CommitResult {
+  std::shared_ptr<Collection> collection;
+  size_t deleted = 0;       // kDelete
+  LandmarkSet landmarks;    // kChooseLandmarks
+  DriftReport drift;        // kDrift
 };
 
 class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
@@ -63,9 +77,17 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   // Until SetReady(true), every RPC answers UNAVAILABLE ("starting").
   void SetReady(bool ready) { ready_.store(ready); }
 
-  // Creates a collection directly (the server's embedded default uses it).
-  absl::StatusOr<std::shared_ptr<Collection>> Create(
-      const std::string& name, const IndexOptions& options);
+  // Logs every committed change from now on (null: none). Set before
+  // serving; the log must outlive the service.
+  void SetWal(WalWriter* wal) { wal_ = wal; }
+
+  // Applies one change, logs it and waits until the log record is durable:
+  // the one path of every change of state, for RPCs and for the embedded
+  // default. A change is logged only if it succeeded; a log that fails
+  // makes every later change fail (INTERNAL) until a restart recovers.
+  absl::StatusOr<CommitResult> Commit(const WalEntry& entry);
+  // Recovery: applies a logged change again, without logging it.
+  absl::Status Replay(const WalEntry& entry);
 
   // The collection `name` ("" = "default"), or NOT_FOUND.
   absl::StatusOr<std::shared_ptr<Collection>> Find(const std::string& name) const;
@@ -140,6 +162,13 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
                                      const char* method, Work work);
 
   void FillInfo(const Collection& c, v1::CollectionInfo* info) const;
+  // Commit's work: applies `entry`; when `log`, appends its record and sets
+  // *offset to the record's end.
+  absl::StatusOr<CommitResult> Apply(const WalEntry& entry, bool log, uint64_t* offset);
+  // Appends `entry` to the log, under the lock that orders it.
+  absl::Status Append(const WalEntry& entry, uint64_t* offset);
+
+  WalWriter* wal_ = nullptr;
 
   const ServiceOptions options_;
   Metrics* metrics_;

@@ -1,0 +1,192 @@
+#include "core/persist/wal.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace negmine {
+namespace {
+
+constexpr size_t kHeader = 9;  // length, crc, type
+
+std::array<uint32_t, 256> MakeCrcTable() {
+  std::array<uint32_t, 256> t{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+    t[i] = c;
+  }
+  return t;
+}
+
+uint32_t LoadU32(const uint8_t* p) {
+  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+}
+
+void StoreU32(uint32_t v, uint8_t* p) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+uint32_t RecordCrc(uint8_t type, absl::Span<const uint8_t> payload) {
+  return Crc32c(payload, Crc32c({&type, 1}));
+}
+
+absl::Status Errno(const std::string& what) {
+  return absl::Status(absl::ErrnoToStatusCode(errno), absl::StrCat(what, ": ", std::strerror(errno)));
+}
+
+}  // namespace
+
+uint32_t Crc32c(absl::Span<const uint8_t> data, uint32_t crc) {
+  static const std::array<uint32_t, 256> table = MakeCrcTable();
+  crc = ~crc;
+  for (uint8_t b : data) crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8);
+  return ~crc;
+}
+
+absl::StatusOr<WalContents> ReadWal(const std::string& path) {
+  WalContents out;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return out;
+    return Errno(absl::StrCat("opening the write-ahead log ", path));
+  }
+  std::string data;
+  char buf[1 << 16];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof(buf))) != 0;) {
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const absl::Status s = Errno(absl::StrCat("reading the write-ahead log ", path));
+      ::close(fd);
+      return s;
+    }
+    data.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  const auto* p = reinterpret_cast<const uint8_t*>(data.data());
+  const uint64_t size = data.size();
+  uint64_t at = 0;
+  while (at < size) {
+    if (size - at < kHeader) break;  // a torn header
+    const uint32_t length = LoadU32(p + at);
+    if (length > kMaxWalRecordBytes) {
+      return absl::DataLossError(absl::StrCat(
+          "write-ahead log ", path, ": the record at offset ", at, " claims ", length,
+          " bytes (corrupt); the log is not loaded"));
+    }
+    const uint64_t end = at + kHeader + length;
+    if (end > size) break;  // a torn record
+    const uint8_t type = p[at + 8];
+    absl::Span<const uint8_t> payload(p + at + kHeader, length);
+    if (RecordCrc(type, payload) != LoadU32(p + at + 4)) {
+      if (end == size) break;  // the last record, torn mid-write
+      return absl::DataLossError(absl::StrCat(
+          "write-ahead log ", path, ": the checksum of the record at offset ", at,
+          " fails and ", size - end, " bytes follow it (corrupt, not a torn tail); the "
+          "log is not loaded"));
+    }
+    out.records.push_back({.type = type,
+                           .payload = std::string(reinterpret_cast<const char*>(payload.data()),
+                                                  payload.size()),
+                           .offset = at});
+    at = end;
+  }
+  out.valid_bytes = at;
+  out.torn_bytes = size - at;
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<WalWriter>> WalWriter::Open(const std::string& path,
+                                                           uint64_t valid_bytes,
+                                                           const Options& options) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+  if (fd < 0) return Errno(absl::StrCat("opening the write-ahead log ", path));
+  if (::ftruncate(fd, static_cast<off_t>(valid_bytes)) != 0 ||
+      ::lseek(fd, static_cast<off_t>(valid_bytes), SEEK_SET) < 0 || ::fdatasync(fd) != 0) {
+    const absl::Status s = Errno(absl::StrCat("preparing the write-ahead log ", path));
+    ::close(fd);
+    return s;
+  }
+  return std::unique_ptr<WalWriter>(new WalWriter(fd, valid_bytes, options));
+}
+
+WalWriter::WalWriter(int fd, uint64_t size, const Options& options)
+    : fd_(fd), options_(options), size_(size), synced_(size) {}
+
+WalWriter::~WalWriter() { ::close(fd_); }
+
+uint64_t WalWriter::size() const {
+  absl::MutexLock lock(&mu_);
+  return size_;
+}
+
+absl::Status WalWriter::health() const {
+  absl::MutexLock lock(&mu_);
+  return error_;
+}
+
+absl::StatusOr<uint64_t> WalWriter::Append(uint8_t type, absl::Span<const uint8_t> payload) {
+  if (payload.size() > kMaxWalRecordBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a write-ahead log record of ", payload.size(), " bytes exceeds the limit of ",
+        kMaxWalRecordBytes));
+  }
+  std::string record(kHeader, '\0');
+  auto* h = reinterpret_cast<uint8_t*>(record.data());
+  StoreU32(static_cast<uint32_t>(payload.size()), h);
+  StoreU32(RecordCrc(type, payload), h + 4);
+  h[8] = type;
+  record.append(reinterpret_cast<const char*>(payload.data()), payload.size());
+  absl::MutexLock lock(&mu_);
+  if (!error_.ok()) return error_;
+  for (size_t done = 0; done < record.size();) {
+    const ssize_t n = ::write(fd_, record.data() + done, record.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      // The file may now end in a partial record: later appends would
+      // follow garbage. Fail-stop; recovery cuts it as a torn tail.
+      error_ = Errno("writing the write-ahead log");
+      return error_;
+    }
+    done += static_cast<size_t>(n);
+  }
+  size_ += record.size();
+  return size_;
+}
+
+absl::Status WalWriter::Sync(uint64_t offset) {
+  if (options_.sync == SyncPolicy::kNever) return health();
+  absl::MutexLock lock(&mu_);
+  while (true) {
+    if (!error_.ok()) return error_;
+    if (synced_ >= offset) return absl::OkStatus();
+    if (!syncing_) break;
+    mu_.Await(absl::Condition(
+        +[](WalWriter* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w->mu_) { return !w->syncing_; }, this));
+  }
+  syncing_ = true;
+  if (options_.group_commit_window > absl::ZeroDuration()) {
+    mu_.Unlock();
+    absl::SleepFor(options_.group_commit_window);
+    mu_.Lock();
+  }
+  const uint64_t target = size_;
+  mu_.Unlock();
+  const int rc = ::fdatasync(fd_);
+  mu_.Lock();
+  syncing_ = false;
+  if (rc != 0) {
+    error_ = Errno("syncing the write-ahead log");
+    return error_;
+  }
+  synced_ = std::max(synced_, target);
+  return absl::OkStatus();
+}
+
+}  // namespace negmine

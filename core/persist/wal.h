@@ -1,0 +1,111 @@
+// The write-ahead log: every acknowledged change of the server, in order, so
+// that a restart replays what was acknowledged before a crash.
+//
+// File format (one file, data_dir/wal.log), a sequence of records:
+//
+//   offset 0        4          8      9
+//          [length ][crc32c   ][type ][payload: length bytes]
+//           u32 LE   u32 LE    u8
+//
+// crc32c (Castagnoli) covers the type byte and the payload. The payload
+// encodings are in core/persist/codec.h; this layer only frames records.
+//
+// Reading (ReadWal): records are read until the end of the file. A record
+// that is cut off by the end of the file, or whose checksum fails while it
+// ends exactly at the end of the file, is a torn tail (a crash during the
+// write): it is reported, and the caller cuts it off. A bad checksum
+// anywhere else, or a length beyond the limit, is corruption: DATA_LOSS
+// naming the offset; nothing is loaded silently.
+//
+// Writing (WalWriter): Append writes a record to the file (the page cache)
+// and returns its end offset; Sync(offset) makes everything up to it
+// durable. Concurrent Syncs share one fdatasync (group commit): a Sync that
+// finds one in progress waits for it, and the next covers every record
+// appended meanwhile. With a group-commit window, a Sync first waits that
+// long for more records to share its fdatasync.
+//
+// Thread safety: WalWriter's methods may be called from any thread; Append
+// calls are serialized (callers that need an order between two records hold
+// their own lock across both Appends). ReadWal is pure.
+#ifndef NEGMINE_CORE_PERSIST_WAL_H_
+#define NEGMINE_CORE_PERSIST_WAL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+
+namespace negmine {
+
+// CRC-32C (Castagnoli) of `data`, continuing from `crc` (0 to start).
+uint32_t Crc32c(absl::Span<const uint8_t> data, uint32_t crc = 0);
+
+struct WalRecord {
+  uint8_t type = 0;
+  std::string payload;
+  uint64_t offset = 0;  // where the record starts in the file
+};
+
+struct WalContents {
+  std::vector<WalRecord> records;
+  uint64_t valid_bytes = 0;  // the records' extent: the file is cut here
+  uint64_t torn_bytes = 0;   // a torn tail after them (0: none)
+};
+
+// Records larger than this are corruption (a garbled length).
+constexpr uint32_t kMaxWalRecordBytes = 1u << 30;
+
+// Reads the log at `path`; a missing file is an empty log.
+//   DATA_LOSS: corruption before the tail (the message names the offset).
+//   Other codes: I/O errors.
+absl::StatusOr<WalContents> ReadWal(const std::string& path);
+
+class WalWriter {
+ public:
+  enum class SyncPolicy {
+    kAlways,  // Sync fdatasyncs (group commit): the default, and safe
+    kNever,   // Sync returns at once: the OS writes back (unsafe on a crash of the machine)
+  };
+  struct Options {
+    SyncPolicy sync = SyncPolicy::kAlways;
+    // kAlways: wait this long for more records to share an fdatasync.
+    absl::Duration group_commit_window = absl::ZeroDuration();
+  };
+
+  // Opens `path` for appending, first cutting it to `valid_bytes` (from
+  // ReadWal: drops a torn tail). Creates the file if missing.
+  static absl::StatusOr<std::unique_ptr<WalWriter>> Open(const std::string& path,
+                                                         uint64_t valid_bytes,
+                                                         const Options& options);
+  ~WalWriter();
+
+  // Appends one record; returns the offset just past it.
+  absl::StatusOr<uint64_t> Append(uint8_t type, absl::Span<const uint8_t> payload);
+  // Returns once every record up to `offset` is durable (per the policy).
+  absl::Status Sync(uint64_t offset);
+
+  uint64_t size() const;
+  // A failed write or sync leaves the log unusable: every later call
+  // returns this error (the server must restart and recover).
+  absl::Status health() const;
+
+ private:
+  WalWriter(int fd, uint64_t size, const Options& options);
+
+  const int fd_;
+  const Options options_;
+  mutable absl::Mutex mu_;
+  uint64_t size_ ABSL_GUARDED_BY(mu_);
+  uint64_t synced_ ABSL_GUARDED_BY(mu_);
+  bool syncing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace negmine
+
+#endif  // NEGMINE_CORE_PERSIST_WAL_H_
