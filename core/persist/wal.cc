@@ -13,7 +13,7 @@
 namespace negmine {
 namespace {
 
-constexpr size_t kHeader = 9;  // length, crc, type
+constexpr size_t kHeader = 13;  // length, type, header crc, payload crc
 
 std::array<uint32_t, 256> MakeCrcTable() {
   std::array<uint32_t, 256> t{};
@@ -33,8 +33,11 @@ void StoreU32(uint32_t v, uint8_t* p) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
 }
 
-uint32_t RecordCrc(uint8_t type, absl::Span<const uint8_t> payload) {
-  return Crc32c(payload, Crc32c({&type, 1}));
+bool AllZero(const uint8_t* p, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (p[i] != 0) return false;
+  }
+  return true;
 }
 
 absl::Status Errno(const std::string& what) {
@@ -73,25 +76,24 @@ absl::StatusOr<WalContents> ReadWal(const std::string& path) {
   const uint64_t size = data.size();
   uint64_t at = 0;
   while (at < size) {
-    if (size - at < kHeader) break;  // a torn header
+    if (size - at < kHeader || AllZero(p + at, size - at)) break;  // a torn tail
     const uint32_t length = LoadU32(p + at);
-    if (length > kMaxWalRecordBytes) {
+    if (Crc32c({p + at, 5}) != LoadU32(p + at + 5) || length > kMaxWalRecordBytes) {
       return absl::DataLossError(absl::StrCat(
-          "write-ahead log ", path, ": the record at offset ", at, " claims ", length,
-          " bytes (corrupt); the log is not loaded"));
+          "write-ahead log ", path, ": the header of the record at offset ", at,
+          " is corrupt (", size - at, " bytes from there to the end); the log is not loaded"));
     }
     const uint64_t end = at + kHeader + length;
-    if (end > size) break;  // a torn record
-    const uint8_t type = p[at + 8];
+    if (end > size) break;  // a genuine header, its payload cut: torn
     absl::Span<const uint8_t> payload(p + at + kHeader, length);
-    if (RecordCrc(type, payload) != LoadU32(p + at + 4)) {
+    if (Crc32c(payload) != LoadU32(p + at + 9)) {
       if (end == size) break;  // the last record, torn mid-write
       return absl::DataLossError(absl::StrCat(
           "write-ahead log ", path, ": the checksum of the record at offset ", at,
           " fails and ", size - end, " bytes follow it (corrupt, not a torn tail); the "
           "log is not loaded"));
     }
-    out.records.push_back({.type = type,
+    out.records.push_back({.type = p[at + 4],
                            .payload = std::string(reinterpret_cast<const char*>(payload.data()),
                                                   payload.size()),
                            .offset = at});
@@ -140,8 +142,9 @@ absl::StatusOr<uint64_t> WalWriter::Append(uint8_t type, absl::Span<const uint8_
   std::string record(kHeader, '\0');
   auto* h = reinterpret_cast<uint8_t*>(record.data());
   StoreU32(static_cast<uint32_t>(payload.size()), h);
-  StoreU32(RecordCrc(type, payload), h + 4);
-  h[8] = type;
+  h[4] = type;
+  StoreU32(Crc32c({h, 5}), h + 5);
+  StoreU32(Crc32c(payload), h + 9);
   record.append(reinterpret_cast<const char*>(payload.data()), payload.size());
   absl::MutexLock lock(&mu_);
   if (!error_.ok()) return error_;

@@ -3,19 +3,21 @@
 //
 // File format (one file, data_dir/wal.log), a sequence of records:
 //
-//   offset 0        4          8      9
-//          [length ][crc32c   ][type ][payload: length bytes]
-//           u32 LE   u32 LE    u8
+//   offset 0        4      5             9              13
+//          [length ][type ][header crc  ][payload crc  ][payload: length bytes]
+//           u32 LE   u8     u32 LE        u32 LE
 //
-// crc32c (Castagnoli) covers the type byte and the payload. The payload
-// encodings are in core/persist/codec.h; this layer only frames records.
+// Both checksums are crc32c (Castagnoli): the header's over its first 5
+// bytes, the payload's over the payload. The payload encodings are in
+// core/persist/wal_entry.h; this layer only frames records.
 //
-// Reading (ReadWal): records are read until the end of the file. A record
-// that is cut off by the end of the file, or whose checksum fails while it
-// ends exactly at the end of the file, is a torn tail (a crash during the
-// write): it is reported, and the caller cuts it off. A bad checksum
-// anywhere else, or a length beyond the limit, is corruption: DATA_LOSS
-// naming the offset; nothing is loaded silently.
+// Reading (ReadWal) goes record by record to the end of the file. A crash
+// while appending leaves a torn tail: a header cut short, a genuine header
+// (its checksum holds) whose payload runs past the end of the file, a last
+// record whose payload checksum fails, or a region of zeros (pages never
+// written). That tail is reported and the caller cuts it off. Anything else
+// that fails a checksum is corruption: DATA_LOSS naming the offset; nothing
+// is loaded silently, and no record after a bad one is dropped quietly.
 //
 // Writing (WalWriter): Append writes a record to the file (the page cache)
 // and returns its end offset; Sync(offset) makes everything up to it

@@ -1,0 +1,240 @@
+// The write-ahead log: framing, torn tails, corruption, and the entry codec.
+#include "core/persist/wal.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <set>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/persist/wal_entry.h"
+#include "core/random.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace negmine {
+namespace {
+
+using ::negmine::testing::IsOk;
+using ::negmine::testing::StatusIs;
+using ::testing::HasSubstr;
+
+class WalTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("negmine-wal-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    path_ = (dir_ / "wal.log").string();
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // Writes `payloads` as records of types 1, 2, 3, ...; returns the file.
+  std::string Write(const std::vector<std::string>& payloads) {
+    auto w = WalWriter::Open(path_, 0, {}).value();
+    for (size_t i = 0; i < payloads.size(); ++i) {
+      const std::string& p = payloads[i];
+      auto end = w->Append(static_cast<uint8_t>(i + 1),
+                           {reinterpret_cast<const uint8_t*>(p.data()), p.size()});
+      EXPECT_THAT(end.status(), IsOk());
+      EXPECT_THAT(w->Sync(*end), IsOk());
+    }
+    return ReadFile();
+  }
+  std::string ReadFile() {
+    std::ifstream in(path_, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  void WriteFile(const std::string& bytes) {
+    std::ofstream(path_, std::ios::binary | std::ios::trunc) << bytes;
+  }
+
+  std::filesystem::path dir_;
+  std::string path_;
+};
+
+std::vector<std::string> Payloads(int n, uint64_t seed) {
+  Rng rng(seed, 0);
+  std::vector<std::string> out;
+  for (int i = 0; i < n; ++i) {
+    std::string p(rng.Below(300), '\0');
+    for (char& c : p) c = static_cast<char>(rng.Below(256));
+    out.push_back(p);
+  }
+  return out;
+}
+
+TEST(Crc32cTest, KnownValue) {
+  // The CRC-32C check value (RFC 3720): "123456789" -> 0xE3069283.
+  const std::string s = "123456789";
+  EXPECT_EQ(Crc32c({reinterpret_cast<const uint8_t*>(s.data()), s.size()}), 0xE3069283u);
+}
+
+TEST_F(WalTest, RoundTripAndAppendAfterReopen) {
+  const auto payloads = Payloads(20, 1);
+  Write(payloads);
+  absl::StatusOr<WalContents> c = ReadWal(path_);
+  ASSERT_THAT(c.status(), IsOk());
+  ASSERT_EQ(c->records.size(), payloads.size());
+  for (size_t i = 0; i < payloads.size(); ++i) {
+    EXPECT_EQ(c->records[i].type, i + 1);
+    EXPECT_EQ(c->records[i].payload, payloads[i]);
+  }
+  EXPECT_EQ(c->torn_bytes, 0u);
+  // Reopened at its end, it takes more records.
+  auto w = WalWriter::Open(path_, c->valid_bytes, {}).value();
+  const std::string more = "more";
+  ASSERT_THAT(w->Append(9, {reinterpret_cast<const uint8_t*>(more.data()), more.size()}).status(),
+              IsOk());
+  w.reset();
+  c = ReadWal(path_);
+  ASSERT_THAT(c.status(), IsOk());
+  ASSERT_EQ(c->records.size(), payloads.size() + 1);
+  EXPECT_EQ(c->records.back().payload, "more");
+  // A missing log is an empty one.
+  std::filesystem::remove(path_);
+  c = ReadWal(path_);
+  ASSERT_THAT(c.status(), IsOk());
+  EXPECT_TRUE(c->records.empty());
+}
+
+// A crash can stop a write at any byte: every cut of the file reads back as
+// the records that were whole, plus a torn tail, and reopening cuts the tail.
+TEST_F(WalTest, EveryCutIsATornTailOfWholeRecords) {
+  const auto payloads = Payloads(6, 2);
+  const std::string full = Write(payloads);
+  std::vector<size_t> ends;
+  {
+    auto c = ReadWal(path_).value();
+    for (const WalRecord& r : c.records) ends.push_back(r.offset);
+    ends.push_back(full.size());
+  }
+  for (size_t cut = 0; cut <= full.size(); ++cut) {
+    WriteFile(full.substr(0, cut));
+    absl::StatusOr<WalContents> c = ReadWal(path_);
+    ASSERT_THAT(c.status(), IsOk()) << "cut " << cut;
+    size_t whole = 0;
+    while (whole + 1 < ends.size() && ends[whole + 1] <= cut) ++whole;
+    ASSERT_EQ(c->records.size(), whole) << "cut " << cut;
+    EXPECT_EQ(c->valid_bytes, ends[whole]);
+    EXPECT_EQ(c->torn_bytes, cut - ends[whole]);
+  }
+  WriteFile(full.substr(0, full.size() - 3));
+  auto c = ReadWal(path_).value();
+  WalWriter::Open(path_, c.valid_bytes, {}).value().reset();
+  EXPECT_EQ(ReadFile(), full.substr(0, c.valid_bytes));
+}
+
+// A flipped byte before the last record is corruption: DATA_LOSS naming the
+// offset, never wrong data. In the last record it is a clean cut.
+TEST_F(WalTest, FlippedBytesAreRefusedOrCutNeverLoaded) {
+  const auto payloads = Payloads(5, 3);
+  const std::string full = Write(payloads);
+  const auto c = ReadWal(path_).value();
+  const uint64_t last = c.records.back().offset;
+  Rng rng(4, 0);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::string bad = full;
+    const size_t at = rng.Below(bad.size());
+    bad[at] = static_cast<char>(bad[at] ^ (1 + rng.Below(255)));
+    WriteFile(bad);
+    absl::StatusOr<WalContents> r = ReadWal(path_);
+    if (r.ok()) {
+      // Only ever a prefix of the true records.
+      ASSERT_LE(r->records.size(), payloads.size());
+      for (size_t i = 0; i < r->records.size(); ++i) {
+        ASSERT_EQ(r->records[i].payload, payloads[i]) << "flip at " << at;
+      }
+      EXPECT_GE(at, last) << "a flip before the last record must be refused";
+    } else {
+      EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
+      EXPECT_THAT(r.status().message(), HasSubstr("offset"));
+    }
+  }
+}
+
+TEST_F(WalTest, ConcurrentSyncsShareFsyncsAndEveryRecordIsThere) {
+  auto w = WalWriter::Open(path_, 0, {.group_commit_window = absl::Milliseconds(1)}).value();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 50; ++i) {
+        const std::string p = std::to_string(t * 1000 + i);
+        auto end = w->Append(1, {reinterpret_cast<const uint8_t*>(p.data()), p.size()});
+        ASSERT_THAT(end.status(), IsOk());
+        ASSERT_THAT(w->Sync(*end), IsOk());
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  auto c = ReadWal(path_).value();
+  EXPECT_EQ(c.records.size(), 200u);
+  std::set<std::string> seen;
+  for (const auto& r : c.records) seen.insert(r.payload);
+  EXPECT_EQ(seen.size(), 200u);
+}
+
+TEST(WalEntryTest, EveryOpRoundTrips) {
+  IndexOptions o{.dim = 7, .metric = Metric::kCosine, .backend = Backend::kCpu,
+                 .kind = IndexKind::kTree, .initial_capacity = 10};
+  o.tree.leaf_size = 33;
+  o.tree.branching = 5;
+  o.drift.num_landmarks = 99;
+  o.drift.rebase_residual = 0.25;
+  o.drift.rebase_every_steps = 7;
+  o.drift.seed = 42;
+  const std::vector<WalEntry> entries = {
+      {.op = WalOp::kCreateCollection, .collection = "docs", .options = o},
+      {.op = WalOp::kDropCollection, .collection = "old"},
+      {.op = WalOp::kUpsert, .collection = "docs", .model_step = -3, .ids = {1, 2},
+       .vectors = {1.5f, -2.0f, 3.25f}},
+      {.op = WalOp::kDelete, .collection = "docs", .allow_missing = true, .ids = {9}},
+      {.op = WalOp::kChooseLandmarks, .collection = "docs"},
+      {.op = WalOp::kDrift, .collection = "docs", .model_step = 12, .landmark_epoch = 3,
+       .vectors = {0.5f}, .linear_a = {1, 0, 0, 1}, .linear_b = {2, 3}},
+  };
+  for (const WalEntry& e : entries) {
+    const std::string bytes = EncodeWalEntry(e);
+    absl::StatusOr<WalEntry> d = DecodeWalEntry(static_cast<uint8_t>(e.op), bytes);
+    ASSERT_THAT(d.status(), IsOk());
+    EXPECT_EQ(d->op, e.op);
+    EXPECT_EQ(d->collection, e.collection);
+    EXPECT_EQ(d->model_step, e.model_step);
+    EXPECT_EQ(d->allow_missing, e.allow_missing);
+    EXPECT_EQ(d->landmark_epoch, e.landmark_epoch);
+    EXPECT_EQ(d->ids, e.ids);
+    EXPECT_EQ(d->vectors, e.vectors);
+    EXPECT_EQ(d->linear_a, e.linear_a);
+    EXPECT_EQ(d->linear_b, e.linear_b);
+    if (e.op == WalOp::kCreateCollection) {
+      EXPECT_EQ(d->options.dim, 7);
+      EXPECT_EQ(d->options.metric, Metric::kCosine);
+      EXPECT_EQ(d->options.backend, Backend::kCpu);
+      EXPECT_EQ(d->options.kind, IndexKind::kTree);
+      EXPECT_EQ(d->options.tree.leaf_size, 33);
+      EXPECT_EQ(d->options.tree.branching, 5);
+      EXPECT_EQ(d->options.drift.num_landmarks, 99);
+      EXPECT_EQ(d->options.drift.rebase_residual, 0.25);
+      EXPECT_EQ(d->options.drift.rebase_every_steps, 7);
+      EXPECT_EQ(d->options.drift.seed, 42u);
+    }
+    // Every truncation, and a trailing byte, is refused.
+    for (size_t cut = 0; cut < bytes.size(); ++cut) {
+      EXPECT_THAT(DecodeWalEntry(static_cast<uint8_t>(e.op), bytes.substr(0, cut)),
+                  StatusIs(absl::StatusCode::kDataLoss, HasSubstr("does not parse")));
+    }
+    EXPECT_THAT(DecodeWalEntry(static_cast<uint8_t>(e.op), bytes + "x"),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr("does not parse")));
+  }
+  EXPECT_THAT(DecodeWalEntry(77, ""), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("77")));
+}
+
+}  // namespace
+}  // namespace negmine
