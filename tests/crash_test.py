@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Crash test: a negmine-server is killed with SIGKILL at seeded random
+moments while a client streams upserts, deletes and drift updates to it;
+after every restart, each acknowledged write is present bit-exactly, and the
+one write in flight at the kill is either wholly applied or not at all.
+
+  crash_test.py --server-bin build/server/negmine-server \
+      --proto-python build/proto/python [--iterations 8] [--seed 1]
+"""
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import numpy as np
+
+SERVICE = "/negmine.v1.NegativeMiner/"
+DIM, IDS = 8, 400
+
+
+class Server:
+    def __init__(self, binary, data_dir, tmp):
+        self.port_file = os.path.join(tmp, "port")
+        if os.path.exists(self.port_file):
+            os.remove(self.port_file)
+        self.proc = subprocess.Popen([
+            binary, "--listen=127.0.0.1:0", "--port_file=" + self.port_file,
+            "--data_dir=" + data_dir, "--metrics_listen=", "--log_level=warning"])
+        start = time.time()
+        while not os.path.exists(self.port_file):
+            if self.proc.poll() is not None:
+                raise RuntimeError("negmine-server exited with %d" % self.proc.returncode)
+            if time.time() - start > 60:
+                raise RuntimeError("negmine-server did not start")
+            time.sleep(0.02)
+        self.address = "127.0.0.1:" + open(self.port_file).read().strip()
+
+
+class Client:
+    def __init__(self, pb, address):
+        self.pb = pb
+        self.channel = grpc.insecure_channel(address)
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+
+    def call(self, method, request, response_type):
+        return self.channel.unary_unary(
+            SERVICE + method, request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString)(request, timeout=30)
+
+    def upsert(self, ids, x, step):
+        pb = self.pb
+        req = pb.UpsertTargetsRequest(
+            collection="crash", ids=ids, model_step=step,
+            vectors=pb.Matrix(rows=len(ids), cols=DIM, dtype=pb.DTYPE_FLOAT32,
+                              data=x.astype("<f4").tobytes()))
+        stream = self.channel.stream_unary(
+            SERVICE + "UpsertTargets", request_serializer=pb.UpsertTargetsRequest.SerializeToString,
+            response_deserializer=pb.UpsertTargetsResponse.FromString)
+        return stream(iter([req]), timeout=30)
+
+
+def apply(state, op):
+    """The expected state after `op`: id -> (vector bytes, step)."""
+    state = dict(state)
+    if op[0] == "upsert":
+        _, ids, x, step = op
+        for i, v in zip(ids, x):
+            state[i] = (v.astype("<f4").tobytes(), step)
+    elif op[0] == "delete":
+        for i in op[1]:
+            state.pop(i, None)
+    return state
+
+
+def observe(client, pb):
+    state = {}
+    for i in range(IDS):
+        try:
+            r = client.call("GetTargets", pb.GetTargetsRequest(collection="crash", ids=[i]),
+                            pb.GetTargetsResponse)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            continue
+        state[i] = (r.vectors.data, r.model_steps[0])
+    info = client.call("GetIndexInfo", pb.GetIndexInfoRequest(collection="crash"),
+                       pb.GetIndexInfoResponse)
+    return state, info.info.drift
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server-bin", required=True)
+    ap.add_argument("--proto-python", required=True)
+    ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    sys.path.insert(0, args.proto_python)
+    from negmine.v1 import negmine_pb2 as pb
+
+    rng = random.Random(args.seed)
+    nrng = np.random.default_rng(args.seed)
+    tmp = tempfile.mkdtemp(prefix="negmine-crash-")
+    data_dir = os.path.join(tmp, "data")
+    acked = {}             # the state every acknowledged write implies
+    drift_updates = 0      # acknowledged drift updates
+    step = 0
+    server = None
+    try:
+        server = Server(args.server_bin, data_dir, tmp)
+        client = Client(pb, server.address)
+        client.call("CreateCollection", pb.CreateCollectionRequest(config=pb.CollectionConfig(
+            name="crash", dim=DIM, metric=pb.METRIC_INNER_PRODUCT,
+            drift=pb.DriftParams(num_landmarks=16))), pb.CreateCollectionResponse)
+        ids = list(range(IDS))
+        x = nrng.standard_normal((IDS, DIM)).astype(np.float32)
+        client.upsert(ids, x, 0)
+        acked = apply(acked, ("upsert", ids, x, 0))
+
+        for it in range(args.iterations):
+            pending = [None]   # the op in flight when the kill comes
+            stop = threading.Event()
+            done = {"drift": 0}
+
+            def writer():
+                nonlocal acked, step
+                while not stop.is_set():
+                    kind = rng.choice(["upsert", "upsert", "delete", "drift"])
+                    step += 1
+                    try:
+                        if kind == "upsert":
+                            n = rng.randint(1, 40)
+                            op = ("upsert", rng.sample(range(IDS), n),
+                                  nrng.standard_normal((n, DIM)).astype(np.float32), step)
+                            pending[0] = op
+                            client.upsert(op[1], op[2], step)
+                        elif kind == "delete":
+                            op = ("delete", rng.sample(range(IDS), rng.randint(1, 10)))
+                            pending[0] = op
+                            client.call("DeleteTargets", pb.DeleteTargetsRequest(
+                                collection="crash", ids=op[1], allow_missing=True),
+                                pb.DeleteTargetsResponse)
+                        else:
+                            op = ("drift",)
+                            pending[0] = op
+                            lm = client.call("GetLandmarks", pb.GetLandmarksRequest(
+                                collection="crash"), pb.GetLandmarksResponse)
+                            g = nrng.standard_normal((len(lm.ids), DIM)).astype("<f4")
+                            client.call("ApplyDrift", pb.ApplyDriftRequest(
+                                collection="crash", model_step=step,
+                                landmark_epoch=lm.landmark_epoch,
+                                landmark_embeddings=pb.Matrix(
+                                    rows=len(lm.ids), cols=DIM, dtype=pb.DTYPE_FLOAT32,
+                                    data=g.tobytes())), pb.ApplyDriftResponse)
+                            done["drift"] += 1
+                    except grpc.RpcError:
+                        return  # the server is gone: `pending` was not acknowledged
+                    acked = apply(acked, op)
+                    pending[0] = None
+
+            t = threading.Thread(target=writer)
+            t.start()
+            time.sleep(rng.uniform(0.05, 0.6))
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait()
+            stop.set()
+            t.join()
+            drift_updates += done["drift"]
+
+            server = Server(args.server_bin, data_dir, tmp)
+            client = Client(pb, server.address)
+            state, drift = observe(client, pb)
+            allowed = [acked]
+            if pending[0] is not None:
+                allowed.append(apply(acked, pending[0]))
+            ok = state in allowed
+            in_flight = pending[0][0] if pending[0] else "none"
+            drift_ok = drift.updates in (drift_updates, drift_updates + (in_flight == "drift"))
+            print("iteration %d: %d targets acknowledged, in flight: %s, drift updates %d "
+                  "(acknowledged %d): %s" % (it, len(acked), in_flight, drift.updates,
+                                             drift_updates, "ok" if ok and drift_ok else "MISMATCH"))
+            if not ok:
+                missing = [i for i in acked if acked[i] != state.get(i)]
+                extra = [i for i in state if i not in acked]
+                print("  differs from the acknowledged state at ids %s, extra %s"
+                      % (missing[:10], extra[:10]))
+                return 1
+            if not drift_ok:
+                return 1
+            # Whatever the in-flight write did is now the truth.
+            acked = state
+            drift_updates = drift.updates
+        print("crash_test: all passed")
+        return 0
+    finally:
+        if server is not None and server.proc.poll() is None:
+            server.proc.terminate()
+            server.proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
