@@ -2,6 +2,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -12,6 +13,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include <grpcpp/generic/generic_stub.h>
@@ -31,6 +33,10 @@ usage: negmine [--server HOST:PORT] COMMAND [options]
 
   --server HOST:PORT   the negmine-server to talk to (default 127.0.0.1:50051,
                        or $NEGMINE_SERVER)
+  --tls-ca CA.pem      use TLS, trusting this CA for the server's certificate
+  --tls-cert C.pem --tls-key K.pem
+                       mTLS: this client's certificate and key
+  --token-file T       send the bearer token in T (or $NEGMINE_TOKEN)
 
 commands:
   create   --collection C --dim D [--metric cosine|inner_product]
@@ -593,11 +599,10 @@ absl::Status Batches(Client& c, const Args& a) {
 // grpc.health.v1.Health/Check through a generic stub: the request is the
 // empty HealthCheckRequest (service ""), and SERVING is the response bytes
 // 08 01 (field 1, varint 1).
-absl::Status Health(const std::string& server, const Args& a) {
+absl::Status Health(Client& c, const Args& a) {
   CLI_ASSIGN(timeout, a.Number<double>("timeout-seconds", 5));
   CLI_CHECK(a.CheckAllUsed());
-  auto channel = grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
-  grpc::GenericStub stub(channel);
+  grpc::GenericStub stub(c.channel());
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000)));
@@ -660,8 +665,25 @@ absl::Status Run(int argc, char** argv) {
   const std::string server = a.Get("server", env ? env : "127.0.0.1:50051");
   ClientOptions options;
   options.timeout = std::chrono::seconds(600);
-  if (cmd == "health") return Health(server, a);
+  // TLS and the bearer token.
+  for (auto [flag, field] : {std::pair{"tls-ca", &options.tls_root_certs},
+                             std::pair{"tls-cert", &options.tls_cert_chain},
+                             std::pair{"tls-key", &options.tls_private_key}}) {
+    if (!a.Has(flag)) continue;
+    std::ifstream in(a.Get(flag), std::ios::binary);
+    if (!in) return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", a.Get(flag), ": cannot read it"));
+    field->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  if (a.Has("token-file")) {
+    std::ifstream in(a.Get("token-file"), std::ios::binary);
+    if (!in) return absl::InvalidArgumentError(absl::StrCat("--token-file=", a.Get("token-file"), ": cannot read it"));
+    std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    options.auth_token = std::string(absl::StripAsciiWhitespace(token));
+  } else if (const char* t = std::getenv("NEGMINE_TOKEN")) {
+    options.auth_token = t;
+  }
   auto client = Client::Connect(server, options);
+  if (cmd == "health") return Health(*client, a);
   if (cmd == "create") return Create(*client, a);
   if (cmd == "list") {
     CLI_CHECK(a.CheckAllUsed());

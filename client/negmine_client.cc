@@ -39,8 +39,13 @@ std::unique_ptr<Client> Client::Connect(const std::string& target,
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   args.SetMaxSendMessageSize(-1);
-  auto channel = grpc::CreateCustomChannel(
-      target, grpc::InsecureChannelCredentials(), args);
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options.tls_root_certs.empty() || !options.tls_cert_chain.empty()) {
+    credentials = grpc::SslCredentials({.pem_root_certs = options.tls_root_certs,
+                                        .pem_private_key = options.tls_private_key,
+                                        .pem_cert_chain = options.tls_cert_chain});
+  }
+  auto channel = grpc::CreateCustomChannel(target, credentials, args);
   return std::unique_ptr<Client>(new Client(std::move(channel), options));
 }
 
@@ -50,9 +55,12 @@ Client::Client(std::shared_ptr<grpc::Channel> channel,
       channel_(std::move(channel)),
       stub_(v1::NegativeMiner::NewStub(channel_)) {}
 
-void Client::Prepare(grpc::ClientContext* ctx) const {
-  if (options_.timeout.count() > 0) {
+void Client::Prepare(grpc::ClientContext* ctx, bool deadline) const {
+  if (deadline && options_.timeout.count() > 0) {
     ctx->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  }
+  if (!options_.auth_token.empty()) {
+    ctx->AddMetadata("authorization", "Bearer " + options_.auth_token);
   }
 }
 
@@ -105,7 +113,8 @@ absl::StatusOr<v1::UpsertTargetsResponse> Client::Upsert(
   }
   const size_t rows_per_chunk = std::max<size_t>(
       1, options_.upsert_chunk_bytes / (size_t{dim} * sizeof(float) + 8));
-  grpc::ClientContext ctx;  // a stream: no unary timeout
+  grpc::ClientContext ctx;
+  Prepare(&ctx, /*deadline=*/false);  // a stream: no unary timeout
   v1::UpsertTargetsResponse resp;
   auto writer = stub_->UpsertTargets(&ctx, &resp);
   v1::UpsertTargetsRequest req;
@@ -269,11 +278,16 @@ absl::StatusOr<v1::GetIndexInfoResponse> Client::GetIndexInfo(
 
 std::unique_ptr<MineSession> Client::OpenMineSession(
     const std::string& collection) {
-  return std::unique_ptr<MineSession>(new MineSession(stub_.get(), collection));
+  return std::unique_ptr<MineSession>(
+      new MineSession(stub_.get(), collection, options_.auth_token));
 }
 
-MineSession::MineSession(v1::NegativeMiner::Stub* stub, std::string collection)
-    : collection_(std::move(collection)), stream_(stub->MineStream(&ctx_)) {}
+MineSession::MineSession(v1::NegativeMiner::Stub* stub, std::string collection,
+                         const std::string& auth_token)
+    : collection_(std::move(collection)) {
+  if (!auth_token.empty()) ctx_.AddMetadata("authorization", "Bearer " + auth_token);
+  stream_ = stub->MineStream(&ctx_);
+}
 
 MineSession::~MineSession() {
   if (!closed_) {

@@ -54,6 +54,13 @@ struct ClientOptions {
   int max_receive_message_bytes = 256 << 20;
   // Deadline of each unary call; 0 = none.
   std::chrono::milliseconds timeout{0};
+  // TLS: the PEM CA bundle that signed the server's certificate (the
+  // contents, not a path). Empty, with no client certificate: plaintext.
+  std::string tls_root_certs;
+  // mTLS: this client's PEM certificate chain and private key.
+  std::string tls_cert_chain, tls_private_key;
+  // Sent as "authorization: Bearer <auth_token>" on every call; empty: none.
+  std::string auth_token;
 };
 
 // grpc::Status -> absl::Status, with `rpc` prefixed to the message.
@@ -133,10 +140,12 @@ class Client {
       const std::string& collection);
 
   v1::NegativeMiner::Stub& stub() { return *stub_; }
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:
   Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
-  void Prepare(grpc::ClientContext* ctx) const;
+  // The deadline (unless `deadline` is false) and the bearer token.
+  void Prepare(grpc::ClientContext* ctx, bool deadline = true) const;
   absl::StatusOr<v1::ApplyDriftResponse> CallApplyDrift(
       const std::string& collection, int64_t model_step, v1::ApplyDriftRequest* req);
 
@@ -168,7 +177,8 @@ class MineSession {
 
  private:
   friend class Client;
-  MineSession(v1::NegativeMiner::Stub* stub, std::string collection);
+  MineSession(v1::NegativeMiner::Stub* stub, std::string collection,
+              const std::string& auth_token);
 
   std::string collection_;
   grpc::ClientContext ctx_;

@@ -28,6 +28,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "core/index.h"
 #include "core/persist/wal.h"
@@ -58,6 +59,14 @@ ABSL_FLAG(uint64_t, max_sync_batch_examples, 100000,
           "Most examples in a synchronous AssignBatches call; more need async.");
 ABSL_FLAG(int, max_batch_jobs, 2, "AssignBatches jobs running at once.");
 ABSL_FLAG(int, batch_job_threads, 2, "Threads per AssignBatches job.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM server certificate (chain): serve gRPC over TLS (with --tls_key)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle: require client certificates signed by it (mTLS)");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "A file holding a bearer token; every negmine.v1 call must then send "
+          "'authorization: Bearer <token>' (the health service stays open)");
 ABSL_FLAG(std::string, wal_sync, "always",
           "always: every acknowledged change is fsynced first (concurrent ones share an "
           "fsync); never: the OS writes the log back (survives a server crash, not a "
@@ -193,6 +202,38 @@ absl::StatusOr<std::unique_ptr<WalWriter>> Recover(NegativeMinerService& service
   return WalWriter::Open(path, wal.valid_bytes, options);
 }
 
+absl::StatusOr<std::string> ReadSecretFile(const std::string& flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", path, ": cannot read it"));
+  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (s.empty()) return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", path, " is empty"));
+  return s;
+}
+
+// TLS (and mTLS) from the flags, or plaintext.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials() {
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key),
+                    ca = absl::GetFlag(FLAGS_tls_client_ca);
+  if (cert.empty() && key.empty()) {
+    if (!ca.empty()) return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
+    return grpc::InsecureServerCredentials();
+  }
+  if (cert.empty() || key.empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+  }
+  grpc::SslServerCredentialsOptions options(
+      ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                 : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  ASSIGN_OR_RETURN(pair.cert_chain, ReadSecretFile("tls_cert", cert));
+  ASSIGN_OR_RETURN(pair.private_key, ReadSecretFile("tls_key", key));
+  options.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!ca.empty()) {
+    ASSIGN_OR_RETURN(options.pem_root_certs, ReadSecretFile("tls_client_ca", ca));
+  }
+  return grpc::SslServerCredentials(options);
+}
+
 int Run() {
   LogLevel level;
   if (!ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
@@ -233,6 +274,19 @@ int Run() {
 
   int threads = absl::GetFlag(FLAGS_worker_threads);
   if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = ServerCredentials();
+  std::string token;
+  if (credentials.ok() && !absl::GetFlag(FLAGS_auth_token_file).empty()) {
+    absl::StatusOr<std::string> t =
+        ReadSecretFile("auth_token_file", absl::GetFlag(FLAGS_auth_token_file));
+    if (t.ok()) token = std::string(absl::StripAsciiWhitespace(*t));
+    if (!t.ok() || token.empty()) credentials = t.ok() ? absl::InvalidArgumentError(
+        "--auth_token_file holds only whitespace") : t.status();
+  }
+  if (!credentials.ok()) {
+    Log(LogLevel::kError, "bad security flags", {{"error", credentials.status().ToString()}});
+    return 2;
+  }
   const ServiceOptions options{
       .max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes),
       .max_batch = absl::GetFlag(FLAGS_max_batch),
@@ -242,6 +296,7 @@ int Run() {
       .max_sync_batch_examples = absl::GetFlag(FLAGS_max_sync_batch_examples),
       .max_batch_jobs = absl::GetFlag(FLAGS_max_batch_jobs),
       .batch_job_threads = absl::GetFlag(FLAGS_batch_job_threads),
+      .auth_token = token,
       .stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_seconds)};
   std::unique_ptr<WalWriter> wal;  // outlives the service, which logs to it
   NegativeMinerService service(options, &metrics);
@@ -251,7 +306,7 @@ int Run() {
   grpc::ServerBuilder builder;
   const std::string listen = absl::GetFlag(FLAGS_listen);
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, *credentials, &port);
   const int max_bytes = static_cast<int>(
       std::min<uint64_t>(options.max_message_bytes, INT32_MAX));
   builder.SetMaxReceiveMessageSize(max_bytes);

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "core/random.h"
 #include "core/status.h"
 #include "server/batch_jobs.h"
@@ -73,11 +74,43 @@ NegativeMinerService::~NegativeMinerService() {
   batch_jobs_.reset();  // cancels running assignments and waits for them
 }
 
+absl::Status NegativeMinerService::Authorize(const grpc::CallbackServerContext* ctx) const {
+  if (options_.auth_token.empty()) return absl::OkStatus();
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return absl::UnauthenticatedError(
+        "this server requires a bearer token: send the metadata 'authorization: Bearer "
+        "<token>'");
+  }
+  absl::string_view value(it->second.data(), it->second.size());
+  const std::string& want = options_.auth_token;
+  bool ok = absl::ConsumePrefix(&value, "Bearer ") && value.size() == want.size();
+  // Compared in constant time for tokens of the right length.
+  unsigned char diff = 0;
+  for (size_t i = 0; ok && i < want.size(); ++i) diff |= value[i] ^ want[i];
+  if (!ok || diff != 0) return absl::UnauthenticatedError("invalid bearer token");
+  return absl::OkStatus();
+}
+
+// A stream refused at its start (e.g. UNAUTHENTICATED).
+template <typename Base>
+class RejectingReactor final : public Base {
+ public:
+  explicit RejectingReactor(const grpc::Status& status) { this->Finish(status); }
+  void OnDone() override { delete this; }
+};
+
 template <typename Work>
 grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
     grpc::CallbackServerContext* ctx, const char* method, Work work) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const Clock::time_point start = Clock::now();
+  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
+    metrics_->ObserveRequest(method, CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+    reactor->Finish(ToGrpc(auth));
+    return reactor;
+  }
   pool_->Submit([this, ctx, reactor, method, start, work = std::move(work)]() {
     absl::Status status;
     if (!ready()) {
@@ -363,8 +396,12 @@ class UpsertReactor final
 };
 
 grpc::ServerReadReactor<v1::UpsertTargetsRequest>*
-NegativeMinerService::UpsertTargets(grpc::CallbackServerContext*,
+NegativeMinerService::UpsertTargets(grpc::CallbackServerContext* ctx,
                                     v1::UpsertTargetsResponse* resp) {
+  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
+    metrics_->ObserveRequest("UpsertTargets", CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+    return new RejectingReactor<grpc::ServerReadReactor<v1::UpsertTargetsRequest>>(ToGrpc(auth));
+  }
   return new UpsertReactor(this, resp);
 }
 
@@ -574,7 +611,12 @@ class MineStreamReactor final
 };
 
 grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>*
-NegativeMinerService::MineStream(grpc::CallbackServerContext*) {
+NegativeMinerService::MineStream(grpc::CallbackServerContext* ctx) {
+  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
+    metrics_->ObserveRequest("MineStream", CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+    return new RejectingReactor<grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>>(
+        ToGrpc(auth));
+  }
   return new MineStreamReactor(this);
 }
 
@@ -793,8 +835,12 @@ class AssignBatchesReactor final
 };
 
 grpc::ServerReadReactor<v1::AssignBatchesRequest>*
-NegativeMinerService::AssignBatches(grpc::CallbackServerContext*,
+NegativeMinerService::AssignBatches(grpc::CallbackServerContext* ctx,
                                     v1::AssignBatchesResponse* resp) {
+  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
+    metrics_->ObserveRequest("AssignBatches", CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+    return new RejectingReactor<grpc::ServerReadReactor<v1::AssignBatchesRequest>>(ToGrpc(auth));
+  }
   return new AssignBatchesReactor(this, resp);
 }
 

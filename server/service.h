@@ -46,6 +46,10 @@ struct ServiceOptions {
   uint64_t max_sync_batch_examples = 100000;
   int max_batch_jobs = 2;
   int batch_job_threads = 2;
+  // When set, every negmine.v1 call must carry the metadata
+  // "authorization: Bearer <auth_token>" (else UNAUTHENTICATED). The health
+  // service stays open, for probes.
+  std::string auth_token;
   // Every collection's tree and drift figures are published to the metrics
   // this often (they cost O(N) to gather); 0: never.
   double stats_interval_seconds = 15;
@@ -110,6 +114,8 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   const ServiceOptions& options() const { return options_; }
   Metrics& metrics() { return *metrics_; }
   bool ready() const { return ready_.load(); }
+  // OK, or UNAUTHENTICATED when a token is required and `ctx` lacks it.
+  absl::Status Authorize(const grpc::CallbackServerContext* ctx) const;
 
   // --- negmine.v1.NegativeMiner ---
   grpc::ServerUnaryReactor* CreateCollection(
