@@ -53,6 +53,8 @@ ABSL_FLAG(uint64_t, max_message_bytes, 64 << 20,
           "Largest gRPC message accepted or sent, in bytes.");
 ABSL_FLAG(uint32_t, max_batch, 65536, "Most queries in one MineRequest.");
 ABSL_FLAG(uint32_t, max_k, 4096, "Largest k of a MineRequest.");
+ABSL_FLAG(uint64_t, max_queued_requests, 1024,
+          "Requests waiting for a worker beyond which new ones get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(uint64_t, max_batch_examples, 2000000,
           "Most training examples in one AssignBatches call.");
 ABSL_FLAG(uint64_t, max_sync_batch_examples, 100000,
@@ -292,6 +294,7 @@ int Run() {
       .max_batch = absl::GetFlag(FLAGS_max_batch),
       .max_k = absl::GetFlag(FLAGS_max_k),
       .worker_threads = threads,
+      .max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests),
       .max_batch_examples = absl::GetFlag(FLAGS_max_batch_examples),
       .max_sync_batch_examples = absl::GetFlag(FLAGS_max_sync_batch_examples),
       .max_batch_jobs = absl::GetFlag(FLAGS_max_batch_jobs),

@@ -26,6 +26,10 @@ absl::Status NotReady() {
       "the server is starting (recovering its data dir); retry shortly");
 }
 
+// The retry hint of RESOURCE_EXHAUSTED answers, also sent as the trailing
+// metadata "retry-after-ms" on unary calls.
+constexpr int kRetryAfterMs = 100;
+
 absl::Status Unimplemented(const char* rpc, const char* what) {
   return absl::UnimplementedError(
       absl::StrCat(rpc, " is not available yet: it needs ", what));
@@ -101,6 +105,14 @@ class RejectingReactor final : public Base {
   void OnDone() override { delete this; }
 };
 
+absl::Status NegativeMinerService::Enqueue(std::function<void()> task) {
+  if (pool_->TrySubmit(std::move(task), options_.max_queued_requests)) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "the server is overloaded: ", options_.max_queued_requests,
+      " requests are waiting for a worker (--max_queued_requests); retry after ",
+      kRetryAfterMs, " ms or more, with backoff"));
+}
+
 template <typename Work>
 grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
     grpc::CallbackServerContext* ctx, const char* method, Work work) {
@@ -111,7 +123,7 @@ grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
     reactor->Finish(ToGrpc(auth));
     return reactor;
   }
-  pool_->Submit([this, ctx, reactor, method, start, work = std::move(work)]() {
+  absl::Status queued = Enqueue([this, ctx, reactor, method, start, work = std::move(work)]() {
     absl::Status status;
     if (!ready()) {
       status = NotReady();
@@ -126,6 +138,11 @@ grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
                              SecondsSince(start));
     reactor->Finish(g);
   });
+  if (!queued.ok()) {
+    ctx->AddTrailingMetadata("retry-after-ms", absl::StrCat(kRetryAfterMs));
+    metrics_->ObserveRequest(method, CodeName(grpc::StatusCode::RESOURCE_EXHAUSTED), 0);
+    reactor->Finish(ToGrpc(queued));
+  }
   return reactor;
 }
 
@@ -351,7 +368,7 @@ class UpsertReactor final
       Finish(absl::OkStatus());
       return;
     }
-    service_->pool().Submit([this] {
+    absl::Status queued = service_->Enqueue([this] {
       absl::Status status;
       if (!service_->ready()) {
         status = NotReady();
@@ -363,22 +380,27 @@ class UpsertReactor final
         status = service_->DoUpsert(request_, stream_collection_, resp_);
       }
       if (!status.ok()) {
-        Finish(absl::Status(
-            status.code(),
-            absl::StrCat(status.message(), " (message ", messages_,
-                         " of the stream; the ", messages_,
-                         " messages before it were applied, ", resp_->upserted(),
-                         " rows)")));
+        Fail(status);
         return;
       }
       ++messages_;
       StartRead(&request_);
     });
+    if (!queued.ok()) Fail(queued);
   }
 
   void OnDone() override { delete this; }
 
  private:
+  // Ends the stream with `status`, saying how much of it was applied.
+  void Fail(const absl::Status& status) {
+    Finish(absl::Status(status.code(),
+                        absl::StrCat(status.message(), " (message ", messages_,
+                                     " of the stream; the ", messages_,
+                                     " messages before it were applied, ", resp_->upserted(),
+                                     " rows)")));
+  }
+
   void Finish(const absl::Status& status) {
     const grpc::Status g = ToGrpc(status);
     service_->metrics().ObserveRequest("UpsertTargets", CodeName(g.error_code()),
@@ -517,15 +539,18 @@ class MineStreamReactor final
   }
 
   void OnReadDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    read_outstanding_ = false;
-    if (!ok) {
-      reads_done_ = true;
-      MaybeFinishLocked();
-      return;
+    {
+      absl::MutexLock lock(&mu_);
+      read_outstanding_ = false;
+      if (!ok) {
+        reads_done_ = true;
+        MaybeFinishLocked();
+        return;
+      }
+      task_running_ = true;  // no read starts until Process is done
     }
-    task_running_ = true;
-    service_->pool().Submit([this] { Process(); });
+    absl::Status queued = service_->Enqueue([this] { Process(absl::OkStatus()); });
+    if (!queued.ok()) Process(queued);  // this item fails at once; the stream goes on
   }
 
   void OnWriteDone(bool ok) override {
@@ -548,11 +573,13 @@ class MineStreamReactor final
   void OnDone() override { delete this; }
 
  private:
-  void Process() {
+  // Answers the item read last; `refused` (not OK) answers it without work.
+  void Process(const absl::Status& refused) {
     auto resp = std::make_unique<v1::MineResponse>();
     const Clock::time_point item_start = Clock::now();
-    absl::Status status = service_->ready() ? service_->DoMine(request_, resp.get())
-                                            : NotReady();
+    absl::Status status = !refused.ok()         ? refused
+                          : service_->ready()   ? service_->DoMine(request_, resp.get())
+                                                : NotReady();
     if (!status.ok()) {
       resp->Clear();
       resp->set_request_id(request_.request_id());

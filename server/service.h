@@ -40,6 +40,9 @@ struct ServiceOptions {
   uint32_t max_k = 4096;
   // Threads that run request work.
   int worker_threads = 2;
+  // Requests waiting for a worker beyond which new ones are refused with
+  // RESOURCE_EXHAUSTED (bounded memory and latency under overload).
+  size_t max_queued_requests = 1024;
   // AssignBatches: most examples in one assignment; most in a synchronous
   // one (more need `async`); jobs running at once; threads per job.
   uint64_t max_batch_examples = 2000000;
@@ -110,6 +113,9 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
                         v1::UpsertTargetsResponse* response);
 
   WorkerPool& pool() { return *pool_; }
+  // Queues `task` on the pool, or returns the RESOURCE_EXHAUSTED to answer
+  // when max_queued_requests are already waiting.
+  absl::Status Enqueue(std::function<void()> task);
   BatchJobs& batch_jobs() { return *batch_jobs_; }
   const ServiceOptions& options() const { return options_; }
   Metrics& metrics() { return *metrics_; }

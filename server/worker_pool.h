@@ -1,7 +1,7 @@
 // WorkerPool: a fixed set of threads that run the server's request work, so
 // that gRPC reactions never block (they hand work here and return).
 //
-// Thread safety: Submit may be called from any thread. The destructor runs
+// Thread safety: Submit and TrySubmit may be called from any thread. The destructor runs
 // every task already submitted, then joins.
 #ifndef NEGMINE_SERVER_WORKER_POOL_H_
 #define NEGMINE_SERVER_WORKER_POOL_H_
@@ -33,6 +33,13 @@ class WorkerPool {
   void Submit(std::function<void()> task) {
     absl::MutexLock lock(&mu_);
     tasks_.push_back(std::move(task));
+  }
+  // Submits unless `max_queued` tasks are already waiting; false then.
+  bool TrySubmit(std::function<void()> task, size_t max_queued) {
+    absl::MutexLock lock(&mu_);
+    if (tasks_.size() >= max_queued) return false;
+    tasks_.push_back(std::move(task));
+    return true;
   }
 
   size_t queued() const {
