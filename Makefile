@@ -17,7 +17,7 @@ DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
   libeigen3-dev libabsl-dev prometheus-cpp-dev \
   libgtest-dev libgmock-dev libbenchmark-dev \
   python3 python3-grpcio python3-protobuf python3-numpy \
-  libfaiss-dev libhnswlib-dev prometheus python3-yaml openssl
+  libfaiss-dev libhnswlib-dev prometheus python3-yaml openssl clang
 # Only for `make bench`: a real BLAS for the peers, and the plots.
 BENCH_PACKAGES := libopenblas0-pthread python3-matplotlib
 
