@@ -31,6 +31,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -295,6 +296,15 @@ class Index {
   virtual absl::StatusOr<DriftReport> ApplyDrift(const DriftUpdate& update) = 0;
 
   virtual DriftSummary DriftInfo() const = 0;
+
+  // The whole state (vectors, ids, steps, version, drift state) as bytes
+  // that Restore takes back; the tree is rebuilt by Restore, not saved.
+  // Consistent: taken between writes.
+  virtual absl::StatusOr<std::string> Snapshot() const = 0;
+  // Replaces the state with a Snapshot's (of an index with the same dim).
+  //   DATA_LOSS: the bytes do not parse or are inconsistent; the index is
+  //     unchanged.
+  virtual absl::Status Restore(std::string_view snapshot) = 0;
 
   // Mines for each of the queries (n x dim, layout above). `exclude` is
   // either empty or has one list per query: ids never returned for, nor

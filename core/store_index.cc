@@ -612,3 +612,172 @@ DriftSummary StoreIndex::DriftInfo() const {
 }
 
 }  // namespace negmine
+
+// ---------------------------------------------------------------- snapshot
+
+namespace negmine {
+namespace {
+
+constexpr uint8_t kSnapshotVersion = 1;
+
+void PutMatrix(const RowMatrixF& m, ByteWriter& w) {
+  w.Put<uint64_t>(m.rows());
+  w.Put<uint64_t>(m.cols());
+  w.PutArray(m.data(), m.size());
+}
+
+bool GetMatrix(ByteReader& r, RowMatrixF* m) {
+  uint64_t rows = 0, cols = 0;
+  std::vector<float> v;
+  if (!r.Get(&rows) || !r.Get(&cols) || !r.GetArray(&v) || v.size() != rows * cols) return false;
+  *m = Eigen::Map<const RowMatrixF>(v.data(), rows, cols);
+  return true;
+}
+
+// DriftSummary::kernel points at one of these names.
+const char* KernelNameFromString(const std::string& s) {
+  for (DriftKernel k : {DriftKernel::kNone, DriftKernel::kLinear, DriftKernel::kGaussian,
+                        DriftKernel::kExpInner}) {
+    if (s == DriftKernelName(k)) return DriftKernelName(k);
+  }
+  return s == "linear_map" ? "linear_map" : nullptr;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> StoreIndex::Snapshot() const {
+  absl::MutexLock write_lock(&write_mu_);
+  absl::ReaderMutexLock lock(&mu_);
+  ByteWriter w;
+  w.Put<uint8_t>(kSnapshotVersion);
+  store_.Save(w);
+  w.PutArray(inv_norms_);
+  w.Put<uint64_t>(version_);
+  w.Put<uint8_t>(drift_active_ ? 1 : 0);
+  w.PutArray(served_);
+  w.PutArray(frame_);
+  w.Put<uint64_t>(offsets_.size());
+  for (const auto& [row, offset] : offsets_) {
+    w.Put<uint32_t>(row);
+    w.PutArray(offset);
+  }
+  w.Put<uint64_t>(pending_.size());
+  for (const auto& [row, step] : pending_) {
+    w.Put<uint32_t>(row);
+    w.Put<int64_t>(step);
+  }
+  w.PutArray(landmarks_.ids);
+  w.Put<uint64_t>(landmarks_.epoch);
+  PutMatrix(landmark_frame_, w);
+  w.Put<int64_t>(frame_step_);
+  w.Put<uint64_t>(history_.size());
+  for (const auto& [step, m] : history_) {
+    w.Put<int64_t>(step);
+    w.Put<uint8_t>(static_cast<uint8_t>(m->kernel));
+    w.Put<float>(m->width);
+    w.Put<float>(m->center);
+    w.Put<double>(m->lambda);
+    PutMatrix(m->landmarks, w);
+    PutMatrix(m->coef, w);
+  }
+  const DriftSummary& d = drift_summary_;
+  w.Put<uint8_t>(d.active ? 1 : 0);
+  w.Put<int64_t>(d.step);
+  w.Put<uint64_t>(d.landmark_epoch);
+  w.Put<uint64_t>(d.num_landmarks);
+  w.PutString(d.kernel);
+  w.Put<double>(d.lambda);
+  w.Put<double>(d.heldout_residual);
+  w.Put<double>(d.stale_residual);
+  w.Put<uint64_t>(d.updates);
+  w.Put<uint64_t>(d.rebases);
+  w.Put<double>(d.last_fit_seconds);
+  w.Put<double>(d.last_apply_seconds);
+  return std::move(w.bytes());
+}
+
+absl::Status StoreIndex::Restore(std::string_view snapshot) {
+  const int dim = options_.dim;
+  ByteReader r(snapshot);
+  EmbeddingStore store(dim);
+  std::vector<float> inv_norms, served, frame;
+  uint64_t version = 0, count = 0;
+  uint8_t format = 0, active = 0;
+  bool ok = r.Get(&format) && format == kSnapshotVersion && store.Load(r) &&
+            r.GetArray(&inv_norms) && r.Get(&version) && r.Get(&active) && active <= 1 &&
+            r.GetArray(&served) && r.GetArray(&frame) && r.Get(&count);
+  const size_t rows = store.num_rows();
+  ok = ok && (options_.metric == Metric::kCosine ? inv_norms.size() >= store.size()
+                                                 : inv_norms.empty()) &&
+       inv_norms.size() <= rows &&
+       (active ? served.size() == rows * dim && frame.size() == rows * dim
+               : served.empty() && frame.empty());
+  absl::flat_hash_map<uint32_t, std::vector<float>> offsets;
+  for (uint64_t i = 0; ok && i < count; ++i) {
+    uint32_t row = 0;
+    std::vector<float> v;
+    ok = r.Get(&row) && r.GetArray(&v) && row < rows && v.size() == size_t(dim);
+    if (ok) offsets[row] = std::move(v);
+  }
+  absl::flat_hash_map<uint32_t, int64_t> pending;
+  ok = ok && r.Get(&count);
+  for (uint64_t i = 0; ok && i < count; ++i) {
+    uint32_t row = 0;
+    int64_t step = 0;
+    ok = r.Get(&row) && r.Get(&step) && row < rows;
+    if (ok) pending[row] = step;
+  }
+  LandmarkSet landmarks;
+  RowMatrixF landmark_frame;
+  int64_t frame_step = 0;
+  ok = ok && r.GetArray(&landmarks.ids) && r.Get(&landmarks.epoch) &&
+       GetMatrix(r, &landmark_frame) && r.Get(&frame_step) && r.Get(&count) &&
+       (landmarks.ids.empty() || (landmark_frame.rows() == Eigen::Index(landmarks.ids.size()) &&
+                                  landmark_frame.cols() == dim));
+  std::deque<std::pair<int64_t, std::shared_ptr<const DriftModel>>> history;
+  for (uint64_t i = 0; ok && i < count; ++i) {
+    auto m = std::make_shared<DriftModel>();
+    int64_t step = 0;
+    uint8_t kernel = 0;
+    ok = r.Get(&step) && r.Get(&kernel) && kernel <= 3 && r.Get(&m->width) &&
+         r.Get(&m->center) && r.Get(&m->lambda) && GetMatrix(r, &m->landmarks) &&
+         GetMatrix(r, &m->coef) && m->landmarks.cols() == dim &&
+         (kernel == 0 ? m->coef.size() == 0
+                      : m->coef.rows() == m->landmarks.rows() && m->coef.cols() == dim);
+    m->kernel = static_cast<DriftKernel>(kernel);
+    history.emplace_back(step, std::move(m));
+  }
+  DriftSummary d;
+  uint8_t summary_active = 0;
+  std::string kernel;
+  ok = ok && r.Get(&summary_active) && r.Get(&d.step) && r.Get(&d.landmark_epoch) &&
+       r.Get(&d.num_landmarks) && r.GetString(&kernel) && r.Get(&d.lambda) &&
+       r.Get(&d.heldout_residual) && r.Get(&d.stale_residual) && r.Get(&d.updates) &&
+       r.Get(&d.rebases) && r.Get(&d.last_fit_seconds) && r.Get(&d.last_apply_seconds) &&
+       r.done() && (d.kernel = KernelNameFromString(kernel)) != nullptr;
+  d.active = summary_active != 0;
+  if (!ok) {
+    return absl::DataLossError(absl::StrCat(
+        "an index snapshot of ", snapshot.size(),
+        " bytes does not parse or is inconsistent with the collection (dim ", dim, ")"));
+  }
+  absl::MutexLock write_lock(&write_mu_);
+  absl::WriterMutexLock lock(&mu_);
+  store_ = std::move(store);
+  inv_norms_ = std::move(inv_norms);
+  version_ = version;
+  drift_active_ = active != 0;
+  served_ = std::move(served);
+  frame_ = std::move(frame);
+  offsets_ = std::move(offsets);
+  pending_ = std::move(pending);
+  landmarks_ = std::move(landmarks);
+  landmark_frame_ = std::move(landmark_frame);
+  frame_step_ = frame_step;
+  history_ = std::move(history);
+  drift_summary_ = d;
+  OnRestoredLocked();
+  return absl::OkStatus();
+}
+
+}  // namespace negmine

@@ -78,6 +78,8 @@ class StoreIndex : public Index {
   absl::StatusOr<LandmarkSet> GetLandmarks() override;
   absl::StatusOr<DriftReport> ApplyDrift(const DriftUpdate& update) override;
   DriftSummary DriftInfo() const override;
+  absl::StatusOr<std::string> Snapshot() const override;
+  absl::Status Restore(std::string_view snapshot) override;
   // Checks the queries' shape and values and the params against the
   // collection, then runs SearchLocked under the reader lock.
   absl::StatusOr<SearchResult> Search(
@@ -108,6 +110,8 @@ class StoreIndex : public Index {
   virtual void PrepareDrift(const PointSource& /*after*/)
       ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
   virtual void OnDriftLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_) {}
+  // After Restore replaced the whole state.
+  virtual void OnRestoredLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {}
   // After a drift re-base (the scoring vectors did not change).
   virtual void OnRebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
   // Bytes held beyond the store.
@@ -120,7 +124,7 @@ class StoreIndex : public Index {
 
   const IndexOptions options_;
   // Acquired before mu_ by every writer.
-  absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  mutable absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
   EmbeddingStore store_ ABSL_GUARDED_BY(mu_);
   // Cosine only: 1 / ||x(row)||, per row.

@@ -605,5 +605,65 @@ TEST(DriftTreeTest, BoundsStayValidAndRebuildsCatchUp) {
   }
 }
 
+// ----------------------------------------------------------------- snapshot
+
+// A snapshot restored into a fresh index is the same index: stored and
+// scored vectors, drift state, search results, and the next drift update.
+// Damaged bytes are refused and change nothing.
+TEST(SnapshotTest, RestoreIsTheSameIndexAndDamageIsRefused) {
+  const DriftBench bench(SmallBench(81));
+  const int dim = 16;
+  for (IndexKind kind : {IndexKind::kExact, IndexKind::kTree}) {
+    auto a = MakeIndex(kind, dim, Metric::kCosine, {.num_landmarks = 32});
+    ASSERT_THAT(a->Upsert(Iota(2000), bench.Targets(0), 0), IsOk());
+    ASSERT_THAT(Update(*a, bench, 3), IsOk());
+    ASSERT_THAT(a->Upsert({5, 6}, bench.EncodeTargets(5, {5, 6}), 5), IsOk());  // pending
+    ASSERT_THAT(a->Delete({7, 8}, false).status(), IsOk());
+    absl::StatusOr<std::string> snap = a->Snapshot();
+    ASSERT_THAT(snap.status(), IsOk());
+
+    auto b = MakeIndex(kind, dim, Metric::kCosine, {.num_landmarks = 32});
+    ASSERT_THAT(b->Restore(*snap), IsOk());
+    EXPECT_EQ(b->Stats().version, a->Stats().version);
+    EXPECT_EQ(b->Stats().num_targets, 1998u);
+    std::vector<uint64_t> live = Iota(2000);
+    live.erase(live.begin() + 7, live.begin() + 9);
+    std::vector<float> va, vb, sa, sb;
+    std::vector<int64_t> ta, tb;
+    ASSERT_THAT(a->Get(live, &va, &ta), IsOk());
+    ASSERT_THAT(b->Get(live, &vb, &tb), IsOk());
+    EXPECT_EQ(va, vb);
+    EXPECT_EQ(ta, tb);
+    ASSERT_THAT(a->GetScored(live, &sa), IsOk());
+    ASSERT_THAT(b->GetScored(live, &sb), IsOk());
+    EXPECT_EQ(sa, sb);
+    EXPECT_EQ(b->DriftInfo().step, 3);
+    EXPECT_EQ(b->GetLandmarks()->ids, a->GetLandmarks()->ids);
+    const std::vector<float> q = bench.Queries(3);
+    const SearchResult ra = a->Search(q, {}, {.k = 10}).value();
+    const SearchResult rb = b->Search(q, {}, {.k = 10}).value();
+    for (size_t i = 0; i < ra.queries.size(); ++i) {
+      EXPECT_EQ(ra.queries[i].ids, rb.queries[i].ids);
+    }
+    // The next update lands identically on both (the pending targets too).
+    ASSERT_THAT(Update(*a, bench, 8), IsOk());
+    ASSERT_THAT(Update(*b, bench, 8), IsOk());
+    ASSERT_THAT(a->GetScored(live, &sa), IsOk());
+    ASSERT_THAT(b->GetScored(live, &sb), IsOk());
+    EXPECT_EQ(sa, sb);
+
+    // Damage: truncations and a changed byte.
+    auto c = MakeIndex(kind, dim, Metric::kCosine);
+    for (size_t cut : {size_t{0}, size_t{1}, snap->size() / 2, snap->size() - 1}) {
+      EXPECT_THAT(c->Restore(std::string_view(*snap).substr(0, cut)),
+                  StatusIs(absl::StatusCode::kDataLoss, HasSubstr("does not parse")));
+    }
+    EXPECT_THAT(c->Restore(*snap + "x"), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("parse")));
+    EXPECT_EQ(c->Stats().num_targets, 0u);
+    auto wrong_dim = MakeIndex(kind, dim + 1, Metric::kCosine);
+    EXPECT_THAT(wrong_dim->Restore(*snap), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("dim 17")));
+  }
+}
+
 }  // namespace
 }  // namespace negmine

@@ -3,91 +3,53 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/persist/bytes.h"
 
 namespace negmine {
 namespace {
 
 constexpr uint8_t kVersion = 1;
 
-class Writer {
- public:
-  template <typename T>
-  void Put(T v) {
-    static_assert(std::is_trivially_copyable_v<T>);
-    char b[sizeof(T)];
-    std::memcpy(b, &v, sizeof(T));  // little-endian hosts only (x86-64, arm64)
-    out_.append(b, sizeof(T));
-  }
-  void PutString(const std::string& s) {
-    Put<uint32_t>(static_cast<uint32_t>(s.size()));
-    out_.append(s);
-  }
-  template <typename T>
-  void PutArray(const std::vector<T>& v) {
-    Put<uint64_t>(v.size());
-    if (!v.empty()) out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-  }
-  std::string Done() { return std::move(out_); }
-
- private:
-  std::string out_;
-};
-
-class Reader {
- public:
-  explicit Reader(std::string_view in) : in_(in) {}
-  template <typename T>
-  bool Get(T* v) {
-    if (in_.size() < sizeof(T)) return false;
-    std::memcpy(v, in_.data(), sizeof(T));
-    in_.remove_prefix(sizeof(T));
-    return true;
-  }
-  bool GetString(std::string* s) {
-    uint32_t n;
-    if (!Get(&n) || in_.size() < n) return false;
-    s->assign(in_.data(), n);
-    in_.remove_prefix(n);
-    return true;
-  }
-  template <typename T>
-  bool GetArray(std::vector<T>* v) {
-    uint64_t n;
-    if (!Get(&n) || n > in_.size() / sizeof(T)) return false;
-    v->resize(n);
-    if (n > 0) std::memcpy(v->data(), in_.data(), n * sizeof(T));
-    in_.remove_prefix(n * sizeof(T));
-    return true;
-  }
-  bool done() const { return in_.empty(); }
-
- private:
-  std::string_view in_;
-};
-
 }  // namespace
 
+void EncodeIndexOptions(const IndexOptions& o, ByteWriter& w) {
+  w.Put<int32_t>(o.dim);
+  w.Put<uint8_t>(static_cast<uint8_t>(o.metric));
+  w.Put<uint8_t>(static_cast<uint8_t>(o.backend));
+  w.Put<uint8_t>(static_cast<uint8_t>(o.kind));
+  w.Put<uint64_t>(o.initial_capacity);
+  w.Put<int32_t>(o.tree.leaf_size);
+  w.Put<int32_t>(o.tree.branching);
+  w.Put<uint8_t>(o.tree.background_rebuild ? 1 : 0);
+  w.Put<int32_t>(o.drift.num_landmarks);
+  w.Put<double>(o.drift.rebase_residual);
+  w.Put<int64_t>(o.drift.rebase_every_steps);
+  w.Put<uint64_t>(o.drift.seed);
+}
+
+bool DecodeIndexOptions(ByteReader& r, IndexOptions* o) {
+  uint8_t metric = 0, backend = 0, kind = 0, rebuild = 0;
+  const bool ok = r.Get(&o->dim) && r.Get(&metric) && r.Get(&backend) && r.Get(&kind) &&
+                  r.Get(&o->initial_capacity) && r.Get(&o->tree.leaf_size) &&
+                  r.Get(&o->tree.branching) && r.Get(&rebuild) &&
+                  r.Get(&o->drift.num_landmarks) && r.Get(&o->drift.rebase_residual) &&
+                  r.Get(&o->drift.rebase_every_steps) && r.Get(&o->drift.seed) &&
+                  metric <= 1 && backend <= 2 && kind <= 1 && rebuild <= 1;
+  o->metric = static_cast<Metric>(metric);
+  o->backend = static_cast<Backend>(backend);
+  o->kind = static_cast<IndexKind>(kind);
+  o->tree.background_rebuild = rebuild != 0;
+  return ok;
+}
+
 std::string EncodeWalEntry(const WalEntry& e) {
-  Writer w;
+  ByteWriter w;
   w.Put<uint8_t>(kVersion);
   w.PutString(e.collection);
   switch (e.op) {
-    case WalOp::kCreateCollection: {
-      const IndexOptions& o = e.options;
-      w.Put<int32_t>(o.dim);
-      w.Put<uint8_t>(static_cast<uint8_t>(o.metric));
-      w.Put<uint8_t>(static_cast<uint8_t>(o.backend));
-      w.Put<uint8_t>(static_cast<uint8_t>(o.kind));
-      w.Put<uint64_t>(o.initial_capacity);
-      w.Put<int32_t>(o.tree.leaf_size);
-      w.Put<int32_t>(o.tree.branching);
-      w.Put<uint8_t>(o.tree.background_rebuild ? 1 : 0);
-      w.Put<int32_t>(o.drift.num_landmarks);
-      w.Put<double>(o.drift.rebase_residual);
-      w.Put<int64_t>(o.drift.rebase_every_steps);
-      w.Put<uint64_t>(o.drift.seed);
+    case WalOp::kCreateCollection:
+      EncodeIndexOptions(e.options, w);
       break;
-    }
     case WalOp::kDropCollection:
     case WalOp::kChooseLandmarks:
       break;
@@ -108,7 +70,7 @@ std::string EncodeWalEntry(const WalEntry& e) {
       w.PutArray(e.linear_b);
       break;
   }
-  return w.Done();
+  return std::move(w.bytes());
 }
 
 absl::StatusOr<WalEntry> DecodeWalEntry(uint8_t type, std::string_view payload) {
@@ -117,24 +79,13 @@ absl::StatusOr<WalEntry> DecodeWalEntry(uint8_t type, std::string_view payload) 
     return absl::DataLossError(absl::StrCat("unknown write-ahead log record type ", type));
   }
   e.op = static_cast<WalOp>(type);
-  Reader r(payload);
+  ByteReader r(payload);
   uint8_t version = 0;
   bool ok = r.Get(&version) && version == kVersion && r.GetString(&e.collection);
   switch (e.op) {
-    case WalOp::kCreateCollection: {
-      IndexOptions& o = e.options;
-      uint8_t metric = 0, backend = 0, kind = 0, rebuild = 0;
-      ok = ok && r.Get(&o.dim) && r.Get(&metric) && r.Get(&backend) && r.Get(&kind) &&
-           r.Get(&o.initial_capacity) && r.Get(&o.tree.leaf_size) && r.Get(&o.tree.branching) &&
-           r.Get(&rebuild) && r.Get(&o.drift.num_landmarks) && r.Get(&o.drift.rebase_residual) &&
-           r.Get(&o.drift.rebase_every_steps) && r.Get(&o.drift.seed) && metric <= 1 &&
-           backend <= 2 && kind <= 1;
-      o.metric = static_cast<Metric>(metric);
-      o.backend = static_cast<Backend>(backend);
-      o.kind = static_cast<IndexKind>(kind);
-      o.tree.background_rebuild = rebuild != 0;
+    case WalOp::kCreateCollection:
+      ok = ok && DecodeIndexOptions(r, &e.options);
       break;
-    }
     case WalOp::kDropCollection:
     case WalOp::kChooseLandmarks:
       break;

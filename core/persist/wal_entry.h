@@ -3,8 +3,8 @@
 // server applies it, logs it, and replays it at recovery through the same
 // code path.
 //
-// Encoding (little-endian): u8 format version (1), the collection name
-// (u32 length + bytes), then per op:
+// Encoding (core/persist/bytes.h; little-endian): u8 format version (1),
+// the collection name (u64 length + bytes), then per op:
 //   kCreateCollection  the IndexOptions fields (see EncodeWalEntry)
 //   kDropCollection    nothing
 //   kUpsert            i64 model_step, u64 n, n x u64 ids, u64 m, m x f32 vectors
@@ -24,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/index.h"
+#include "core/persist/bytes.h"
 
 namespace negmine {
 
@@ -49,6 +50,9 @@ struct WalEntry {
 };
 
 std::string EncodeWalEntry(const WalEntry& entry);
+// IndexOptions' fields, also used by snapshots.
+void EncodeIndexOptions(const IndexOptions& options, ByteWriter& w);
+bool DecodeIndexOptions(ByteReader& r, IndexOptions* options);
 // `type` is the record's type byte (a WalOp).
 //   DATA_LOSS: an unknown op or version, or a payload that does not parse.
 absl::StatusOr<WalEntry> DecodeWalEntry(uint8_t type, std::string_view payload);

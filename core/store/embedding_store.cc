@@ -63,4 +63,43 @@ size_t EmbeddingStore::MemoryBytes() const {
          id_to_row_.capacity() * (sizeof(uint64_t) + sizeof(size_t) + 1);
 }
 
+void EmbeddingStore::Save(ByteWriter& w) const {
+  w.Put<int32_t>(dim_);
+  w.PutArray(data_);
+  w.PutArray(ids_);
+  w.PutArray(steps_);
+  w.PutArray(live_);
+  w.PutArray(free_rows_);
+}
+
+bool EmbeddingStore::Load(ByteReader& r) {
+  int32_t dim = 0;
+  std::vector<float> data;
+  std::vector<uint64_t> ids;
+  std::vector<int64_t> steps;
+  std::vector<uint8_t> live;
+  std::vector<size_t> free_rows;
+  if (!r.Get(&dim) || dim != dim_ || !r.GetArray(&data) || !r.GetArray(&ids) ||
+      !r.GetArray(&steps) || !r.GetArray(&live) || !r.GetArray(&free_rows)) {
+    return false;
+  }
+  const size_t rows = ids.size();
+  if (data.size() != rows * dim_ || steps.size() != rows || live.size() != rows) return false;
+  absl::flat_hash_map<uint64_t, size_t> id_to_row;
+  for (size_t row = 0; row < rows; ++row) {
+    if (live[row] > 1) return false;
+    if (live[row] && !id_to_row.emplace(ids[row], row).second) return false;
+  }
+  for (size_t row : free_rows) {
+    if (row >= rows || live[row]) return false;
+  }
+  data_ = std::move(data);
+  ids_ = std::move(ids);
+  steps_ = std::move(steps);
+  live_ = std::move(live);
+  free_rows_ = std::move(free_rows);
+  id_to_row_ = std::move(id_to_row);
+  return true;
+}
+
 }  // namespace negmine

@@ -26,6 +26,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "core/persist/bytes.h"
 
 namespace negmine {
 
@@ -59,6 +60,12 @@ class EmbeddingStore {
   const float* data() const { return data_.data(); }
 
   size_t MemoryBytes() const;
+
+  // Every row (live or free), in a form Load takes back.
+  void Save(ByteWriter& w) const;
+  // Replaces the content with what Save wrote; false if it does not parse or
+  // is inconsistent (then the store is unchanged).
+  bool Load(ByteReader& r);
 
  private:
   size_t AllocateRow();

@@ -664,6 +664,12 @@ size_t TreeIndex::CatchUpLocked(Tree* fresh, const PointSource& snapshot,
 void TreeIndex::RebuildNow() {
   absl::MutexLock write_lock(&write_mu_);
   absl::WriterMutexLock lock(&mu_);
+  RebuildLocked();
+}
+
+void TreeIndex::OnRestoredLocked() { RebuildLocked(); }
+
+void TreeIndex::RebuildLocked() {
   const auto start = std::chrono::steady_clock::now();
   std::vector<uint32_t> rows;
   for (uint32_t r = 0; r < store_.num_rows(); ++r) {

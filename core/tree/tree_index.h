@@ -86,6 +86,8 @@ class TreeIndex final : public StoreIndex {
   void PrepareDrift(const PointSource& after) override
       ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   void OnDriftLocked() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_);
+  // After Restore: a tree built over the restored vectors.
+  void OnRestoredLocked() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A drift re-base: a fresh tree over the new frame, in the background.
   void OnRebase() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -100,6 +102,8 @@ class TreeIndex final : public StoreIndex {
 
   void MaybeScheduleRebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RequestRebuild();
+  // Builds the whole tree anew over the live rows, on this thread.
+  void RebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Brings `fresh`, built over `snapshot` (the scoring vectors when the
   // build began), up to the current rows and vectors; returns the rows
   // changed.
