@@ -37,6 +37,7 @@
 #include "core/store/drift_bench.h"
 #include "server/log.h"
 #include "server/metrics.h"
+#include "server/durability.h"
 #include "server/service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
@@ -169,10 +170,7 @@ absl::Status LoadDefaultCollection(NegativeMinerService& service) {
   return absl::OkStatus();
 }
 
-// Replays <data_dir>/wal.log into the service, cuts a torn tail, and opens
-// the log for appending.
-absl::StatusOr<std::unique_ptr<WalWriter>> Recover(NegativeMinerService& service,
-                                                   const std::string& dir) {
+absl::StatusOr<WalWriter::Options> WalOptions() {
   WalWriter::Options options;
   const std::string sync = absl::GetFlag(FLAGS_wal_sync);
   if (sync == "never") {
@@ -181,27 +179,7 @@ absl::StatusOr<std::unique_ptr<WalWriter>> Recover(NegativeMinerService& service
     return absl::InvalidArgumentError(absl::StrCat("--wal_sync=", sync, ": use always or never"));
   }
   options.group_commit_window = absl::Milliseconds(absl::GetFlag(FLAGS_wal_group_commit_ms));
-  const std::string path = dir + "/wal.log";
-  const auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(WalContents wal, ReadWal(path));
-  for (const WalRecord& r : wal.records) {
-    absl::StatusOr<WalEntry> e = DecodeWalEntry(r.type, r.payload);
-    absl::Status s = e.ok() ? service.Replay(*e) : e.status();
-    if (!s.ok()) {
-      return absl::DataLossError(absl::StrCat("write-ahead log ", path, ": the record at offset ",
-                                              r.offset, " does not replay: ", s.message()));
-    }
-  }
-  if (wal.torn_bytes > 0) {
-    Log(LogLevel::kWarning, "cutting a torn write at the end of the write-ahead log",
-        {{"path", path}, {"offset", absl::StrCat(wal.valid_bytes)},
-         {"bytes", absl::StrCat(wal.torn_bytes)}});
-  }
-  Log(LogLevel::kInfo, "recovered",
-      {{"records", absl::StrCat(wal.records.size())}, {"bytes", absl::StrCat(wal.valid_bytes)},
-       {"seconds", absl::StrCat(std::chrono::duration<double>(
-                                    std::chrono::steady_clock::now() - start).count())}});
-  return WalWriter::Open(path, wal.valid_bytes, options);
+  return options;
 }
 
 absl::StatusOr<std::string> ReadSecretFile(const std::string& flag, const std::string& path) {
@@ -301,7 +279,6 @@ int Run() {
       .batch_job_threads = absl::GetFlag(FLAGS_batch_job_threads),
       .auth_token = token,
       .stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_seconds)};
-  std::unique_ptr<WalWriter> wal;  // outlives the service, which logs to it
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -324,14 +301,14 @@ int Run() {
   health->SetServingStatus(false);
 
   // Until here the health service says NOT_SERVING: recovery first.
-  absl::StatusOr<std::unique_ptr<WalWriter>> recovered = Recover(service, data_dir);
+  absl::StatusOr<WalWriter::Options> wal_options = WalOptions();
+  absl::Status recovered = wal_options.ok() ? Recover(service, data_dir, *wal_options)
+                                            : wal_options.status();
   if (!recovered.ok()) {
-    Log(LogLevel::kError, "cannot recover the data dir", {{"error", recovered.status().ToString()}});
+    Log(LogLevel::kError, "cannot recover the data dir", {{"error", recovered.ToString()}});
     server->Shutdown();
     return 1;
   }
-  wal = *std::move(recovered);
-  service.SetWal(wal.get());
   if (absl::Status s = LoadDefaultCollection(service); !s.ok()) {
     Log(LogLevel::kError, "cannot load the default collection",
         {{"error", s.ToString()}});

@@ -9,6 +9,7 @@
 #include "core/random.h"
 #include "core/status.h"
 #include "server/batch_jobs.h"
+#include "server/durability.h"
 #include "server/log.h"
 #include "server/wire.h"
 
@@ -146,8 +147,10 @@ grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
   return reactor;
 }
 
-absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offset) {
+absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offset,
+                                          std::shared_ptr<WalWriter>* writer) {
   const std::string payload = EncodeWalEntry(entry);
+  *writer = wal_;
   ASSIGN_OR_RETURN(*offset,
                    wal_->Append(static_cast<uint8_t>(entry.op),
                                 {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()}));
@@ -155,7 +158,8 @@ absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offse
 }
 
 absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool log,
-                                                         uint64_t* offset) {
+                                                         uint64_t* offset,
+                                                         std::shared_ptr<WalWriter>* writer) {
   log = log && wal_ != nullptr;
   CommitResult out;
   if (e.op == WalOp::kCreateCollection) {
@@ -168,7 +172,7 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
       return absl::AlreadyExistsError(
           absl::StrCat("collection '", e.collection, "' already exists"));
     }
-    if (log) RETURN_IF_ERROR(Append(e, offset));
+    if (log) RETURN_IF_ERROR(Append(e, offset, writer));
     return out;
   }
   if (e.op == WalOp::kDropCollection) {
@@ -181,7 +185,7 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
     absl::MutexLock write_lock(&out.collection->write_mu);
     out.collection->dropped = true;
     collections_.erase(it);
-    if (log) RETURN_IF_ERROR(Append(e, offset));
+    if (log) RETURN_IF_ERROR(Append(e, offset, writer));
     return out;
   }
   ASSIGN_OR_RETURN(out.collection, Find(e.collection));
@@ -214,21 +218,27 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
     default:
       return absl::InternalError("unreachable");
   }
-  if (log) RETURN_IF_ERROR(Append(e, offset));
+  if (log) RETURN_IF_ERROR(Append(e, offset, writer));
   return out;
 }
 
 absl::StatusOr<CommitResult> NegativeMinerService::Commit(const WalEntry& entry) {
-  if (wal_ != nullptr) {
-    if (absl::Status s = wal_->health(); !s.ok()) {
+  std::shared_ptr<WalWriter> wal;
+  {
+    absl::MutexLock lock(&mu_);
+    wal = wal_;
+  }
+  if (wal != nullptr) {
+    if (absl::Status s = wal->health(); !s.ok()) {
       return absl::InternalError(absl::StrCat(
           "the write-ahead log failed (", s.message(),
           "); no change is accepted until the server restarts and recovers"));
     }
   }
   uint64_t offset = 0;
-  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/true, &offset));
-  if (offset > 0) RETURN_IF_ERROR(wal_->Sync(offset));
+  std::shared_ptr<WalWriter> used;
+  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/true, &offset, &used));
+  if (used != nullptr) RETURN_IF_ERROR(used->Sync(offset));
   if (entry.op == WalOp::kDropCollection) {
     metrics_->RemoveCollection(entry.collection);
   } else {
@@ -239,9 +249,69 @@ absl::StatusOr<CommitResult> NegativeMinerService::Commit(const WalEntry& entry)
 
 absl::Status NegativeMinerService::Replay(const WalEntry& entry) {
   uint64_t offset = 0;
-  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/false, &offset));
+  std::shared_ptr<WalWriter> unused;
+  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/false, &offset, &unused));
   if (entry.op != WalOp::kDropCollection) UpdateCollectionMetrics(*out.collection);
   return absl::OkStatus();
+}
+
+void NegativeMinerService::SetDurability(std::string data_dir, uint64_t generation,
+                                         std::shared_ptr<WalWriter> wal,
+                                         const WalWriter::Options& options) {
+  absl::MutexLock lock(&mu_);
+  data_dir_ = std::move(data_dir);
+  generation_ = generation;
+  wal_ = std::move(wal);
+  wal_options_ = options;
+}
+
+absl::Status NegativeMinerService::RestoreCollection(const SnapshotCollection& snapshot) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(snapshot.options));
+  RETURN_IF_ERROR(index->Restore(snapshot.index));
+  auto c = std::make_shared<Collection>();
+  c->name = snapshot.name;
+  c->index = std::move(index);
+  {
+    absl::MutexLock lock(&mu_);
+    if (!collections_.emplace(c->name, c).second) {
+      return absl::DataLossError(absl::StrCat("the snapshot holds '", c->name, "' twice"));
+    }
+  }
+  UpdateCollectionMetrics(*c);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<NegativeMinerService::SnapshotInfo> NegativeMinerService::TakeSnapshot() {
+  absl::MutexLock one_at_a_time(&snapshot_mu_);
+  SnapshotContents contents;
+  std::shared_ptr<WalWriter> old_wal;
+  std::string dir;
+  {
+    // Pause every writer: the map, then each collection (in name order).
+    absl::MutexLock lock(&mu_);
+    if (wal_ == nullptr) {
+      return absl::FailedPreconditionError("this server keeps no write-ahead log");
+    }
+    std::vector<std::unique_ptr<absl::MutexLock>> paused;
+    for (auto& [name, c] : collections_) {
+      paused.push_back(std::make_unique<absl::MutexLock>(&c->write_mu));
+      ASSIGN_OR_RETURN(std::string bytes, c->index->Snapshot());
+      contents.collections.push_back({name, c->index->options(), std::move(bytes)});
+    }
+    // The log continues in a new generation; the snapshot covers the old.
+    ASSIGN_OR_RETURN(std::shared_ptr<WalWriter> next,
+                     WalWriter::Open(WalPath(data_dir_, generation_ + 1), 0, wal_options_));
+    old_wal = std::exchange(wal_, std::move(next));
+    contents.generation = ++generation_;
+    dir = data_dir_;
+  }
+  // Changes acknowledged before the pause are durable in the old log.
+  RETURN_IF_ERROR(old_wal->Sync(old_wal->size()));
+  SnapshotInfo info{.path = SnapshotPath(dir, contents.generation),
+                    .generation = contents.generation};
+  ASSIGN_OR_RETURN(info.bytes, WriteSnapshot(info.path, contents));
+  RemoveObsoleteFiles(dir, contents.generation);
+  return info;
 }
 
 absl::StatusOr<std::shared_ptr<Collection>> NegativeMinerService::Find(
@@ -916,11 +986,18 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(
 
 grpc::ServerUnaryReactor* NegativeMinerService::CreateSnapshot(
     grpc::CallbackServerContext* ctx, const v1::CreateSnapshotRequest* req,
-    v1::CreateSnapshotResponse*) {
-  return RunUnary(ctx, "CreateSnapshot", [this, req]() -> absl::Status {
-    RETURN_IF_ERROR(Find(req->collection()).status());
-    return Unimplemented("CreateSnapshot",
-                         "the write-ahead log and snapshots (issue #8)");
+    v1::CreateSnapshotResponse* resp) {
+  return RunUnary(ctx, "CreateSnapshot", [this, req, resp]() -> absl::Status {
+    std::shared_ptr<Collection> c;
+    if (!req->collection().empty()) {
+      ASSIGN_OR_RETURN(c, Find(req->collection()));
+    }
+    ASSIGN_OR_RETURN(SnapshotInfo info, TakeSnapshot());
+    resp->set_path(info.path);
+    resp->set_bytes(info.bytes);
+    if (c != nullptr) resp->set_index_version(c->index->Stats().version);
+    Log(LogLevel::kInfo, "snapshot", {{"path", info.path}, {"bytes", absl::StrCat(info.bytes)}});
+    return absl::OkStatus();
   });
 }
 

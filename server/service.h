@@ -25,6 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "core/index.h"
 #include "core/persist/wal.h"
+#include "core/persist/snapshot.h"
 #include "core/persist/wal_entry.h"
 #include "negmine/v1/negmine.grpc.pb.h"
 #include "server/batch_jobs.h"
@@ -84,9 +85,24 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   // Until SetReady(true), every RPC answers UNAVAILABLE ("starting").
   void SetReady(bool ready) { ready_.store(ready); }
 
-  // Logs every committed change from now on (null: none). Set before
-  // serving; the log must outlive the service.
-  void SetWal(WalWriter* wal) { wal_ = wal; }
+  // Logs every committed change from now on to `wal`, log generation
+  // `generation` in `data_dir` (see server/durability.h). Set before serving.
+  void SetDurability(std::string data_dir, uint64_t generation, std::shared_ptr<WalWriter> wal,
+                     const WalWriter::Options& options);
+
+  // Recovery: adds a collection from a snapshot.
+  absl::Status RestoreCollection(const SnapshotCollection& snapshot);
+
+  // Writes every collection to a new snapshot file, continues the log in a
+  // new generation, and deletes the files no longer needed (the snapshot
+  // before the previous one and the logs it needed). Writers pause only
+  // while the indexes are copied; queries go on.
+  struct SnapshotInfo {
+    std::string path;
+    uint64_t bytes = 0;
+    uint64_t generation = 0;
+  };
+  absl::StatusOr<SnapshotInfo> TakeSnapshot();
 
   // Applies one change, logs it and waits until the log record is durable:
   // the one path of every change of state, for RPCs and for the embedded
@@ -174,13 +190,23 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
                                      const char* method, Work work);
 
   void FillInfo(const Collection& c, v1::CollectionInfo* info) const;
-  // Commit's work: applies `entry`; when `log`, appends its record and sets
-  // *offset to the record's end.
-  absl::StatusOr<CommitResult> Apply(const WalEntry& entry, bool log, uint64_t* offset);
-  // Appends `entry` to the log, under the lock that orders it.
-  absl::Status Append(const WalEntry& entry, uint64_t* offset);
+  // Commit's work: applies `entry`; when `log`, appends its record, sets
+  // *offset to the record's end and *writer to the log.
+  absl::StatusOr<CommitResult> Apply(const WalEntry& entry, bool log, uint64_t* offset,
+                                     std::shared_ptr<WalWriter>* writer);
+  // Appends `entry` to the log, under the lock that orders it; `*writer`
+  // gets the log it went to (for the Sync after the locks are released).
+  absl::Status Append(const WalEntry& entry, uint64_t* offset,
+                      std::shared_ptr<WalWriter>* writer);
 
-  WalWriter* wal_ = nullptr;
+  // The log. Replaced only by TakeSnapshot while it holds mu_ and every
+  // collection's write_mu, so whoever holds one of those for an Append
+  // reads a stable pointer.
+  std::string data_dir_;
+  uint64_t generation_ = 0;
+  std::shared_ptr<WalWriter> wal_;
+  WalWriter::Options wal_options_;
+  absl::Mutex snapshot_mu_;  // one TakeSnapshot at a time
 
   const ServiceOptions options_;
   Metrics* metrics_;

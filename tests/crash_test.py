@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Crash test: a negmine-server is killed with SIGKILL at seeded random
-moments while a client streams upserts, deletes and drift updates to it;
+moments while a client streams upserts, deletes, drift updates and snapshot
+requests to it (so recovery goes through snapshots and logs);
 after every restart, each acknowledged write is present bit-exactly, and the
 one write in flight at the kill is either wholly applied or not at all.
 
@@ -132,7 +133,7 @@ def main():
             def writer():
                 nonlocal acked, step
                 while not stop.is_set():
-                    kind = rng.choice(["upsert", "upsert", "delete", "drift"])
+                    kind = rng.choice(["upsert", "upsert", "delete", "drift", "snapshot"])
                     step += 1
                     try:
                         if kind == "upsert":
@@ -147,6 +148,11 @@ def main():
                             client.call("DeleteTargets", pb.DeleteTargetsRequest(
                                 collection="crash", ids=op[1], allow_missing=True),
                                 pb.DeleteTargetsResponse)
+                        elif kind == "snapshot":
+                            op = ("snapshot",)
+                            pending[0] = op
+                            client.call("CreateSnapshot", pb.CreateSnapshotRequest(),
+                                        pb.CreateSnapshotResponse)
                         else:
                             op = ("drift",)
                             pending[0] = op
@@ -197,6 +203,33 @@ def main():
             # Whatever the in-flight write did is now the truth.
             acked = state
             drift_updates = drift.updates
+        files = sorted(os.listdir(data_dir))
+        snaps = [f for f in files if f.startswith("snapshot-") and f.endswith(".snap")]
+        print("data dir: %s" % files)
+        if not snaps or len(snaps) > 2 or any(f.endswith(".tmp") for f in files):
+            print("expected one or two snapshots kept and no temporary files")
+            return 1
+        # A damaged snapshot stops the start with a clear error; repaired,
+        # the server starts again with the same state.
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+        newest = os.path.join(data_dir, snaps[-1])
+        good = open(newest, "rb").read()
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0x40
+        open(newest, "wb").write(bytes(bad))
+        try:
+            Server(args.server_bin, data_dir, tmp)
+            print("a damaged snapshot was loaded")
+            return 1
+        except RuntimeError as e:
+            print("damaged snapshot refused: %s" % e)
+        open(newest, "wb").write(good)
+        server = Server(args.server_bin, data_dir, tmp)
+        client = Client(pb, server.address)
+        if observe(client, pb)[0] != acked:
+            print("the state after the repair differs")
+            return 1
         print("crash_test: all passed")
         return 0
     finally:

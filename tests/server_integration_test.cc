@@ -416,16 +416,22 @@ TEST_F(ServerTest, MalformedRequestsGetClearErrors) {
   EXPECT_EQ(info->info().index_version(), version);
 }
 
-TEST_F(ServerTest, CapabilitiesToComeAnswerUnimplementedNamingThem) {
+TEST_F(ServerTest, CreateSnapshotWritesOneAndNamesIt) {
   std::vector<uint64_t> ids;
-  Fill("later", 4, 10, v1::METRIC_COSINE, &ids);
-  grpc::ClientContext c2;
-  v1::CreateSnapshotRequest sr;
-  sr.set_collection("later");
-  v1::CreateSnapshotResponse sresp;
-  grpc::Status s = client_->stub().CreateSnapshot(&c2, sr, &sresp);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(s.error_message(), HasSubstr("snapshots"));
+  Fill("snap", 4, 10, v1::METRIC_COSINE, &ids);
+  grpc::ClientContext ctx;
+  v1::CreateSnapshotRequest req;
+  req.set_collection("snap");
+  v1::CreateSnapshotResponse resp;
+  const grpc::Status s = client_->stub().CreateSnapshot(&ctx, req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_THAT(resp.path(), HasSubstr("snapshot-"));
+  EXPECT_GT(resp.bytes(), 10u * 4 * sizeof(float));
+  EXPECT_EQ(resp.index_version(), last_version_);
+  grpc::ClientContext ctx2;
+  req.set_collection("nope");
+  EXPECT_EQ(client_->stub().CreateSnapshot(&ctx2, req, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
   ExpectStillServing();
 }
 
