@@ -76,6 +76,10 @@ ABSL_FLAG(std::string, wal_sync, "always",
           "machine crash)");
 ABSL_FLAG(int, wal_group_commit_ms, 0,
           "with --wal_sync=always: wait this long for more changes to share an fsync");
+ABSL_FLAG(double, snapshot_interval_seconds, 3600,
+          "Take a snapshot this often when the log is not empty (0: only on request).");
+ABSL_FLAG(uint64_t, snapshot_wal_bytes, uint64_t{1} << 30,
+          "Take a snapshot when the log reaches this size (0: no size trigger).");
 ABSL_FLAG(double, stats_interval_seconds, 15,
           "How often the tree and drift metrics are refreshed (O(N) each); 0: never.");
 ABSL_FLAG(uint32_t, default_dim, 0,
@@ -278,7 +282,9 @@ int Run() {
       .max_batch_jobs = absl::GetFlag(FLAGS_max_batch_jobs),
       .batch_job_threads = absl::GetFlag(FLAGS_batch_job_threads),
       .auth_token = token,
-      .stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_seconds)};
+      .stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_seconds),
+      .snapshot_interval_seconds = absl::GetFlag(FLAGS_snapshot_interval_seconds),
+      .snapshot_wal_bytes = absl::GetFlag(FLAGS_snapshot_wal_bytes)};
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);

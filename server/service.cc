@@ -56,16 +56,41 @@ NegativeMinerService::NegativeMinerService(const ServiceOptions& options,
                                               /*max_kept=*/64,
                                               std::max(1, options.batch_job_threads))),
       pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads))) {
-  if (options.stats_interval_seconds > 0) {
-    stats_thread_ = std::thread([this] {
-      absl::MutexLock lock(&stats_mu_);
-      while (!stats_mu_.AwaitWithTimeout(absl::Condition(&stopping_),
-                                         absl::Seconds(options_.stats_interval_seconds))) {
-        stats_mu_.Unlock();
-        RefreshIndexMetrics();
-        stats_mu_.Lock();
+  maintenance_thread_ = std::thread([this] { MaintenanceLoop(); });
+}
+
+void NegativeMinerService::MaintenanceLoop() {
+  auto last_stats = Clock::now(), last_snapshot = Clock::now();
+  absl::MutexLock lock(&stats_mu_);
+  while (!stats_mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(1))) {
+    stats_mu_.Unlock();
+    const auto now = Clock::now();
+    if (options_.stats_interval_seconds > 0 &&
+        now - last_stats >= absl::ToChronoSeconds(absl::Seconds(options_.stats_interval_seconds))) {
+      RefreshIndexMetrics();
+      last_stats = now;
+    }
+    uint64_t wal_bytes = 0;
+    {
+      absl::MutexLock map_lock(&mu_);
+      if (wal_ != nullptr) wal_bytes = wal_->size();
+    }
+    const bool interval_due =
+        options_.snapshot_interval_seconds > 0 && wal_bytes > 0 &&
+        now - last_snapshot >=
+            absl::ToChronoSeconds(absl::Seconds(options_.snapshot_interval_seconds));
+    const bool size_due = options_.snapshot_wal_bytes > 0 && wal_bytes >= options_.snapshot_wal_bytes;
+    if (interval_due || size_due) {
+      absl::StatusOr<SnapshotInfo> info = TakeSnapshot();
+      if (info.ok()) {
+        Log(LogLevel::kInfo, "periodic snapshot",
+            {{"path", info->path}, {"bytes", absl::StrCat(info->bytes)}});
+      } else {
+        Log(LogLevel::kError, "periodic snapshot failed", {{"error", info.status().ToString()}});
       }
-    });
+      last_snapshot = now;
+    }
+    stats_mu_.Lock();
   }
 }
 
@@ -74,7 +99,7 @@ NegativeMinerService::~NegativeMinerService() {
     absl::MutexLock lock(&stats_mu_);
     stopping_ = true;
   }
-  if (stats_thread_.joinable()) stats_thread_.join();
+  if (maintenance_thread_.joinable()) maintenance_thread_.join();
   pool_.reset();
   batch_jobs_.reset();  // cancels running assignments and waits for them
 }

@@ -57,6 +57,10 @@ struct ServiceOptions {
   // Every collection's tree and drift figures are published to the metrics
   // this often (they cost O(N) to gather); 0: never.
   double stats_interval_seconds = 15;
+  // A snapshot is taken this often when the log is not empty (0: never),
+  // and whenever the log reaches snapshot_wal_bytes (0: no size trigger).
+  double snapshot_interval_seconds = 3600;
+  uint64_t snapshot_wal_bytes = uint64_t{1} << 30;
 };
 
 // One named index.
@@ -215,10 +219,12 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   std::map<std::string, std::shared_ptr<Collection>> collections_
       ABSL_GUARDED_BY(mu_);
   std::unique_ptr<BatchJobs> batch_jobs_;
-  // RefreshIndexMetrics every stats_interval_seconds, until stopping_.
+  // Once a second until stopping_: RefreshIndexMetrics every
+  // stats_interval_seconds, and a snapshot when one is due.
+  void MaintenanceLoop();
   absl::Mutex stats_mu_;
   bool stopping_ ABSL_GUARDED_BY(stats_mu_) = false;
-  std::thread stats_thread_;
+  std::thread maintenance_thread_;
   // Last member: destroyed first, so queued work finishes while the rest of
   // the service is still alive.
   std::unique_ptr<WorkerPool> pool_;

@@ -17,7 +17,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 
 "$server_bin" --listen=127.0.0.1:0 --port_file="$tmp/port" --data_dir="$tmp/data" \
   --metrics_listen= --log_level=warning --default_dim=16 --generate_targets=2000 \
-  --max_sync_batch_examples=1000 &
+  --max_sync_batch_examples=1000 --snapshot_interval_seconds=1 &
 pid=$!
 for _ in $(seq 600); do [ -s "$tmp/port" ] && break; sleep 0.05; done
 [ -s "$tmp/port" ] || fail "server did not start"
@@ -143,4 +143,7 @@ err=$(nm mine --collection nope --queries "$tmp/q.npy" --k 3 2>&1 >/dev/null); r
 set -e
 [ "$rc" = 1 ] || fail "exit code $rc for an unknown collection"
 echo "$err" | grep -q "NOT_FOUND" || fail "message: $err"
+# A periodic snapshot appears (the log is not empty).
+for _ in $(seq 100); do ls "$tmp"/data/snapshot-*.snap >/dev/null 2>&1 && break; sleep 0.1; done
+ls "$tmp"/data/snapshot-*.snap >/dev/null 2>&1 || fail "no periodic snapshot"
 echo "cli_test: all passed"
