@@ -693,6 +693,7 @@ absl::StatusOr<std::string> StoreIndex::Snapshot() const {
   w.Put<uint64_t>(d.rebases);
   w.Put<double>(d.last_fit_seconds);
   w.Put<double>(d.last_apply_seconds);
+  SaveExtraLocked(w);
   return std::move(w.bytes());
 }
 
@@ -754,7 +755,7 @@ absl::Status StoreIndex::Restore(std::string_view snapshot) {
        r.Get(&d.num_landmarks) && r.GetString(&kernel) && r.Get(&d.lambda) &&
        r.Get(&d.heldout_residual) && r.Get(&d.stale_residual) && r.Get(&d.updates) &&
        r.Get(&d.rebases) && r.Get(&d.last_fit_seconds) && r.Get(&d.last_apply_seconds) &&
-       r.done() && (d.kernel = KernelNameFromString(kernel)) != nullptr;
+       (d.kernel = KernelNameFromString(kernel)) != nullptr;
   d.active = summary_active != 0;
   if (!ok) {
     return absl::DataLossError(absl::StrCat(
@@ -763,20 +764,30 @@ absl::Status StoreIndex::Restore(std::string_view snapshot) {
   }
   absl::MutexLock write_lock(&write_mu_);
   absl::WriterMutexLock lock(&mu_);
-  store_ = std::move(store);
-  inv_norms_ = std::move(inv_norms);
-  version_ = version;
-  drift_active_ = active != 0;
-  served_ = std::move(served);
-  frame_ = std::move(frame);
-  offsets_ = std::move(offsets);
-  pending_ = std::move(pending);
-  landmarks_ = std::move(landmarks);
-  landmark_frame_ = std::move(landmark_frame);
-  frame_step_ = frame_step;
-  history_ = std::move(history);
-  drift_summary_ = d;
-  OnRestoredLocked();
+  uint8_t was_active = drift_active_ ? 1 : 0;
+  auto swap_all = [&] {
+    std::swap(store_, store);
+    std::swap(inv_norms_, inv_norms);
+    std::swap(version_, version);
+    std::swap(was_active, active);
+    drift_active_ = was_active != 0;
+    std::swap(served_, served);
+    std::swap(frame_, frame);
+    std::swap(offsets_, offsets);
+    std::swap(pending_, pending);
+    std::swap(landmarks_, landmarks);
+    std::swap(landmark_frame_, landmark_frame);
+    std::swap(frame_step_, frame_step);
+    std::swap(history_, history);
+    std::swap(drift_summary_, d);
+  };
+  swap_all();
+  if (!RestoreExtraLocked(r)) {
+    swap_all();  // back to the state before: an index never serves half a snapshot
+    return absl::DataLossError(absl::StrCat(
+        "an index snapshot of ", snapshot.size(),
+        " bytes does not parse: its structure part is damaged or does not fit"));
+  }
   return absl::OkStatus();
 }
 

@@ -110,8 +110,15 @@ class StoreIndex : public Index {
   virtual void PrepareDrift(const PointSource& /*after*/)
       ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
   virtual void OnDriftLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_) {}
-  // After Restore replaced the whole state.
-  virtual void OnRestoredLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {}
+  // A subclass's own part of a snapshot (after the store's), and its
+  // restore, run after the store's state is in place: `r` holds what
+  // SaveExtraLocked wrote, or nothing for a snapshot without it. It must
+  // consume all of `r`, and return false (changing nothing) if the bytes do
+  // not parse or do not fit the restored state.
+  virtual void SaveExtraLocked(ByteWriter& /*w*/) const ABSL_SHARED_LOCKS_REQUIRED(mu_) {}
+  virtual bool RestoreExtraLocked(ByteReader& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return r.done();
+  }
   // After a drift re-base (the scoring vectors did not change).
   virtual void OnRebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
   // Bytes held beyond the store.

@@ -626,6 +626,11 @@ TEST(SnapshotTest, RestoreIsTheSameIndexAndDamageIsRefused) {
     ASSERT_THAT(b->Restore(*snap), IsOk());
     EXPECT_EQ(b->Stats().version, a->Stats().version);
     EXPECT_EQ(b->Stats().num_targets, 1998u);
+    if (kind == IndexKind::kTree) {  // the tree's arrays come back, not a rebuild
+      EXPECT_EQ(b->TreeInfo()->num_nodes, a->TreeInfo()->num_nodes);
+      EXPECT_EQ(b->TreeInfo()->rebuilds, 0u);
+      EXPECT_THAT(static_cast<TreeIndex*>(b.get())->CheckInvariants(), IsOk());
+    }
     std::vector<uint64_t> live = Iota(2000);
     live.erase(live.begin() + 7, live.begin() + 9);
     std::vector<float> va, vb, sa, sb;

@@ -422,6 +422,64 @@ void Tree::SetBounds(Bounds bounds) {
   spread_ = std::move(bounds.spread);
 }
 
+void Tree::Save(ByteWriter& w) const {
+  w.Put<int32_t>(dim_);
+  w.PutArray(center_);
+  w.PutArray(radius_);
+  w.PutArray(spread_);
+  w.PutArray(count_);
+  w.PutArray(first_child_);
+  w.PutArray(num_children_);
+  w.PutArray(parent_);
+  w.PutArray(member_begin_);
+  w.PutArray(member_count_);
+  w.PutArray(member_cap_);
+  w.PutArray(members_);
+  w.PutArray(leaf_of_row_);
+  w.Put<uint64_t>(dead_nodes_);
+}
+
+bool Tree::Load(ByteReader& r) {
+  Tree t(dim_, params_);
+  int32_t dim = 0;
+  uint64_t dead = 0;
+  if (!r.Get(&dim) || dim != dim_ || !r.GetArray(&t.center_) || !r.GetArray(&t.radius_) ||
+      !r.GetArray(&t.spread_) || !r.GetArray(&t.count_) || !r.GetArray(&t.first_child_) ||
+      !r.GetArray(&t.num_children_) || !r.GetArray(&t.parent_) ||
+      !r.GetArray(&t.member_begin_) || !r.GetArray(&t.member_count_) ||
+      !r.GetArray(&t.member_cap_) || !r.GetArray(&t.members_) || !r.GetArray(&t.leaf_of_row_) ||
+      !r.Get(&dead)) {
+    return false;
+  }
+  const size_t n = t.radius_.size();
+  for (const size_t size : {t.spread_.size(), t.count_.size(), t.first_child_.size(),
+                            t.num_children_.size(), t.parent_.size(), t.member_begin_.size(),
+                            t.member_count_.size(), t.member_cap_.size()}) {
+    if (size != n) return false;
+  }
+  if (t.center_.size() != n * dim_) return false;
+  for (size_t f = 0; f < n; ++f) {
+    if (t.parent_[f] != kNone && (t.parent_[f] < 0 || size_t(t.parent_[f]) >= n)) return false;
+    if (t.num_children_[f] < 0 ||
+        (t.num_children_[f] > 0 &&
+         (t.first_child_[f] < 0 || size_t(t.first_child_[f]) + t.num_children_[f] > n))) {
+      return false;
+    }
+    if (uint64_t{t.member_begin_[f]} + t.member_cap_[f] > t.members_.size() ||
+        t.member_count_[f] > t.member_cap_[f]) {
+      return false;
+    }
+  }
+  for (int32_t leaf : t.leaf_of_row_) {
+    if (leaf != kNone && (leaf < 0 || size_t(leaf) >= n)) return false;
+  }
+  t.dead_nodes_ = dead;
+  t.RefreshLeaves();
+  *this = std::move(t);
+  ++structure_version_;
+  return true;
+}
+
 double Tree::LeafRadiusSum() const {
   double sum = 0;
   for (int32_t leaf : leaves_) sum += radius_[leaf];

@@ -44,6 +44,7 @@
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "core/index.h"
+#include "core/persist/bytes.h"
 
 namespace negmine {
 
@@ -107,6 +108,12 @@ class Tree {
   void SetBounds(Bounds bounds);
   // Sum of the leaves' radii: grows as the centers go stale.
   double LeafRadiusSum() const;
+
+  // The arrays, for snapshots. Load replaces the content and checks the
+  // structure's consistency (indices in range, sizes agree); the caller
+  // checks the geometry with CheckInvariants.
+  void Save(ByteWriter& w) const;
+  bool Load(ByteReader& r);
 
   // Every descendant lies within its ancestors' radii, counts are exact,
   // every row is in exactly one leaf. For tests; O(N depth dim).

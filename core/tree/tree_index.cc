@@ -667,7 +667,25 @@ void TreeIndex::RebuildNow() {
   RebuildLocked();
 }
 
-void TreeIndex::OnRestoredLocked() { RebuildLocked(); }
+void TreeIndex::SaveExtraLocked(ByteWriter& w) const { tree_->Save(w); }
+
+bool TreeIndex::RestoreExtraLocked(ByteReader& r) {
+  if (r.done()) {  // a snapshot without a tree (or a reset): build one
+    RebuildLocked();
+    return true;
+  }
+  auto tree = std::make_unique<Tree>(
+      options_.dim, TreeParams{.leaf_size = options_.tree.leaf_size,
+                               .branching = options_.tree.branching});
+  if (!tree->Load(r) || !r.done() || !tree->CheckInvariants(Points()).ok()) return false;
+  size_t in_tree = tree->num_nodes() ? tree->count(0) : 0;
+  if (in_tree != store_.size()) return false;
+  tree_ = std::move(tree);
+  size_at_build_ = store_.size();
+  changes_since_build_ = 0;
+  leaf_radius_at_build_ = tree_->LeafRadiusSum();
+  return true;
+}
 
 void TreeIndex::RebuildLocked() {
   const auto start = std::chrono::steady_clock::now();

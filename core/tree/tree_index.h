@@ -86,8 +86,11 @@ class TreeIndex final : public StoreIndex {
   void PrepareDrift(const PointSource& after) override
       ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   void OnDriftLocked() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_, write_mu_);
-  // After Restore: a tree built over the restored vectors.
-  void OnRestoredLocked() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Snapshots carry the tree's arrays; a restored tree is checked against
+  // the restored vectors (CheckInvariants) and rebuilt if it does not fit
+  // or is absent.
+  void SaveExtraLocked(ByteWriter& w) const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  bool RestoreExtraLocked(ByteReader& r) override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A drift re-base: a fresh tree over the new frame, in the background.
   void OnRebase() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
