@@ -82,6 +82,9 @@ commands:
            array of example rows (a short last batch padded with 2^64-1).
            Runs as a job with progress above the server's synchronous limit
            (or with --async).
+  snapshot
+           Writes a snapshot of every collection now (they are also taken
+           periodically); recovery then replays only the log after it.
   health   [--timeout-seconds T]
            grpc.health.v1 Check: exit 0 when the server is SERVING, 1 when
            it is not (or unreachable). For container health checks.
@@ -703,6 +706,12 @@ absl::Status Run(int argc, char** argv) {
   if (cmd == "landmarks") return Landmarks(*client, a);
   if (cmd == "drift") return Drift(*client, a);
   if (cmd == "batches") return Batches(*client, a);
+  if (cmd == "snapshot") {
+    CLI_CHECK(a.CheckAllUsed());
+    CLI_ASSIGN(resp, client->CreateSnapshot());
+    std::printf("wrote %s (%" PRIu64 " bytes)\n", resp.path().c_str(), resp.bytes());
+    return absl::OkStatus();
+  }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown command '", cmd, "'; run 'negmine help'"));
 }

@@ -204,6 +204,17 @@ absl::StatusOr<v1::GetBatchJobResponse> Client::GetBatchJob(const std::string& j
   return resp;
 }
 
+absl::StatusOr<v1::CreateSnapshotResponse> Client::CreateSnapshot(const std::string& collection) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  v1::CreateSnapshotRequest req;
+  req.set_collection(collection);
+  v1::CreateSnapshotResponse resp;
+  absl::Status s = FromGrpc(stub_->CreateSnapshot(&ctx, req, &resp), "CreateSnapshot");
+  if (!s.ok()) return s;
+  return resp;
+}
+
 absl::StatusOr<v1::GetLandmarksResponse> Client::GetLandmarks(
     const std::string& collection) {
   grpc::ClientContext ctx;

@@ -133,6 +133,10 @@ class Client {
       absl::Span<const float> positives, uint32_t dim);
   absl::StatusOr<v1::GetBatchJobResponse> GetBatchJob(const std::string& job_id);
 
+  // Writes a snapshot of every collection (the response's index_version is
+  // `collection`'s, when named).
+  absl::StatusOr<v1::CreateSnapshotResponse> CreateSnapshot(const std::string& collection = "");
+
   // Opens a MineStream.
   std::unique_ptr<MineSession> OpenMineSession(const std::string& collection);
 

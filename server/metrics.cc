@@ -160,7 +160,37 @@ Metrics::Metrics()
                          .Name("negmine_drift_rebases_total")
                          .Help("Drift re-bases (new frame and landmarks), per "
                                "collection.")
-                         .Register(*registry_)) {
+                         .Register(*registry_)),
+      wal_bytes_(prometheus::BuildGauge()
+                     .Name("negmine_wal_bytes")
+                     .Help("Size of the current write-ahead log generation, bytes.")
+                     .Register(*registry_)
+                     .Add({})),
+      wal_syncs_(prometheus::BuildCounter()
+                     .Name("negmine_wal_syncs_total")
+                     .Help("fdatasyncs of the write-ahead log.")
+                     .Register(*registry_)
+                     .Add({})),
+      wal_sync_seconds_(prometheus::BuildCounter()
+                            .Name("negmine_wal_sync_seconds_total")
+                            .Help("Seconds spent in write-ahead log fdatasyncs.")
+                            .Register(*registry_)
+                            .Add({})),
+      snapshots_(prometheus::BuildCounter()
+                     .Name("negmine_snapshots_total")
+                     .Help("Snapshots written.")
+                     .Register(*registry_)
+                     .Add({})),
+      snapshot_bytes_(prometheus::BuildGauge()
+                          .Name("negmine_snapshot_bytes")
+                          .Help("Size of the last snapshot, bytes.")
+                          .Register(*registry_)
+                          .Add({})),
+      snapshot_seconds_(prometheus::BuildGauge()
+                            .Name("negmine_snapshot_seconds")
+                            .Help("Duration of the last snapshot, seconds.")
+                            .Register(*registry_)
+                            .Add({})) {
   collection_gauges_ = {&targets_,    &version_,       &memory_,
                         &tree_nodes_, &tree_depth_,    &tree_looseness_,
                         &tree_rebuild_seconds_, &tree_rebuild_pending_,
@@ -222,6 +252,21 @@ void Metrics::SetIndex(const std::string& collection, const IndexStats& stats,
     drift_residual_.Add(labels).Set(drift.heldout_residual);
     CounterTo(drift_rebases_, collection, static_cast<double>(drift.rebases));
   }
+}
+
+void Metrics::SetWal(double bytes, double syncs, double sync_seconds) {
+  absl::MutexLock lock(&mu_);
+  wal_bytes_.Set(bytes);
+  if (syncs > wal_syncs_.Value()) wal_syncs_.Increment(syncs - wal_syncs_.Value());
+  if (sync_seconds > wal_sync_seconds_.Value()) {
+    wal_sync_seconds_.Increment(sync_seconds - wal_sync_seconds_.Value());
+  }
+}
+
+void Metrics::ObserveSnapshot(double bytes, double seconds) {
+  snapshots_.Increment();
+  snapshot_bytes_.Set(bytes);
+  snapshot_seconds_.Set(seconds);
 }
 
 void Metrics::RemoveCollection(const std::string& collection) {

@@ -52,6 +52,10 @@ class Metrics {
   void SetIndex(const std::string& collection, const IndexStats& stats,
                 const std::optional<TreeSummary>& tree, const DriftSummary& drift);
   void RemoveCollection(const std::string& collection);
+  // The write-ahead log: its current size, and its fsyncs since the start
+  // over every log generation.
+  void SetWal(double bytes, double syncs, double sync_seconds);
+  void ObserveSnapshot(double bytes, double seconds);
 
  private:
   using GaugeFamily = prometheus::Family<prometheus::Gauge>;
@@ -80,6 +84,12 @@ class Metrics {
   GaugeFamily& drift_step_;
   GaugeFamily& drift_residual_;
   CounterFamily& drift_rebases_;
+  prometheus::Gauge& wal_bytes_;
+  prometheus::Counter& wal_syncs_;
+  prometheus::Counter& wal_sync_seconds_;
+  prometheus::Counter& snapshots_;
+  prometheus::Gauge& snapshot_bytes_;
+  prometheus::Gauge& snapshot_seconds_;
   // Per-collection families, for RemoveCollection.
   std::vector<GaugeFamily*> collection_gauges_;
   std::vector<CounterFamily*> collection_counters_;

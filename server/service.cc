@@ -73,7 +73,13 @@ void NegativeMinerService::MaintenanceLoop() {
     uint64_t wal_bytes = 0;
     {
       absl::MutexLock map_lock(&mu_);
-      if (wal_ != nullptr) wal_bytes = wal_->size();
+      if (wal_ != nullptr) {
+        wal_bytes = wal_->size();
+        const WalWriter::SyncStats sync = wal_->sync_stats();
+        metrics_->SetWal(static_cast<double>(wal_bytes),
+                         static_cast<double>(retired_syncs_.syncs + sync.syncs),
+                         retired_syncs_.seconds + sync.seconds);
+      }
     }
     const bool interval_due =
         options_.snapshot_interval_seconds > 0 && wal_bytes > 0 &&
@@ -308,6 +314,7 @@ absl::Status NegativeMinerService::RestoreCollection(const SnapshotCollection& s
 
 absl::StatusOr<NegativeMinerService::SnapshotInfo> NegativeMinerService::TakeSnapshot() {
   absl::MutexLock one_at_a_time(&snapshot_mu_);
+  const Clock::time_point start = Clock::now();
   SnapshotContents contents;
   std::shared_ptr<WalWriter> old_wal;
   std::string dir;
@@ -332,10 +339,16 @@ absl::StatusOr<NegativeMinerService::SnapshotInfo> NegativeMinerService::TakeSna
   }
   // Changes acknowledged before the pause are durable in the old log.
   RETURN_IF_ERROR(old_wal->Sync(old_wal->size()));
+  {
+    absl::MutexLock lock(&mu_);
+    retired_syncs_.syncs += old_wal->sync_stats().syncs;
+    retired_syncs_.seconds += old_wal->sync_stats().seconds;
+  }
   SnapshotInfo info{.path = SnapshotPath(dir, contents.generation),
                     .generation = contents.generation};
   ASSIGN_OR_RETURN(info.bytes, WriteSnapshot(info.path, contents));
   RemoveObsoleteFiles(dir, contents.generation);
+  metrics_->ObserveSnapshot(static_cast<double>(info.bytes), SecondsSince(start));
   return info;
 }
 

@@ -210,6 +210,7 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   uint64_t generation_ = 0;
   std::shared_ptr<WalWriter> wal_;
   WalWriter::Options wal_options_;
+  WalWriter::SyncStats retired_syncs_;  // of the log generations before wal_
   absl::Mutex snapshot_mu_;  // one TakeSnapshot at a time
 
   const ServiceOptions options_;

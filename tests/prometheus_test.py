@@ -84,6 +84,7 @@ def main():
 
         # The mining load, a drift update and exact sampling (acceptance).
         cli("drift", "--collection", "default", "--model-step", "5", "--simulate", "--seed", "1")
+        cli("snapshot")
         checks = {
             'up{job="negmine"}': lambda v: v == [1.0],
             'sum(negmine_requests_total{method="Mine", code="OK"})': lambda v: v and v[0] > 0,
@@ -104,6 +105,11 @@ def main():
              '(rate(negmine_request_duration_seconds_bucket{method="Mine"}[1m])))'):
                 lambda v: v and 0 < v[0] < 60,
             "process_resident_memory_bytes": lambda v: v and v[0] > 1e6,
+            "negmine_wal_syncs_total": lambda v: v and v[0] > 0,
+            "negmine_wal_sync_seconds_total": lambda v: v and v[0] > 0,
+            "negmine_wal_bytes": lambda v: v and v[0] >= 0,
+            "negmine_snapshots_total": lambda v: v == [1.0],
+            "negmine_snapshot_bytes": lambda v: v and v[0] > 5000 * 16 * 4,
             "process_cpu_seconds_total": lambda v: v and v[0] > 0,
             'ALERTS{alertname="NegmineDown"}': lambda v: v == [],
         }

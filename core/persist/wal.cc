@@ -128,6 +128,11 @@ uint64_t WalWriter::size() const {
   return size_;
 }
 
+WalWriter::SyncStats WalWriter::sync_stats() const {
+  absl::MutexLock lock(&mu_);
+  return sync_stats_;
+}
+
 absl::Status WalWriter::health() const {
   absl::MutexLock lock(&mu_);
   return error_;
@@ -181,9 +186,13 @@ absl::Status WalWriter::Sync(uint64_t offset) {
   }
   const uint64_t target = size_;
   mu_.Unlock();
+  const absl::Time start = absl::Now();
   const int rc = ::fdatasync(fd_);
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   mu_.Lock();
   syncing_ = false;
+  ++sync_stats_.syncs;
+  sync_stats_.seconds += seconds;
   if (rc != 0) {
     error_ = Errno("syncing the write-ahead log");
     return error_;

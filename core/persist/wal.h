@@ -92,6 +92,12 @@ class WalWriter {
   absl::Status Sync(uint64_t offset);
 
   uint64_t size() const;
+  // fdatasyncs made and the seconds they took, since Open.
+  struct SyncStats {
+    uint64_t syncs = 0;
+    double seconds = 0;
+  };
+  SyncStats sync_stats() const;
   // A failed write or sync leaves the log unusable: every later call
   // returns this error (the server must restart and recover).
   absl::Status health() const;
@@ -105,6 +111,7 @@ class WalWriter {
   uint64_t size_ ABSL_GUARDED_BY(mu_);
   uint64_t synced_ ABSL_GUARDED_BY(mu_);
   bool syncing_ ABSL_GUARDED_BY(mu_) = false;
+  SyncStats sync_stats_ ABSL_GUARDED_BY(mu_);
   absl::Status error_ ABSL_GUARDED_BY(mu_);
 };
 
