@@ -1,6 +1,7 @@
 #include "core/store_index.h"
 
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <limits>
 
@@ -629,7 +630,11 @@ void PutMatrix(const RowMatrixF& m, ByteWriter& w) {
 bool GetMatrix(ByteReader& r, RowMatrixF* m) {
   uint64_t rows = 0, cols = 0;
   std::vector<float> v;
-  if (!r.Get(&rows) || !r.Get(&cols) || !r.GetArray(&v) || v.size() != rows * cols) return false;
+  if (!r.Get(&rows) || !r.Get(&cols) || !r.GetArray(&v)) return false;
+  const bool fits = rows <= INT32_MAX && cols <= INT32_MAX &&
+                    ((rows == 0 || cols == 0) ? v.empty()
+                                              : rows <= v.size() / cols && rows * cols == v.size());
+  if (!fits) return false;
   *m = Eigen::Map<const RowMatrixF>(v.data(), rows, cols);
   return true;
 }

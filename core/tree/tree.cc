@@ -439,7 +439,7 @@ void Tree::Save(ByteWriter& w) const {
   w.Put<uint64_t>(dead_nodes_);
 }
 
-bool Tree::Load(ByteReader& r) {
+bool Tree::Load(ByteReader& r, size_t num_rows) {
   Tree t(dim_, params_);
   int32_t dim = 0;
   uint64_t dead = 0;
@@ -462,7 +462,8 @@ bool Tree::Load(ByteReader& r) {
     if (t.parent_[f] != kNone && (t.parent_[f] < 0 || size_t(t.parent_[f]) >= n)) return false;
     if (t.num_children_[f] < 0 ||
         (t.num_children_[f] > 0 &&
-         (t.first_child_[f] < 0 || size_t(t.first_child_[f]) + t.num_children_[f] > n))) {
+         (t.first_child_[f] <= static_cast<int32_t>(f) ||
+          size_t(t.first_child_[f]) + t.num_children_[f] > n))) {
       return false;
     }
     if (uint64_t{t.member_begin_[f]} + t.member_cap_[f] > t.members_.size() ||
@@ -470,8 +471,14 @@ bool Tree::Load(ByteReader& r) {
       return false;
     }
   }
+  for (uint32_t row : t.members_) {
+    if (row >= num_rows) return false;
+  }
+  if (t.leaf_of_row_.size() > num_rows) return false;
   for (int32_t leaf : t.leaf_of_row_) {
-    if (leaf != kNone && (leaf < 0 || size_t(leaf) >= n)) return false;
+    if (leaf != kNone && (leaf < 0 || size_t(leaf) >= n || t.num_children_[leaf] != 0)) {
+      return false;
+    }
   }
   t.dead_nodes_ = dead;
   t.RefreshLeaves();

@@ -109,11 +109,13 @@ class Tree {
   // Sum of the leaves' radii: grows as the centers go stale.
   double LeafRadiusSum() const;
 
-  // The arrays, for snapshots. Load replaces the content and checks the
-  // structure's consistency (indices in range, sizes agree); the caller
-  // checks the geometry with CheckInvariants.
+  // The arrays, for snapshots. Load replaces the content (of a tree over
+  // store rows < num_rows) and checks the structure's consistency: sizes
+  // agree, indices are in range, children come after their parent (so the
+  // structure has no cycle). The caller checks the geometry with
+  // CheckInvariants.
   void Save(ByteWriter& w) const;
-  bool Load(ByteReader& r);
+  bool Load(ByteReader& r, size_t num_rows);
 
   // Every descendant lies within its ancestors' radii, counts are exact,
   // every row is in exactly one leaf. For tests; O(N depth dim).

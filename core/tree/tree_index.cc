@@ -677,9 +677,14 @@ bool TreeIndex::RestoreExtraLocked(ByteReader& r) {
   auto tree = std::make_unique<Tree>(
       options_.dim, TreeParams{.leaf_size = options_.tree.leaf_size,
                                .branching = options_.tree.branching});
-  if (!tree->Load(r) || !r.done() || !tree->CheckInvariants(Points()).ok()) return false;
-  size_t in_tree = tree->num_nodes() ? tree->count(0) : 0;
-  if (in_tree != store_.size()) return false;
+  if (!tree->Load(r, store_.num_rows()) || !r.done() || !tree->CheckInvariants(Points()).ok()) {
+    return false;
+  }
+  // Exactly the live rows are in the tree.
+  for (uint32_t row = 0; row < store_.num_rows(); ++row) {
+    if (store_.live(row) != (tree->leaf_of(row) != Tree::kNone)) return false;
+  }
+  if ((tree->num_nodes() ? tree->count(0) : 0) != store_.size()) return false;
   tree_ = std::move(tree);
   size_at_build_ = store_.size();
   changes_since_build_ = 0;
