@@ -53,6 +53,7 @@ absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
   RowMatrix q;
   Eigen::MatrixXf scores;  // column-major: column j holds query j's scores
   for (size_t begin = 0; begin < n; begin += chunk) {
+    RETURN_IF_ERROR(CheckCancelled(params));
     const size_t c = std::min(chunk, n - begin);
     q = Eigen::Map<const RowMatrix>(queries.data() + begin * dim, c, dim);
     if (options_.metric == Metric::kCosine) q.rowwise().normalize();

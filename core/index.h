@@ -27,6 +27,7 @@
 #define NEGMINE_CORE_INDEX_H_
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -129,6 +130,10 @@ struct SearchParams {
   // Seed for sampling. Query i of a call uses the stream (seed, i), so a call
   // with a fixed seed is reproducible.
   uint64_t seed = 0;
+  // Polled between queries (and query chunks); when it returns true the
+  // search stops with CANCELLED (the caller's client went away or its
+  // deadline passed). Empty: never.
+  std::function<bool()> cancelled;
 };
 
 // Results for one query, ordered: the top-k part first (by descending score,

@@ -126,6 +126,14 @@ class StoreIndex : public Index {
     return 0;
   }
 
+  // CANCELLED when params.cancelled says so (search loops poll it).
+  static absl::Status CheckCancelled(const SearchParams& params) {
+    if (params.cancelled && params.cancelled()) {
+      return absl::CancelledError("the call was cancelled; its search stopped");
+    }
+    return absl::OkStatus();
+  }
+
   // The scoring-space view of the store (cosine: rows scaled by 1/||x||).
   PointSource Points() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 

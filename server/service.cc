@@ -568,8 +568,8 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetTargets(
 
 // ----------------------------------------------------------------- mining
 
-absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req,
-                                          v1::MineResponse* resp) {
+absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req, v1::MineResponse* resp,
+                                          std::function<bool()> cancelled) {
   resp->set_request_id(req.request_id());
   ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req.collection()));
   const IndexOptions& o = c->index->options();
@@ -587,6 +587,7 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req,
                      " queries; send none or one per query"));
   }
   ASSIGN_OR_RETURN(SearchParams params, ToSearchParams(req.params()));
+  params.cancelled = std::move(cancelled);
   if (req.params().k() > options_.max_k) {
     return absl::InvalidArgumentError(
         absl::StrCat("params.k = ", req.params().k(),
@@ -625,8 +626,9 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req,
 grpc::ServerUnaryReactor* NegativeMinerService::Mine(
     grpc::CallbackServerContext* ctx, const v1::MineRequest* req,
     v1::MineResponse* resp) {
-  return RunUnary(ctx, "Mine",
-                  [this, req, resp]() { return DoMine(*req, resp); });
+  return RunUnary(ctx, "Mine", [this, ctx, req, resp]() {
+    return DoMine(*req, resp, [ctx] { return ctx->IsCancelled(); });
+  });
 }
 
 // MineStream: each request is mined on the pool, one at a time per stream so
@@ -639,8 +641,8 @@ class MineStreamReactor final
  public:
   static constexpr size_t kMaxQueuedWrites = 8;
 
-  explicit MineStreamReactor(NegativeMinerService* service)
-      : service_(service), start_(Clock::now()) {
+  MineStreamReactor(NegativeMinerService* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), start_(Clock::now()) {
     absl::MutexLock lock(&mu_);
     read_outstanding_ = true;
     StartRead(&request_);
@@ -686,7 +688,9 @@ class MineStreamReactor final
     auto resp = std::make_unique<v1::MineResponse>();
     const Clock::time_point item_start = Clock::now();
     absl::Status status = !refused.ok()         ? refused
-                          : service_->ready()   ? service_->DoMine(request_, resp.get())
+                          : service_->ready()   ? service_->DoMine(request_, resp.get(), [this] {
+                                                    return ctx_->IsCancelled();
+                                                  })
                                                 : NotReady();
     if (!status.ok()) {
       resp->Clear();
@@ -733,6 +737,7 @@ class MineStreamReactor final
   }
 
   NegativeMinerService* service_;
+  grpc::CallbackServerContext* const ctx_;
   const Clock::time_point start_;
   absl::Mutex mu_;
   v1::MineRequest request_;  // written by the read, then read by Process
@@ -752,7 +757,7 @@ NegativeMinerService::MineStream(grpc::CallbackServerContext* ctx) {
     return new RejectingReactor<grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>>(
         ToGrpc(auth));
   }
-  return new MineStreamReactor(this);
+  return new MineStreamReactor(this, ctx);
 }
 
 // ------------------------------------------------------------------ drift

@@ -125,8 +125,9 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   void RefreshIndexMetrics();
 
   // The work of one mining request; shared by Mine and MineStream.
-  absl::Status DoMine(const v1::MineRequest& request,
-                      v1::MineResponse* response);
+  // `cancelled` stops the search early (the call was cancelled).
+  absl::Status DoMine(const v1::MineRequest& request, v1::MineResponse* response,
+                      std::function<bool()> cancelled);
   // The work of one upsert message; adds the rows applied to `*upserted`.
   absl::Status DoUpsert(const v1::UpsertTargetsRequest& request,
                         const std::string& stream_collection,

@@ -445,5 +445,26 @@ TEST(TreeTest, RejectsBadTreeOptions) {
                                        HasSubstr("tree.leaf_size = 1")));
 }
 
+// A search polls params.cancelled and stops with CANCELLED; before it is
+// cancelled, the same search answers.
+TEST(CancellationTest, BothIndexesStopWhenCancelled) {
+  Pair p = MakePair(8, Metric::kCosine);
+  const auto x = Clustered(500, 8, 3);
+  Upsert(p, Ids(500), x);
+  const auto q = Clustered(20, 8, 4);
+  int polls = 0;
+  for (Index* index : {p.tree.get(), p.exact.get()}) {
+    for (SearchParams sp : {SearchParams{.k = 5},
+                            SearchParams{.mode = MineMode::kSample, .sampler = Sampler::kExact,
+                                         .k = 5, .temperature = 0.5f}}) {
+      EXPECT_THAT(index->Search(q, {}, sp).status(), IsOk());
+      sp.cancelled = [&polls] { return ++polls > 0; };
+      EXPECT_THAT(index->Search(q, {}, sp),
+                  StatusIs(absl::StatusCode::kCancelled, HasSubstr("cancelled")));
+    }
+  }
+  EXPECT_GT(polls, 0);
+}
+
 }  // namespace
 }  // namespace negmine

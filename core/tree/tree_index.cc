@@ -773,6 +773,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
                                                         : 0;
   const size_t m = p.rank_offset + num_hard;
   if (m > 0) {
+    RETURN_IF_ERROR(CheckCancelled(p));
     std::vector<std::vector<Hit>> top = searcher.TopBatch(qs, m);
     for (size_t i = 0; i < n; ++i) {
       QueryResult& out = result.queries[i];
@@ -798,6 +799,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
     const size_t chunk = std::max<size_t>(1, (size_t{16} << 20) / std::max<size_t>(leaves.size(), 1));
     RowMatrix qm, dots;
     for (size_t b = 0; b < n; b += chunk) {
+      RETURN_IF_ERROR(CheckCancelled(p));
       const size_t c = std::min(chunk, n - b);
       qm.resize(c, dim);
       for (size_t i = 0; i < c; ++i) std::copy_n(qs[b + i].q.data(), dim, qm.row(i).data());
@@ -810,6 +812,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
     }
   } else if (num_samples > 0) {
     for (size_t i = 0; i < n; ++i) {
+      RETURN_IF_ERROR(CheckCancelled(p));
       Rng rng(p.seed, i);
       const size_t eligible = store_.size() - qs[i].excluded.size();
       searcher.SampleExact(qs[i], num_samples, eligible, rng, &result.queries[i]);
@@ -817,6 +820,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
   }
   if (p.want_log_z) {
     for (size_t i = 0; i < n; ++i) {
+      RETURN_IF_ERROR(CheckCancelled(p));
       QueryResult& out = result.queries[i];
       // log Z is over the eligible targets: exclusions and the rank window
       // out, the top part in.
