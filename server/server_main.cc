@@ -159,11 +159,16 @@ absl::Status LoadDefaultCollection(NegativeMinerService& service) {
   const auto start = std::chrono::steady_clock::now();
   DriftBench bench({.num_targets = n, .num_queries = 0, .dim = static_cast<int>(dim),
                     .seed = absl::GetFlag(FLAGS_generate_seed)});
-  std::vector<float> targets = bench.Targets(0);
-  WalEntry upsert{.op = WalOp::kUpsert, .collection = "default", .ids = std::vector<uint64_t>(n),
-                  .vectors = std::move(targets)};
-  for (uint64_t i = 0; i < n; ++i) upsert.ids[i] = i;
-  RETURN_IF_ERROR(service.Commit(upsert).status());
+  const std::vector<float> targets = bench.Targets(0);
+  // In chunks, so that no log record is huge (as a client's upsert stream).
+  constexpr uint64_t kChunk = 65536;
+  for (uint64_t begin = 0; begin < n; begin += kChunk) {
+    const uint64_t end = std::min(n, begin + kChunk);
+    WalEntry upsert{.op = WalOp::kUpsert, .collection = "default"};
+    for (uint64_t i = begin; i < end; ++i) upsert.ids.push_back(i);
+    upsert.vectors.assign(targets.begin() + begin * dim, targets.begin() + end * dim);
+    RETURN_IF_ERROR(service.Commit(upsert).status());
+  }
   Log(LogLevel::kInfo, "generated the default collection",
       {{"targets", std::to_string(n)},
        {"dim", std::to_string(dim)},
