@@ -671,19 +671,16 @@ absl::Status Run(int argc, char** argv) {
   // TLS and the bearer token.
   for (auto [flag, field] : {std::pair{"tls-ca", &options.tls_root_certs},
                              std::pair{"tls-cert", &options.tls_cert_chain},
-                             std::pair{"tls-key", &options.tls_private_key}}) {
+                             std::pair{"tls-key", &options.tls_private_key},
+                             std::pair{"token-file", &options.auth_token}}) {
     if (!a.Has(flag)) continue;
     std::ifstream in(a.Get(flag), std::ios::binary);
     if (!in) return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", a.Get(flag), ": cannot read it"));
     field->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
-  if (a.Has("token-file")) {
-    std::ifstream in(a.Get("token-file"), std::ios::binary);
-    if (!in) return absl::InvalidArgumentError(absl::StrCat("--token-file=", a.Get("token-file"), ": cannot read it"));
-    std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    options.auth_token = std::string(absl::StripAsciiWhitespace(token));
-  } else if (const char* t = std::getenv("NEGMINE_TOKEN")) {
-    options.auth_token = t;
+  options.auth_token = std::string(absl::StripAsciiWhitespace(options.auth_token));
+  if (!a.Has("token-file")) {
+    if (const char* t = std::getenv("NEGMINE_TOKEN")) options.auth_token = t;
   }
   auto client = Client::Connect(server, options);
   if (cmd == "health") return Health(*client, a);

@@ -31,11 +31,6 @@ absl::Status NotReady() {
 // metadata "retry-after-ms" on unary calls.
 constexpr int kRetryAfterMs = 100;
 
-absl::Status Unimplemented(const char* rpc, const char* what) {
-  return absl::UnimplementedError(
-      absl::StrCat(rpc, " is not available yet: it needs ", what));
-}
-
 }  // namespace
 
 const char* CodeName(grpc::StatusCode code) {
@@ -110,7 +105,14 @@ NegativeMinerService::~NegativeMinerService() {
   batch_jobs_.reset();  // cancels running assignments and waits for them
 }
 
-absl::Status NegativeMinerService::Authorize(const grpc::CallbackServerContext* ctx) const {
+absl::Status NegativeMinerService::Authorize(const grpc::CallbackServerContext* ctx,
+                                             const char* method) const {
+  absl::Status status = CheckToken(ctx);
+  if (!status.ok()) metrics_->ObserveRequest(method, CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+  return status;
+}
+
+absl::Status NegativeMinerService::CheckToken(const grpc::CallbackServerContext* ctx) const {
   if (options_.auth_token.empty()) return absl::OkStatus();
   const auto& md = ctx->client_metadata();
   auto it = md.find("authorization");
@@ -150,8 +152,7 @@ grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
     grpc::CallbackServerContext* ctx, const char* method, Work work) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const Clock::time_point start = Clock::now();
-  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
-    metrics_->ObserveRequest(method, CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+  if (absl::Status auth = Authorize(ctx, method); !auth.ok()) {
     reactor->Finish(ToGrpc(auth));
     return reactor;
   }
@@ -528,8 +529,7 @@ class UpsertReactor final
 grpc::ServerReadReactor<v1::UpsertTargetsRequest>*
 NegativeMinerService::UpsertTargets(grpc::CallbackServerContext* ctx,
                                     v1::UpsertTargetsResponse* resp) {
-  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
-    metrics_->ObserveRequest("UpsertTargets", CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+  if (absl::Status auth = Authorize(ctx, "UpsertTargets"); !auth.ok()) {
     return new RejectingReactor<grpc::ServerReadReactor<v1::UpsertTargetsRequest>>(ToGrpc(auth));
   }
   return new UpsertReactor(this, resp);
@@ -752,8 +752,7 @@ class MineStreamReactor final
 
 grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>*
 NegativeMinerService::MineStream(grpc::CallbackServerContext* ctx) {
-  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
-    metrics_->ObserveRequest("MineStream", CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+  if (absl::Status auth = Authorize(ctx, "MineStream"); !auth.ok()) {
     return new RejectingReactor<grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>>(
         ToGrpc(auth));
   }
@@ -835,8 +834,6 @@ grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
     return absl::OkStatus();
   });
 }
-
-// ------------------------------------------------- capabilities to come
 
 // ---------------------------------------------------------------- batches
 
@@ -977,8 +974,7 @@ class AssignBatchesReactor final
 grpc::ServerReadReactor<v1::AssignBatchesRequest>*
 NegativeMinerService::AssignBatches(grpc::CallbackServerContext* ctx,
                                     v1::AssignBatchesResponse* resp) {
-  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
-    metrics_->ObserveRequest("AssignBatches", CodeName(grpc::StatusCode::UNAUTHENTICATED), 0);
+  if (absl::Status auth = Authorize(ctx, "AssignBatches"); !auth.ok()) {
     return new RejectingReactor<grpc::ServerReadReactor<v1::AssignBatchesRequest>>(ToGrpc(auth));
   }
   return new AssignBatchesReactor(this, resp);

@@ -141,8 +141,9 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   const ServiceOptions& options() const { return options_; }
   Metrics& metrics() { return *metrics_; }
   bool ready() const { return ready_.load(); }
-  // OK, or UNAUTHENTICATED when a token is required and `ctx` lacks it.
-  absl::Status Authorize(const grpc::CallbackServerContext* ctx) const;
+  // OK, or UNAUTHENTICATED (counted in the metrics under `method`) when a
+  // token is required and `ctx` lacks it.
+  absl::Status Authorize(const grpc::CallbackServerContext* ctx, const char* method) const;
 
   // --- negmine.v1.NegativeMiner ---
   grpc::ServerUnaryReactor* CreateCollection(
@@ -195,6 +196,7 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
                                      const char* method, Work work);
 
   void FillInfo(const Collection& c, v1::CollectionInfo* info) const;
+  absl::Status CheckToken(const grpc::CallbackServerContext* ctx) const;
   // Commit's work: applies `entry`; when `log`, appends its record, sets
   // *offset to the record's end and *writer to the log.
   absl::StatusOr<CommitResult> Apply(const WalEntry& entry, bool log, uint64_t* offset,
