@@ -40,7 +40,7 @@ usage: negmine [--server HOST:PORT] COMMAND [options]
 
 commands:
   create   --collection C --dim D [--metric cosine|inner_product]
-           [--backend auto|cpu|cuda] [--index tree|exact]
+           [--backend auto|cpu|cuda] [--device-dtype float32|float16|bfloat16] [--index tree|exact]
            [--leaf-size L] [--branching B]
            [--landmarks M] [--rebase-residual R] [--rebase-every S]
   list
@@ -231,6 +231,11 @@ absl::Status Create(Client& c, const Args& a) {
   else if (backend == "cpu") config.set_backend(v1::BACKEND_CPU);
   else if (backend == "cuda") config.set_backend(v1::BACKEND_CUDA);
   else return absl::InvalidArgumentError(absl::StrCat("--backend = '", backend, "': use auto, cpu or cuda"));
+  const std::string dtype = a.Get("device-dtype", "float32");
+  if (dtype == "float32") config.set_device_dtype(v1::DTYPE_FLOAT32);
+  else if (dtype == "float16") config.set_device_dtype(v1::DTYPE_FLOAT16);
+  else if (dtype == "bfloat16") config.set_device_dtype(v1::DTYPE_BFLOAT16);
+  else return absl::InvalidArgumentError(absl::StrCat("--device-dtype = '", dtype, "': use float32, float16 or bfloat16"));
   const std::string index = a.Get("index", "tree");
   if (index == "exact") config.set_index_kind(v1::INDEX_KIND_EXACT);
   else if (index == "tree") config.set_index_kind(v1::INDEX_KIND_TREE);

@@ -23,6 +23,15 @@ const char* BackendName(Backend b) {
   return "?";
 }
 
+const char* DeviceDtypeName(DeviceDtype t) {
+  switch (t) {
+    case DeviceDtype::kFloat32: return "float32";
+    case DeviceDtype::kFloat16: return "float16";
+    case DeviceDtype::kBFloat16: return "bfloat16";
+  }
+  return "?";
+}
+
 const char* IndexKindName(IndexKind k) {
   return k == IndexKind::kTree ? "tree" : "exact";
 }
@@ -96,19 +105,33 @@ absl::StatusOr<std::unique_ptr<Index>> CreateIndex(const IndexOptions& options) 
     if (!CudaBuilt()) {
       return absl::UnimplementedError(
           "backend 'cuda' was not built into this binary (configure with "
-          "-DNEGMINE_CUDA=ON)");
+          "-DNEGMINE_CUDA=ON where nvcc is installed)");
     }
     if (CudaDeviceCount() == 0) {
       return absl::FailedPreconditionError(
-          "backend 'cuda' requested but no CUDA device is visible");
+          "backend 'cuda' requested but no CUDA device is visible (check the "
+          "driver and CUDA_VISIBLE_DEVICES, or use backend 'cpu' or 'auto')");
     }
-    return absl::UnimplementedError(
-        "backend 'cuda' has no index yet (the GPU-resident backend, issue "
-        "#9); use 'cpu' or 'auto'");
   }
-  // kAuto and kCpu: the CPU index (kAuto moves to CUDA when it exists).
-  if (options.kind == IndexKind::kTree) return std::make_unique<TreeIndex>(options);
-  return std::make_unique<ExactIndex>(options);
+  std::unique_ptr<StoreIndex> index;
+  if (options.kind == IndexKind::kTree) {
+    index = std::make_unique<TreeIndex>(options);
+  } else {
+    index = std::make_unique<ExactIndex>(options);
+  }
+  const bool want_cuda = options.backend == Backend::kCuda ||
+                         (options.backend == Backend::kAuto && CudaBuilt() &&
+                          CudaDeviceCount() > 0);
+  if (want_cuda) {
+    absl::StatusOr<std::unique_ptr<DeviceMirror>> device =
+        DeviceMirror::Create(options.dim, options.device_dtype);
+    if (device.ok()) {
+      index->AttachDevice(*std::move(device));
+    } else if (options.backend == Backend::kCuda) {
+      return device.status();
+    }  // kAuto: the CPU serves (active_backend() says which)
+  }
+  return index;
 }
 
 }  // namespace negmine

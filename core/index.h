@@ -46,6 +46,11 @@ enum class Metric { kInnerProduct, kCosine };
 // present, and the CPU otherwise.
 enum class Backend { kAuto, kCpu, kCuda };
 
+// How the CUDA backend stores the scoring vectors on the device: float32, or
+// 16-bit (half the memory and bandwidth, tensor cores; scores then carry
+// about 3 significant digits, bfloat16 about 2). The host copy is float32.
+enum class DeviceDtype { kFloat32, kFloat16, kBFloat16 };
+
 // Which index structure. kExact is brute force: the oracle. kTree is the
 // dynamic ball tree (core/tree/), the default of a collection.
 enum class IndexKind { kExact, kTree };
@@ -64,12 +69,15 @@ enum class Sampler {
 const char* MetricName(Metric m);
 const char* BackendName(Backend b);
 const char* IndexKindName(IndexKind k);
+const char* DeviceDtypeName(DeviceDtype t);
 
 struct IndexOptions {
   // Number of components per vector. Must be in [1, kMaxDim].
   int dim = 0;
   Metric metric = Metric::kInnerProduct;
   Backend backend = Backend::kAuto;
+  // Backend kCuda (or kAuto on a GPU) only.
+  DeviceDtype device_dtype = DeviceDtype::kFloat32;
   IndexKind kind = IndexKind::kExact;
   // Reserve room for this many targets up front (a hint, not a limit).
   size_t initial_capacity = 0;
@@ -243,7 +251,8 @@ struct DriftSummary {
 struct IndexStats {
   size_t num_targets = 0;
   size_t capacity_rows = 0;
-  size_t memory_bytes = 0;
+  size_t memory_bytes = 0;         // host
+  size_t device_memory_bytes = 0;  // GPU (CUDA backend)
   uint64_t version = 0;
 };
 
@@ -252,6 +261,8 @@ class Index {
   virtual ~Index() = default;
 
   virtual const IndexOptions& options() const = 0;
+  // Where searches run: kCpu or kCuda (kAuto resolved at creation).
+  virtual Backend active_backend() const { return Backend::kCpu; }
   virtual IndexStats Stats() const = 0;
   // The tree's shape, for a tree index; O(N) (it measures looseness).
   virtual std::optional<TreeSummary> TreeInfo() const { return std::nullopt; }

@@ -19,12 +19,18 @@ StoreIndex::StoreIndex(const IndexOptions& options)
 
 IndexStats StoreIndex::Stats() const {
   absl::ReaderMutexLock lock(&mu_);
+  size_t device_bytes = 0;
+  if (device_) {
+    absl::MutexLock device_lock(&device_mu_);
+    device_bytes = device_->MemoryBytes();
+  }
   return {.num_targets = store_.size(),
           .capacity_rows = store_.num_rows(),
           .memory_bytes = store_.MemoryBytes() +
                           (inv_norms_.capacity() + served_.capacity() +
                            frame_.capacity()) * sizeof(float) +
                           ExtraMemoryLocked(),
+          .device_memory_bytes = device_bytes,
           .version = version_};
 }
 
@@ -69,6 +75,12 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
   }
 
   absl::MutexLock write_lock(&write_mu_);
+  if (device_) {
+    // Room on the device first, so that running out of GPU memory changes
+    // nothing (RESOURCE_EXHAUSTED).
+    absl::MutexLock device_lock(&device_mu_);
+    RETURN_IF_ERROR(device_->Reserve(store_.num_rows() + ids.size()));
+  }
   // Once drift is active: the new rows' frame and served vectors, and their
   // offsets (see the header).
   std::vector<float> frame_rows, served_rows, offset_rows;
@@ -116,6 +128,8 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
     }
   }
   OnUpsertLocked(inserted, updated);
+  MarkDeviceRows(inserted);
+  MarkDeviceRows(updated);
   ++version_;
   return absl::OkStatus();
 }
@@ -142,6 +156,7 @@ absl::StatusOr<size_t> StoreIndex::Delete(absl::Span<const uint64_t> ids,
   }
   if (!rows.empty()) {
     OnDeleteLocked(rows);
+    MarkDeviceRows(rows);
     ++version_;
   }
   return rows.size();
@@ -182,6 +197,11 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
   RETURN_IF_ERROR(CheckFinite(queries, dim, "queries"));
   absl::ReaderMutexLock lock(&mu_);
   RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
+  if (device_) {
+    std::optional<absl::StatusOr<SearchResult>> r =
+        DeviceSearchLocked(queries, n, exclude, params);
+    if (r.has_value()) return *std::move(r);
+  }
   return SearchLocked(queries, n, exclude, params);
 }
 
@@ -390,6 +410,7 @@ void StoreIndex::InstallServed(std::vector<float> served) {
   served_.swap(served);
   drift_active_ = true;
   OnDriftLocked();
+  MarkDeviceAll();
   ++version_;
 }
 
@@ -793,7 +814,182 @@ absl::Status StoreIndex::Restore(std::string_view snapshot) {
         "an index snapshot of ", snapshot.size(),
         " bytes does not parse: its structure part is damaged or does not fit"));
   }
+  MarkDeviceAll();
   return absl::OkStatus();
+}
+
+}  // namespace negmine
+
+// ------------------------------------------------------------------ device
+
+namespace negmine {
+
+void StoreIndex::MarkDeviceRows(absl::Span<const uint32_t> rows) {
+  if (!device_ || rows.empty()) return;
+  absl::MutexLock lock(&device_mu_);
+  device_dirty_.insert(device_dirty_.end(), rows.begin(), rows.end());
+}
+
+void StoreIndex::MarkDeviceAll() {
+  if (!device_) return;
+  absl::MutexLock lock(&device_mu_);
+  device_all_dirty_ = true;
+  device_dirty_.clear();
+}
+
+absl::Status StoreIndex::SyncDeviceLocked() const {
+  const size_t rows = store_.num_rows();
+  const bool all = device_all_dirty_;
+  if (all) {
+    RETURN_IF_ERROR(device_->SetAll(Points(), rows, store_.live_flags()));
+    device_all_dirty_ = false;
+    device_dirty_.clear();
+  } else if (!device_dirty_.empty()) {
+    std::sort(device_dirty_.begin(), device_dirty_.end());
+    device_dirty_.erase(std::unique(device_dirty_.begin(), device_dirty_.end()),
+                        device_dirty_.end());
+    RETURN_IF_ERROR(device_->Reserve(rows));
+    RETURN_IF_ERROR(device_->SetRows(Points(), device_dirty_, store_.live_flags()));
+    device_dirty_.clear();
+  }
+  device_->SetNumRows(rows);
+  return SyncDeviceTreeLocked(*device_, all);
+}
+
+std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
+    absl::Span<const float> queries, size_t n,
+    absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const {
+  const bool sampling = params.mode != MineMode::kTopK;
+  if (sampling && params.with_replacement) return std::nullopt;  // host only
+  const bool beam = !sampling && params.approximate && options_.kind == IndexKind::kTree;
+  const size_t num_hard = params.mode == MineMode::kTopK    ? params.k
+                          : params.mode == MineMode::kMixed ? params.num_hard
+                                                            : 0;
+  const size_t num_samples = sampling ? params.k - num_hard : 0;
+  size_t max_exclude = 0;
+  for (const auto& e : exclude) max_exclude = std::max(max_exclude, e.size());
+  const size_t num_top = params.rank_offset + num_hard;
+  // Exclusions are masked on the device in a scan; a beam asks for more.
+  if (num_top + (beam ? max_exclude : 0) > size_t{DeviceMirror::kMaxK} ||
+      num_samples > size_t{DeviceMirror::kMaxK}) {
+    return std::nullopt;
+  }
+
+  const int dim = options_.dim;
+  std::vector<float> q(queries.begin(), queries.end());
+  if (options_.metric == Metric::kCosine) NormalizeRows(q.data(), n, dim);
+  // Excluded rows per query (CSR), and their ids for the beam's filter.
+  DeviceMirror::ScanParams scan;
+  scan.inv_tau = static_cast<float>(1.0 / params.temperature);
+  scan.seed = Mix64(params.seed);
+  // Per query: the rows excluded by the caller, then the rank window's;
+  // and the top part (MIXED's hard results, excluded from its samples).
+  std::vector<std::vector<uint32_t>> excluded(n), hard(n);
+  for (size_t i = 0; i < exclude.size(); ++i) {
+    for (uint64_t id : exclude[i]) {
+      if (std::optional<size_t> row = store_.Row(id)) {
+        excluded[i].push_back(static_cast<uint32_t>(*row));
+      }
+    }
+  }
+  auto set_exclusions = [&](DeviceMirror::ScanParams* p, bool with_hard) {
+    p->exclude_offsets.assign(1, 0);
+    p->exclude_rows.clear();
+    for (size_t i = 0; i < n; ++i) {
+      p->exclude_rows.insert(p->exclude_rows.end(), excluded[i].begin(), excluded[i].end());
+      if (with_hard) p->exclude_rows.insert(p->exclude_rows.end(), hard[i].begin(), hard[i].end());
+      p->exclude_offsets.push_back(static_cast<uint32_t>(p->exclude_rows.size()));
+    }
+  };
+  auto by_score = [&](const DeviceHit& a, const DeviceHit& b) {
+    return a.score > b.score || (a.score == b.score && store_.id(a.row) < store_.id(b.row));
+  };
+  auto by_key = [&](const DeviceHit& a, const DeviceHit& b) {
+    return a.key > b.key || (a.key == b.key && store_.id(a.row) < store_.id(b.row));
+  };
+
+  absl::MutexLock device_lock(&device_mu_);
+  if (absl::Status s = SyncDeviceLocked(); !s.ok()) return s;
+  if (absl::Status s = CheckCancelled(params); !s.ok()) return s;
+  SearchResult result;
+  result.index_version = version_;
+  result.queries.resize(n);
+  std::vector<std::vector<DeviceHit>> hits;
+
+  // 1. The top part: rank window + hard results.
+  if (num_top > 0) {
+    absl::Status s;
+    if (beam) {
+      const int width = params.beam_width > 0 ? params.beam_width : 128;
+      s = device_->Beam(q, n, width, static_cast<int>(num_top + max_exclude), &hits);
+    } else {
+      DeviceMirror::ScanParams p = scan;
+      p.k = static_cast<int>(num_top);
+      if (!exclude.empty()) set_exclusions(&p, false);
+      s = device_->Scan(q, n, p, &hits, nullptr);
+    }
+    if (!s.ok()) return s;
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<DeviceHit>& h = hits[i];
+      if (beam && !excluded[i].empty()) {
+        absl::flat_hash_set<uint32_t> drop(excluded[i].begin(), excluded[i].end());
+        h.erase(std::remove_if(h.begin(), h.end(),
+                               [&](const DeviceHit& x) { return drop.contains(x.row); }),
+                h.end());
+      }
+      std::sort(h.begin(), h.end(), by_score);
+      if (h.size() > num_top) h.resize(num_top);
+      QueryResult& out = result.queries[i];
+      const size_t skipped = std::min<size_t>(params.rank_offset, h.size());
+      for (size_t j = skipped; j < h.size(); ++j) {
+        out.ids.push_back(store_.id(h[j].row));
+        out.scores.push_back(h[j].score);
+        out.log_q.push_back(0.0f);
+      }
+      out.num_top = static_cast<int>(out.ids.size());
+      for (size_t j = 0; j < skipped; ++j) excluded[i].push_back(h[j].row);
+      for (size_t j = skipped; j < h.size(); ++j) hard[i].push_back(h[j].row);
+    }
+  }
+  if (absl::Status s = CheckCancelled(params); !s.ok()) return s;
+
+  // 2. log Z over the eligible rows (the rank window excluded), when asked
+  // for and not given by the sampling pass below.
+  std::vector<double> log_z;
+  const bool own_log_z_pass = params.want_log_z && (num_samples == 0 || num_hard > 0);
+  if (own_log_z_pass) {
+    DeviceMirror::ScanParams p = scan;
+    p.k = 1;
+    p.want_log_z = true;
+    set_exclusions(&p, false);
+    std::vector<std::vector<DeviceHit>> unused;
+    if (absl::Status s = device_->Scan(q, n, p, &unused, &log_z); !s.ok()) return s;
+    for (size_t i = 0; i < n; ++i) {
+      result.queries[i].log_z_lo = result.queries[i].log_z_hi = log_z[i];
+    }
+  }
+
+  // 3. Samples: Gumbel-top-k over the rest, with log Z for log q.
+  if (num_samples > 0) {
+    DeviceMirror::ScanParams p = scan;
+    p.k = static_cast<int>(num_samples);
+    p.gumbel = true;
+    p.want_log_z = true;
+    set_exclusions(&p, true);
+    if (absl::Status s = device_->Scan(q, n, p, &hits, &log_z); !s.ok()) return s;
+    for (size_t i = 0; i < n; ++i) {
+      QueryResult& out = result.queries[i];
+      if (params.want_log_z && !own_log_z_pass) out.log_z_lo = out.log_z_hi = log_z[i];
+      std::vector<DeviceHit>& h = hits[i];
+      std::sort(h.begin(), h.end(), by_key);  // draw order
+      for (const DeviceHit& x : h) {
+        out.ids.push_back(store_.id(x.row));
+        out.scores.push_back(x.score);
+        out.log_q.push_back(static_cast<float>(x.score * double{scan.inv_tau} - log_z[i]));
+      }
+    }
+  }
+  return result;
 }
 
 }  // namespace negmine

@@ -37,6 +37,15 @@
 // Memory: once drift is active, frame_ and served_ add 2 x dim floats per
 // row to the stored vectors.
 //
+// Backend kCuda: a DeviceMirror (core/cuda/device_mirror.h) holds a copy of
+// the scoring vectors on the GPU (and, for a tree, its leaf level). Writes
+// mark rows dirty; the next search uploads them. Search runs on the device
+// what the device does (exact top-k, approximate top-k of a tree, sampling
+// without replacement by Gumbel-top-k, MIXED, the rank window, exclusions,
+// log Z) and the rest on the host: sampling with replacement, and a tree's
+// proposal and rejection samplers (on a GPU collection both sampler kinds
+// draw exactly from the softmax by Gumbel-top-k, a full scan).
+//
 // Thread safety: as the Index contract. Writers (Upsert, Delete, GetLandmarks,
 // ApplyDrift, a subclass installing a rebuild) first take `write_mu_`, so they
 // run one at a time; state only writers read (frame_, offsets_, the drift
@@ -49,10 +58,12 @@
 
 #include <deque>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "core/cuda/device_mirror.h"
 #include "core/drift/drift.h"
 #include "core/index.h"
 #include "core/store/embedding_store.h"
@@ -80,8 +91,16 @@ class StoreIndex : public Index {
   DriftSummary DriftInfo() const override;
   absl::StatusOr<std::string> Snapshot() const override;
   absl::Status Restore(std::string_view snapshot) override;
+  Backend active_backend() const override {
+    return device_ ? Backend::kCuda : Backend::kCpu;
+  }
+  // Makes this a CUDA index (called once, by CreateIndex, before use).
+  void AttachDevice(std::unique_ptr<DeviceMirror> device) {
+    device_ = std::move(device);
+  }
   // Checks the queries' shape and values and the params against the
-  // collection, then runs SearchLocked under the reader lock.
+  // collection, then runs the search on the device when it can, otherwise
+  // SearchLocked under the reader lock.
   absl::StatusOr<SearchResult> Search(
       absl::Span<const float> queries,
       absl::Span<const std::vector<uint64_t>> exclude,
@@ -121,6 +140,12 @@ class StoreIndex : public Index {
   }
   // After a drift re-base (the scoring vectors did not change).
   virtual void OnRebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {}
+  // Uploads the tree's leaf level to `device` when it changed since the last
+  // upload (or `force`). Runs under the reader lock and device_mu_.
+  virtual absl::Status SyncDeviceTreeLocked(DeviceMirror& /*device*/, bool /*force*/) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(device_mu_) {
+    return absl::OkStatus();
+  }
   // Bytes held beyond the store.
   virtual size_t ExtraMemoryLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return 0;
@@ -145,8 +170,23 @@ class StoreIndex : public Index {
   // Cosine only: 1 / ||x(row)||, per row.
   std::vector<float> inv_norms_ ABSL_GUARDED_BY(mu_);
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  // Serializes the use of device_ (one stream), after mu_.
+  mutable absl::Mutex device_mu_ ABSL_ACQUIRED_AFTER(mu_);
 
  private:
+  // Marks rows (or all rows) for upload to the device; a no-op on the CPU.
+  void MarkDeviceRows(absl::Span<const uint32_t> rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MarkDeviceAll() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Uploads what changed since the last search.
+  absl::Status SyncDeviceLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(device_mu_);
+  // The search on the device; nullopt when `params` asks for what only the
+  // host does.
+  std::optional<absl::StatusOr<SearchResult>> DeviceSearchLocked(
+      absl::Span<const float> queries, size_t n,
+      absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
   static constexpr size_t kHistory = 64;
 
   // The landmarks' count for this collection and size.
@@ -202,6 +242,10 @@ class StoreIndex : public Index {
   std::deque<std::pair<int64_t, std::shared_ptr<const DriftModel>>> history_
       ABSL_GUARDED_BY(write_mu_);
   DriftSummary drift_summary_ ABSL_GUARDED_BY(mu_);
+
+  std::unique_ptr<DeviceMirror> device_;
+  mutable std::vector<uint32_t> device_dirty_ ABSL_GUARDED_BY(device_mu_);
+  mutable bool device_all_dirty_ ABSL_GUARDED_BY(device_mu_) = true;
 };
 
 }  // namespace negmine

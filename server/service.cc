@@ -196,6 +196,10 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
   CommitResult out;
   if (e.op == WalOp::kCreateCollection) {
     ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(e.options));
+    Log(LogLevel::kInfo, "collection index",
+        {{"collection", e.collection},
+         {"backend", BackendName(index->active_backend())},
+         {"requested", BackendName(e.options.backend)}});
     out.collection = std::make_shared<Collection>();
     out.collection->name = e.collection;
     out.collection->index = std::move(index);
@@ -391,8 +395,9 @@ void NegativeMinerService::FillInfo(const Collection& c,
   info->set_num_targets(stats.num_targets);
   info->set_index_version(stats.version);
   info->set_memory_bytes(stats.memory_bytes);
-  // Every index today runs on the CPU (kAuto resolves to it).
-  info->set_active_backend(v1::BACKEND_CPU);
+  info->set_active_backend(c.index->active_backend() == Backend::kCuda ? v1::BACKEND_CUDA
+                                                                        : v1::BACKEND_CPU);
+  info->set_device_memory_bytes(stats.device_memory_bytes);
 }
 
 // ------------------------------------------------------------ collections

@@ -142,6 +142,15 @@ absl::StatusOr<IndexOptions> ToIndexOptions(const v1::CollectionConfig& c) {
       return absl::InvalidArgumentError(
           absl::StrCat("config.backend = ", c.backend(), " is not a Backend"));
   }
+  switch (c.device_dtype()) {
+    case v1::DTYPE_UNSPECIFIED:
+    case v1::DTYPE_FLOAT32: o.device_dtype = DeviceDtype::kFloat32; break;
+    case v1::DTYPE_FLOAT16: o.device_dtype = DeviceDtype::kFloat16; break;
+    case v1::DTYPE_BFLOAT16: o.device_dtype = DeviceDtype::kBFloat16; break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("config.device_dtype = ", c.device_dtype(), " is not a DType"));
+  }
   switch (c.index_kind()) {
     case v1::INDEX_KIND_EXACT: o.kind = IndexKind::kExact; break;
     case v1::INDEX_KIND_UNSPECIFIED:
@@ -182,6 +191,9 @@ void ToWireConfig(const std::string& name, const IndexOptions& o,
   out->set_backend(o.backend == Backend::kCuda  ? v1::BACKEND_CUDA
                    : o.backend == Backend::kCpu ? v1::BACKEND_CPU
                                                 : v1::BACKEND_AUTO);
+  out->set_device_dtype(o.device_dtype == DeviceDtype::kFloat16    ? v1::DTYPE_FLOAT16
+                        : o.device_dtype == DeviceDtype::kBFloat16 ? v1::DTYPE_BFLOAT16
+                                                                   : v1::DTYPE_FLOAT32);
   out->set_index_kind(o.kind == IndexKind::kTree ? v1::INDEX_KIND_TREE
                                                  : v1::INDEX_KIND_EXACT);
   if (o.kind == IndexKind::kTree) {

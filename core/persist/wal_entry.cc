@@ -15,7 +15,10 @@ constexpr uint8_t kVersion = 1;
 void EncodeIndexOptions(const IndexOptions& o, ByteWriter& w) {
   w.Put<int32_t>(o.dim);
   w.Put<uint8_t>(static_cast<uint8_t>(o.metric));
-  w.Put<uint8_t>(static_cast<uint8_t>(o.backend));
+  // The backend in the low 4 bits, the device dtype in the high 4 (files
+  // written before the dtype existed hold 0 there: float32).
+  w.Put<uint8_t>(static_cast<uint8_t>(static_cast<uint8_t>(o.backend) |
+                                      (static_cast<uint8_t>(o.device_dtype) << 4)));
   w.Put<uint8_t>(static_cast<uint8_t>(o.kind));
   w.Put<uint64_t>(o.initial_capacity);
   w.Put<int32_t>(o.tree.leaf_size);
@@ -34,9 +37,11 @@ bool DecodeIndexOptions(ByteReader& r, IndexOptions* o) {
                   r.Get(&o->tree.branching) && r.Get(&rebuild) &&
                   r.Get(&o->drift.num_landmarks) && r.Get(&o->drift.rebase_residual) &&
                   r.Get(&o->drift.rebase_every_steps) && r.Get(&o->drift.seed) &&
-                  metric <= 1 && backend <= 2 && kind <= 1 && rebuild <= 1;
+                  metric <= 1 && (backend & 15) <= 2 && (backend >> 4) <= 2 &&
+                  kind <= 1 && rebuild <= 1;
   o->metric = static_cast<Metric>(metric);
-  o->backend = static_cast<Backend>(backend);
+  o->backend = static_cast<Backend>(backend & 15);
+  o->device_dtype = static_cast<DeviceDtype>(backend >> 4);
   o->kind = static_cast<IndexKind>(kind);
   o->tree.background_rebuild = rebuild != 0;
   return ok;

@@ -49,6 +49,7 @@
 #include <atomic>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -94,6 +95,10 @@ class TreeIndex final : public StoreIndex {
   // A drift re-base: a fresh tree over the new frame, in the background.
   void OnRebase() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The leaf level (centers, radii, members) to the device after any write,
+  // drift update or rebuild since the last upload.
+  absl::Status SyncDeviceTreeLocked(DeviceMirror& device, bool force) const override
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(device_mu_);
 
  private:
   struct Query;
@@ -128,6 +133,9 @@ class TreeIndex final : public StoreIndex {
   double last_rebuild_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   mutable std::atomic<double> visits_per_query_{0};
   mutable std::atomic<uint64_t> sampler_proposals_{0}, sampler_accepted_{0};
+
+  // (version_, rebuilds_) when the leaves were last uploaded to the device.
+  mutable std::pair<uint64_t, uint64_t> device_stamp_ ABSL_GUARDED_BY(device_mu_){~0ull, ~0ull};
 
   mutable absl::Mutex rebuild_mu_;
   bool rebuild_requested_ ABSL_GUARDED_BY(rebuild_mu_) = false;

@@ -1,0 +1,1013 @@
+// The CUDA implementation of DeviceMirror (see the header for the layout and
+// the algorithms). Comments here say why.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "core/cuda/device.h"
+#include "core/cuda/device_mirror.h"
+#include "core/status.h"
+#include "core/tree/tree.h"
+
+namespace negmine {
+namespace {
+
+// The one CUDA check: out of memory is RESOURCE_EXHAUSTED, the rest INTERNAL.
+absl::Status CudaStatus(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  cudaGetLastError();  // clear a non-sticky error so the next call is clean
+  if (e == cudaErrorMemoryAllocation) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("out of GPU memory (", what, ")"));
+  }
+  return absl::InternalError(absl::StrCat("CUDA error ", cudaGetErrorName(e),
+                                          " (", cudaGetErrorString(e), ") in ",
+                                          what));
+}
+
+absl::Status CublasStatus(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  if (s == CUBLAS_STATUS_ALLOC_FAILED) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("out of GPU memory (", what, ")"));
+  }
+  return absl::InternalError(
+      absl::StrCat("cuBLAS error ", static_cast<int>(s), " in ", what));
+}
+
+#define CUDA_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(CudaStatus((expr), #expr))
+#define CUBLAS_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(CublasStatus((expr), #expr))
+
+// Makes `device` current for the scope and restores the caller's device.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    cudaGetDevice(&previous_);
+    if (previous_ != device) cudaSetDevice(device);
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+// A device allocation that knows its size; Grow keeps the content.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { cudaFree(ptr_); }
+
+  // At least `bytes`; the old content is lost. On failure, unchanged.
+  absl::Status Ensure(size_t bytes) {
+    if (bytes <= bytes_) return absl::OkStatus();
+    void* p = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&p, bytes));
+    cudaFree(ptr_);
+    ptr_ = p;
+    bytes_ = bytes;
+    return absl::OkStatus();
+  }
+  // At least `bytes`, keeping the first `keep` bytes. On failure, unchanged.
+  absl::Status Grow(size_t bytes, size_t keep, cudaStream_t stream) {
+    if (bytes <= bytes_) return absl::OkStatus();
+    void* p = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&p, bytes));
+    if (keep > 0) {
+      const cudaError_t e = cudaMemcpyAsync(p, ptr_, keep, cudaMemcpyDeviceToDevice, stream);
+      if (e == cudaSuccess) cudaStreamSynchronize(stream);
+      if (e != cudaSuccess) {
+        cudaFree(p);
+        return CudaStatus(e, "copying a grown buffer");
+      }
+    }
+    cudaFree(ptr_);
+    ptr_ = p;
+    bytes_ = bytes;
+    return absl::OkStatus();
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 16;
+constexpr int kSegment = kThreads * kPerThread;  // scores per selection block
+constexpr uint32_t kNoRow = 0xffffffffu;
+// Floats in one GEMM's score block (1 GiB).
+constexpr size_t kScoreBudget = size_t{256} << 20;
+// Candidate hits held for one beam group (768 MiB).
+constexpr size_t kBeamBudget = size_t{64} << 20;
+// Bytes of the pinned staging buffer.
+constexpr size_t kStagingBytes = size_t{32} << 20;
+constexpr int kMaxQueryGroup = 16384;
+
+// ------------------------------------------------------------ element types
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr cudaDataType_t kCuda = CUDA_R_32F;
+  __device__ static float From(float x) { return x; }
+  // 8 consecutive elements (32 bytes) dotted with q[0..8).
+  __device__ static float Dot8(const float* x, const float* q) {
+    const float4 a = reinterpret_cast<const float4*>(x)[0];
+    const float4 b = reinterpret_cast<const float4*>(x)[1];
+    return a.x * q[0] + a.y * q[1] + a.z * q[2] + a.w * q[3] + b.x * q[4] +
+           b.y * q[5] + b.z * q[6] + b.w * q[7];
+  }
+};
+template <>
+struct Elem<__half> {
+  static constexpr cudaDataType_t kCuda = CUDA_R_16F;
+  __device__ static __half From(float x) { return __float2half_rn(x); }
+  __device__ static float Dot8(const __half* x, const float* q) {
+    const uint4 v = *reinterpret_cast<const uint4*>(x);  // one 16-byte load
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+    float s = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      s += f.x * q[2 * i] + f.y * q[2 * i + 1];
+    }
+    return s;
+  }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr cudaDataType_t kCuda = CUDA_R_16BF;
+  __device__ static __nv_bfloat16 From(float x) { return __float2bfloat16_rn(x); }
+  __device__ static float Dot8(const __nv_bfloat16* x, const float* q) {
+    const uint4 v = *reinterpret_cast<const uint4*>(x);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    float s = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      s += f.x * q[2 * i] + f.y * q[2 * i + 1];
+    }
+    return s;
+  }
+};
+
+// ------------------------------------------------------------------ kernels
+
+// dst[row(i) * stride + j] = src[i * dim + j] (0 for j >= dim), row(i) =
+// rows ? rows[i] : first + i; and live flags likewise when given.
+template <typename T>
+__global__ void ScatterRowsKernel(const float* src, const uint32_t* rows,
+                                  size_t first, size_t count, int dim,
+                                  int stride, T* dst, const uint8_t* live_src,
+                                  uint8_t* live_dst) {
+  const size_t total = count * stride;
+  for (size_t e = blockIdx.x * size_t{blockDim.x} + threadIdx.x; e < total;
+       e += size_t{gridDim.x} * blockDim.x) {
+    const size_t i = e / stride;
+    const int j = static_cast<int>(e % stride);
+    const size_t row = rows ? rows[i] : first + i;
+    dst[row * stride + j] = Elem<T>::From(j < dim ? src[i * dim + j] : 0.0f);
+    if (live_src != nullptr && j == 0) live_dst[row] = live_src[i];
+  }
+}
+
+// Excluded rows of each query score -inf in the chunk [begin, begin + count).
+__global__ void MaskExcludedKernel(float* scores, size_t ld, size_t begin,
+                                   size_t count, const uint32_t* offsets,
+                                   const uint32_t* rows, uint32_t query_base) {
+  const uint32_t q = blockIdx.x;
+  const uint32_t lo = offsets[query_base + q], hi = offsets[query_base + q + 1];
+  for (uint32_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const size_t r = rows[i];
+    if (r >= begin && r < begin + count) {
+      scores[q * ld + (r - begin)] = -INFINITY;
+    }
+  }
+}
+
+__device__ __forceinline__ uint64_t Mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// Standard Gumbel noise, a pure function of (seed, query, row): the same
+// draw whatever the chunking. 24-bit uniforms: the noise is capped near 17,
+// a tail of probability 3e-8.
+__device__ __forceinline__ float Gumbel(uint64_t seed, uint32_t query,
+                                        uint32_t row) {
+  const uint64_t h =
+      Mix64(seed ^ Mix64((uint64_t{query} << 32) | row));
+  const float u = (static_cast<float>(h >> 40) + 0.5f) * 0x1p-24f;
+  return -__logf(-__logf(u));
+}
+
+// A float's bits, reordered so that unsigned order is float order; 0 is
+// kept for "no value" (no finite float maps to it).
+__device__ __forceinline__ uint32_t OrderedKey(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The inverse of OrderedKey.
+__device__ __forceinline__ float KeyToFloat(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+enum SelectMode { kScores = 0, kGumbel = 1, kLeafBounds = 2, kHits = 3 };
+
+struct SelectArgs {
+  // kScores / kGumbel / kLeafBounds: scores[q * ld + i], i < count; the row
+  // of i is row_base + i (for leaves: the leaf).
+  const float* scores;
+  size_t ld;
+  size_t count;
+  uint32_t row_base;
+  const uint8_t* live;  // kScores / kGumbel
+  float inv_tau;
+  uint64_t seed;
+  uint32_t query_base;   // global index of query 0 of the launch (noise)
+  const float* qnorm;    // kLeafBounds: ||q||, per query of the launch
+  const float* radius;   // kLeafBounds: per leaf
+  // kHits: hits[q * ld + i], i < (lens ? lens[q] : count).
+  const DeviceHit* hits;
+  const uint32_t* lens;
+  // Out: k hits per segment at out[q * out_ld + (out_seg + segment) * k].
+  DeviceHit* out;
+  size_t out_ld;
+  size_t out_seg;
+  int k;
+  // Optional: per (query, segment) {max, sum} of exp(s * inv_tau - max),
+  // at lse[q * lse_ld + lse_seg + segment].
+  float2* lse;
+  size_t lse_ld;
+  size_t lse_seg;
+};
+
+// Keeps the best k of one segment of kSegment values of one query: a 4-pass
+// radix select (8 bits per pass) for the k-th key in shared memory, then the
+// keys above it and, in index order, as many keys equal to it as fit. One
+// block of kThreads per (segment, query).
+template <int kMode>
+__global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
+  const int tid = threadIdx.x;
+  const uint32_t q = blockIdx.y;
+  const size_t seg = blockIdx.x;
+  uint32_t key[kPerThread];
+  float score[kPerThread];
+  uint32_t row[kPerThread];
+  float lse_max = -INFINITY;
+
+  size_t count = a.count;
+  if (kMode == kHits && a.lens != nullptr) count = a.lens[q];
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const size_t idx = seg * kSegment + i * kThreads + tid;
+    key[i] = 0;
+    score[i] = 0;
+    row[i] = kNoRow;
+    if (idx >= count) continue;
+    if (kMode == kHits) {
+      const DeviceHit h = a.hits[q * a.ld + idx];
+      if (h.row != kNoRow) {
+        key[i] = OrderedKey(h.key);
+        score[i] = h.score;
+        row[i] = h.row;
+      }
+    } else {
+      const float s = a.scores[q * a.ld + idx];
+      const uint32_t r = a.row_base + static_cast<uint32_t>(idx);
+      if (kMode == kLeafBounds) {
+        key[i] = OrderedKey(s + a.qnorm[q] * a.radius[r]);
+        score[i] = s;
+        row[i] = r;
+      } else if (s != -INFINITY && a.live[r]) {
+        const float k = kMode == kGumbel
+                            ? s * a.inv_tau + Gumbel(a.seed, a.query_base + q, r)
+                            : s;
+        key[i] = OrderedKey(k);
+        score[i] = s;
+        row[i] = r;
+        lse_max = fmaxf(lse_max, s * a.inv_tau);
+      }
+    }
+  }
+
+  __shared__ float red[kThreads / 32];
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t warp_count[kThreads / 32];
+  __shared__ uint32_t s_digit, s_need, s_gt;
+  const int lane = tid & 31, warp = tid >> 5;
+
+  if (kMode <= kGumbel && a.lse != nullptr) {
+    // log-sum-exp partial of this segment: block max, then block sum.
+    float m = lse_max;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(~0u, m, o));
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = red[0];
+    for (int w = 1; w < kThreads / 32; ++w) m = fmaxf(m, red[w]);
+    __syncthreads();
+    float sum = 0;
+    if (m != -INFINITY) {
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        if (key[i] != 0) sum += __expf(score[i] * a.inv_tau - m);
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(~0u, sum, o);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    if (tid == 0) {
+      float total = 0;
+      for (int w = 0; w < kThreads / 32; ++w) total += red[w];
+      a.lse[q * a.lse_ld + a.lse_seg + seg] = make_float2(m, total);
+    }
+  }
+
+  // Count the valid values of the block.
+  uint32_t valid = 0;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) valid += key[i] != 0;
+  if (tid == 0) s_gt = 0;
+  __syncthreads();
+  atomicAdd(&s_gt, valid);
+  __syncthreads();
+  const uint32_t total_valid = s_gt;
+  const uint32_t k = static_cast<uint32_t>(a.k);
+  DeviceHit* out = a.out + q * a.out_ld + (a.out_seg + seg) * k;
+
+  uint32_t threshold = 1;  // take every valid key (there are at most k)
+  uint32_t need_eq = 0;
+  if (total_valid > k) {
+    uint32_t prefix = 0, mask = 0, kk = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      hist[tid] = 0;  // kThreads == 256 bins
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        if (key[i] != 0 && (key[i] & mask) == prefix) {
+          atomicAdd(&hist[(key[i] >> shift) & 255u], 1u);
+        }
+      }
+      __syncthreads();
+      if (warp == 0) {
+        // Lane l holds bins 255 - 8l .. 248 - 8l (descending order).
+        uint32_t c[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          c[j] = hist[255 - lane * 8 - j];
+          sum += c[j];
+        }
+        uint32_t incl = sum;
+        for (int o = 1; o < 32; o <<= 1) {
+          const uint32_t v = __shfl_up_sync(~0u, incl, o);
+          if (lane >= o) incl += v;
+        }
+        const uint32_t excl = incl - sum;
+        if (excl < kk && kk <= incl) {
+          uint32_t acc = excl;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (acc + c[j] >= kk) {
+              s_digit = 255 - lane * 8 - j;
+              s_need = kk - acc;
+              break;
+            }
+            acc += c[j];
+          }
+        }
+      }
+      __syncthreads();
+      prefix |= s_digit << shift;
+      mask |= 255u << shift;
+      kk = s_need;
+      __syncthreads();
+    }
+    threshold = prefix;  // the k-th largest key
+    need_eq = kk;        // how many keys equal to it are kept
+  }
+
+  // Keys above the threshold: any order.
+  if (tid == 0) s_gt = 0;
+  __syncthreads();
+  const bool strict = total_valid > k;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    if (key[i] != 0 && (strict ? key[i] > threshold : true)) {
+      const uint32_t pos = atomicAdd(&s_gt, 1u);
+      out[pos] = DeviceHit{KeyToFloat(key[i]), score[i], row[i]};
+    }
+  }
+  __syncthreads();
+  const uint32_t num_gt = s_gt;
+  // Keys equal to the threshold, lowest index first (deterministic ties).
+  uint32_t base = 0;
+  if (strict) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const bool flag = key[i] == threshold;
+      const uint32_t ballot = __ballot_sync(~0u, flag);
+      if (lane == 0) warp_count[warp] = __popc(ballot);
+      __syncthreads();
+      uint32_t offset = base;
+      for (int w = 0; w < warp; ++w) offset += warp_count[w];
+      offset += __popc(ballot & ((1u << lane) - 1u));
+      if (flag && offset < need_eq) {
+        out[num_gt + offset] = DeviceHit{KeyToFloat(key[i]), score[i], row[i]};
+      }
+      for (int w = 0; w < kThreads / 32; ++w) base += warp_count[w];
+      __syncthreads();
+    }
+  }
+  // Pad to k with "no hit".
+  const uint32_t filled = strict ? k : num_gt;
+  for (uint32_t j = filled + tid; j < k; j += kThreads) {
+    out[j] = DeviceHit{0.0f, 0.0f, kNoRow};
+  }
+}
+
+// log Z per query from the segments' {max, sum} partials.
+__global__ void LogSumExpKernel(const float2* lse, size_t ld, size_t segs,
+                                double* out) {
+  const uint32_t q = blockIdx.x;
+  __shared__ float s_max[kThreads];
+  __shared__ double s_sum[kThreads];
+  float m = -INFINITY;
+  for (size_t i = threadIdx.x; i < segs; i += blockDim.x) {
+    m = fmaxf(m, lse[q * ld + i].x);
+  }
+  s_max[threadIdx.x] = m;
+  __syncthreads();
+  for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+    if (threadIdx.x < o) s_max[threadIdx.x] = fmaxf(s_max[threadIdx.x], s_max[threadIdx.x + o]);
+    __syncthreads();
+  }
+  m = s_max[0];
+  double sum = 0;
+  if (m != -INFINITY) {
+    for (size_t i = threadIdx.x; i < segs; i += blockDim.x) {
+      const float2 p = lse[q * ld + i];
+      if (p.x != -INFINITY) sum += double{p.y} * exp(double{p.x} - m);
+    }
+  }
+  s_sum[threadIdx.x] = sum;
+  __syncthreads();
+  for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+    if (threadIdx.x < o) s_sum[threadIdx.x] += s_sum[threadIdx.x + o];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    out[q] = m == -INFINITY ? -INFINITY : double{m} + log(s_sum[0]);
+  }
+}
+
+// One block per query: scores the members of the query's selected leaves
+// (leaf_hits[q * num_leaves ..], row = leaf) into out[q * cap ..], and their
+// number into lens[q]. A group of `group` lanes reads one row, 8 elements
+// (16 or 32 bytes) per lane per step.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ScoreLeavesKernel(const T* vectors, int stride, const float* queries,
+                      const DeviceHit* leaf_hits, int num_leaves,
+                      const uint32_t* offsets, const uint32_t* members,
+                      int group, DeviceHit* out, size_t cap, uint32_t* lens) {
+  extern __shared__ float shared[];
+  float* qs = shared;                                        // stride
+  uint32_t* pos = reinterpret_cast<uint32_t*>(qs + stride);  // num_leaves + 1
+  const uint32_t q = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int j = tid; j < stride; j += kThreads) qs[j] = queries[size_t{q} * stride + j];
+  // Each leaf's first slot: a serial prefix in one thread (num_leaves is a
+  // beam width, small next to the rows scored).
+  for (int p = tid; p < num_leaves; p += kThreads) {
+    const uint32_t leaf = leaf_hits[size_t{q} * num_leaves + p].row;
+    pos[p + 1] = leaf == kNoRow ? 0 : offsets[leaf + 1] - offsets[leaf];
+  }
+  __syncthreads();
+  if (tid == 0) {
+    pos[0] = 0;
+    for (int p = 0; p < num_leaves; ++p) pos[p + 1] += pos[p];
+    lens[q] = pos[num_leaves];
+  }
+  __syncthreads();
+  const int chunks = stride / 8;
+  const int rows_per_step = 32 / group;
+  const int sub = lane / group, part = lane % group;
+  for (int p = warp; p < num_leaves; p += kThreads / 32) {
+    const uint32_t leaf = leaf_hits[size_t{q} * num_leaves + p].row;
+    if (leaf == kNoRow) continue;
+    const uint32_t begin = offsets[leaf], size = offsets[leaf + 1] - begin;
+    for (uint32_t r0 = 0; r0 < size; r0 += rows_per_step) {
+      const uint32_t r = r0 + sub;
+      float s = 0;
+      uint32_t row = kNoRow;
+      if (r < size) {
+        row = members[begin + r];
+        const T* x = vectors + size_t{row} * stride;
+        for (int c = part; c < chunks; c += group) s += Elem<T>::Dot8(x + c * 8, qs + c * 8);
+      }
+      for (int o = group / 2; o > 0; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
+      if (r < size && part == 0) {
+        out[size_t{q} * cap + pos[p] + r] = DeviceHit{s, s, row};
+      }
+    }
+  }
+}
+
+// Queries (n x dim floats) to n x stride, padded with zeros, as float and T.
+template <typename T>
+__global__ void PrepareQueriesKernel(const float* src, size_t n, int dim,
+                                     int stride, float* qf, T* qt) {
+  const size_t total = n * stride;
+  for (size_t e = blockIdx.x * size_t{blockDim.x} + threadIdx.x; e < total;
+       e += size_t{gridDim.x} * blockDim.x) {
+    const size_t i = e / stride;
+    const int j = static_cast<int>(e % stride);
+    const float v = j < dim ? src[i * dim + j] : 0.0f;
+    qf[e] = v;
+    qt[e] = Elem<T>::From(v);
+  }
+}
+
+int GridFor(size_t work) {
+  return static_cast<int>(std::min<size_t>((work + kThreads - 1) / kThreads, 65535));
+}
+
+size_t CeilDiv(size_t a, size_t b) { return (a + b - 1) / b; }
+
+// --------------------------------------------------------------- the mirror
+
+template <typename T>
+class Mirror final : public DeviceMirror {
+ public:
+  Mirror(int dim, int device) : dim_(dim), stride_((dim + 7) / 8 * 8), device_(device) {}
+
+  ~Mirror() override {
+    DeviceScope scope(device_);
+    if (handle_ != nullptr) cublasDestroy(handle_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    cudaFreeHost(staging_);
+  }
+
+  absl::Status Init() {
+    DeviceScope scope(device_);
+    cudaDeviceProp prop;
+    CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device_));
+    name_ = prop.name;
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CUBLAS_RETURN_IF_ERROR(cublasCreate(&handle_));
+    CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle_, stream_));
+    CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH));
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&staging_, kStagingBytes, cudaHostAllocDefault));
+    return absl::OkStatus();
+  }
+
+  absl::Status Reserve(size_t rows) override {
+    if (rows <= capacity_) return absl::OkStatus();
+    DeviceScope scope(device_);
+    const size_t cap = std::max(rows, capacity_ + capacity_ / 2);
+    // Both or neither: grow the live flags first (small), then the vectors.
+    RETURN_IF_ERROR(live_.Grow(cap, capacity_, stream_));
+    RETURN_IF_ERROR(vectors_.Grow(cap * stride_ * sizeof(T),
+                                  capacity_ * stride_ * sizeof(T), stream_));
+    capacity_ = cap;
+    return absl::OkStatus();
+  }
+
+  absl::Status SetRows(const PointSource& points, absl::Span<const uint32_t> rows,
+                       const uint8_t* live) override {
+    return Upload(points, rows.data(), 0, rows.size(), live);
+  }
+
+  absl::Status SetAll(const PointSource& points, size_t num_rows,
+                      const uint8_t* live) override {
+    RETURN_IF_ERROR(Reserve(num_rows));
+    RETURN_IF_ERROR(Upload(points, nullptr, 0, num_rows, live));
+    num_rows_ = num_rows;
+    return absl::OkStatus();
+  }
+
+  void SetNumRows(size_t num_rows) override { num_rows_ = num_rows; }
+
+  absl::Status SetLeaves(absl::Span<const float> centers,
+                         absl::Span<const float> radii,
+                         absl::Span<const uint32_t> offsets,
+                         absl::Span<const uint32_t> members) override {
+    DeviceScope scope(device_);
+    const size_t num_leaves = radii.size();
+    RETURN_IF_ERROR(leaf_centers_.Ensure(std::max<size_t>(num_leaves, 1) * stride_ * sizeof(T)));
+    RETURN_IF_ERROR(leaf_radii_.Ensure(std::max<size_t>(num_leaves, 1) * sizeof(float)));
+    RETURN_IF_ERROR(leaf_offsets_.Ensure(offsets.size() * sizeof(uint32_t)));
+    RETURN_IF_ERROR(leaf_members_.Ensure(std::max<size_t>(members.size(), 1) * sizeof(uint32_t)));
+    // Centers go through the row scatter (float -> T, padded).
+    const PointSource src{.data = centers.data(), .dim = dim_};
+    RETURN_IF_ERROR(ScatterFloats(src, nullptr, 0, num_leaves, leaf_centers_.as<T>(),
+                                  nullptr, nullptr));
+    RETURN_IF_ERROR(CopyToDevice(leaf_radii_.as<void>(), radii.data(), radii.size() * sizeof(float)));
+    RETURN_IF_ERROR(CopyToDevice(leaf_offsets_.as<void>(), offsets.data(),
+                                 offsets.size() * sizeof(uint32_t)));
+    RETURN_IF_ERROR(CopyToDevice(leaf_members_.as<void>(), members.data(),
+                                 members.size() * sizeof(uint32_t)));
+    num_leaves_ = num_leaves;
+    max_leaf_ = 0;
+    for (size_t f = 0; f < num_leaves; ++f) {
+      max_leaf_ = std::max<size_t>(max_leaf_, offsets[f + 1] - offsets[f]);
+    }
+    has_leaves_ = true;
+    return absl::OkStatus();
+  }
+  bool has_leaves() const override { return has_leaves_; }
+
+  absl::Status Scan(absl::Span<const float> queries, size_t n, const ScanParams& p,
+                    std::vector<std::vector<DeviceHit>>* hits,
+                    std::vector<double>* log_z) override {
+    DeviceScope scope(device_);
+    hits->assign(n, {});
+    if (log_z != nullptr) log_z->assign(n, -std::numeric_limits<double>::infinity());
+    if (num_rows_ == 0 || n == 0) return absl::OkStatus();
+    const int k = p.k;
+    if (k < 1 || k > kMaxK) {
+      return absl::InvalidArgumentError(absl::StrCat("device k = ", k, " not in [1, ", kMaxK, "]"));
+    }
+    RETURN_IF_ERROR(PrepareQueries(queries, n));
+    gemm_seconds_ = 0;
+    const bool masked = !p.exclude_offsets.empty();
+    if (masked) {
+      RETURN_IF_ERROR(excl_offsets_.Ensure(p.exclude_offsets.size() * sizeof(uint32_t)));
+      RETURN_IF_ERROR(excl_rows_.Ensure(std::max<size_t>(p.exclude_rows.size(), 1) * sizeof(uint32_t)));
+      RETURN_IF_ERROR(CopyToDevice(excl_offsets_.as<void>(), p.exclude_offsets.data(),
+                                   p.exclude_offsets.size() * sizeof(uint32_t)));
+      RETURN_IF_ERROR(CopyToDevice(excl_rows_.as<void>(), p.exclude_rows.data(),
+                                   p.exclude_rows.size() * sizeof(uint32_t)));
+    }
+    const size_t group = std::min<size_t>(n, kMaxQueryGroup);
+    // Rows per GEMM: the score block within budget, whole segments.
+    size_t chunk = std::max<size_t>(kScoreBudget / group, kSegment);
+    chunk = std::min(CeilDiv(num_rows_, kSegment) * kSegment, chunk / kSegment * kSegment);
+    const size_t chunk_segs = chunk / kSegment;
+    const size_t total_segs = CeilDiv(num_rows_, kSegment);
+    // Each chunk's best k go to a slot of `accum`; when the slots are full
+    // they are reduced into slot 0.
+    constexpr size_t kSlots = 32;
+    RETURN_IF_ERROR(scores_.Ensure(group * chunk * sizeof(float)));
+    RETURN_IF_ERROR(chunk_hits_.Ensure(group * chunk_segs * k * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(accum_.Ensure(group * kSlots * k * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(DeviceHit)));
+    if (p.want_log_z) {
+      RETURN_IF_ERROR(lse_.Ensure(group * total_segs * sizeof(float2)));
+      RETURN_IF_ERROR(log_z_.Ensure(group * sizeof(double)));
+    }
+    std::vector<DeviceHit> host(group * k);
+    std::vector<double> host_z(group);
+    for (size_t q0 = 0; q0 < n; q0 += group) {
+      const size_t g = std::min(group, n - q0);
+      size_t slot = 0;
+      for (size_t begin = 0; begin < num_rows_; begin += chunk) {
+        const size_t count = std::min(chunk, num_rows_ - begin);
+        const float alpha = 1.0f, beta = 0.0f;
+        if (profiling_) CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+        const auto gemm_start = std::chrono::steady_clock::now();
+        CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+            handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(count),
+            static_cast<int>(g), stride_, &alpha,
+            vectors_.as<T>() + begin * stride_, Elem<T>::kCuda, stride_,
+            qt_.as<T>() + q0 * stride_, Elem<T>::kCuda, stride_, &beta,
+            scores_.as<float>(), CUDA_R_32F, static_cast<int>(count),
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        if (profiling_) {
+          CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+          gemm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                         gemm_start).count();
+        }
+        if (masked) {
+          MaskExcludedKernel<<<g, 128, 0, stream_>>>(
+              scores_.as<float>(), count, begin, count, excl_offsets_.as<uint32_t>(),
+              excl_rows_.as<uint32_t>(), static_cast<uint32_t>(q0));
+        }
+        SelectArgs a{};
+        a.scores = scores_.as<float>();
+        a.ld = count;
+        a.count = count;
+        a.row_base = static_cast<uint32_t>(begin);
+        a.live = live_.as<uint8_t>();
+        a.inv_tau = p.inv_tau;
+        a.seed = p.seed;
+        a.query_base = static_cast<uint32_t>(q0);
+        a.out = chunk_hits_.as<DeviceHit>();
+        a.out_ld = chunk_segs * k;
+        a.out_seg = 0;
+        a.k = k;
+        if (p.want_log_z) {
+          a.lse = lse_.as<float2>();
+          a.lse_ld = total_segs;
+          a.lse_seg = begin / kSegment;
+        }
+        const dim3 grid(static_cast<unsigned>(CeilDiv(count, kSegment)), static_cast<unsigned>(g));
+        if (p.gumbel) {
+          SelectKernel<kGumbel><<<grid, kThreads, 0, stream_>>>(a);
+        } else {
+          SelectKernel<kScores><<<grid, kThreads, 0, stream_>>>(a);
+        }
+        CUDA_RETURN_IF_ERROR(cudaGetLastError());
+        if (slot == kSlots) {
+          RETURN_IF_ERROR(Reduce(accum_.as<DeviceHit>(), kSlots * k, kSlots * k, nullptr, g,
+                                 k, accum_.as<DeviceHit>(), kSlots * k));
+          slot = 1;
+        }
+        RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), chunk_segs * k,
+                               CeilDiv(count, kSegment) * k, nullptr, g, k,
+                               accum_.as<DeviceHit>() + slot * k, kSlots * k));
+        ++slot;
+      }
+      RETURN_IF_ERROR(Reduce(accum_.as<DeviceHit>(), kSlots * k, slot * k, nullptr, g, k,
+                             final_.as<DeviceHit>(), k));
+      RETURN_IF_ERROR(CopyToHost(host.data(), final_.as<void>(), g * k * sizeof(DeviceHit)));
+      if (p.want_log_z) {
+        LogSumExpKernel<<<g, kThreads, 0, stream_>>>(lse_.as<float2>(), total_segs, total_segs,
+                                                     log_z_.as<double>());
+        CUDA_RETURN_IF_ERROR(cudaGetLastError());
+        RETURN_IF_ERROR(CopyToHost(host_z.data(), log_z_.as<void>(), g * sizeof(double)));
+        for (size_t i = 0; i < g; ++i) (*log_z)[q0 + i] = host_z[i];
+      }
+      Collect(host, g, k, q0, hits);
+    }
+    last_visits_ = static_cast<double>(num_rows_);
+    return absl::OkStatus();
+  }
+
+  absl::Status Beam(absl::Span<const float> queries, size_t n, int leaves, int k,
+                    std::vector<std::vector<DeviceHit>>* hits) override {
+    DeviceScope scope(device_);
+    hits->assign(n, {});
+    if (!has_leaves_) {
+      return absl::FailedPreconditionError("the device holds no tree leaves yet");
+    }
+    if (num_leaves_ == 0 || n == 0) return absl::OkStatus();
+    if (k < 1 || k > kMaxK) {
+      return absl::InvalidArgumentError(absl::StrCat("device k = ", k, " not in [1, ", kMaxK, "]"));
+    }
+    const int width = static_cast<int>(std::min<size_t>(std::clamp(leaves, 1, kMaxK), num_leaves_));
+    RETURN_IF_ERROR(PrepareQueries(queries, n));
+    std::vector<float> norms(n);
+    for (size_t i = 0; i < n; ++i) {
+      double sq = 0;
+      for (int j = 0; j < dim_; ++j) sq += double{queries[i * dim_ + j]} * queries[i * dim_ + j];
+      norms[i] = static_cast<float>(std::sqrt(sq));
+    }
+    RETURN_IF_ERROR(qnorm_.Ensure(n * sizeof(float)));
+    RETURN_IF_ERROR(CopyToDevice(qnorm_.as<void>(), norms.data(), n * sizeof(float)));
+
+    const size_t cap = std::max<size_t>(size_t(width) * max_leaf_, 1);
+    const size_t group = std::clamp<size_t>(kBeamBudget / cap, 1, std::min<size_t>(n, kMaxQueryGroup));
+    const size_t leaf_segs = CeilDiv(num_leaves_, kSegment);
+    RETURN_IF_ERROR(scores_.Ensure(group * num_leaves_ * sizeof(float)));
+    RETURN_IF_ERROR(chunk_hits_.Ensure(group * leaf_segs * width * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(leaf_sel_.Ensure(group * width * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(cand_.Ensure(group * cap * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(lens_.Ensure(group * sizeof(uint32_t)));
+    RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(DeviceHit)));
+    const size_t shared_bytes = stride_ * sizeof(float) + (width + 1) * sizeof(uint32_t);
+    if (shared_bytes > 48 * 1024) {
+      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreLeavesKernel<T>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(shared_bytes)));
+    }
+    int lanes = 1;
+    while (lanes < 32 && lanes < stride_ / 8) lanes *= 2;
+    std::vector<DeviceHit> host(group * k);
+    std::vector<uint32_t> host_lens(group);
+    double visits = 0;
+    for (size_t q0 = 0; q0 < n; q0 += group) {
+      const size_t g = std::min(group, n - q0);
+      const float alpha = 1.0f, beta = 0.0f;
+      CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+          handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_leaves_),
+          static_cast<int>(g), stride_, &alpha, leaf_centers_.as<T>(), Elem<T>::kCuda,
+          stride_, qt_.as<T>() + q0 * stride_, Elem<T>::kCuda, stride_, &beta,
+          scores_.as<float>(), CUDA_R_32F, static_cast<int>(num_leaves_),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      SelectArgs a{};
+      a.scores = scores_.as<float>();
+      a.ld = num_leaves_;
+      a.count = num_leaves_;
+      a.qnorm = qnorm_.as<float>() + q0;
+      a.radius = leaf_radii_.as<float>();
+      a.out = chunk_hits_.as<DeviceHit>();
+      a.out_ld = leaf_segs * width;
+      a.k = width;
+      SelectKernel<kLeafBounds><<<dim3(static_cast<unsigned>(leaf_segs), static_cast<unsigned>(g)),
+                                  kThreads, 0, stream_>>>(a);
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), leaf_segs * width, leaf_segs * width,
+                             nullptr, g, width, leaf_sel_.as<DeviceHit>(), width));
+      ScoreLeavesKernel<T><<<static_cast<unsigned>(g), kThreads, shared_bytes, stream_>>>(
+          vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, leaf_sel_.as<DeviceHit>(),
+          width, leaf_offsets_.as<uint32_t>(), leaf_members_.as<uint32_t>(), lanes,
+          cand_.as<DeviceHit>(), cap, lens_.as<uint32_t>());
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      RETURN_IF_ERROR(Reduce(cand_.as<DeviceHit>(), cap, cap, lens_.as<uint32_t>(), g, k,
+                             final_.as<DeviceHit>(), k));
+      RETURN_IF_ERROR(CopyToHost(host.data(), final_.as<void>(), g * k * sizeof(DeviceHit)));
+      RETURN_IF_ERROR(CopyToHost(host_lens.data(), lens_.as<void>(), g * sizeof(uint32_t)));
+      for (size_t i = 0; i < g; ++i) visits += host_lens[i];
+      Collect(host, g, k, q0, hits);
+    }
+    last_visits_ = visits / n + width;
+    return absl::OkStatus();
+  }
+
+  size_t MemoryBytes() const override {
+    return vectors_.bytes() + live_.bytes() + leaf_centers_.bytes() + leaf_radii_.bytes() +
+           leaf_offsets_.bytes() + leaf_members_.bytes() + scores_.bytes() +
+           chunk_hits_.bytes() + accum_.bytes() + final_.bytes() + lse_.bytes() +
+           log_z_.bytes() + qraw_.bytes() + qf_.bytes() + qt_.bytes() + qnorm_.bytes() +
+           excl_offsets_.bytes() + excl_rows_.bytes() + leaf_sel_.bytes() + cand_.bytes() +
+           lens_.bytes() + scratch_[0].bytes() + scratch_[1].bytes();
+  }
+  std::string DeviceName() const override { return name_; }
+  double LastVisitsPerQuery() const override { return last_visits_; }
+  void set_profiling(bool on) override { profiling_ = on; }
+  double LastGemmSeconds() const override { return gemm_seconds_; }
+
+ private:
+  // Host -> device through the pinned staging buffer.
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) {
+    for (size_t done = 0; done < bytes; done += kStagingBytes) {
+      const size_t b = std::min(kStagingBytes, bytes - done);
+      std::memcpy(staging_, static_cast<const char*>(src) + done, b);
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<char*>(dst) + done, staging_, b,
+                                           cudaMemcpyHostToDevice, stream_));
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) {
+    for (size_t done = 0; done < bytes; done += kStagingBytes) {
+      const size_t b = std::min(kStagingBytes, bytes - done);
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging_, static_cast<const char*>(src) + done, b,
+                                           cudaMemcpyDeviceToHost, stream_));
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+      std::memcpy(static_cast<char*>(dst) + done, staging_, b);
+    }
+    return absl::OkStatus();
+  }
+
+  // Rows (rows[i], or first + i) of `points` into `dst` as T, through the
+  // staging buffer in pieces; live flags likewise when given.
+  absl::Status ScatterFloats(const PointSource& points, const uint32_t* rows, size_t first,
+                             size_t count, T* dst, const uint8_t* live, uint8_t* live_dst) {
+    const size_t row_bytes = dim_ * sizeof(float) + sizeof(uint32_t) + 1;
+    const size_t per = std::max<size_t>(kStagingBytes / row_bytes, 1);
+    RETURN_IF_ERROR(upload_.Ensure(std::min(per, std::max<size_t>(count, 1)) * row_bytes + 64));
+    for (size_t i0 = 0; i0 < count; i0 += per) {
+      const size_t c = std::min(per, count - i0);
+      float* f = static_cast<float*>(staging_);
+      uint32_t* r = reinterpret_cast<uint32_t*>(f + c * dim_);
+      uint8_t* l = reinterpret_cast<uint8_t*>(r + c);
+      for (size_t i = 0; i < c; ++i) {
+        const uint32_t row = rows ? rows[i0 + i] : static_cast<uint32_t>(first + i0 + i);
+        points.Get(row, f + i * dim_);
+        r[i] = row;
+        if (live != nullptr) l[i] = live[row];
+      }
+      const size_t bytes = c * row_bytes;
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(upload_.as<void>(), staging_, bytes,
+                                           cudaMemcpyHostToDevice, stream_));
+      float* df = upload_.as<float>();
+      uint32_t* dr = reinterpret_cast<uint32_t*>(df + c * dim_);
+      uint8_t* dl = reinterpret_cast<uint8_t*>(dr + c);
+      ScatterRowsKernel<T><<<GridFor(c * stride_), kThreads, 0, stream_>>>(
+          df, dr, 0, c, dim_, stride_, dst, live ? dl : nullptr, live_dst);
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Upload(const PointSource& points, const uint32_t* rows, size_t first,
+                      size_t count, const uint8_t* live) {
+    DeviceScope scope(device_);
+    return ScatterFloats(points, rows, first, count, vectors_.as<T>(), live,
+                         live_.as<uint8_t>());
+  }
+
+  absl::Status PrepareQueries(absl::Span<const float> queries, size_t n) {
+    RETURN_IF_ERROR(qraw_.Ensure(n * dim_ * sizeof(float)));
+    RETURN_IF_ERROR(qf_.Ensure(n * stride_ * sizeof(float)));
+    RETURN_IF_ERROR(qt_.Ensure(n * stride_ * sizeof(T)));
+    RETURN_IF_ERROR(CopyToDevice(qraw_.as<void>(), queries.data(), n * dim_ * sizeof(float)));
+    PrepareQueriesKernel<T><<<GridFor(n * stride_), kThreads, 0, stream_>>>(
+        qraw_.as<float>(), n, dim_, stride_, qf_.as<float>(), qt_.as<T>());
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return absl::OkStatus();
+  }
+
+  // The best k of each query's first `len` (or lens[q]) hits of `in` (row
+  // stride in_ld) into out[q * out_ld ..], by passes of the selection
+  // kernel. `in` and `out` may be the same buffer when len <= kSegment.
+  absl::Status Reduce(const DeviceHit* in, size_t in_ld, size_t len, const uint32_t* lens,
+                      size_t nq, int k, DeviceHit* out, size_t out_ld) {
+    const DeviceHit* cur = in;
+    size_t cur_ld = in_ld;
+    int ping = 0;
+    while (true) {
+      const size_t segs = CeilDiv(std::max<size_t>(len, 1), kSegment);
+      SelectArgs a{};
+      a.hits = cur;
+      a.ld = cur_ld;
+      a.count = len;
+      a.lens = lens;
+      a.k = k;
+      if (segs == 1) {
+        a.out = out;
+        a.out_ld = out_ld;
+      } else {
+        RETURN_IF_ERROR(scratch_[ping].Ensure(nq * segs * k * sizeof(DeviceHit)));
+        a.out = scratch_[ping].as<DeviceHit>();
+        a.out_ld = segs * k;
+      }
+      SelectKernel<kHits><<<dim3(static_cast<unsigned>(segs), static_cast<unsigned>(nq)),
+                            kThreads, 0, stream_>>>(a);
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      if (segs == 1) return absl::OkStatus();
+      cur = a.out;
+      cur_ld = a.out_ld;
+      len = segs * k;
+      lens = nullptr;
+      ping ^= 1;
+    }
+  }
+
+  static void Collect(const std::vector<DeviceHit>& host, size_t g, int k, size_t q0,
+                      std::vector<std::vector<DeviceHit>>* hits) {
+    for (size_t i = 0; i < g; ++i) {
+      std::vector<DeviceHit>& h = (*hits)[q0 + i];
+      for (int j = 0; j < k; ++j) {
+        if (host[i * k + j].row != kNoRow) h.push_back(host[i * k + j]);
+      }
+    }
+  }
+
+  const int dim_, stride_;
+  const int device_;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t handle_ = nullptr;
+  void* staging_ = nullptr;
+  size_t capacity_ = 0, num_rows_ = 0;
+  DeviceBuffer vectors_, live_, upload_;
+  DeviceBuffer leaf_centers_, leaf_radii_, leaf_offsets_, leaf_members_;
+  size_t num_leaves_ = 0, max_leaf_ = 0;
+  bool has_leaves_ = false;
+  DeviceBuffer qraw_, qf_, qt_, qnorm_, excl_offsets_, excl_rows_;
+  DeviceBuffer scores_, chunk_hits_, accum_, final_, lse_, log_z_;
+  DeviceBuffer leaf_sel_, cand_, lens_;
+  DeviceBuffer scratch_[2];
+  double last_visits_ = 0;
+  bool profiling_ = false;
+  double gemm_seconds_ = 0;
+};
+
+template <typename T>
+absl::StatusOr<std::unique_ptr<DeviceMirror>> MakeMirror(int dim, int device) {
+  auto m = std::make_unique<Mirror<T>>(dim, device);
+  RETURN_IF_ERROR(m->Init());
+  return std::unique_ptr<DeviceMirror>(std::move(m));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DeviceMirror>> DeviceMirror::Create(int dim, DeviceDtype dtype,
+                                                                   int device) {
+  const int count = CudaDeviceCount();
+  if (device < 0 || device >= count) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "CUDA device ", device, " is not available (", count, " visible devices)"));
+  }
+  switch (dtype) {
+    case DeviceDtype::kFloat16: return MakeMirror<__half>(dim, device);
+    case DeviceDtype::kBFloat16: return MakeMirror<__nv_bfloat16>(dim, device);
+    case DeviceDtype::kFloat32: break;
+  }
+  return MakeMirror<float>(dim, device);
+}
+
+}  // namespace negmine

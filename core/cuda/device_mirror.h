@@ -1,0 +1,143 @@
+// DeviceMirror: a collection's scoring vectors, and its tree's leaf level,
+// resident in GPU memory, with the kernels that mine them. Plain header: no
+// CUDA types, so every translation unit includes it whether or not CUDA is
+// built (without CUDA, Create returns UNIMPLEMENTED).
+//
+// The host index (StoreIndex) stays the authority: it validates and applies
+// every write, logs it, snapshots it and runs the drift fit and the tree
+// maintenance. The mirror holds a copy of what is scored, uploaded through
+// pinned staging buffers on the mirror's own stream:
+//
+//   device memory (one collection)
+//   vectors: capacity x stride elements of the collection's dtype (float32,
+//            float16 or bfloat16); stride = dim rounded up to 8 (zero pad),
+//            so rows are 16-byte aligned for vector loads and tensor cores
+//   live:    capacity bytes, 1 for a live row
+//   leaves:  L x stride centers (same dtype), L radii, L + 1 member offsets,
+//            the members (store rows), leaf by leaf
+//   scratch: the score block of one GEMM (at most kScoreBudget floats) and
+//            the candidate lists
+//
+// Algorithms (all batched: a call mines every query of a batch):
+//   Scan:  brute force. The batch is scored against a chunk of rows with one
+//          cuBLAS GEMM (tensor cores for float16 / bfloat16, float32
+//          accumulation), then a selection kernel keeps the best `k` of each
+//          segment of 4096 scores (a 4-pass radix select in shared memory,
+//          ties at the threshold taken by lowest row), and the segments'
+//          candidates are reduced by the same kernel. With `gumbel`, the key
+//          is s/tau + Gumbel(seed, query, row), which makes the top k a
+//          sample without replacement from the softmax (Gumbel-top-k);
+//          `want_log_z` also reduces log sum exp(s/tau) per query.
+//   Beam:  the tree's leaves routed for the whole batch: one GEMM of the
+//          queries against the leaf centers, the upper bound
+//          <q, c> + ||q|| r per leaf, the `leaves` best bounds per query
+//          selected as above; then one block per query scores the members of
+//          its leaves (16-byte loads, a group of lanes per row) and the best
+//          k are selected.
+// Excluded rows (per query) get no score in Scan, so sampling and log Z are
+// over the eligible rows. Dead rows are skipped by the live mask.
+//
+// Errors: out of device memory is RESOURCE_EXHAUSTED (the mirror and its
+// data stay as they were); any other CUDA failure is INTERNAL, with the
+// CUDA error's name.
+//
+// Thread safety: none; the owning index serializes calls (one stream).
+#ifndef NEGMINE_CORE_CUDA_DEVICE_MIRROR_H_
+#define NEGMINE_CORE_CUDA_DEVICE_MIRROR_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/index.h"
+
+namespace negmine {
+
+struct PointSource;
+
+// One selected target: its ranking key (the score for top-k, the perturbed
+// key for Gumbel-top-k), its score, and its store row.
+struct DeviceHit {
+  float key;
+  float score;
+  uint32_t row;
+};
+
+class DeviceMirror {
+ public:
+  // Largest k a device selection takes (k + rank window + exclusions).
+  static constexpr int kMaxK = 2048;
+
+  // A mirror for vectors of `dim` stored as `dtype`, on CUDA device `device`.
+  //   UNIMPLEMENTED: CUDA is not built. FAILED_PRECONDITION: no such device.
+  static absl::StatusOr<std::unique_ptr<DeviceMirror>> Create(
+      int dim, DeviceDtype dtype, int device = 0);
+
+  virtual ~DeviceMirror() = default;
+
+  // Makes room for `rows` rows (keeps the content); RESOURCE_EXHAUSTED when
+  // the device is out of memory.
+  virtual absl::Status Reserve(size_t rows) = 0;
+  // Uploads rows `rows` of `points` (scoring space, row-major dim floats) and
+  // their live flags (live[row] != 0); rows must be < the reserved count.
+  virtual absl::Status SetRows(const PointSource& points,
+                               absl::Span<const uint32_t> rows,
+                               const uint8_t* live) = 0;
+  // Uploads rows [0, num_rows) and sets the row count scans cover.
+  virtual absl::Status SetAll(const PointSource& points, size_t num_rows,
+                              const uint8_t* live) = 0;
+  // Rows [0, num_rows) are scanned (after SetRows grew the store).
+  virtual void SetNumRows(size_t num_rows) = 0;
+
+  // The tree's leaf level: `centers` L x dim (scoring space), `radii` L,
+  // `offsets` L + 1 (leaf f's members are members[offsets[f], offsets[f+1])).
+  virtual absl::Status SetLeaves(absl::Span<const float> centers,
+                                 absl::Span<const float> radii,
+                                 absl::Span<const uint32_t> offsets,
+                                 absl::Span<const uint32_t> members) = 0;
+  virtual bool has_leaves() const = 0;
+
+  struct ScanParams {
+    int k = 10;             // per query, <= kMaxK
+    bool gumbel = false;    // Gumbel-top-k keys instead of scores
+    float inv_tau = 20.0f;  // 1 / temperature (gumbel, log Z)
+    uint64_t seed = 0;      // Gumbel noise of (seed, query, row)
+    bool want_log_z = false;
+    // Per query q, the rows exclude_rows[exclude_offsets[q] ..
+    // exclude_offsets[q + 1]) are not eligible. Empty: none.
+    std::vector<uint32_t> exclude_offsets, exclude_rows;
+  };
+  // `queries` n x dim, in scoring space (cosine: unit length). For each
+  // query, its best min(k, eligible) hits, unordered, into (*hits)[q]; with
+  // want_log_z, log sum over eligible rows of exp(s * inv_tau) into
+  // (*log_z)[q].
+  virtual absl::Status Scan(absl::Span<const float> queries, size_t n,
+                            const ScanParams& params,
+                            std::vector<std::vector<DeviceHit>>* hits,
+                            std::vector<double>* log_z) = 0;
+  // Approximate top-k over the members of the `leaves` leaves with the best
+  // upper bounds per query. Unordered, as Scan. FAILED_PRECONDITION before
+  // SetLeaves.
+  virtual absl::Status Beam(absl::Span<const float> queries, size_t n,
+                            int leaves, int k,
+                            std::vector<std::vector<DeviceHit>>* hits) = 0;
+
+  // Device bytes held (vectors, leaves, scratch).
+  virtual size_t MemoryBytes() const = 0;
+  // The device's name, e.g. "NVIDIA H100 80GB HBM3".
+  virtual std::string DeviceName() const = 0;
+  // Rows scored and leaves visited per query by the last call.
+  virtual double LastVisitsPerQuery() const = 0;
+  // Benchmarks: with profiling on, the stream is synchronized around every
+  // scoring GEMM, and LastGemmSeconds() is their time in the last call.
+  virtual void set_profiling(bool on) = 0;
+  virtual double LastGemmSeconds() const = 0;
+};
+
+}  // namespace negmine
+
+#endif  // NEGMINE_CORE_CUDA_DEVICE_MIRROR_H_

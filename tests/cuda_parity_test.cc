@@ -1,0 +1,358 @@
+// The CUDA backend against the CPU index on the same data (the oracle):
+// ids equal wherever the scores are not tied within the dtype's tolerance,
+// scores within that tolerance, log Z within tolerance / tau, Gumbel-top-k
+// draws that follow the exact softmax (chi-square), and the error codes.
+//
+// Tolerances on a score, relative to ||q|| max ||x||: float32 1e-5 (the
+// GEMM's float32 accumulation in another order), float16 2e-3 and bfloat16
+// 1.6e-2 (the vectors and the query rounded to 11 and 8 significant bits;
+// 4x the worst rounding of one product, summed as a random walk over d).
+//
+// Without a GPU (CI) the device tests skip and say why; the error-code test
+// runs everywhere.
+#include <algorithm>
+#include <cmath>
+#include <set>
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "core/cuda/device.h"
+#include "core/cuda/device_mirror.h"
+#include "core/exact_index.h"
+#include "core/index.h"
+#include "core/store/drift_bench.h"
+#include "core/tree/tree.h"
+#include "core/tree/tree_index.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace negmine {
+namespace {
+
+using ::negmine::testing::ChiSquare;
+using ::negmine::testing::ChiSquareCritical;
+using ::negmine::testing::IsOk;
+using ::negmine::testing::StatusIs;
+using ::testing::HasSubstr;
+
+bool HaveDevice() { return CudaBuilt() && CudaDeviceCount() > 0; }
+
+#define SKIP_WITHOUT_GPU()                                                    \
+  if (!HaveDevice()) {                                                        \
+    GTEST_SKIP() << (CudaBuilt() ? "CUDA is built but no GPU is visible"      \
+                                 : "the CUDA backend is not built");          \
+  }
+
+double Tolerance(DeviceDtype t) {
+  switch (t) {
+    case DeviceDtype::kFloat32: return 1e-5;
+    case DeviceDtype::kFloat16: return 2e-3;
+    case DeviceDtype::kBFloat16: return 1.6e-2;
+  }
+  return 0;
+}
+
+TEST(CudaBackendTest, ErrorCodesWithoutDeviceOrBuild) {
+  IndexOptions o{.dim = 8, .backend = Backend::kCuda};
+  absl::StatusOr<std::unique_ptr<Index>> index = CreateIndex(o);
+  if (!CudaBuilt()) {
+    EXPECT_THAT(index, StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("not built")));
+  } else if (CudaDeviceCount() == 0) {
+    EXPECT_THAT(index, StatusIs(absl::StatusCode::kFailedPrecondition,
+                                HasSubstr("no CUDA device")));
+  } else {
+    ASSERT_THAT(index, IsOk());
+    EXPECT_EQ((*index)->active_backend(), Backend::kCuda);
+  }
+  // kAuto always works, on whatever is there.
+  o.backend = Backend::kAuto;
+  absl::StatusOr<std::unique_ptr<Index>> any = CreateIndex(o);
+  ASSERT_THAT(any, IsOk());
+  EXPECT_EQ((*any)->active_backend(), HaveDevice() ? Backend::kCuda : Backend::kCpu);
+}
+
+struct Data {
+  std::vector<uint64_t> ids;
+  std::vector<float> targets, queries;
+  double max_norm = 0;
+};
+
+// Clustered targets (the drift-bench mixture), scaled by a random factor in
+// [0.5, 2] so that inner product and cosine differ.
+Data MakeData(size_t n, size_t nq, int dim, uint64_t seed) {
+  DriftBench bench({.num_targets = n, .num_queries = nq, .dim = dim, .seed = seed});
+  Data d;
+  d.targets = bench.Targets(0);
+  d.queries = bench.Queries(0);
+  Rng rng(seed, 99);
+  for (size_t i = 0; i < n; ++i) {
+    const float s = static_cast<float>(0.5 + 1.5 * rng.Uniform());
+    for (int j = 0; j < dim; ++j) d.targets[i * dim + j] *= s;
+    d.ids.push_back(1000 + 7 * i);
+    d.max_norm = std::max<double>(d.max_norm, s * 1.0001);
+  }
+  return d;
+}
+
+std::unique_ptr<Index> Make(const IndexOptions& o) {
+  absl::StatusOr<std::unique_ptr<Index>> index = CreateIndex(o);
+  EXPECT_THAT(index, IsOk());
+  return index.ok() ? *std::move(index) : nullptr;
+}
+
+double Norm(const float* q, int dim) { return std::sqrt(testing::Dot(q, q, dim)); }
+
+// The top parts agree: every CPU result ranked above (k-th score + tol) is
+// in the GPU's results, every GPU score is within tol of the CPU's score of
+// that id, and both hold the same count.
+void ExpectTopParity(const QueryResult& cpu, const QueryResult& gpu, double tol,
+                     const std::string& what) {
+  ASSERT_EQ(cpu.num_top, gpu.num_top) << what;
+  if (cpu.num_top == 0) return;
+  const float kth = cpu.scores[cpu.num_top - 1];
+  std::set<uint64_t> got(gpu.ids.begin(), gpu.ids.begin() + gpu.num_top);
+  for (int j = 0; j < cpu.num_top; ++j) {
+    if (cpu.scores[j] > kth + tol) {
+      EXPECT_TRUE(got.count(cpu.ids[j])) << what << ": id " << cpu.ids[j] << " (rank " << j
+                                         << ", score " << cpu.scores[j] << ") missing";
+    }
+  }
+  for (int j = 0; j < gpu.num_top; ++j) {
+    EXPECT_GE(gpu.scores[j], kth - tol) << what << " rank " << j;
+    auto it = std::find(cpu.ids.begin(), cpu.ids.begin() + cpu.num_top, gpu.ids[j]);
+    if (it != cpu.ids.begin() + cpu.num_top) {
+      EXPECT_NEAR(gpu.scores[j], cpu.scores[it - cpu.ids.begin()], tol) << what;
+    }
+    if (j > 0) EXPECT_GE(gpu.scores[j - 1], gpu.scores[j]) << what << ": not ordered";
+  }
+}
+
+struct Case {
+  DeviceDtype dtype;
+  Metric metric;
+  IndexKind kind;
+  int dim;
+};
+
+std::string Name(const ::testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  return std::string(DeviceDtypeName(c.dtype)) + "_" + MetricName(c.metric) + "_" +
+         IndexKindName(c.kind) + "_d" + std::to_string(c.dim);
+}
+
+class CudaParityTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_GPU();
+    const Case& c = GetParam();
+    data_ = MakeData(20000, 48, c.dim, 11);
+    IndexOptions o{.dim = c.dim, .metric = c.metric, .backend = Backend::kCpu, .kind = c.kind};
+    cpu_ = Make(o);
+    o.backend = Backend::kCuda;
+    o.device_dtype = c.dtype;
+    gpu_ = Make(o);
+    ASSERT_NE(cpu_, nullptr);
+    ASSERT_NE(gpu_, nullptr);
+    ASSERT_EQ(gpu_->active_backend(), Backend::kCuda);
+    ASSERT_THAT(cpu_->Upsert(data_.ids, data_.targets, 0), IsOk());
+    ASSERT_THAT(gpu_->Upsert(data_.ids, data_.targets, 0), IsOk());
+  }
+
+  double ScoreTol(const float* q) const {
+    const int dim = GetParam().dim;
+    const double scale = GetParam().metric == Metric::kCosine ? 1.0 : Norm(q, dim) * data_.max_norm;
+    return Tolerance(GetParam().dtype) * scale + 1e-6;
+  }
+
+  void CompareTop(const SearchParams& p, absl::Span<const std::vector<uint64_t>> exclude,
+                  const std::string& what) {
+    absl::StatusOr<SearchResult> a = cpu_->Search(data_.queries, exclude, p);
+    absl::StatusOr<SearchResult> b = gpu_->Search(data_.queries, exclude, p);
+    ASSERT_THAT(a, IsOk());
+    ASSERT_THAT(b, IsOk());
+    const int dim = GetParam().dim;
+    for (size_t i = 0; i < a->queries.size(); ++i) {
+      const float* q = data_.queries.data() + i * dim;
+      ExpectTopParity(a->queries[i], b->queries[i], ScoreTol(q),
+                      what + " query " + std::to_string(i));
+      if (p.want_log_z) {
+        // The CPU tree certifies an interval; the exact index gives lo == hi.
+        const double tol = ScoreTol(q) / p.temperature + 1e-4;
+        EXPECT_GE(b->queries[i].log_z_lo, a->queries[i].log_z_lo - tol) << what;
+        EXPECT_LE(b->queries[i].log_z_lo, a->queries[i].log_z_hi + tol) << what;
+        EXPECT_EQ(b->queries[i].log_z_lo, b->queries[i].log_z_hi) << what;
+      }
+      if (!exclude.empty()) {
+        for (uint64_t id : b->queries[i].ids) {
+          EXPECT_EQ(std::count(exclude[i].begin(), exclude[i].end(), id), 0) << what;
+        }
+      }
+    }
+  }
+
+  Data data_;
+  std::unique_ptr<Index> cpu_, gpu_;
+};
+
+TEST_P(CudaParityTest, TopKMatchesTheCpu) {
+  CompareTop({.mode = MineMode::kTopK, .k = 64}, {}, "top-64");
+  CompareTop({.mode = MineMode::kTopK, .k = 1}, {}, "top-1");
+  // log Z with the rank window.
+  CompareTop({.mode = MineMode::kTopK, .k = 10, .temperature = 0.1f, .rank_offset = 5,
+              .want_log_z = true},
+             {}, "rank window + log Z");
+}
+
+TEST_P(CudaParityTest, ExclusionsAndMixed) {
+  const size_t nq = data_.queries.size() / GetParam().dim;
+  // Exclude each query's current top 8 and some unknown ids.
+  absl::StatusOr<SearchResult> top = cpu_->Search(data_.queries, {}, {.k = 8});
+  ASSERT_THAT(top, IsOk());
+  std::vector<std::vector<uint64_t>> exclude(nq);
+  for (size_t i = 0; i < nq; ++i) {
+    exclude[i] = top->queries[i].ids;
+    exclude[i].push_back(5);  // unknown: ignored
+  }
+  CompareTop({.mode = MineMode::kTopK, .k = 16}, exclude, "exclusions");
+  CompareTop({.mode = MineMode::kMixed, .k = 12, .temperature = 0.05f, .num_hard = 4,
+              .rank_offset = 2, .want_log_z = true, .seed = 3},
+             exclude, "mixed");
+}
+
+TEST_P(CudaParityTest, WritesDeletesAndDriftReachTheDevice) {
+  const int dim = GetParam().dim;
+  // Search once so the device holds the data, then change it.
+  ASSERT_THAT(gpu_->Search(data_.queries, {}, {.k = 4}), IsOk());
+  Data more = MakeData(3000, 1, dim, 12);
+  for (uint64_t& id : more.ids) id += 1'000'000;
+  // Overwrite 1000 old targets, add 2000 new, delete 1500 others.
+  std::vector<uint64_t> ids(data_.ids.begin(), data_.ids.begin() + 1000);
+  ids.insert(ids.end(), more.ids.begin(), more.ids.begin() + 2000);
+  std::vector<float> vecs(more.targets.begin(), more.targets.begin() + 3000 * dim);
+  for (Index* index : {cpu_.get(), gpu_.get()}) {
+    ASSERT_THAT(index->Upsert(ids, vecs, 1), IsOk());
+    ASSERT_THAT(index->Delete(absl::MakeConstSpan(data_.ids).subspan(5000, 1500), false), IsOk());
+  }
+  CompareTop({.k = 32}, {}, "after writes");
+  // A linear map moves every target: the whole device copy is replaced.
+  std::vector<float> a(dim * dim, 0.0f), b(dim, 0.0f);
+  Rng rng(5, 0);
+  for (int j = 0; j < dim; ++j) a[j * dim + j] = 1.0f;
+  for (float& x : a) x += static_cast<float>(0.05 * rng.Normal());
+  for (Index* index : {cpu_.get(), gpu_.get()}) {
+    ASSERT_THAT(index->ApplyDrift({.model_step = 2, .linear_a = a, .linear_b = b}), IsOk());
+  }
+  CompareTop({.k = 32}, {}, "after a linear map");
+  // Snapshots restore on the device too.
+  absl::StatusOr<std::string> snap = cpu_->Snapshot();
+  ASSERT_THAT(snap, IsOk());
+  ASSERT_THAT(gpu_->Restore(*snap), IsOk());
+  CompareTop({.k = 32}, {}, "after restore");
+}
+
+TEST_P(CudaParityTest, TreeBeamIsExactAtFullWidthAndGoodAtSmallWidth) {
+  if (GetParam().kind != IndexKind::kTree) GTEST_SKIP() << "beam search is the tree's";
+  const int dim = GetParam().dim;
+  const size_t nq = data_.queries.size() / dim;
+  absl::StatusOr<SearchResult> exact = cpu_->Search(data_.queries, {}, {.k = 32});
+  ASSERT_THAT(exact, IsOk());
+  // Every leaf: the same as exact.
+  CompareTop({.k = 32, .approximate = true, .beam_width = DeviceMirror::kMaxK}, {},
+             "beam over every leaf");
+  // A narrow beam: recall against brute force on the clustered data.
+  absl::StatusOr<SearchResult> beam =
+      gpu_->Search(data_.queries, {}, {.k = 32, .approximate = true, .beam_width = 24});
+  ASSERT_THAT(beam, IsOk());
+  double hits = 0;
+  for (size_t i = 0; i < nq; ++i) {
+    std::set<uint64_t> truth(exact->queries[i].ids.begin(), exact->queries[i].ids.end());
+    for (uint64_t id : beam->queries[i].ids) hits += truth.count(id);
+  }
+  EXPECT_GE(hits / (32.0 * nq), 0.9) << "recall@32 of a 24-leaf beam";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, CudaParityTest,
+    ::testing::Values(Case{DeviceDtype::kFloat32, Metric::kInnerProduct, IndexKind::kExact, 64},
+                      Case{DeviceDtype::kFloat32, Metric::kCosine, IndexKind::kTree, 37},
+                      Case{DeviceDtype::kFloat16, Metric::kInnerProduct, IndexKind::kTree, 64},
+                      Case{DeviceDtype::kFloat16, Metric::kCosine, IndexKind::kExact, 128},
+                      Case{DeviceDtype::kBFloat16, Metric::kInnerProduct, IndexKind::kExact, 64},
+                      Case{DeviceDtype::kBFloat16, Metric::kCosine, IndexKind::kTree, 64}),
+    Name);
+
+// Gumbel-top-k on the device draws from the exact softmax: 10^5 first draws
+// against the softmax computed in double on the host, at three temperatures;
+// log q equals s / tau - log Z.
+TEST(CudaSamplingTest, GumbelTopKFollowsTheSoftmax) {
+  SKIP_WITHOUT_GPU();
+  const int dim = 16;
+  const size_t n = 300;
+  Data d = MakeData(n, 1, dim, 21);
+  std::unique_ptr<Index> gpu = Make({.dim = dim, .backend = Backend::kCuda});
+  ASSERT_NE(gpu, nullptr);
+  ASSERT_THAT(gpu->Upsert(d.ids, d.targets, 0), IsOk());
+  absl::flat_hash_map<uint64_t, size_t> index_of;
+  for (size_t i = 0; i < n; ++i) index_of[d.ids[i]] = i;
+  const float* q = d.queries.data();
+  for (float tau : {0.05f, 0.1f, 1.0f}) {
+    std::vector<double> logits(n);
+    double m = -1e300;
+    for (size_t i = 0; i < n; ++i) {
+      logits[i] = testing::Dot(q, d.targets.data() + i * dim, dim) / tau;
+      m = std::max(m, logits[i]);
+    }
+    double z = 0;
+    for (double l : logits) z += std::exp(l - m);
+    const double log_z = m + std::log(z);
+    std::vector<double> probs(n);
+    for (size_t i = 0; i < n; ++i) probs[i] = std::exp(logits[i] - log_z);
+
+    // 1000 copies of the query per call (each copy gets its own noise),
+    // 100 calls with different seeds: 10^5 first draws.
+    const size_t copies = 1000;
+    std::vector<float> batch;
+    for (size_t c = 0; c < copies; ++c) batch.insert(batch.end(), q, q + dim);
+    std::vector<int64_t> counts(n, 0);
+    int64_t draws = 0;
+    for (uint64_t seed = 1; seed <= 100; ++seed) {
+      absl::StatusOr<SearchResult> r = gpu->Search(
+          batch, {}, {.mode = MineMode::kSample, .k = 3, .temperature = tau, .seed = seed});
+      ASSERT_THAT(r, IsOk());
+      for (const QueryResult& qr : r->queries) {
+        ASSERT_EQ(qr.ids.size(), 3u);
+        EXPECT_EQ(std::set<uint64_t>(qr.ids.begin(), qr.ids.end()).size(), 3u)
+            << "without replacement";
+        const size_t i = index_of.at(qr.ids[0]);
+        ++counts[i];
+        ++draws;
+        EXPECT_NEAR(qr.log_q[0], logits[i] - log_z, 1e-3 * std::max(1.0, std::abs(logits[i])));
+      }
+    }
+    const auto [stat, df] = ChiSquare(counts, probs, draws);
+    EXPECT_LT(stat, ChiSquareCritical(df)) << "tau " << tau << ", df " << df;
+  }
+}
+
+// Running out of GPU memory is RESOURCE_EXHAUSTED, and the mirror goes on.
+TEST(CudaMemoryTest, OutOfMemoryIsResourceExhaustedAndRecoverable) {
+  SKIP_WITHOUT_GPU();
+  absl::StatusOr<std::unique_ptr<DeviceMirror>> m = DeviceMirror::Create(1024, DeviceDtype::kFloat32);
+  ASSERT_THAT(m, IsOk());
+  // 2^40 rows x 4 KiB: far beyond any GPU.
+  EXPECT_THAT((*m)->Reserve(size_t{1} << 40),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("out of GPU memory")));
+  // The index over it keeps working, and so does an index's write path.
+  std::unique_ptr<Index> gpu = Make({.dim = 8, .backend = Backend::kCuda});
+  ASSERT_NE(gpu, nullptr);
+  std::vector<float> v = testing::RandomVectors(100, 8, 1);
+  std::vector<uint64_t> ids(100);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = i;
+  ASSERT_THAT(gpu->Upsert(ids, v, 0), IsOk());
+  absl::StatusOr<SearchResult> r = gpu->Search(absl::MakeConstSpan(v).subspan(0, 8), {}, {.k = 1});
+  ASSERT_THAT(r, IsOk());
+  EXPECT_EQ(r->queries[0].ids[0], 0u);
+}
+
+}  // namespace
+}  // namespace negmine
