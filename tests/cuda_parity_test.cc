@@ -102,28 +102,33 @@ std::unique_ptr<Index> Make(const IndexOptions& o) {
 
 double Norm(const float* q, int dim) { return std::sqrt(testing::Dot(q, q, dim)); }
 
-// The top parts agree: every CPU result ranked above (k-th score + tol) is
-// in the GPU's results, every GPU score is within tol of the CPU's score of
-// that id, and both hold the same count.
-void ExpectTopParity(const QueryResult& cpu, const QueryResult& gpu, double tol,
+// The top parts agree: every CPU result whose score is clear of the
+// boundaries (the k-th score below, and above it the last score of the rank
+// window, `upper`) by more than tol is in the GPU's results, every GPU score
+// lies within the boundaries +- tol and within tol of the CPU's score of that
+// id, and both hold the same count.
+void ExpectTopParity(const QueryResult& cpu, const QueryResult& gpu, double tol, double upper,
                      const std::string& what) {
   ASSERT_EQ(cpu.num_top, gpu.num_top) << what;
   if (cpu.num_top == 0) return;
   const float kth = cpu.scores[cpu.num_top - 1];
   std::set<uint64_t> got(gpu.ids.begin(), gpu.ids.begin() + gpu.num_top);
   for (int j = 0; j < cpu.num_top; ++j) {
-    if (cpu.scores[j] > kth + tol) {
+    if (cpu.scores[j] > kth + tol && cpu.scores[j] < upper - tol) {
       EXPECT_TRUE(got.count(cpu.ids[j])) << what << ": id " << cpu.ids[j] << " (rank " << j
                                          << ", score " << cpu.scores[j] << ") missing";
     }
   }
   for (int j = 0; j < gpu.num_top; ++j) {
     EXPECT_GE(gpu.scores[j], kth - tol) << what << " rank " << j;
+    EXPECT_LE(gpu.scores[j], upper + tol) << what << " rank " << j;
     auto it = std::find(cpu.ids.begin(), cpu.ids.begin() + cpu.num_top, gpu.ids[j]);
     if (it != cpu.ids.begin() + cpu.num_top) {
       EXPECT_NEAR(gpu.scores[j], cpu.scores[it - cpu.ids.begin()], tol) << what;
     }
-    if (j > 0) EXPECT_GE(gpu.scores[j - 1], gpu.scores[j]) << what << ": not ordered";
+    if (j > 0) {
+      EXPECT_GE(gpu.scores[j - 1], gpu.scores[j]) << what << ": not ordered";
+    }
   }
 }
 
@@ -170,10 +175,18 @@ class CudaParityTest : public ::testing::TestWithParam<Case> {
     absl::StatusOr<SearchResult> b = gpu_->Search(data_.queries, exclude, p);
     ASSERT_THAT(a, IsOk());
     ASSERT_THAT(b, IsOk());
+    // The rank window's last score, the upper boundary of the top part.
+    std::vector<double> upper(a->queries.size(), INFINITY);
+    if (p.rank_offset > 0) {
+      absl::StatusOr<SearchResult> window =
+          cpu_->Search(data_.queries, exclude, {.k = p.rank_offset});
+      ASSERT_THAT(window, IsOk());
+      for (size_t i = 0; i < upper.size(); ++i) upper[i] = window->queries[i].scores.back();
+    }
     const int dim = GetParam().dim;
     for (size_t i = 0; i < a->queries.size(); ++i) {
       const float* q = data_.queries.data() + i * dim;
-      ExpectTopParity(a->queries[i], b->queries[i], ScoreTol(q),
+      ExpectTopParity(a->queries[i], b->queries[i], ScoreTol(q), upper[i],
                       what + " query " + std::to_string(i));
       if (p.want_log_z) {
         // The CPU tree certifies an interval; the exact index gives lo == hi.

@@ -231,21 +231,22 @@ __device__ __forceinline__ float KeyToFloat(uint32_t u) {
   return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
 }
 
-enum SelectMode { kScores = 0, kGumbel = 1, kLeafBounds = 2, kHits = 3 };
+enum SelectMode { kScores = 0, kGumbel = 1, kLeafCenters = 2, kHits = 3 };
 
 struct SelectArgs {
-  // kScores / kGumbel / kLeafBounds: scores[q * ld + i], i < count; the row
+  // kScores / kGumbel / kLeafCenters: scores[q * ld + i], i < count; the row
   // of i is row_base + i (for leaves: the leaf).
   const float* scores;
   size_t ld;
   size_t count;
   uint32_t row_base;
   const uint8_t* live;  // kScores / kGumbel
+  // kScores / kGumbel, optional: per query of the launch, a key below which
+  // nothing can reach the final top k (the k-th best key found so far).
+  const float* min_key;
   float inv_tau;
   uint64_t seed;
   uint32_t query_base;   // global index of query 0 of the launch (noise)
-  const float* qnorm;    // kLeafBounds: ||q||, per query of the launch
-  const float* radius;   // kLeafBounds: per leaf
   // kHits: hits[q * ld + i], i < (lens ? lens[q] : count).
   const DeviceHit* hits;
   const uint32_t* lens;
@@ -294,24 +295,25 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
     } else {
       const float s = a.scores[q * a.ld + idx];
       const uint32_t r = a.row_base + static_cast<uint32_t>(idx);
-      if (kMode == kLeafBounds) {
-        key[i] = OrderedKey(s + a.qnorm[q] * a.radius[r]);
+      if (kMode == kLeafCenters) {
+        key[i] = OrderedKey(s);
         score[i] = s;
         row[i] = r;
       } else if (s != -INFINITY && a.live[r]) {
         const float k = kMode == kGumbel
                             ? s * a.inv_tau + Gumbel(a.seed, a.query_base + q, r)
                             : s;
-        key[i] = OrderedKey(k);
         score[i] = s;
         row[i] = r;
         lse_max = fmaxf(lse_max, s * a.inv_tau);
+        // Below the bound: eligible (log Z counts it) but never selected.
+        key[i] = a.min_key != nullptr && k < a.min_key[q] ? 0 : OrderedKey(k);
       }
     }
   }
 
   __shared__ float red[kThreads / 32];
-  __shared__ uint32_t hist[256];
+  __shared__ uint32_t hist[257];  // bin 256: lanes with no value
   __shared__ uint32_t warp_count[kThreads / 32];
   __shared__ uint32_t s_digit, s_need, s_gt;
   const int lane = tid & 31, warp = tid >> 5;
@@ -329,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
     if (m != -INFINITY) {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        if (key[i] != 0) sum += __expf(score[i] * a.inv_tau - m);
+        if (row[i] != kNoRow) sum += __expf(score[i] * a.inv_tau - m);
       }
     }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(~0u, sum, o);
@@ -363,9 +365,12 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        if (key[i] != 0 && (key[i] & mask) == prefix) {
-          atomicAdd(&hist[(key[i] >> shift) & 255u], 1u);
-        }
+        // Scores share their leading bits, so most lanes of a warp hit the
+        // same bin: one atomic per distinct bin per warp.
+        const bool in = key[i] != 0 && (key[i] & mask) == prefix;
+        const uint32_t bin = in ? (key[i] >> shift) & 255u : 256u;
+        const uint32_t peers = __match_any_sync(~0u, bin);
+        if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
       }
       __syncthreads();
       if (warp == 0) {
@@ -418,9 +423,27 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
   }
   __syncthreads();
   const uint32_t num_gt = s_gt;
-  // Keys equal to the threshold, lowest index first (deterministic ties).
+  // Keys equal to the threshold, lowest index first (deterministic ties):
+  // an ordered pass only when some of them must be left out.
+  uint32_t num_eq = 0;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) num_eq += strict && key[i] == threshold;
+  if (tid == 0) s_need = 0;
+  __syncthreads();
+  atomicAdd(&s_need, num_eq);
+  __syncthreads();
+  const bool ordered = strict && s_need > need_eq;
+  if (strict && !ordered) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      if (key[i] == threshold) {
+        const uint32_t pos = atomicAdd(&s_gt, 1u);
+        out[pos] = DeviceHit{KeyToFloat(key[i]), score[i], row[i]};
+      }
+    }
+  }
   uint32_t base = 0;
-  if (strict) {
+  if (ordered) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const bool flag = key[i] == threshold;
@@ -442,6 +465,29 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
   for (uint32_t j = filled + tid; j < k; j += kThreads) {
     out[j] = DeviceHit{0.0f, 0.0f, kNoRow};
   }
+}
+
+__global__ void FillKernel(float* p, size_t n, float v) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    p[i] = v;
+  }
+}
+
+// bound[q] = max(bound[q], the smallest key of hits[q * ld .. + k]) when all
+// k are hits: the final k-th best key is at least that.
+__global__ void RaiseBoundKernel(const DeviceHit* hits, size_t ld, int k, float* bound) {
+  const uint32_t q = blockIdx.x;
+  float m = INFINITY;
+  bool full = true;
+  for (int j = threadIdx.x; j < k; j += 32) {
+    const DeviceHit h = hits[q * ld + j];
+    full = full && h.row != kNoRow;
+    m = fminf(m, h.key);
+  }
+  for (int o = 16; o > 0; o >>= 1) m = fminf(m, __shfl_xor_sync(~0u, m, o));
+  full = __all_sync(~0u, full);
+  if (threadIdx.x == 0 && full) bound[q] = fmaxf(bound[q], m);
 }
 
 // log Z per query from the segments' {max, sum} partials.
@@ -608,20 +654,17 @@ class Mirror final : public DeviceMirror {
   void SetNumRows(size_t num_rows) override { num_rows_ = num_rows; }
 
   absl::Status SetLeaves(absl::Span<const float> centers,
-                         absl::Span<const float> radii,
                          absl::Span<const uint32_t> offsets,
                          absl::Span<const uint32_t> members) override {
     DeviceScope scope(device_);
-    const size_t num_leaves = radii.size();
+    const size_t num_leaves = offsets.size() - 1;
     RETURN_IF_ERROR(leaf_centers_.Ensure(std::max<size_t>(num_leaves, 1) * stride_ * sizeof(T)));
-    RETURN_IF_ERROR(leaf_radii_.Ensure(std::max<size_t>(num_leaves, 1) * sizeof(float)));
     RETURN_IF_ERROR(leaf_offsets_.Ensure(offsets.size() * sizeof(uint32_t)));
     RETURN_IF_ERROR(leaf_members_.Ensure(std::max<size_t>(members.size(), 1) * sizeof(uint32_t)));
     // Centers go through the row scatter (float -> T, padded).
     const PointSource src{.data = centers.data(), .dim = dim_};
     RETURN_IF_ERROR(ScatterFloats(src, nullptr, 0, num_leaves, leaf_centers_.as<T>(),
                                   nullptr, nullptr));
-    RETURN_IF_ERROR(CopyToDevice(leaf_radii_.as<void>(), radii.data(), radii.size() * sizeof(float)));
     RETURN_IF_ERROR(CopyToDevice(leaf_offsets_.as<void>(), offsets.data(),
                                  offsets.size() * sizeof(uint32_t)));
     RETURN_IF_ERROR(CopyToDevice(leaf_members_.as<void>(), members.data(),
@@ -671,6 +714,7 @@ class Mirror final : public DeviceMirror {
     RETURN_IF_ERROR(chunk_hits_.Ensure(group * chunk_segs * k * sizeof(DeviceHit)));
     RETURN_IF_ERROR(accum_.Ensure(group * kSlots * k * sizeof(DeviceHit)));
     RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(bound_.Ensure(group * sizeof(float)));
     if (p.want_log_z) {
       RETURN_IF_ERROR(lse_.Ensure(group * total_segs * sizeof(float2)));
       RETURN_IF_ERROR(log_z_.Ensure(group * sizeof(double)));
@@ -680,6 +724,7 @@ class Mirror final : public DeviceMirror {
     for (size_t q0 = 0; q0 < n; q0 += group) {
       const size_t g = std::min(group, n - q0);
       size_t slot = 0;
+      FillKernel<<<1, kThreads, 0, stream_>>>(bound_.as<float>(), g, -INFINITY);
       for (size_t begin = 0; begin < num_rows_; begin += chunk) {
         const size_t count = std::min(chunk, num_rows_ - begin);
         const float alpha = 1.0f, beta = 0.0f;
@@ -708,6 +753,7 @@ class Mirror final : public DeviceMirror {
         a.count = count;
         a.row_base = static_cast<uint32_t>(begin);
         a.live = live_.as<uint8_t>();
+        a.min_key = bound_.as<float>();
         a.inv_tau = p.inv_tau;
         a.seed = p.seed;
         a.query_base = static_cast<uint32_t>(q0);
@@ -735,6 +781,9 @@ class Mirror final : public DeviceMirror {
         RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), chunk_segs * k,
                                CeilDiv(count, kSegment) * k, nullptr, g, k,
                                accum_.as<DeviceHit>() + slot * k, kSlots * k));
+        // Later chunks skip what cannot beat this chunk's k-th best.
+        RaiseBoundKernel<<<static_cast<unsigned>(g), 32, 0, stream_>>>(
+            accum_.as<DeviceHit>() + slot * k, kSlots * k, k, bound_.as<float>());
         ++slot;
       }
       RETURN_IF_ERROR(Reduce(accum_.as<DeviceHit>(), kSlots * k, slot * k, nullptr, g, k,
@@ -766,14 +815,6 @@ class Mirror final : public DeviceMirror {
     }
     const int width = static_cast<int>(std::min<size_t>(std::clamp(leaves, 1, kMaxK), num_leaves_));
     RETURN_IF_ERROR(PrepareQueries(queries, n));
-    std::vector<float> norms(n);
-    for (size_t i = 0; i < n; ++i) {
-      double sq = 0;
-      for (int j = 0; j < dim_; ++j) sq += double{queries[i * dim_ + j]} * queries[i * dim_ + j];
-      norms[i] = static_cast<float>(std::sqrt(sq));
-    }
-    RETURN_IF_ERROR(qnorm_.Ensure(n * sizeof(float)));
-    RETURN_IF_ERROR(CopyToDevice(qnorm_.as<void>(), norms.data(), n * sizeof(float)));
 
     const size_t cap = std::max<size_t>(size_t(width) * max_leaf_, 1);
     const size_t group = std::clamp<size_t>(kBeamBudget / cap, 1, std::min<size_t>(n, kMaxQueryGroup));
@@ -808,12 +849,10 @@ class Mirror final : public DeviceMirror {
       a.scores = scores_.as<float>();
       a.ld = num_leaves_;
       a.count = num_leaves_;
-      a.qnorm = qnorm_.as<float>() + q0;
-      a.radius = leaf_radii_.as<float>();
       a.out = chunk_hits_.as<DeviceHit>();
       a.out_ld = leaf_segs * width;
       a.k = width;
-      SelectKernel<kLeafBounds><<<dim3(static_cast<unsigned>(leaf_segs), static_cast<unsigned>(g)),
+      SelectKernel<kLeafCenters><<<dim3(static_cast<unsigned>(leaf_segs), static_cast<unsigned>(g)),
                                   kThreads, 0, stream_>>>(a);
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), leaf_segs * width, leaf_segs * width,
@@ -835,10 +874,10 @@ class Mirror final : public DeviceMirror {
   }
 
   size_t MemoryBytes() const override {
-    return vectors_.bytes() + live_.bytes() + leaf_centers_.bytes() + leaf_radii_.bytes() +
+    return vectors_.bytes() + live_.bytes() + leaf_centers_.bytes() +
            leaf_offsets_.bytes() + leaf_members_.bytes() + scores_.bytes() +
            chunk_hits_.bytes() + accum_.bytes() + final_.bytes() + lse_.bytes() +
-           log_z_.bytes() + qraw_.bytes() + qf_.bytes() + qt_.bytes() + qnorm_.bytes() +
+           log_z_.bytes() + bound_.bytes() + qraw_.bytes() + qf_.bytes() + qt_.bytes() +
            excl_offsets_.bytes() + excl_rows_.bytes() + leaf_sel_.bytes() + cand_.bytes() +
            lens_.bytes() + scratch_[0].bytes() + scratch_[1].bytes();
   }
@@ -974,11 +1013,11 @@ class Mirror final : public DeviceMirror {
   void* staging_ = nullptr;
   size_t capacity_ = 0, num_rows_ = 0;
   DeviceBuffer vectors_, live_, upload_;
-  DeviceBuffer leaf_centers_, leaf_radii_, leaf_offsets_, leaf_members_;
+  DeviceBuffer leaf_centers_, leaf_offsets_, leaf_members_;
   size_t num_leaves_ = 0, max_leaf_ = 0;
   bool has_leaves_ = false;
-  DeviceBuffer qraw_, qf_, qt_, qnorm_, excl_offsets_, excl_rows_;
-  DeviceBuffer scores_, chunk_hits_, accum_, final_, lse_, log_z_;
+  DeviceBuffer qraw_, qf_, qt_, excl_offsets_, excl_rows_;
+  DeviceBuffer scores_, chunk_hits_, accum_, final_, lse_, log_z_, bound_;
   DeviceBuffer leaf_sel_, cand_, lens_;
   DeviceBuffer scratch_[2];
   double last_visits_ = 0;

@@ -841,18 +841,17 @@ absl::Status TreeIndex::SyncDeviceTreeLocked(DeviceMirror& device, bool force) c
   const Tree& t = *tree_;
   const int dim = options_.dim;
   const std::vector<int32_t>& leaves = t.leaves();
-  std::vector<float> centers(leaves.size() * dim), radii(leaves.size());
+  std::vector<float> centers(leaves.size() * dim);
   std::vector<uint32_t> offsets(leaves.size() + 1, 0), members;
   members.reserve(store_.size());
   for (size_t i = 0; i < leaves.size(); ++i) {
     const int32_t f = leaves[i];
     std::copy_n(t.center(f), dim, centers.data() + i * dim);
-    radii[i] = t.radius(f);
     const absl::Span<const uint32_t> m = t.members(f);
     members.insert(members.end(), m.begin(), m.end());
     offsets[i + 1] = static_cast<uint32_t>(members.size());
   }
-  RETURN_IF_ERROR(device.SetLeaves(centers, radii, offsets, members));
+  RETURN_IF_ERROR(device.SetLeaves(centers, offsets, members));
   device_stamp_ = stamp;
   return absl::OkStatus();
 }
