@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -163,6 +164,7 @@ void ScanSection(const Flags& f, double copy_bw, double peak) {
   Say("| batch | top-%d q/s | ms/batch | GEMM ms | GEMM TFLOP/s | %% of GEMM peak | "
       "target bytes/s | %% of copy bandwidth |\n|---|---|---|---|---|---|---|---|\n", f.k);
   const double target_bytes = double(f.scan_n) * ((f.dim + 7) / 8 * 8) * 2;
+  std::vector<std::string> profiles;
   for (size_t batch : {size_t{1}, size_t{16}, size_t{1024}, size_t{4096}}) {
     std::vector<float> q = Uniform(batch, f.dim, 7 + batch);
     DeviceMirror::ScanParams p;
@@ -184,10 +186,13 @@ void ScanSection(const Flags& f, double copy_bw, double peak) {
     t /= reps;
     gemm /= reps;
     const double flops = 2.0 * f.scan_n * double(batch) * ((f.dim + 7) / 8 * 8);
+    profiles.push_back(absl::StrCat("- batch ", batch, ": ", dev.LastProfile(), "\n"));
     Say("| %zu | %.0f | %.2f | %.2f | %.1f | %.0f%% | %.2f TB/s | %.0f%% |\n", batch, batch / t,
         t * 1e3, gemm * 1e3, flops / gemm / 1e12, 100 * flops / gemm / peak,
         target_bytes / t / 1e12, 100 * target_bytes / t / copy_bw);
   }
+  Say("\nPhases of one profiled call (the stream synchronized after each):\n\n");
+  for (const std::string& p : profiles) Say("%s", p);
 }
 
 void TreeSection(const Flags& f) {
@@ -226,6 +231,10 @@ void TreeSection(const Flags& f) {
     Say("### %s: host insert + tree build %.1f s; device memory %.1f bytes/target "
         "(vectors, leaves, scratch)\n\n",
         DeviceDtypeName(dtype), build, double(stats.device_memory_bytes) / f.tree_n);
+    if (std::optional<TreeSummary> t = (*index)->TreeInfo()) {
+      Say("Tree: %zu leaves, leaf size min %zu / mean %.1f / max %zu, depth %d.\n\n",
+          t->num_leaves, t->min_leaf, t->mean_leaf, t->max_leaf, t->depth);
+    }
     Say("| method | recall@%d | q/s | x brute force |\n|---|---|---|---|\n", f.k);
     Say("| device brute force (exact) | 1.000 | %.0f | 1.0 |\n", brute_qps);
     for (int width : {8, 16, 32, 64, 128, 256}) {

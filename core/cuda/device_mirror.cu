@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -623,6 +625,9 @@ class Mirror final : public DeviceMirror {
     CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle_, stream_));
     CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH));
     CUDA_RETURN_IF_ERROR(cudaHostAlloc(&staging_, kStagingBytes, cudaHostAllocDefault));
+    // Debugging knob: profile every call and print its phases to stderr.
+    trace_ = std::getenv("NEGMINE_CUDA_PROFILE") != nullptr;
+    profiling_ = trace_;
     return absl::OkStatus();
   }
 
@@ -690,8 +695,9 @@ class Mirror final : public DeviceMirror {
     if (k < 1 || k > kMaxK) {
       return absl::InvalidArgumentError(absl::StrCat("device k = ", k, " not in [1, ", kMaxK, "]"));
     }
+    StartProfile();
     RETURN_IF_ERROR(PrepareQueries(queries, n));
-    gemm_seconds_ = 0;
+    Mark("upload queries");
     const bool masked = !p.exclude_offsets.empty();
     if (masked) {
       RETURN_IF_ERROR(excl_offsets_.Ensure(p.exclude_offsets.size() * sizeof(uint32_t)));
@@ -728,8 +734,7 @@ class Mirror final : public DeviceMirror {
       for (size_t begin = 0; begin < num_rows_; begin += chunk) {
         const size_t count = std::min(chunk, num_rows_ - begin);
         const float alpha = 1.0f, beta = 0.0f;
-        if (profiling_) CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-        const auto gemm_start = std::chrono::steady_clock::now();
+        Mark("select");
         CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
             handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(count),
             static_cast<int>(g), stride_, &alpha,
@@ -737,11 +742,7 @@ class Mirror final : public DeviceMirror {
             qt_.as<T>() + q0 * stride_, Elem<T>::kCuda, stride_, &beta,
             scores_.as<float>(), CUDA_R_32F, static_cast<int>(count),
             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        if (profiling_) {
-          CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-          gemm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                                         gemm_start).count();
-        }
+        Mark("gemm");
         if (masked) {
           MaskExcludedKernel<<<g, 128, 0, stream_>>>(
               scores_.as<float>(), count, begin, count, excl_offsets_.as<uint32_t>(),
@@ -788,6 +789,7 @@ class Mirror final : public DeviceMirror {
       }
       RETURN_IF_ERROR(Reduce(accum_.as<DeviceHit>(), kSlots * k, slot * k, nullptr, g, k,
                              final_.as<DeviceHit>(), k));
+      Mark("select");
       RETURN_IF_ERROR(CopyToHost(host.data(), final_.as<void>(), g * k * sizeof(DeviceHit)));
       if (p.want_log_z) {
         LogSumExpKernel<<<g, kThreads, 0, stream_>>>(lse_.as<float2>(), total_segs, total_segs,
@@ -797,8 +799,10 @@ class Mirror final : public DeviceMirror {
         for (size_t i = 0; i < g; ++i) (*log_z)[q0 + i] = host_z[i];
       }
       Collect(host, g, k, q0, hits);
+      Mark("download");
     }
     last_visits_ = static_cast<double>(num_rows_);
+    Trace("scan", n);
     return absl::OkStatus();
   }
 
@@ -814,7 +818,9 @@ class Mirror final : public DeviceMirror {
       return absl::InvalidArgumentError(absl::StrCat("device k = ", k, " not in [1, ", kMaxK, "]"));
     }
     const int width = static_cast<int>(std::min<size_t>(std::clamp(leaves, 1, kMaxK), num_leaves_));
+    StartProfile();
     RETURN_IF_ERROR(PrepareQueries(queries, n));
+    Mark("upload queries");
 
     const size_t cap = std::max<size_t>(size_t(width) * max_leaf_, 1);
     const size_t group = std::clamp<size_t>(kBeamBudget / cap, 1, std::min<size_t>(n, kMaxQueryGroup));
@@ -845,6 +851,7 @@ class Mirror final : public DeviceMirror {
           stride_, qt_.as<T>() + q0 * stride_, Elem<T>::kCuda, stride_, &beta,
           scores_.as<float>(), CUDA_R_32F, static_cast<int>(num_leaves_),
           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      Mark("route gemm");
       SelectArgs a{};
       a.scores = scores_.as<float>();
       a.ld = num_leaves_;
@@ -857,19 +864,24 @@ class Mirror final : public DeviceMirror {
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), leaf_segs * width, leaf_segs * width,
                              nullptr, g, width, leaf_sel_.as<DeviceHit>(), width));
+      Mark("route select");
       ScoreLeavesKernel<T><<<static_cast<unsigned>(g), kThreads, shared_bytes, stream_>>>(
           vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, leaf_sel_.as<DeviceHit>(),
           width, leaf_offsets_.as<uint32_t>(), leaf_members_.as<uint32_t>(), lanes,
           cand_.as<DeviceHit>(), cap, lens_.as<uint32_t>());
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      Mark("score leaves");
       RETURN_IF_ERROR(Reduce(cand_.as<DeviceHit>(), cap, cap, lens_.as<uint32_t>(), g, k,
                              final_.as<DeviceHit>(), k));
+      Mark("select");
       RETURN_IF_ERROR(CopyToHost(host.data(), final_.as<void>(), g * k * sizeof(DeviceHit)));
       RETURN_IF_ERROR(CopyToHost(host_lens.data(), lens_.as<void>(), g * sizeof(uint32_t)));
       for (size_t i = 0; i < g; ++i) visits += host_lens[i];
       Collect(host, g, k, q0, hits);
+      Mark("download");
     }
     last_visits_ = visits / n + width;
+    Trace("beam", n);
     return absl::OkStatus();
   }
 
@@ -884,7 +896,20 @@ class Mirror final : public DeviceMirror {
   std::string DeviceName() const override { return name_; }
   double LastVisitsPerQuery() const override { return last_visits_; }
   void set_profiling(bool on) override { profiling_ = on; }
-  double LastGemmSeconds() const override { return gemm_seconds_; }
+  std::string LastProfile() const override {
+    std::string out;
+    for (const auto& [name, seconds] : phases_) {
+      absl::StrAppend(&out, out.empty() ? "" : ", ", name, " ",
+                      absl::SixDigits(seconds * 1e3), " ms");
+    }
+    return out;
+  }
+  double LastGemmSeconds() const override {
+    for (const auto& [name, seconds] : phases_) {
+      if (name == "gemm") return seconds;
+    }
+    return 0;
+  }
 
  private:
   // Host -> device through the pinned staging buffer.
@@ -1021,8 +1046,32 @@ class Mirror final : public DeviceMirror {
   DeviceBuffer leaf_sel_, cand_, lens_;
   DeviceBuffer scratch_[2];
   double last_visits_ = 0;
-  bool profiling_ = false;
-  double gemm_seconds_ = 0;
+  // Profiling (benchmarks): time per phase of the last call, in order.
+  void StartProfile() {
+    phases_.clear();
+    if (profiling_) cudaStreamSynchronize(stream_);
+    mark_ = std::chrono::steady_clock::now();
+  }
+  void Mark(const char* phase) {
+    if (!profiling_) return;
+    cudaStreamSynchronize(stream_);
+    const auto now = std::chrono::steady_clock::now();
+    const double t = std::chrono::duration<double>(now - mark_).count();
+    mark_ = now;
+    for (auto& [name, seconds] : phases_) {
+      if (name == phase) {
+        seconds += t;
+        return;
+      }
+    }
+    phases_.emplace_back(phase, t);
+  }
+  void Trace(const char* call, size_t n) const {
+    if (trace_) std::fprintf(stderr, "negmine cuda %s n=%zu: %s\n", call, n, LastProfile().c_str());
+  }
+  bool profiling_ = false, trace_ = false;
+  std::chrono::steady_clock::time_point mark_;
+  std::vector<std::pair<std::string, double>> phases_;
 };
 
 template <typename T>

@@ -134,9 +134,11 @@ class DeviceMirror {
   virtual std::string DeviceName() const = 0;
   // Rows scored and leaves visited per query by the last call.
   virtual double LastVisitsPerQuery() const = 0;
-  // Benchmarks: with profiling on, the stream is synchronized around every
-  // scoring GEMM, and LastGemmSeconds() is their time in the last call.
+  // Benchmarks: with profiling on, the stream is synchronized after every
+  // phase of a call; LastProfile() lists the phases' times of the last call
+  // and LastGemmSeconds() the scoring GEMMs' part.
   virtual void set_profiling(bool on) = 0;
+  virtual std::string LastProfile() const = 0;
   virtual double LastGemmSeconds() const = 0;
 };
 
