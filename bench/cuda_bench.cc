@@ -169,7 +169,7 @@ void ScanSection(const Flags& f, double copy_bw, double peak) {
     std::vector<float> q = Uniform(batch, f.dim, 7 + batch);
     DeviceMirror::ScanParams p;
     p.k = f.k;
-    std::vector<std::vector<DeviceHit>> hits;
+    std::vector<DeviceHit> hits;
     Check(dev.Scan(q, batch, p, &hits, nullptr), "warm-up");
     const int reps = batch >= 1024 ? 3 : f.reps;
     double t = 0, gemm = 0;
@@ -237,7 +237,7 @@ void TreeSection(const Flags& f) {
     }
     Say("| method | recall@%d | q/s | x brute force |\n|---|---|---|---|\n", f.k);
     Say("| device brute force (exact) | 1.000 | %.0f | 1.0 |\n", brute_qps);
-    for (int width : {8, 16, 32, 64, 128, 256}) {
+    for (int width : {32, 64, 128, 192, 256, 384}) {
       double qps = 0;
       const SearchResult r = run({.k = f.k, .approximate = true, .beam_width = width}, &qps);
       double hits = 0;

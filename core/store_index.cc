@@ -869,22 +869,28 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
   size_t max_exclude = 0;
   for (const auto& e : exclude) max_exclude = std::max(max_exclude, e.size());
   const size_t num_top = params.rank_offset + num_hard;
-  // Exclusions are masked on the device in a scan; a beam asks for more.
+  // A scan masks exclusions on the device; a beam asks for more and filters.
   if (num_top + (beam ? max_exclude : 0) > size_t{DeviceMirror::kMaxK} ||
       num_samples > size_t{DeviceMirror::kMaxK}) {
     return std::nullopt;
   }
 
   const int dim = options_.dim;
-  std::vector<float> q(queries.begin(), queries.end());
-  if (options_.metric == Metric::kCosine) NormalizeRows(q.data(), n, dim);
-  // Excluded rows per query (CSR), and their ids for the beam's filter.
+  std::vector<float> normalized;
+  if (options_.metric == Metric::kCosine) {
+    normalized.assign(queries.begin(), queries.end());
+    NormalizeRows(normalized.data(), n, dim);
+    queries = normalized;
+  }
   DeviceMirror::ScanParams scan;
   scan.inv_tau = static_cast<float>(1.0 / params.temperature);
   scan.seed = Mix64(params.seed);
-  // Per query: the rows excluded by the caller, then the rank window's;
-  // and the top part (MIXED's hard results, excluded from its samples).
-  std::vector<std::vector<uint32_t>> excluded(n), hard(n);
+  // Per query: the rows excluded by the caller, then the rank window's; and
+  // the top part (MIXED's hard results, excluded from its samples). Only
+  // built when some later pass or filter needs them.
+  const bool track = !exclude.empty() || params.rank_offset > 0 || num_samples > 0 ||
+                     params.want_log_z;
+  std::vector<std::vector<uint32_t>> excluded(track ? n : 0), hard(track ? n : 0);
   for (size_t i = 0; i < exclude.size(); ++i) {
     for (uint64_t id : exclude[i]) {
       if (std::optional<size_t> row = store_.Row(id)) {
@@ -901,6 +907,15 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
       p->exclude_offsets.push_back(static_cast<uint32_t>(p->exclude_rows.size()));
     }
   };
+  // The valid hits of query i (of k per query), moved to the front of its
+  // block and sorted by `before`; returns their number.
+  auto take = [&](std::vector<DeviceHit>& hits, size_t i, size_t k, auto before) {
+    DeviceHit* h = hits.data() + i * k;
+    DeviceHit* end = std::remove_if(
+        h, h + k, [](const DeviceHit& x) { return x.row == DeviceMirror::kNoRow; });
+    std::sort(h, end, before);
+    return static_cast<size_t>(end - h);
+  };
   auto by_score = [&](const DeviceHit& a, const DeviceHit& b) {
     return a.score > b.score || (a.score == b.score && store_.id(a.row) < store_.id(b.row));
   };
@@ -914,41 +929,47 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
   SearchResult result;
   result.index_version = version_;
   result.queries.resize(n);
-  std::vector<std::vector<DeviceHit>> hits;
+  std::vector<DeviceHit> hits;
 
   // 1. The top part: rank window + hard results.
   if (num_top > 0) {
     absl::Status s;
+    size_t k = num_top;
     if (beam) {
+      k += max_exclude;
       const int width = params.beam_width > 0 ? params.beam_width : 128;
-      s = device_->Beam(q, n, width, static_cast<int>(num_top + max_exclude), &hits);
+      s = device_->Beam(queries, n, width, static_cast<int>(k), &hits);
     } else {
       DeviceMirror::ScanParams p = scan;
-      p.k = static_cast<int>(num_top);
+      p.k = static_cast<int>(k);
       if (!exclude.empty()) set_exclusions(&p, false);
-      s = device_->Scan(q, n, p, &hits, nullptr);
+      s = device_->Scan(queries, n, p, &hits, nullptr);
     }
     if (!s.ok()) return s;
     for (size_t i = 0; i < n; ++i) {
-      std::vector<DeviceHit>& h = hits[i];
+      DeviceHit* h = hits.data() + i * k;
       if (beam && !excluded[i].empty()) {
         absl::flat_hash_set<uint32_t> drop(excluded[i].begin(), excluded[i].end());
-        h.erase(std::remove_if(h.begin(), h.end(),
-                               [&](const DeviceHit& x) { return drop.contains(x.row); }),
-                h.end());
+        for (size_t j = 0; j < k; ++j) {
+          if (drop.contains(h[j].row)) h[j].row = DeviceMirror::kNoRow;
+        }
       }
-      std::sort(h.begin(), h.end(), by_score);
-      if (h.size() > num_top) h.resize(num_top);
+      const size_t got = std::min(take(hits, i, k, by_score), num_top);
       QueryResult& out = result.queries[i];
-      const size_t skipped = std::min<size_t>(params.rank_offset, h.size());
-      for (size_t j = skipped; j < h.size(); ++j) {
+      const size_t skipped = std::min<size_t>(params.rank_offset, got);
+      out.ids.reserve(params.k);
+      out.scores.reserve(params.k);
+      out.log_q.reserve(params.k);
+      for (size_t j = skipped; j < got; ++j) {
         out.ids.push_back(store_.id(h[j].row));
         out.scores.push_back(h[j].score);
         out.log_q.push_back(0.0f);
       }
-      out.num_top = static_cast<int>(out.ids.size());
-      for (size_t j = 0; j < skipped; ++j) excluded[i].push_back(h[j].row);
-      for (size_t j = skipped; j < h.size(); ++j) hard[i].push_back(h[j].row);
+      out.num_top = static_cast<int>(got - skipped);
+      if (track) {
+        for (size_t j = 0; j < skipped; ++j) excluded[i].push_back(h[j].row);
+        for (size_t j = skipped; j < got; ++j) hard[i].push_back(h[j].row);
+      }
     }
   }
   if (absl::Status s = CheckCancelled(params); !s.ok()) return s;
@@ -962,8 +983,8 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
     p.k = 1;
     p.want_log_z = true;
     set_exclusions(&p, false);
-    std::vector<std::vector<DeviceHit>> unused;
-    if (absl::Status s = device_->Scan(q, n, p, &unused, &log_z); !s.ok()) return s;
+    std::vector<DeviceHit> unused;
+    if (absl::Status s = device_->Scan(queries, n, p, &unused, &log_z); !s.ok()) return s;
     for (size_t i = 0; i < n; ++i) {
       result.queries[i].log_z_lo = result.queries[i].log_z_hi = log_z[i];
     }
@@ -976,16 +997,16 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
     p.gumbel = true;
     p.want_log_z = true;
     set_exclusions(&p, true);
-    if (absl::Status s = device_->Scan(q, n, p, &hits, &log_z); !s.ok()) return s;
+    if (absl::Status s = device_->Scan(queries, n, p, &hits, &log_z); !s.ok()) return s;
     for (size_t i = 0; i < n; ++i) {
       QueryResult& out = result.queries[i];
       if (params.want_log_z && !own_log_z_pass) out.log_z_lo = out.log_z_hi = log_z[i];
-      std::vector<DeviceHit>& h = hits[i];
-      std::sort(h.begin(), h.end(), by_key);  // draw order
-      for (const DeviceHit& x : h) {
-        out.ids.push_back(store_.id(x.row));
-        out.scores.push_back(x.score);
-        out.log_q.push_back(static_cast<float>(x.score * double{scan.inv_tau} - log_z[i]));
+      const DeviceHit* h = hits.data() + i * num_samples;
+      const size_t got = take(hits, i, num_samples, by_key);  // draw order
+      for (size_t j = 0; j < got; ++j) {
+        out.ids.push_back(store_.id(h[j].row));
+        out.scores.push_back(h[j].score);
+        out.log_q.push_back(static_cast<float>(h[j].score * double{scan.inv_tau} - log_z[i]));
       }
     }
   }

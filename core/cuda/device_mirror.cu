@@ -1,5 +1,6 @@
 // The CUDA implementation of DeviceMirror (see the header for the layout and
 // the algorithms). Comments here say why.
+#include <cub/cub.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -111,7 +112,7 @@ class DeviceBuffer {
 constexpr int kThreads = 256;
 constexpr int kPerThread = 16;
 constexpr int kSegment = kThreads * kPerThread;  // scores per selection block
-constexpr uint32_t kNoRow = 0xffffffffu;
+constexpr uint32_t kNoRow = DeviceMirror::kNoRow;
 // Floats in one GEMM's score block (1 GiB).
 constexpr size_t kScoreBudget = size_t{256} << 20;
 // Candidate hits held for one beam group (768 MiB).
@@ -536,11 +537,12 @@ __global__ void __launch_bounds__(kThreads)
     ScoreLeavesKernel(const T* vectors, int stride, const float* queries,
                       const DeviceHit* leaf_hits, int num_leaves,
                       const uint32_t* offsets, const uint32_t* members,
-                      int group, DeviceHit* out, size_t cap, uint32_t* lens) {
+                      const uint32_t* order, int group, DeviceHit* out, size_t cap,
+                      uint32_t* lens) {
   extern __shared__ float shared[];
   float* qs = shared;                                        // stride
   uint32_t* pos = reinterpret_cast<uint32_t*>(qs + stride);  // num_leaves + 1
-  const uint32_t q = blockIdx.x;
+  const uint32_t q = order[blockIdx.x];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int j = tid; j < stride; j += kThreads) qs[j] = queries[size_t{q} * stride + j];
   // Each leaf's first slot: a serial prefix in one thread (num_leaves is a
@@ -577,6 +579,35 @@ __global__ void __launch_bounds__(kThreads)
         out[size_t{q} * cap + pos[p] + r] = DeviceHit{s, s, row};
       }
     }
+  }
+}
+
+// keys[q] = the leaf of query q's best center score among its `width`
+// selected leaves, values[q] = q: sorting by it runs the queries that visit
+// the same leaves side by side, so their rows are read from L2.
+__global__ void BestLeafKernel(const DeviceHit* leaf_hits, int width, uint32_t* keys,
+                               uint32_t* values) {
+  const uint32_t q = blockIdx.x;
+  float best = -INFINITY;
+  uint32_t leaf = 0;
+  for (int p = threadIdx.x; p < width; p += 32) {
+    const DeviceHit h = leaf_hits[size_t{q} * width + p];
+    if (h.row != kNoRow && h.key > best) {
+      best = h.key;
+      leaf = h.row;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float b = __shfl_xor_sync(~0u, best, o);
+    const uint32_t l = __shfl_xor_sync(~0u, leaf, o);
+    if (b > best || (b == best && l < leaf)) {
+      best = b;
+      leaf = l;
+    }
+  }
+  if (threadIdx.x == 0) {
+    keys[q] = leaf;
+    values[q] = q;
   }
 }
 
@@ -685,10 +716,9 @@ class Mirror final : public DeviceMirror {
   bool has_leaves() const override { return has_leaves_; }
 
   absl::Status Scan(absl::Span<const float> queries, size_t n, const ScanParams& p,
-                    std::vector<std::vector<DeviceHit>>* hits,
-                    std::vector<double>* log_z) override {
+                    std::vector<DeviceHit>* hits, std::vector<double>* log_z) override {
     DeviceScope scope(device_);
-    hits->assign(n, {});
+    hits->assign(n * std::max(p.k, 0), DeviceHit{0, 0, kNoRow});
     if (log_z != nullptr) log_z->assign(n, -std::numeric_limits<double>::infinity());
     if (num_rows_ == 0 || n == 0) return absl::OkStatus();
     const int k = p.k;
@@ -725,7 +755,6 @@ class Mirror final : public DeviceMirror {
       RETURN_IF_ERROR(lse_.Ensure(group * total_segs * sizeof(float2)));
       RETURN_IF_ERROR(log_z_.Ensure(group * sizeof(double)));
     }
-    std::vector<DeviceHit> host(group * k);
     std::vector<double> host_z(group);
     for (size_t q0 = 0; q0 < n; q0 += group) {
       const size_t g = std::min(group, n - q0);
@@ -790,7 +819,8 @@ class Mirror final : public DeviceMirror {
       RETURN_IF_ERROR(Reduce(accum_.as<DeviceHit>(), kSlots * k, slot * k, nullptr, g, k,
                              final_.as<DeviceHit>(), k));
       Mark("select");
-      RETURN_IF_ERROR(CopyToHost(host.data(), final_.as<void>(), g * k * sizeof(DeviceHit)));
+      RETURN_IF_ERROR(CopyToHost(hits->data() + q0 * k, final_.as<void>(),
+                                 g * k * sizeof(DeviceHit)));
       if (p.want_log_z) {
         LogSumExpKernel<<<g, kThreads, 0, stream_>>>(lse_.as<float2>(), total_segs, total_segs,
                                                      log_z_.as<double>());
@@ -798,7 +828,6 @@ class Mirror final : public DeviceMirror {
         RETURN_IF_ERROR(CopyToHost(host_z.data(), log_z_.as<void>(), g * sizeof(double)));
         for (size_t i = 0; i < g; ++i) (*log_z)[q0 + i] = host_z[i];
       }
-      Collect(host, g, k, q0, hits);
       Mark("download");
     }
     last_visits_ = static_cast<double>(num_rows_);
@@ -807,9 +836,9 @@ class Mirror final : public DeviceMirror {
   }
 
   absl::Status Beam(absl::Span<const float> queries, size_t n, int leaves, int k,
-                    std::vector<std::vector<DeviceHit>>* hits) override {
+                    std::vector<DeviceHit>* hits) override {
     DeviceScope scope(device_);
-    hits->assign(n, {});
+    hits->assign(n * std::max(k, 0), DeviceHit{0, 0, kNoRow});
     if (!has_leaves_) {
       return absl::FailedPreconditionError("the device holds no tree leaves yet");
     }
@@ -830,6 +859,7 @@ class Mirror final : public DeviceMirror {
     RETURN_IF_ERROR(leaf_sel_.Ensure(group * width * sizeof(DeviceHit)));
     RETURN_IF_ERROR(cand_.Ensure(group * cap * sizeof(DeviceHit)));
     RETURN_IF_ERROR(lens_.Ensure(group * sizeof(uint32_t)));
+    RETURN_IF_ERROR(order_.Ensure(4 * group * sizeof(uint32_t)));
     RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(DeviceHit)));
     const size_t shared_bytes = stride_ * sizeof(float) + (width + 1) * sizeof(uint32_t);
     if (shared_bytes > 48 * 1024) {
@@ -839,7 +869,6 @@ class Mirror final : public DeviceMirror {
     }
     int lanes = 1;
     while (lanes < 32 && lanes < stride_ / 8) lanes *= 2;
-    std::vector<DeviceHit> host(group * k);
     std::vector<uint32_t> host_lens(group);
     double visits = 0;
     for (size_t q0 = 0; q0 < n; q0 += group) {
@@ -865,19 +894,35 @@ class Mirror final : public DeviceMirror {
       RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), leaf_segs * width, leaf_segs * width,
                              nullptr, g, width, leaf_sel_.as<DeviceHit>(), width));
       Mark("route select");
+      uint32_t* keys = order_.as<uint32_t>();
+      uint32_t* values = keys + g;
+      uint32_t* sorted_keys = values + g;
+      uint32_t* sorted_values = sorted_keys + g;
+      BestLeafKernel<<<static_cast<unsigned>(g), 32, 0, stream_>>>(leaf_sel_.as<DeviceHit>(),
+                                                                  width, keys, values);
+      size_t temp_bytes = 0;
+      int bits = 1;
+      while (bits < 32 && (size_t{1} << bits) < num_leaves_) ++bits;
+      cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, sorted_keys, values,
+                                      sorted_values, static_cast<int>(g), 0, bits, stream_);
+      RETURN_IF_ERROR(sort_temp_.Ensure(std::max<size_t>(temp_bytes, 1)));
+      CUDA_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(
+          sort_temp_.as<void>(), temp_bytes, keys, sorted_keys, values, sorted_values,
+          static_cast<int>(g), 0, bits, stream_));
+      Mark("order queries");
       ScoreLeavesKernel<T><<<static_cast<unsigned>(g), kThreads, shared_bytes, stream_>>>(
           vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, leaf_sel_.as<DeviceHit>(),
-          width, leaf_offsets_.as<uint32_t>(), leaf_members_.as<uint32_t>(), lanes,
-          cand_.as<DeviceHit>(), cap, lens_.as<uint32_t>());
+          width, leaf_offsets_.as<uint32_t>(), leaf_members_.as<uint32_t>(), sorted_values,
+          lanes, cand_.as<DeviceHit>(), cap, lens_.as<uint32_t>());
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       Mark("score leaves");
       RETURN_IF_ERROR(Reduce(cand_.as<DeviceHit>(), cap, cap, lens_.as<uint32_t>(), g, k,
                              final_.as<DeviceHit>(), k));
       Mark("select");
-      RETURN_IF_ERROR(CopyToHost(host.data(), final_.as<void>(), g * k * sizeof(DeviceHit)));
+      RETURN_IF_ERROR(CopyToHost(hits->data() + q0 * k, final_.as<void>(),
+                                 g * k * sizeof(DeviceHit)));
       RETURN_IF_ERROR(CopyToHost(host_lens.data(), lens_.as<void>(), g * sizeof(uint32_t)));
       for (size_t i = 0; i < g; ++i) visits += host_lens[i];
-      Collect(host, g, k, q0, hits);
       Mark("download");
     }
     last_visits_ = visits / n + width;
@@ -890,7 +935,7 @@ class Mirror final : public DeviceMirror {
            leaf_offsets_.bytes() + leaf_members_.bytes() + scores_.bytes() +
            chunk_hits_.bytes() + accum_.bytes() + final_.bytes() + lse_.bytes() +
            log_z_.bytes() + bound_.bytes() + qraw_.bytes() + qf_.bytes() + qt_.bytes() +
-           excl_offsets_.bytes() + excl_rows_.bytes() + leaf_sel_.bytes() + cand_.bytes() +
+           excl_offsets_.bytes() + excl_rows_.bytes() + leaf_sel_.bytes() + cand_.bytes() + order_.bytes() + sort_temp_.bytes() +
            lens_.bytes() + scratch_[0].bytes() + scratch_[1].bytes();
   }
   std::string DeviceName() const override { return name_; }
@@ -1020,16 +1065,6 @@ class Mirror final : public DeviceMirror {
     }
   }
 
-  static void Collect(const std::vector<DeviceHit>& host, size_t g, int k, size_t q0,
-                      std::vector<std::vector<DeviceHit>>* hits) {
-    for (size_t i = 0; i < g; ++i) {
-      std::vector<DeviceHit>& h = (*hits)[q0 + i];
-      for (int j = 0; j < k; ++j) {
-        if (host[i * k + j].row != kNoRow) h.push_back(host[i * k + j]);
-      }
-    }
-  }
-
   const int dim_, stride_;
   const int device_;
   std::string name_;
@@ -1043,7 +1078,7 @@ class Mirror final : public DeviceMirror {
   bool has_leaves_ = false;
   DeviceBuffer qraw_, qf_, qt_, excl_offsets_, excl_rows_;
   DeviceBuffer scores_, chunk_hits_, accum_, final_, lse_, log_z_, bound_;
-  DeviceBuffer leaf_sel_, cand_, lens_;
+  DeviceBuffer leaf_sel_, cand_, lens_, order_, sort_temp_;
   DeviceBuffer scratch_[2];
   double last_visits_ = 0;
   // Profiling (benchmarks): time per phase of the last call, in order.

@@ -74,6 +74,8 @@ class DeviceMirror {
  public:
   // Largest k a device selection takes (k + rank window + exclusions).
   static constexpr int kMaxK = 2048;
+  // The row of a missing hit.
+  static constexpr uint32_t kNoRow = 0xffffffffu;
 
   // A mirror for vectors of `dim` stored as `dtype`, on CUDA device `device`.
   //   UNIMPLEMENTED: CUDA is not built. FAILED_PRECONDITION: no such device.
@@ -114,19 +116,18 @@ class DeviceMirror {
     std::vector<uint32_t> exclude_offsets, exclude_rows;
   };
   // `queries` n x dim, in scoring space (cosine: unit length). For each
-  // query, its best min(k, eligible) hits, unordered, into (*hits)[q]; with
+  // query q, its best min(k, eligible) hits, unordered, into
+  // (*hits)[q * k, (q + 1) * k), the missing ones with row kNoRow; with
   // want_log_z, log sum over eligible rows of exp(s * inv_tau) into
   // (*log_z)[q].
   virtual absl::Status Scan(absl::Span<const float> queries, size_t n,
-                            const ScanParams& params,
-                            std::vector<std::vector<DeviceHit>>* hits,
+                            const ScanParams& params, std::vector<DeviceHit>* hits,
                             std::vector<double>* log_z) = 0;
   // Approximate top-k over the members of the `leaves` leaves with the best
   // upper bounds per query. Unordered, as Scan. FAILED_PRECONDITION before
   // SetLeaves.
   virtual absl::Status Beam(absl::Span<const float> queries, size_t n,
-                            int leaves, int k,
-                            std::vector<std::vector<DeviceHit>>* hits) = 0;
+                            int leaves, int k, std::vector<DeviceHit>* hits) = 0;
 
   // Device bytes held (vectors, leaves, scratch).
   virtual size_t MemoryBytes() const = 0;
