@@ -948,7 +948,7 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
     if (!s.ok()) return s;
     for (size_t i = 0; i < n; ++i) {
       DeviceHit* h = hits.data() + i * k;
-      if (beam && !excluded[i].empty()) {
+      if (beam && track && !excluded[i].empty()) {
         absl::flat_hash_set<uint32_t> drop(excluded[i].begin(), excluded[i].end());
         for (size_t j = 0; j < k; ++j) {
           if (drop.contains(h[j].row)) h[j].row = DeviceMirror::kNoRow;
