@@ -16,6 +16,8 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cinttypes>
@@ -154,7 +156,7 @@ void ScanSection(const Flags& f, double copy_bw, double peak) {
   absl::StatusOr<std::unique_ptr<DeviceMirror>> m = DeviceMirror::Create(f.dim, DeviceDtype::kFloat16);
   Check(m.status(), "create");
   DeviceMirror& dev = **m;
-  Check(dev.SetAll({.data = data.data(), .dim = f.dim}, f.scan_n, live.data()), "upload");
+  Check(dev.SetAll({.data = data.data(), .dim = f.dim}, f.scan_n, live.data(), nullptr), "upload");
   const double upload = Now() - t0;
   data.clear();
   data.shrink_to_fit();
@@ -276,6 +278,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  // As the server does: keep freed heap memory instead of returning it to
+  // the kernel, so that every batch's results do not fault fresh pages.
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
     std::fprintf(stderr, "no CUDA device\n");

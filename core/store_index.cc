@@ -841,7 +841,7 @@ absl::Status StoreIndex::SyncDeviceLocked() const {
   const size_t rows = store_.num_rows();
   const bool all = device_all_dirty_;
   if (all) {
-    RETURN_IF_ERROR(device_->SetAll(Points(), rows, store_.live_flags()));
+    RETURN_IF_ERROR(device_->SetAll(Points(), rows, store_.live_flags(), store_.row_ids()));
     device_all_dirty_ = false;
     device_dirty_.clear();
   } else if (!device_dirty_.empty()) {
@@ -849,7 +849,8 @@ absl::Status StoreIndex::SyncDeviceLocked() const {
     device_dirty_.erase(std::unique(device_dirty_.begin(), device_dirty_.end()),
                         device_dirty_.end());
     RETURN_IF_ERROR(device_->Reserve(rows));
-    RETURN_IF_ERROR(device_->SetRows(Points(), device_dirty_, store_.live_flags()));
+    RETURN_IF_ERROR(device_->SetRows(Points(), device_dirty_, store_.live_flags(),
+                                             store_.row_ids()));
     device_dirty_.clear();
   }
   device_->SetNumRows(rows);
@@ -916,11 +917,11 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
     std::sort(h, end, before);
     return static_cast<size_t>(end - h);
   };
-  auto by_score = [&](const DeviceHit& a, const DeviceHit& b) {
-    return a.score > b.score || (a.score == b.score && store_.id(a.row) < store_.id(b.row));
+  auto by_score = [](const DeviceHit& a, const DeviceHit& b) {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
   };
-  auto by_key = [&](const DeviceHit& a, const DeviceHit& b) {
-    return a.key > b.key || (a.key == b.key && store_.id(a.row) < store_.id(b.row));
+  auto by_key = [](const DeviceHit& a, const DeviceHit& b) {
+    return a.key > b.key || (a.key == b.key && a.id < b.id);
   };
 
   absl::MutexLock device_lock(&device_mu_);
@@ -961,7 +962,7 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
       out.scores.reserve(params.k);
       out.log_q.reserve(params.k);
       for (size_t j = skipped; j < got; ++j) {
-        out.ids.push_back(store_.id(h[j].row));
+        out.ids.push_back(h[j].id);
         out.scores.push_back(h[j].score);
         out.log_q.push_back(0.0f);
       }
@@ -1004,7 +1005,7 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
       const DeviceHit* h = hits.data() + i * num_samples;
       const size_t got = take(hits, i, num_samples, by_key);  // draw order
       for (size_t j = 0; j < got; ++j) {
-        out.ids.push_back(store_.id(h[j].row));
+        out.ids.push_back(h[j].id);
         out.scores.push_back(h[j].score);
         out.log_q.push_back(static_cast<float>(h[j].score * double{scan.inv_tau} - log_z[i]));
       }

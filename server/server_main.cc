@@ -7,6 +7,7 @@
 // embedded default collection is loaded; then SERVING. SIGTERM or SIGINT
 // drains: health turns NOT_SERVING, new calls are refused, in-flight calls
 // get --shutdown_grace_seconds to finish. A second signal exits at once.
+#include <malloc.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/file.h>
@@ -372,5 +373,11 @@ int main(int argc, char** argv) {
       "negmine-server: the negmine hard-negative mining index server.\n"
       "  negmine-server --listen=127.0.0.1:50051 --data_dir=./negmine-data");
   absl::ParseCommandLine(argc, argv);
+  // Every batch allocates and frees its results (megabytes at batch 4096).
+  // glibc would map large blocks fresh and trim the heap after each free,
+  // so the next batch faults the pages in again; on a VM that cost ~10 ms
+  // per 4096-query batch (bench/cuda_bench.cc). Keep the memory instead.
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   return negmine::server::Run();
 }

@@ -113,6 +113,13 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = 16;
 constexpr int kSegment = kThreads * kPerThread;  // scores per selection block
 constexpr uint32_t kNoRow = DeviceMirror::kNoRow;
+
+// A candidate inside the device: 12 bytes (ids are looked up at the end).
+struct Cand {
+  float key;
+  float score;
+  uint32_t row;
+};
 // Floats in one GEMM's score block (1 GiB).
 constexpr size_t kScoreBudget = size_t{256} << 20;
 // Candidate hits held for one beam group (768 MiB).
@@ -173,12 +180,13 @@ struct Elem<__nv_bfloat16> {
 // ------------------------------------------------------------------ kernels
 
 // dst[row(i) * stride + j] = src[i * dim + j] (0 for j >= dim), row(i) =
-// rows ? rows[i] : first + i; and live flags likewise when given.
+// rows ? rows[i] : first + i; and live flags and ids likewise when given.
 template <typename T>
 __global__ void ScatterRowsKernel(const float* src, const uint32_t* rows,
                                   size_t first, size_t count, int dim,
                                   int stride, T* dst, const uint8_t* live_src,
-                                  uint8_t* live_dst) {
+                                  uint8_t* live_dst, const uint64_t* ids_src,
+                                  uint64_t* ids_dst) {
   const size_t total = count * stride;
   for (size_t e = blockIdx.x * size_t{blockDim.x} + threadIdx.x; e < total;
        e += size_t{gridDim.x} * blockDim.x) {
@@ -187,6 +195,7 @@ __global__ void ScatterRowsKernel(const float* src, const uint32_t* rows,
     const size_t row = rows ? rows[i] : first + i;
     dst[row * stride + j] = Elem<T>::From(j < dim ? src[i * dim + j] : 0.0f);
     if (live_src != nullptr && j == 0) live_dst[row] = live_src[i];
+    if (ids_src != nullptr && j == 0) ids_dst[row] = ids_src[i];
   }
 }
 
@@ -251,10 +260,10 @@ struct SelectArgs {
   uint64_t seed;
   uint32_t query_base;   // global index of query 0 of the launch (noise)
   // kHits: hits[q * ld + i], i < (lens ? lens[q] : count).
-  const DeviceHit* hits;
+  const Cand* hits;
   const uint32_t* lens;
   // Out: k hits per segment at out[q * out_ld + (out_seg + segment) * k].
-  DeviceHit* out;
+  Cand* out;
   size_t out_ld;
   size_t out_seg;
   int k;
@@ -289,7 +298,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
     row[i] = kNoRow;
     if (idx >= count) continue;
     if (kMode == kHits) {
-      const DeviceHit h = a.hits[q * a.ld + idx];
+      const Cand h = a.hits[q * a.ld + idx];
       if (h.row != kNoRow) {
         key[i] = OrderedKey(h.key);
         score[i] = h.score;
@@ -357,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
   __syncthreads();
   const uint32_t total_valid = s_gt;
   const uint32_t k = static_cast<uint32_t>(a.k);
-  DeviceHit* out = a.out + q * a.out_ld + (a.out_seg + seg) * k;
+  Cand* out = a.out + q * a.out_ld + (a.out_seg + seg) * k;
 
   uint32_t threshold = 1;  // take every valid key (there are at most k)
   uint32_t need_eq = 0;
@@ -421,7 +430,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
   for (int i = 0; i < kPerThread; ++i) {
     if (key[i] != 0 && (strict ? key[i] > threshold : true)) {
       const uint32_t pos = atomicAdd(&s_gt, 1u);
-      out[pos] = DeviceHit{KeyToFloat(key[i]), score[i], row[i]};
+      out[pos] = Cand{KeyToFloat(key[i]), score[i], row[i]};
     }
   }
   __syncthreads();
@@ -441,7 +450,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
     for (int i = 0; i < kPerThread; ++i) {
       if (key[i] == threshold) {
         const uint32_t pos = atomicAdd(&s_gt, 1u);
-        out[pos] = DeviceHit{KeyToFloat(key[i]), score[i], row[i]};
+        out[pos] = Cand{KeyToFloat(key[i]), score[i], row[i]};
       }
     }
   }
@@ -457,7 +466,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
       for (int w = 0; w < warp; ++w) offset += warp_count[w];
       offset += __popc(ballot & ((1u << lane) - 1u));
       if (flag && offset < need_eq) {
-        out[num_gt + offset] = DeviceHit{KeyToFloat(key[i]), score[i], row[i]};
+        out[num_gt + offset] = Cand{KeyToFloat(key[i]), score[i], row[i]};
       }
       for (int w = 0; w < kThreads / 32; ++w) base += warp_count[w];
       __syncthreads();
@@ -466,7 +475,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
   // Pad to k with "no hit".
   const uint32_t filled = strict ? k : num_gt;
   for (uint32_t j = filled + tid; j < k; j += kThreads) {
-    out[j] = DeviceHit{0.0f, 0.0f, kNoRow};
+    out[j] = Cand{0.0f, 0.0f, kNoRow};
   }
 }
 
@@ -479,12 +488,12 @@ __global__ void FillKernel(float* p, size_t n, float v) {
 
 // bound[q] = max(bound[q], the smallest key of hits[q * ld .. + k]) when all
 // k are hits: the final k-th best key is at least that.
-__global__ void RaiseBoundKernel(const DeviceHit* hits, size_t ld, int k, float* bound) {
+__global__ void RaiseBoundKernel(const Cand* hits, size_t ld, int k, float* bound) {
   const uint32_t q = blockIdx.x;
   float m = INFINITY;
   bool full = true;
   for (int j = threadIdx.x; j < k; j += 32) {
-    const DeviceHit h = hits[q * ld + j];
+    const Cand h = hits[q * ld + j];
     full = full && h.row != kNoRow;
     m = fminf(m, h.key);
   }
@@ -535,9 +544,9 @@ __global__ void LogSumExpKernel(const float2* lse, size_t ld, size_t segs,
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     ScoreLeavesKernel(const T* vectors, int stride, const float* queries,
-                      const DeviceHit* leaf_hits, int num_leaves,
+                      const Cand* leaf_hits, int num_leaves,
                       const uint32_t* offsets, const uint32_t* members,
-                      const uint32_t* order, int group, DeviceHit* out, size_t cap,
+                      const uint32_t* order, int group, Cand* out, size_t cap,
                       uint32_t* lens) {
   extern __shared__ float shared[];
   float* qs = shared;                                        // stride
@@ -576,7 +585,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       for (int o = group / 2; o > 0; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
       if (r < size && part == 0) {
-        out[size_t{q} * cap + pos[p] + r] = DeviceHit{s, s, row};
+        out[size_t{q} * cap + pos[p] + r] = Cand{s, s, row};
       }
     }
   }
@@ -585,13 +594,13 @@ __global__ void __launch_bounds__(kThreads)
 // keys[q] = the leaf of query q's best center score among its `width`
 // selected leaves, values[q] = q: sorting by it runs the queries that visit
 // the same leaves side by side, so their rows are read from L2.
-__global__ void BestLeafKernel(const DeviceHit* leaf_hits, int width, uint32_t* keys,
+__global__ void BestLeafKernel(const Cand* leaf_hits, int width, uint32_t* keys,
                                uint32_t* values) {
   const uint32_t q = blockIdx.x;
   float best = -INFINITY;
   uint32_t leaf = 0;
   for (int p = threadIdx.x; p < width; p += 32) {
-    const DeviceHit h = leaf_hits[size_t{q} * width + p];
+    const Cand h = leaf_hits[size_t{q} * width + p];
     if (h.row != kNoRow && h.key > best) {
       best = h.key;
       leaf = h.row;
@@ -608,6 +617,15 @@ __global__ void BestLeafKernel(const DeviceHit* leaf_hits, int width, uint32_t* 
   if (threadIdx.x == 0) {
     keys[q] = leaf;
     values[q] = q;
+  }
+}
+
+// The ids of `count` candidates (0 for none).
+__global__ void GatherIdsKernel(const Cand* c, size_t count, const uint64_t* ids,
+                                uint64_t* out) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < count;
+       i += size_t{gridDim.x} * blockDim.x) {
+    out[i] = c[i].row == kNoRow ? 0 : ids[c[i].row];
   }
 }
 
@@ -666,8 +684,10 @@ class Mirror final : public DeviceMirror {
     if (rows <= capacity_) return absl::OkStatus();
     DeviceScope scope(device_);
     const size_t cap = std::max(rows, capacity_ + capacity_ / 2);
-    // Both or neither: grow the live flags first (small), then the vectors.
+    // Grown one by one; a failure leaves the old capacity usable (a larger
+    // buffer beside it is harmless).
     RETURN_IF_ERROR(live_.Grow(cap, capacity_, stream_));
+    RETURN_IF_ERROR(ids_.Grow(cap * sizeof(uint64_t), capacity_ * sizeof(uint64_t), stream_));
     RETURN_IF_ERROR(vectors_.Grow(cap * stride_ * sizeof(T),
                                   capacity_ * stride_ * sizeof(T), stream_));
     capacity_ = cap;
@@ -675,14 +695,16 @@ class Mirror final : public DeviceMirror {
   }
 
   absl::Status SetRows(const PointSource& points, absl::Span<const uint32_t> rows,
-                       const uint8_t* live) override {
-    return Upload(points, rows.data(), 0, rows.size(), live);
+                       const uint8_t* live, const uint64_t* ids) override {
+    DeviceScope scope(device_);
+    return ScatterFloats(points, rows.data(), 0, rows.size(), vectors_.as<T>(), live, ids);
   }
 
-  absl::Status SetAll(const PointSource& points, size_t num_rows,
-                      const uint8_t* live) override {
+  absl::Status SetAll(const PointSource& points, size_t num_rows, const uint8_t* live,
+                      const uint64_t* ids) override {
     RETURN_IF_ERROR(Reserve(num_rows));
-    RETURN_IF_ERROR(Upload(points, nullptr, 0, num_rows, live));
+    DeviceScope scope(device_);
+    RETURN_IF_ERROR(ScatterFloats(points, nullptr, 0, num_rows, vectors_.as<T>(), live, ids));
     num_rows_ = num_rows;
     return absl::OkStatus();
   }
@@ -718,7 +740,7 @@ class Mirror final : public DeviceMirror {
   absl::Status Scan(absl::Span<const float> queries, size_t n, const ScanParams& p,
                     std::vector<DeviceHit>* hits, std::vector<double>* log_z) override {
     DeviceScope scope(device_);
-    hits->assign(n * std::max(p.k, 0), DeviceHit{0, 0, kNoRow});
+    hits->resize(n * std::max(p.k, 0));
     if (log_z != nullptr) log_z->assign(n, -std::numeric_limits<double>::infinity());
     if (num_rows_ == 0 || n == 0) return absl::OkStatus();
     const int k = p.k;
@@ -747,9 +769,9 @@ class Mirror final : public DeviceMirror {
     // they are reduced into slot 0.
     constexpr size_t kSlots = 32;
     RETURN_IF_ERROR(scores_.Ensure(group * chunk * sizeof(float)));
-    RETURN_IF_ERROR(chunk_hits_.Ensure(group * chunk_segs * k * sizeof(DeviceHit)));
-    RETURN_IF_ERROR(accum_.Ensure(group * kSlots * k * sizeof(DeviceHit)));
-    RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(chunk_hits_.Ensure(group * chunk_segs * k * sizeof(Cand)));
+    RETURN_IF_ERROR(accum_.Ensure(group * kSlots * k * sizeof(Cand)));
+    RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(Cand)));
     RETURN_IF_ERROR(bound_.Ensure(group * sizeof(float)));
     if (p.want_log_z) {
       RETURN_IF_ERROR(lse_.Ensure(group * total_segs * sizeof(float2)));
@@ -787,7 +809,7 @@ class Mirror final : public DeviceMirror {
         a.inv_tau = p.inv_tau;
         a.seed = p.seed;
         a.query_base = static_cast<uint32_t>(q0);
-        a.out = chunk_hits_.as<DeviceHit>();
+        a.out = chunk_hits_.as<Cand>();
         a.out_ld = chunk_segs * k;
         a.out_seg = 0;
         a.k = k;
@@ -804,23 +826,22 @@ class Mirror final : public DeviceMirror {
         }
         CUDA_RETURN_IF_ERROR(cudaGetLastError());
         if (slot == kSlots) {
-          RETURN_IF_ERROR(Reduce(accum_.as<DeviceHit>(), kSlots * k, kSlots * k, nullptr, g,
-                                 k, accum_.as<DeviceHit>(), kSlots * k));
+          RETURN_IF_ERROR(Reduce(accum_.as<Cand>(), kSlots * k, kSlots * k, nullptr, g,
+                                 k, accum_.as<Cand>(), kSlots * k));
           slot = 1;
         }
-        RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), chunk_segs * k,
+        RETURN_IF_ERROR(Reduce(chunk_hits_.as<Cand>(), chunk_segs * k,
                                CeilDiv(count, kSegment) * k, nullptr, g, k,
-                               accum_.as<DeviceHit>() + slot * k, kSlots * k));
+                               accum_.as<Cand>() + slot * k, kSlots * k));
         // Later chunks skip what cannot beat this chunk's k-th best.
         RaiseBoundKernel<<<static_cast<unsigned>(g), 32, 0, stream_>>>(
-            accum_.as<DeviceHit>() + slot * k, kSlots * k, k, bound_.as<float>());
+            accum_.as<Cand>() + slot * k, kSlots * k, k, bound_.as<float>());
         ++slot;
       }
-      RETURN_IF_ERROR(Reduce(accum_.as<DeviceHit>(), kSlots * k, slot * k, nullptr, g, k,
-                             final_.as<DeviceHit>(), k));
+      RETURN_IF_ERROR(Reduce(accum_.as<Cand>(), kSlots * k, slot * k, nullptr, g, k,
+                             final_.as<Cand>(), k));
       Mark("select");
-      RETURN_IF_ERROR(CopyToHost(hits->data() + q0 * k, final_.as<void>(),
-                                 g * k * sizeof(DeviceHit)));
+      RETURN_IF_ERROR(Download(g, k, q0, hits));
       if (p.want_log_z) {
         LogSumExpKernel<<<g, kThreads, 0, stream_>>>(lse_.as<float2>(), total_segs, total_segs,
                                                      log_z_.as<double>());
@@ -838,7 +859,7 @@ class Mirror final : public DeviceMirror {
   absl::Status Beam(absl::Span<const float> queries, size_t n, int leaves, int k,
                     std::vector<DeviceHit>* hits) override {
     DeviceScope scope(device_);
-    hits->assign(n * std::max(k, 0), DeviceHit{0, 0, kNoRow});
+    hits->resize(n * std::max(k, 0));
     if (!has_leaves_) {
       return absl::FailedPreconditionError("the device holds no tree leaves yet");
     }
@@ -855,12 +876,12 @@ class Mirror final : public DeviceMirror {
     const size_t group = std::clamp<size_t>(kBeamBudget / cap, 1, std::min<size_t>(n, kMaxQueryGroup));
     const size_t leaf_segs = CeilDiv(num_leaves_, kSegment);
     RETURN_IF_ERROR(scores_.Ensure(group * num_leaves_ * sizeof(float)));
-    RETURN_IF_ERROR(chunk_hits_.Ensure(group * leaf_segs * width * sizeof(DeviceHit)));
-    RETURN_IF_ERROR(leaf_sel_.Ensure(group * width * sizeof(DeviceHit)));
-    RETURN_IF_ERROR(cand_.Ensure(group * cap * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(chunk_hits_.Ensure(group * leaf_segs * width * sizeof(Cand)));
+    RETURN_IF_ERROR(leaf_sel_.Ensure(group * width * sizeof(Cand)));
+    RETURN_IF_ERROR(cand_.Ensure(group * cap * sizeof(Cand)));
     RETURN_IF_ERROR(lens_.Ensure(group * sizeof(uint32_t)));
     RETURN_IF_ERROR(order_.Ensure(4 * group * sizeof(uint32_t)));
-    RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(DeviceHit)));
+    RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(Cand)));
     const size_t shared_bytes = stride_ * sizeof(float) + (width + 1) * sizeof(uint32_t);
     if (shared_bytes > 48 * 1024) {
       CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreLeavesKernel<T>,
@@ -885,20 +906,20 @@ class Mirror final : public DeviceMirror {
       a.scores = scores_.as<float>();
       a.ld = num_leaves_;
       a.count = num_leaves_;
-      a.out = chunk_hits_.as<DeviceHit>();
+      a.out = chunk_hits_.as<Cand>();
       a.out_ld = leaf_segs * width;
       a.k = width;
       SelectKernel<kLeafCenters><<<dim3(static_cast<unsigned>(leaf_segs), static_cast<unsigned>(g)),
                                   kThreads, 0, stream_>>>(a);
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
-      RETURN_IF_ERROR(Reduce(chunk_hits_.as<DeviceHit>(), leaf_segs * width, leaf_segs * width,
-                             nullptr, g, width, leaf_sel_.as<DeviceHit>(), width));
+      RETURN_IF_ERROR(Reduce(chunk_hits_.as<Cand>(), leaf_segs * width, leaf_segs * width,
+                             nullptr, g, width, leaf_sel_.as<Cand>(), width));
       Mark("route select");
       uint32_t* keys = order_.as<uint32_t>();
       uint32_t* values = keys + g;
       uint32_t* sorted_keys = values + g;
       uint32_t* sorted_values = sorted_keys + g;
-      BestLeafKernel<<<static_cast<unsigned>(g), 32, 0, stream_>>>(leaf_sel_.as<DeviceHit>(),
+      BestLeafKernel<<<static_cast<unsigned>(g), 32, 0, stream_>>>(leaf_sel_.as<Cand>(),
                                                                   width, keys, values);
       size_t temp_bytes = 0;
       int bits = 1;
@@ -911,16 +932,15 @@ class Mirror final : public DeviceMirror {
           static_cast<int>(g), 0, bits, stream_));
       Mark("order queries");
       ScoreLeavesKernel<T><<<static_cast<unsigned>(g), kThreads, shared_bytes, stream_>>>(
-          vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, leaf_sel_.as<DeviceHit>(),
+          vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, leaf_sel_.as<Cand>(),
           width, leaf_offsets_.as<uint32_t>(), leaf_members_.as<uint32_t>(), sorted_values,
-          lanes, cand_.as<DeviceHit>(), cap, lens_.as<uint32_t>());
+          lanes, cand_.as<Cand>(), cap, lens_.as<uint32_t>());
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       Mark("score leaves");
-      RETURN_IF_ERROR(Reduce(cand_.as<DeviceHit>(), cap, cap, lens_.as<uint32_t>(), g, k,
-                             final_.as<DeviceHit>(), k));
+      RETURN_IF_ERROR(Reduce(cand_.as<Cand>(), cap, cap, lens_.as<uint32_t>(), g, k,
+                             final_.as<Cand>(), k));
       Mark("select");
-      RETURN_IF_ERROR(CopyToHost(hits->data() + q0 * k, final_.as<void>(),
-                                 g * k * sizeof(DeviceHit)));
+      RETURN_IF_ERROR(Download(g, k, q0, hits));
       RETURN_IF_ERROR(CopyToHost(host_lens.data(), lens_.as<void>(), g * sizeof(uint32_t)));
       for (size_t i = 0; i < g; ++i) visits += host_lens[i];
       Mark("download");
@@ -931,7 +951,7 @@ class Mirror final : public DeviceMirror {
   }
 
   size_t MemoryBytes() const override {
-    return vectors_.bytes() + live_.bytes() + leaf_centers_.bytes() +
+    return vectors_.bytes() + live_.bytes() + ids_.bytes() + final_ids_.bytes() + leaf_centers_.bytes() +
            leaf_offsets_.bytes() + leaf_members_.bytes() + scores_.bytes() +
            chunk_hits_.bytes() + accum_.bytes() + final_.bytes() + lse_.bytes() +
            log_z_.bytes() + bound_.bytes() + qraw_.bytes() + qf_.bytes() + qt_.bytes() +
@@ -979,43 +999,65 @@ class Mirror final : public DeviceMirror {
     return absl::OkStatus();
   }
 
+  // The g x k candidates in final_ and their ids into hits[q0 * k ..].
+  absl::Status Download(size_t g, int k, size_t q0, std::vector<DeviceHit>* hits) {
+    const size_t count = g * k;
+    RETURN_IF_ERROR(final_ids_.Ensure(count * sizeof(uint64_t)));
+    GatherIdsKernel<<<GridFor(count), kThreads, 0, stream_>>>(final_.as<Cand>(), count,
+                                                             ids_.as<uint64_t>(),
+                                                             final_ids_.as<uint64_t>());
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    host_cands_.resize(count);
+    host_ids_.resize(count);
+    RETURN_IF_ERROR(CopyToHost(host_cands_.data(), final_.as<void>(), count * sizeof(Cand)));
+    RETURN_IF_ERROR(CopyToHost(host_ids_.data(), final_ids_.as<void>(), count * sizeof(uint64_t)));
+    DeviceHit* out = hits->data() + q0 * k;
+    for (size_t i = 0; i < count; ++i) {
+      out[i] = DeviceHit{host_cands_[i].key, host_cands_[i].score, host_cands_[i].row, host_ids_[i]};
+    }
+    return absl::OkStatus();
+  }
+
   // Rows (rows[i], or first + i) of `points` into `dst` as T, through the
-  // staging buffer in pieces; live flags likewise when given.
+  // staging buffer in pieces; with `live` (and `ids`, indexed by row), the
+  // rows' live flags and ids into live_ and ids_ too.
   absl::Status ScatterFloats(const PointSource& points, const uint32_t* rows, size_t first,
-                             size_t count, T* dst, const uint8_t* live, uint8_t* live_dst) {
-    const size_t row_bytes = dim_ * sizeof(float) + sizeof(uint32_t) + 1;
+                             size_t count, T* dst, const uint8_t* live, const uint64_t* ids) {
+    // Staging record per piece of c rows: ids (8c), rows (4c), vectors
+    // (4c dim), live flags (c).
+    const size_t row_bytes = sizeof(uint64_t) + sizeof(uint32_t) + dim_ * sizeof(float) + 1;
     const size_t per = std::max<size_t>(kStagingBytes / row_bytes, 1);
     RETURN_IF_ERROR(upload_.Ensure(std::min(per, std::max<size_t>(count, 1)) * row_bytes + 64));
     for (size_t i0 = 0; i0 < count; i0 += per) {
       const size_t c = std::min(per, count - i0);
-      float* f = static_cast<float*>(staging_);
-      uint32_t* r = reinterpret_cast<uint32_t*>(f + c * dim_);
-      uint8_t* l = reinterpret_cast<uint8_t*>(r + c);
+      auto layout = [&](void* base, uint64_t** id, uint32_t** r, float** f, uint8_t** l) {
+        *id = static_cast<uint64_t*>(base);
+        *r = reinterpret_cast<uint32_t*>(*id + c);
+        *f = reinterpret_cast<float*>(*r + c);
+        *l = reinterpret_cast<uint8_t*>(*f + c * dim_);
+      };
+      uint64_t* id;
+      uint32_t* r;
+      float* f;
+      uint8_t* l;
+      layout(staging_, &id, &r, &f, &l);
       for (size_t i = 0; i < c; ++i) {
         const uint32_t row = rows ? rows[i0 + i] : static_cast<uint32_t>(first + i0 + i);
         points.Get(row, f + i * dim_);
         r[i] = row;
         if (live != nullptr) l[i] = live[row];
+        id[i] = ids != nullptr ? ids[row] : 0;
       }
-      const size_t bytes = c * row_bytes;
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(upload_.as<void>(), staging_, bytes,
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(upload_.as<void>(), staging_, c * row_bytes,
                                            cudaMemcpyHostToDevice, stream_));
-      float* df = upload_.as<float>();
-      uint32_t* dr = reinterpret_cast<uint32_t*>(df + c * dim_);
-      uint8_t* dl = reinterpret_cast<uint8_t*>(dr + c);
+      layout(upload_.as<void>(), &id, &r, &f, &l);
       ScatterRowsKernel<T><<<GridFor(c * stride_), kThreads, 0, stream_>>>(
-          df, dr, 0, c, dim_, stride_, dst, live ? dl : nullptr, live_dst);
+          f, r, 0, c, dim_, stride_, dst, live ? l : nullptr, live_.as<uint8_t>(),
+          ids ? id : nullptr, ids_.as<uint64_t>());
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     }
     return absl::OkStatus();
-  }
-
-  absl::Status Upload(const PointSource& points, const uint32_t* rows, size_t first,
-                      size_t count, const uint8_t* live) {
-    DeviceScope scope(device_);
-    return ScatterFloats(points, rows, first, count, vectors_.as<T>(), live,
-                         live_.as<uint8_t>());
   }
 
   absl::Status PrepareQueries(absl::Span<const float> queries, size_t n) {
@@ -1032,9 +1074,9 @@ class Mirror final : public DeviceMirror {
   // The best k of each query's first `len` (or lens[q]) hits of `in` (row
   // stride in_ld) into out[q * out_ld ..], by passes of the selection
   // kernel. `in` and `out` may be the same buffer when len <= kSegment.
-  absl::Status Reduce(const DeviceHit* in, size_t in_ld, size_t len, const uint32_t* lens,
-                      size_t nq, int k, DeviceHit* out, size_t out_ld) {
-    const DeviceHit* cur = in;
+  absl::Status Reduce(const Cand* in, size_t in_ld, size_t len, const uint32_t* lens,
+                      size_t nq, int k, Cand* out, size_t out_ld) {
+    const Cand* cur = in;
     size_t cur_ld = in_ld;
     int ping = 0;
     while (true) {
@@ -1049,8 +1091,8 @@ class Mirror final : public DeviceMirror {
         a.out = out;
         a.out_ld = out_ld;
       } else {
-        RETURN_IF_ERROR(scratch_[ping].Ensure(nq * segs * k * sizeof(DeviceHit)));
-        a.out = scratch_[ping].as<DeviceHit>();
+        RETURN_IF_ERROR(scratch_[ping].Ensure(nq * segs * k * sizeof(Cand)));
+        a.out = scratch_[ping].as<Cand>();
         a.out_ld = segs * k;
       }
       SelectKernel<kHits><<<dim3(static_cast<unsigned>(segs), static_cast<unsigned>(nq)),
@@ -1072,7 +1114,9 @@ class Mirror final : public DeviceMirror {
   cublasHandle_t handle_ = nullptr;
   void* staging_ = nullptr;
   size_t capacity_ = 0, num_rows_ = 0;
-  DeviceBuffer vectors_, live_, upload_;
+  DeviceBuffer vectors_, live_, ids_, upload_, final_ids_;
+  std::vector<Cand> host_cands_;
+  std::vector<uint64_t> host_ids_;
   DeviceBuffer leaf_centers_, leaf_offsets_, leaf_members_;
   size_t num_leaves_ = 0, max_leaf_ = 0;
   bool has_leaves_ = false;

@@ -13,6 +13,7 @@
 //            float16 or bfloat16); stride = dim rounded up to 8 (zero pad),
 //            so rows are 16-byte aligned for vector loads and tensor cores
 //   live:    capacity bytes, 1 for a live row
+//   ids:     capacity uint64 target ids (results carry ids, not only rows)
 //   leaves:  L x stride centers (same dtype), L + 1 member offsets, the
 //            members (store rows), leaf by leaf
 //   scratch: the score block of one GEMM (at most kScoreBudget floats) and
@@ -63,11 +64,12 @@ namespace negmine {
 struct PointSource;
 
 // One selected target: its ranking key (the score for top-k, the perturbed
-// key for Gumbel-top-k), its score, and its store row.
+// key for Gumbel-top-k), its score, its store row and its id.
 struct DeviceHit {
   float key;
   float score;
   uint32_t row;
+  uint64_t id;
 };
 
 class DeviceMirror {
@@ -87,14 +89,15 @@ class DeviceMirror {
   // Makes room for `rows` rows (keeps the content); RESOURCE_EXHAUSTED when
   // the device is out of memory.
   virtual absl::Status Reserve(size_t rows) = 0;
-  // Uploads rows `rows` of `points` (scoring space, row-major dim floats) and
-  // their live flags (live[row] != 0); rows must be < the reserved count.
+  // Uploads rows `rows` of `points` (scoring space, row-major dim floats),
+  // their live flags (live[row] != 0) and ids (ids[row]); rows must be < the
+  // reserved count.
   virtual absl::Status SetRows(const PointSource& points,
                                absl::Span<const uint32_t> rows,
-                               const uint8_t* live) = 0;
+                               const uint8_t* live, const uint64_t* ids) = 0;
   // Uploads rows [0, num_rows) and sets the row count scans cover.
   virtual absl::Status SetAll(const PointSource& points, size_t num_rows,
-                              const uint8_t* live) = 0;
+                              const uint8_t* live, const uint64_t* ids) = 0;
   // Rows [0, num_rows) are scanned (after SetRows grew the store).
   virtual void SetNumRows(size_t num_rows) = 0;
 

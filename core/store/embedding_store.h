@@ -53,8 +53,10 @@ class EmbeddingStore {
   std::optional<size_t> Row(uint64_t id) const;
 
   bool live(size_t row) const { return live_[row] != 0; }
-  // One flag per row (num_rows()), 1 for live.
+  // One flag per row (num_rows()), 1 for live; and the id per row (stale
+  // for free rows).
   const uint8_t* live_flags() const { return live_.data(); }
+  const uint64_t* row_ids() const { return ids_.data(); }
   uint64_t id(size_t row) const { return ids_[row]; }
   int64_t model_step(size_t row) const { return steps_[row]; }
   const float* vector(size_t row) const { return data_.data() + row * dim_; }
