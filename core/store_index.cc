@@ -7,6 +7,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "core/parallel.h"
 #include "core/random.h"
 #include "core/status.h"
 
@@ -947,31 +948,33 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
       s = device_->Scan(queries, n, p, &hits, nullptr);
     }
     if (!s.ok()) return s;
-    for (size_t i = 0; i < n; ++i) {
-      DeviceHit* h = hits.data() + i * k;
-      if (beam && track && !excluded[i].empty()) {
-        absl::flat_hash_set<uint32_t> drop(excluded[i].begin(), excluded[i].end());
-        for (size_t j = 0; j < k; ++j) {
-          if (drop.contains(h[j].row)) h[j].row = DeviceMirror::kNoRow;
+    ParallelFor(n, 256, [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) {
+        DeviceHit* h = hits.data() + i * k;
+        if (beam && track && !excluded[i].empty()) {
+          absl::flat_hash_set<uint32_t> drop(excluded[i].begin(), excluded[i].end());
+          for (size_t j = 0; j < k; ++j) {
+            if (drop.contains(h[j].row)) h[j].row = DeviceMirror::kNoRow;
+          }
+        }
+        const size_t got = std::min(take(hits, i, k, by_score), num_top);
+        QueryResult& out = result.queries[i];
+        const size_t skipped = std::min<size_t>(params.rank_offset, got);
+        out.ids.reserve(params.k);
+        out.scores.reserve(params.k);
+        out.log_q.reserve(params.k);
+        for (size_t j = skipped; j < got; ++j) {
+          out.ids.push_back(h[j].id);
+          out.scores.push_back(h[j].score);
+          out.log_q.push_back(0.0f);
+        }
+        out.num_top = static_cast<int>(got - skipped);
+        if (track) {
+          for (size_t j = 0; j < skipped; ++j) excluded[i].push_back(h[j].row);
+          for (size_t j = skipped; j < got; ++j) hard[i].push_back(h[j].row);
         }
       }
-      const size_t got = std::min(take(hits, i, k, by_score), num_top);
-      QueryResult& out = result.queries[i];
-      const size_t skipped = std::min<size_t>(params.rank_offset, got);
-      out.ids.reserve(params.k);
-      out.scores.reserve(params.k);
-      out.log_q.reserve(params.k);
-      for (size_t j = skipped; j < got; ++j) {
-        out.ids.push_back(h[j].id);
-        out.scores.push_back(h[j].score);
-        out.log_q.push_back(0.0f);
-      }
-      out.num_top = static_cast<int>(got - skipped);
-      if (track) {
-        for (size_t j = 0; j < skipped; ++j) excluded[i].push_back(h[j].row);
-        for (size_t j = skipped; j < got; ++j) hard[i].push_back(h[j].row);
-      }
-    }
+    });
   }
   if (absl::Status s = CheckCancelled(params); !s.ok()) return s;
 
@@ -999,17 +1002,19 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
     p.want_log_z = true;
     set_exclusions(&p, true);
     if (absl::Status s = device_->Scan(queries, n, p, &hits, &log_z); !s.ok()) return s;
-    for (size_t i = 0; i < n; ++i) {
-      QueryResult& out = result.queries[i];
-      if (params.want_log_z && !own_log_z_pass) out.log_z_lo = out.log_z_hi = log_z[i];
-      const DeviceHit* h = hits.data() + i * num_samples;
-      const size_t got = take(hits, i, num_samples, by_key);  // draw order
-      for (size_t j = 0; j < got; ++j) {
-        out.ids.push_back(h[j].id);
-        out.scores.push_back(h[j].score);
-        out.log_q.push_back(static_cast<float>(h[j].score * double{scan.inv_tau} - log_z[i]));
+    ParallelFor(n, 256, [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) {
+        QueryResult& out = result.queries[i];
+        if (params.want_log_z && !own_log_z_pass) out.log_z_lo = out.log_z_hi = log_z[i];
+        const DeviceHit* h = hits.data() + i * num_samples;
+        const size_t got = take(hits, i, num_samples, by_key);  // draw order
+        for (size_t j = 0; j < got; ++j) {
+          out.ids.push_back(h[j].id);
+          out.scores.push_back(h[j].score);
+          out.log_q.push_back(static_cast<float>(h[j].score * double{scan.inv_tau} - log_z[i]));
+        }
       }
-    }
+    });
   }
   return result;
 }
