@@ -51,6 +51,14 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus /metrics address; empty disables it.");
 ABSL_FLAG(int, worker_threads, 0,
           "Threads that run request work; 0 = one per core.");
+ABSL_FLAG(uint64_t, coalesce_max_queries, 4096,
+          "Micro-batching: concurrent top-k Mine/MineStream requests on one CUDA "
+          "collection are merged into one search of at most this many queries; 0: off.");
+ABSL_FLAG(int64_t, coalesce_max_delay_us, 200,
+          "Micro-batching latency budget: how long a batch waits for more requests "
+          "(microseconds; a batch also waits while the previous one runs).");
+ABSL_FLAG(bool, coalesce_cpu, false,
+          "Micro-batch CPU collections too (a merged CPU search runs on one thread).");
 ABSL_FLAG(uint64_t, max_message_bytes, 64 << 20,
           "Largest gRPC message accepted or sent, in bytes.");
 ABSL_FLAG(uint32_t, max_batch, 65536, "Most queries in one MineRequest.");
@@ -290,7 +298,11 @@ int Run() {
       .auth_token = token,
       .stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_seconds),
       .snapshot_interval_seconds = absl::GetFlag(FLAGS_snapshot_interval_seconds),
-      .snapshot_wal_bytes = absl::GetFlag(FLAGS_snapshot_wal_bytes)};
+      .snapshot_wal_bytes = absl::GetFlag(FLAGS_snapshot_wal_bytes),
+      .coalesce = {.max_queries = absl::GetFlag(FLAGS_coalesce_max_queries),
+                   .max_delay = absl::Microseconds(
+                       std::max<int64_t>(0, absl::GetFlag(FLAGS_coalesce_max_delay_us)))},
+      .coalesce_cpu = absl::GetFlag(FLAGS_coalesce_cpu)};
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);

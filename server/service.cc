@@ -189,6 +189,23 @@ absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offse
   return absl::OkStatus();
 }
 
+std::shared_ptr<Collection> NegativeMinerService::NewCollection(const std::string& name,
+                                                               std::unique_ptr<Index> index,
+                                                               Backend requested) const {
+  const bool cuda = index->active_backend() == Backend::kCuda;
+  Log(LogLevel::kInfo, "collection index",
+      {{"collection", name},
+       {"backend", BackendName(index->active_backend())},
+       {"requested", BackendName(requested)}});
+  auto c = std::make_shared<Collection>();
+  c->name = name;
+  c->index = std::move(index);
+  if (options_.coalesce.max_queries > 0 && (cuda || options_.coalesce_cpu)) {
+    c->coalescer = std::make_unique<SearchCoalescer>(c->index.get(), options_.coalesce);
+  }
+  return c;
+}
+
 absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool log,
                                                          uint64_t* offset,
                                                          std::shared_ptr<WalWriter>* writer) {
@@ -196,13 +213,7 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
   CommitResult out;
   if (e.op == WalOp::kCreateCollection) {
     ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(e.options));
-    Log(LogLevel::kInfo, "collection index",
-        {{"collection", e.collection},
-         {"backend", BackendName(index->active_backend())},
-         {"requested", BackendName(e.options.backend)}});
-    out.collection = std::make_shared<Collection>();
-    out.collection->name = e.collection;
-    out.collection->index = std::move(index);
+    out.collection = NewCollection(e.collection, std::move(index), e.options.backend);
     absl::MutexLock lock(&mu_);
     if (!collections_.emplace(e.collection, out.collection).second) {
       return absl::AlreadyExistsError(
@@ -304,9 +315,8 @@ void NegativeMinerService::SetDurability(std::string data_dir, uint64_t generati
 absl::Status NegativeMinerService::RestoreCollection(const SnapshotCollection& snapshot) {
   ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(snapshot.options));
   RETURN_IF_ERROR(index->Restore(snapshot.index));
-  auto c = std::make_shared<Collection>();
-  c->name = snapshot.name;
-  c->index = std::move(index);
+  std::shared_ptr<Collection> c =
+      NewCollection(snapshot.name, std::move(index), snapshot.options.backend);
   {
     absl::MutexLock lock(&mu_);
     if (!collections_.emplace(c->name, c).second) {
@@ -604,7 +614,8 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req, v1::MineRe
     exclude[i].assign(req.exclude(i).ids().begin(), req.exclude(i).ids().end());
   }
   ASSIGN_OR_RETURN(SearchResult result,
-                   c->index->Search(queries, exclude, params));
+                   c->coalescer ? c->coalescer->Search(queries, exclude, params)
+                                : c->index->Search(queries, exclude, params));
   if (result.index_version < req.min_index_version()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "min_index_version = ", req.min_index_version(),

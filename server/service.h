@@ -29,6 +29,7 @@
 #include "core/persist/wal_entry.h"
 #include "negmine/v1/negmine.grpc.pb.h"
 #include "server/batch_jobs.h"
+#include "server/coalescer.h"
 #include "server/metrics.h"
 #include "server/worker_pool.h"
 
@@ -61,12 +62,20 @@ struct ServiceOptions {
   // and whenever the log reaches snapshot_wal_bytes (0: no size trigger).
   double snapshot_interval_seconds = 3600;
   uint64_t snapshot_wal_bytes = uint64_t{1} << 30;
+  // Micro-batching of concurrent top-k Mine / MineStream requests on one
+  // collection (server/coalescer.h): on CUDA collections, and on CPU ones
+  // too when coalesce_cpu (a merged CPU search runs on one thread, so it
+  // only pays when requests are tiny). max_queries 0: never.
+  SearchCoalescer::Options coalesce;
+  bool coalesce_cpu = false;
 };
 
 // One named index.
 struct Collection {
   std::string name;
   std::unique_ptr<Index> index;
+  // Merges concurrent searches (null: searches go to the index directly).
+  std::unique_ptr<SearchCoalescer> coalescer;
   // Held across a change and its log record, so that the log's order is
   // the order the changes were applied in.
   absl::Mutex write_mu;
@@ -118,6 +127,10 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
 
   // The collection `name` ("" = "default"), or NOT_FOUND.
   absl::StatusOr<std::shared_ptr<Collection>> Find(const std::string& name) const;
+  // A collection over `index`, with a coalescer where the options want one.
+  std::shared_ptr<Collection> NewCollection(const std::string& name,
+                                            std::unique_ptr<Index> index,
+                                            Backend requested) const;
 
   // Publishes a collection's size and version to the metrics.
   void UpdateCollectionMetrics(const Collection& c);
