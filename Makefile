@@ -23,7 +23,7 @@ BENCH_PACKAGES := libopenblas0-pthread python3-matplotlib
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps bench-deps install-missing configure build test demo bench bench-smoke clean
+.PHONY: all deps bench-deps install-missing configure build test demo bench bench-smoke gpu-bundle clean
 
 all: build
 
@@ -96,6 +96,15 @@ bench: bench-deps build
 # A tiny run of the same harness (also part of `make test`).
 bench-smoke: build
 	cd $(BUILD_DIR) && ctest -R bench_smoke --output-on-failure
+
+# The CUDA parity tests and bench, with the abseil libraries they link, in
+# .gpu/ (git-ignored): copy it to a GPU machine and run .gpu/gpu_run.sh.
+gpu-bundle: build
+	@test -x $(BUILD_DIR)/bench/negmine-cuda-bench || { echo "the CUDA backend is not built (no nvcc?)"; exit 1; }
+	rm -rf .gpu && mkdir -p .gpu/lib
+	cp $(BUILD_DIR)/tests/cuda_parity_test $(BUILD_DIR)/bench/negmine-cuda-bench bench/gpu_run.sh .gpu/
+	strip .gpu/cuda_parity_test .gpu/negmine-cuda-bench
+	ldd .gpu/cuda_parity_test .gpu/negmine-cuda-bench | awk '/libabsl/ {print $$3}' | sort -u | xargs -I{} cp -L {} .gpu/lib/
 
 clean:
 	rm -rf $(BUILD_DIR) $(DEMO_DIR)

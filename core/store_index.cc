@@ -375,7 +375,20 @@ std::vector<float> StoreIndex::Materialize(
   const int dim = options_.dim;
   const size_t rows = frame_.size() / dim;
   std::vector<float> served(frame_.size());
-  model.Apply(frame_.data(), rows, /*normalize=*/false, served.data());
+  bool done = false;
+  if (device_ && !model.is_identity()) {
+    // The bulk correction, two GEMMs over every row, on the GPU; on any
+    // device failure the host computes the same.
+    const DeviceDriftModel m{.kernel = static_cast<int>(model.kernel),
+                             .width = model.width,
+                             .center = model.center,
+                             .landmarks = model.landmarks.data(),
+                             .coef = model.coef.data(),
+                             .m = static_cast<size_t>(model.landmarks.rows())};
+    absl::MutexLock device_lock(&device_mu_);
+    done = device_->CorrectRows(m, frame_.data(), rows, served.data()).ok();
+  }
+  if (!done) model.Apply(frame_.data(), rows, /*normalize=*/false, served.data());
   for (const auto& [row, offset] : offsets_) {
     if (pending_.contains(row)) continue;
     for (int j = 0; j < dim; ++j) served[size_t{row} * dim + j] += offset[j];

@@ -256,6 +256,24 @@ TEST_P(CudaParityTest, WritesDeletesAndDriftReachTheDevice) {
     ASSERT_THAT(index->ApplyDrift({.model_step = 2, .linear_a = a, .linear_b = b}), IsOk());
   }
   CompareTop({.k = 32}, {}, "after a linear map");
+  // A landmark update: the fitted correction of every row runs on the
+  // device (DeviceMirror::CorrectRows) for the GPU index, on the host for
+  // the CPU one. The landmarks "re-encoded" by a smooth nonlinear map.
+  std::vector<uint64_t> landmark_ids;
+  for (Index* index : {cpu_.get(), gpu_.get()}) {
+    absl::StatusOr<LandmarkSet> l = index->GetLandmarks();
+    ASSERT_THAT(l, IsOk());
+    if (landmark_ids.empty()) landmark_ids = l->ids;
+    ASSERT_EQ(l->ids, landmark_ids) << "both choose the same landmarks";
+    std::vector<float> g;
+    ASSERT_THAT(index->GetScored(l->ids, &g), IsOk());
+    for (size_t i = 0; i < g.size(); ++i) g[i] += 0.2f * std::tanh(3.0f * g[(i + 1) % g.size()]);
+    absl::StatusOr<DriftReport> r = index->ApplyDrift(
+        {.model_step = 3, .landmark_epoch = l->epoch, .landmark_embeddings = g});
+    ASSERT_THAT(r, IsOk());
+  }
+  EXPECT_EQ(cpu_->DriftInfo().kernel, gpu_->DriftInfo().kernel);
+  CompareTop({.k = 32}, {}, "after a landmark drift update");
   // Snapshots restore on the device too.
   absl::StatusOr<std::string> snap = cpu_->Snapshot();
   ASSERT_THAT(snap, IsOk());

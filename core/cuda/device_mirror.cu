@@ -629,6 +629,34 @@ __global__ void GatherIdsKernel(const Cand* c, size_t count, const uint64_t* ids
   }
 }
 
+// Drift features in place: f (rows x m, row-major) from <x_i, l_j> to the
+// kernel's value (Gaussian needs the squared norms xn, ln).
+__global__ void DriftFeaturesKernel(float* f, size_t rows, int m, int kernel, float inv_w,
+                                    float center, const float* xn, const float* ln) {
+  const size_t total = rows * m;
+  for (size_t e = blockIdx.x * size_t{blockDim.x} + threadIdx.x; e < total;
+       e += size_t{gridDim.x} * blockDim.x) {
+    const size_t i = e / m;
+    const int j = static_cast<int>(e % m);
+    const float dot = f[e];
+    if (kernel == 2) {
+      f[e] = expf(-fmaxf(xn[i] + ln[j] - 2.0f * dot, 0.0f) * inv_w);
+    } else if (kernel == 3) {
+      f[e] = expf(fminf((dot - center) * inv_w, 60.0f));
+    }
+  }
+}
+
+// Squared norms of the rows of x (rows x d).
+__global__ void SquaredNormsKernel(const float* x, size_t rows, int d, float* out) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < rows;
+       i += size_t{gridDim.x} * blockDim.x) {
+    float s = 0;
+    for (int j = 0; j < d; ++j) s += x[i * d + j] * x[i * d + j];
+    out[i] = s;
+  }
+}
+
 // Queries (n x dim floats) to n x stride, padded with zeros, as float and T.
 template <typename T>
 __global__ void PrepareQueriesKernel(const float* src, size_t n, int dim,
@@ -947,6 +975,56 @@ class Mirror final : public DeviceMirror {
     }
     last_visits_ = visits / n + width;
     Trace("beam", n);
+    return absl::OkStatus();
+  }
+
+  absl::Status CorrectRows(const DeviceDriftModel& md, const float* x, size_t n,
+                           float* out) override {
+    DeviceScope scope(device_);
+    const int d = dim_;
+    const int m = static_cast<int>(md.m);
+    if (md.kernel == 0 || m == 0) {
+      std::copy_n(x, n * d, out);
+      return absl::OkStatus();
+    }
+    // Rows per chunk: x, out and the features within the score budget.
+    const size_t chunk = std::clamp<size_t>(kScoreBudget / (2 * d + m + 1), 1, n);
+    DeviceBuffer dl, dc, dx, df, dln, dxn;
+    RETURN_IF_ERROR(dl.Ensure(md.m * d * sizeof(float)));
+    RETURN_IF_ERROR(dc.Ensure(md.m * d * sizeof(float)));
+    RETURN_IF_ERROR(dln.Ensure(md.m * sizeof(float)));
+    RETURN_IF_ERROR(dx.Ensure(2 * chunk * d * sizeof(float)));  // x, then out
+    RETURN_IF_ERROR(df.Ensure(chunk * md.m * sizeof(float)));
+    RETURN_IF_ERROR(dxn.Ensure(chunk * sizeof(float)));
+    RETURN_IF_ERROR(CopyToDevice(dl.as<void>(), md.landmarks, md.m * d * sizeof(float)));
+    RETURN_IF_ERROR(CopyToDevice(dc.as<void>(), md.coef, md.m * d * sizeof(float)));
+    SquaredNormsKernel<<<GridFor(md.m), kThreads, 0, stream_>>>(dl.as<float>(), md.m, d,
+                                                                dln.as<float>());
+    const float inv_w = 1.0f / md.width;
+    for (size_t b = 0; b < n; b += chunk) {
+      const int rows = static_cast<int>(std::min(chunk, n - b));
+      float* xs = dx.as<float>();
+      float* os = xs + chunk * d;
+      RETURN_IF_ERROR(CopyToDevice(xs, x + b * d, size_t(rows) * d * sizeof(float)));
+      const float one = 1.0f, zero = 0.0f;
+      // Row-major f (rows x m) = x L^T: column-major m x rows = L^T' x'.
+      CUBLAS_RETURN_IF_ERROR(cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, m, rows, d, &one,
+                                         dl.as<float>(), d, xs, d, &zero, df.as<float>(), m));
+      if (md.kernel != 1) {
+        SquaredNormsKernel<<<GridFor(rows), kThreads, 0, stream_>>>(xs, rows, d,
+                                                                    dxn.as<float>());
+        DriftFeaturesKernel<<<GridFor(size_t(rows) * m), kThreads, 0, stream_>>>(
+            df.as<float>(), rows, m, md.kernel, inv_w, md.center, dxn.as<float>(),
+            dln.as<float>());
+        CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      }
+      // out = x + f C: column-major d x rows = C' (d x m) f' (m x rows) + x'.
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(os, xs, size_t(rows) * d * sizeof(float),
+                                           cudaMemcpyDeviceToDevice, stream_));
+      CUBLAS_RETURN_IF_ERROR(cublasSgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_N, d, rows, m, &one,
+                                         dc.as<float>(), d, df.as<float>(), m, &one, os, d));
+      RETURN_IF_ERROR(CopyToHost(out + b * d, os, size_t(rows) * d * sizeof(float)));
+    }
     return absl::OkStatus();
   }
 

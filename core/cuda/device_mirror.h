@@ -72,6 +72,17 @@ struct DeviceHit {
   uint64_t id;
 };
 
+// A fitted drift correction x -> x + k(x, L) C (core/drift/drift.h), as
+// plain arrays: kernel 1 linear <x, l>, 2 Gaussian exp(-||x - l||^2 / width),
+// 3 exp-inner exp(min((<x, l> - center) / width, 60)).
+struct DeviceDriftModel {
+  int kernel = 0;
+  float width = 1, center = 0;
+  const float* landmarks = nullptr;  // m x dim
+  const float* coef = nullptr;       // m x dim
+  size_t m = 0;
+};
+
 class DeviceMirror {
  public:
   // Largest k a device selection takes (k + rank window + exclusions).
@@ -131,6 +142,11 @@ class DeviceMirror {
   // SetLeaves.
   virtual absl::Status Beam(absl::Span<const float> queries, size_t n,
                             int leaves, int k, std::vector<DeviceHit>* hits) = 0;
+
+  // out = x + k(x, L) C for the n rows of x (n x dim, host memory), on the
+  // device: two float32 GEMMs per chunk of rows (the drift update's bulk).
+  virtual absl::Status CorrectRows(const DeviceDriftModel& model, const float* x, size_t n,
+                                   float* out) = 0;
 
   // Device bytes held (vectors, leaves, scratch).
   virtual size_t MemoryBytes() const = 0;
