@@ -114,6 +114,18 @@ Metrics::Metrics()
                   .Name("negmine_index_memory_bytes")
                   .Help("Host memory held by a collection's index, bytes.")
                   .Register(*registry_)),
+      device_memory_(prometheus::BuildGauge()
+                         .Name("negmine_index_device_memory_bytes")
+                         .Help("GPU memory held by a collection's index (CUDA backend), bytes.")
+                         .Register(*registry_)),
+      gpu_used_(prometheus::BuildGauge()
+                    .Name("negmine_gpu_memory_used_bytes")
+                    .Help("Memory in use on a GPU (by any process), bytes.")
+                    .Register(*registry_)),
+      gpu_total_(prometheus::BuildGauge()
+                     .Name("negmine_gpu_memory_total_bytes")
+                     .Help("Memory of a GPU, bytes.")
+                     .Register(*registry_)),
       tree_nodes_(prometheus::BuildGauge()
                       .Name("negmine_tree_nodes")
                       .Help("Reachable nodes of a collection's tree.")
@@ -191,7 +203,7 @@ Metrics::Metrics()
                             .Help("Duration of the last snapshot, seconds.")
                             .Register(*registry_)
                             .Add({})) {
-  collection_gauges_ = {&targets_,    &version_,       &memory_,
+  collection_gauges_ = {&targets_,    &version_,       &memory_,      &device_memory_,
                         &tree_nodes_, &tree_depth_,    &tree_looseness_,
                         &tree_rebuild_seconds_, &tree_rebuild_pending_,
                         &drift_step_, &drift_residual_};
@@ -237,6 +249,7 @@ void Metrics::SetIndex(const std::string& collection, const IndexStats& stats,
   SetCollection(collection, static_cast<double>(stats.num_targets),
                 static_cast<double>(stats.version));
   memory_.Add(labels).Set(static_cast<double>(stats.memory_bytes));
+  device_memory_.Add(labels).Set(static_cast<double>(stats.device_memory_bytes));
   if (tree) {
     tree_nodes_.Add(labels).Set(static_cast<double>(tree->num_nodes));
     tree_depth_.Add(labels).Set(tree->depth);
@@ -278,6 +291,13 @@ void Metrics::RemoveCollection(const std::string& collection) {
   for (CounterFamily* f : collection_counters_) {
     if (f->Has(labels)) f->Remove(&f->Add(labels));
   }
+}
+
+void Metrics::SetGpuMemory(int device, double used, double total) {
+  absl::MutexLock lock(&mu_);
+  const prometheus::Labels labels = {{"device", std::to_string(device)}};
+  gpu_used_.Add(labels).Set(used);
+  gpu_total_.Add(labels).Set(total);
 }
 
 }  // namespace negmine::server

@@ -52,6 +52,8 @@ class Metrics {
   void SetIndex(const std::string& collection, const IndexStats& stats,
                 const std::optional<TreeSummary>& tree, const DriftSummary& drift);
   void RemoveCollection(const std::string& collection);
+  // A GPU's memory in use (by any process) and in all.
+  void SetGpuMemory(int device, double used, double total);
   // The write-ahead log: its current size, and its fsyncs since the start
   // over every log generation.
   void SetWal(double bytes, double syncs, double sync_seconds);
@@ -73,6 +75,9 @@ class Metrics {
   GaugeFamily& targets_;
   GaugeFamily& version_;
   GaugeFamily& memory_;
+  GaugeFamily& device_memory_;
+  GaugeFamily& gpu_used_;
+  GaugeFamily& gpu_total_;
   GaugeFamily& tree_nodes_;
   GaugeFamily& tree_depth_;
   GaugeFamily& tree_looseness_;

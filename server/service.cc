@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "core/cuda/device.h"
 #include "core/random.h"
 #include "core/status.h"
 #include "server/batch_jobs.h"
@@ -391,9 +392,17 @@ void NegativeMinerService::RefreshIndexMetrics() {
     absl::ReaderMutexLock lock(&mu_);
     for (const auto& [name, c] : collections_) all.push_back(c);
   }
+  bool any_gpu = false;
   for (const auto& c : all) {
     metrics_->SetIndex(c->name, c->index->Stats(), c->index->TreeInfo(),
                        c->index->DriftInfo());
+    any_gpu = any_gpu || c->index->active_backend() == Backend::kCuda;
+  }
+  // The GPU's own figures once a collection lives there (asking earlier
+  // would create a CUDA context, ~0.5 GB of device memory, for nothing).
+  for (int d = 0; any_gpu && d < CudaDeviceCount(); ++d) {
+    size_t used = 0, total = 0;
+    if (CudaMemoryInfo(d, &used, &total)) metrics_->SetGpuMemory(d, used, total);
   }
 }
 

@@ -7,6 +7,10 @@ namespace negmine {
 
 bool CudaBuilt() { return false; }
 int CudaDeviceCount() { return 0; }
+bool CudaMemoryInfo(int, size_t* used, size_t* total) {
+  *used = *total = 0;
+  return false;
+}
 
 absl::StatusOr<std::unique_ptr<DeviceMirror>> DeviceMirror::Create(int, DeviceDtype, int) {
   return absl::UnimplementedError(
