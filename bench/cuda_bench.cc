@@ -161,7 +161,7 @@ void ScanSection(const Flags& f, double copy_bw, double peak) {
   data.clear();
   data.shrink_to_fit();
   Say("Generated and uploaded in %.1f s. Device memory %.1f GB = %.1f bytes/target "
-      "(stride %d halves + 1 live byte, plus scratch).\n\n",
+      "(stride %d halves, a live byte and an 8-byte id per target, plus scratch).\n\n",
       upload, dev.MemoryBytes() / 1e9, double(dev.MemoryBytes()) / f.scan_n, (f.dim + 7) / 8 * 8);
   Say("| batch | top-%d q/s | ms/batch | GEMM ms | GEMM TFLOP/s | %% of GEMM peak | "
       "target bytes/s | %% of copy bandwidth |\n|---|---|---|---|---|---|---|---|\n", f.k);
