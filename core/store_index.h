@@ -44,7 +44,9 @@
 // without replacement by Gumbel-top-k, MIXED, the rank window, exclusions,
 // log Z) and the rest on the host: sampling with replacement, and a tree's
 // proposal and rejection samplers (on a GPU collection both sampler kinds
-// draw exactly from the softmax by Gumbel-top-k, a full scan).
+// draw exactly from the softmax by Gumbel-top-k, a full scan). A drift
+// update's bulk correction (Materialize) runs on the device too. Lock
+// order: write_mu_, mu_, device_mu_.
 //
 // Thread safety: as the Index contract. Writers (Upsert, Delete, GetLandmarks,
 // ApplyDrift, a subclass installing a rebuild) first take `write_mu_`, so they

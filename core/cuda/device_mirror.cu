@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -13,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/device.h"
@@ -45,6 +47,57 @@ absl::Status CublasStatus(cublasStatus_t s, const char* what) {
   return absl::InternalError(
       absl::StrCat("cuBLAS error ", static_cast<int>(s), " in ", what));
 }
+
+// cuBLAS, opened at run time rather than linked: libcublasLt carries ~94 KB
+// of thread-local storage, and a process linked with it can no longer start
+// threads with small stacks (glibc places static TLS on each thread's stack;
+// civetweb's 100 KB threads, which serve /metrics, then fail to start). Its
+// TLS is of the dynamic model, so opening it later is safe.
+struct CublasApi {
+  decltype(&cublasCreate_v2) create;
+  decltype(&cublasDestroy_v2) destroy;
+  decltype(&cublasSetStream_v2) set_stream;
+  decltype(&cublasSetMathMode) set_math_mode;
+  // (cublasGemmEx is overloaded in C++; this is the C symbol's signature)
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                            const void*, const void*, cudaDataType, int, const void*,
+                            cudaDataType, int, const void*, void*, cudaDataType, int,
+                            cublasComputeType_t, cublasGemmAlgo_t);
+  decltype(&cublasSgemm_v2) sgemm;
+};
+
+absl::StatusOr<CublasApi> OpenCublas() {
+  void* lib = nullptr;
+  for (const char* name : {"libcublas.so.13", "libcublas.so"}) {
+    if ((lib = dlopen(name, RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
+  }
+  if (lib == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuBLAS (libcublas.so.13) could not be loaded: ", dlerror(),
+                     "; install the CUDA 13 runtime libraries or set LD_LIBRARY_PATH"));
+  }
+  CublasApi api;
+  bool ok = true;
+  auto get = [&](auto* fn, const char* symbol) {
+    *fn = reinterpret_cast<std::remove_pointer_t<decltype(fn)>>(dlsym(lib, symbol));
+    ok = ok && *fn != nullptr;
+  };
+  get(&api.create, "cublasCreate_v2");
+  get(&api.destroy, "cublasDestroy_v2");
+  get(&api.set_stream, "cublasSetStream_v2");
+  get(&api.set_math_mode, "cublasSetMathMode");
+  get(&api.gemm_ex, "cublasGemmEx");
+  get(&api.sgemm, "cublasSgemm_v2");
+  if (!ok) return absl::FailedPreconditionError("cuBLAS lacks a function negmine uses");
+  return api;  // the library stays open for the life of the process
+}
+
+// The process's cuBLAS, opened once.
+const absl::StatusOr<CublasApi>& LoadCublas() {
+  static const absl::StatusOr<CublasApi>* api = new absl::StatusOr<CublasApi>(OpenCublas());
+  return *api;
+}
+const CublasApi& Blas() { return *LoadCublas(); }
 
 #define CUDA_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(CudaStatus((expr), #expr))
 #define CUBLAS_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(CublasStatus((expr), #expr))
@@ -687,20 +740,21 @@ class Mirror final : public DeviceMirror {
 
   ~Mirror() override {
     DeviceScope scope(device_);
-    if (handle_ != nullptr) cublasDestroy(handle_);
+    if (handle_ != nullptr) Blas().destroy(handle_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     cudaFreeHost(staging_);
   }
 
   absl::Status Init() {
+    RETURN_IF_ERROR(LoadCublas().status());
     DeviceScope scope(device_);
     cudaDeviceProp prop;
     CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device_));
     name_ = prop.name;
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    CUBLAS_RETURN_IF_ERROR(cublasCreate(&handle_));
-    CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle_, stream_));
-    CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH));
+    CUBLAS_RETURN_IF_ERROR(Blas().create(&handle_));
+    CUBLAS_RETURN_IF_ERROR(Blas().set_stream(handle_, stream_));
+    CUBLAS_RETURN_IF_ERROR(Blas().set_math_mode(handle_, CUBLAS_DEFAULT_MATH));
     CUDA_RETURN_IF_ERROR(cudaHostAlloc(&staging_, kStagingBytes, cudaHostAllocDefault));
     // Debugging knob: profile every call and print its phases to stderr.
     trace_ = std::getenv("NEGMINE_CUDA_PROFILE") != nullptr;
@@ -814,7 +868,7 @@ class Mirror final : public DeviceMirror {
         const size_t count = std::min(chunk, num_rows_ - begin);
         const float alpha = 1.0f, beta = 0.0f;
         Mark("select");
-        CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+        CUBLAS_RETURN_IF_ERROR(Blas().gemm_ex(
             handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(count),
             static_cast<int>(g), stride_, &alpha,
             vectors_.as<T>() + begin * stride_, Elem<T>::kCuda, stride_,
@@ -923,7 +977,7 @@ class Mirror final : public DeviceMirror {
     for (size_t q0 = 0; q0 < n; q0 += group) {
       const size_t g = std::min(group, n - q0);
       const float alpha = 1.0f, beta = 0.0f;
-      CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+      CUBLAS_RETURN_IF_ERROR(Blas().gemm_ex(
           handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_leaves_),
           static_cast<int>(g), stride_, &alpha, leaf_centers_.as<T>(), Elem<T>::kCuda,
           stride_, qt_.as<T>() + q0 * stride_, Elem<T>::kCuda, stride_, &beta,
@@ -1008,7 +1062,7 @@ class Mirror final : public DeviceMirror {
       RETURN_IF_ERROR(CopyToDevice(xs, x + b * d, size_t(rows) * d * sizeof(float)));
       const float one = 1.0f, zero = 0.0f;
       // Row-major f (rows x m) = x L^T: column-major m x rows = L^T' x'.
-      CUBLAS_RETURN_IF_ERROR(cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, m, rows, d, &one,
+      CUBLAS_RETURN_IF_ERROR(Blas().sgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, m, rows, d, &one,
                                          dl.as<float>(), d, xs, d, &zero, df.as<float>(), m));
       if (md.kernel != 1) {
         SquaredNormsKernel<<<GridFor(rows), kThreads, 0, stream_>>>(xs, rows, d,
@@ -1021,7 +1075,7 @@ class Mirror final : public DeviceMirror {
       // out = x + f C: column-major d x rows = C' (d x m) f' (m x rows) + x'.
       CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(os, xs, size_t(rows) * d * sizeof(float),
                                            cudaMemcpyDeviceToDevice, stream_));
-      CUBLAS_RETURN_IF_ERROR(cublasSgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_N, d, rows, m, &one,
+      CUBLAS_RETURN_IF_ERROR(Blas().sgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_N, d, rows, m, &one,
                                          dc.as<float>(), d, df.as<float>(), m, &one, os, d));
       RETURN_IF_ERROR(CopyToHost(out + b * d, os, size_t(rows) * d * sizeof(float)));
     }
