@@ -57,6 +57,9 @@ ABSL_FLAG(uint64_t, coalesce_max_queries, 4096,
 ABSL_FLAG(int64_t, coalesce_max_delay_us, 200,
           "Micro-batching latency budget: how long a batch waits for more requests "
           "(microseconds; a batch also waits while the previous one runs).");
+ABSL_FLAG(bool, allow_cpu_fallback, false,
+          "Serve collections created with backend cuda on the CPU (logged) when CUDA is "
+          "not built or no GPU is visible, instead of refusing them (also at recovery).");
 ABSL_FLAG(bool, coalesce_cpu, false,
           "Micro-batch CPU collections too (a merged CPU search runs on one thread).");
 ABSL_FLAG(uint64_t, max_message_bytes, 64 << 20,
@@ -302,7 +305,8 @@ int Run() {
       .coalesce = {.max_queries = absl::GetFlag(FLAGS_coalesce_max_queries),
                    .max_delay = absl::Microseconds(
                        std::max<int64_t>(0, absl::GetFlag(FLAGS_coalesce_max_delay_us)))},
-      .coalesce_cpu = absl::GetFlag(FLAGS_coalesce_cpu)};
+      .coalesce_cpu = absl::GetFlag(FLAGS_coalesce_cpu),
+      .allow_cpu_fallback = absl::GetFlag(FLAGS_allow_cpu_fallback)};
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);

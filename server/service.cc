@@ -190,6 +190,20 @@ absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offse
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<Index>> NegativeMinerService::MakeIndex(
+    const std::string& name, const IndexOptions& options) const {
+  absl::StatusOr<std::unique_ptr<Index>> index = CreateIndex(options);
+  if (!index.ok() && options.backend == Backend::kCuda && options_.allow_cpu_fallback &&
+      (absl::IsFailedPrecondition(index.status()) || absl::IsUnimplemented(index.status()))) {
+    Log(LogLevel::kWarning, "cuda unavailable; serving the collection on the cpu",
+        {{"collection", name}, {"error", index.status().ToString()}});
+    IndexOptions cpu = options;
+    cpu.backend = Backend::kCpu;
+    index = CreateIndex(cpu);
+  }
+  return index;
+}
+
 std::shared_ptr<Collection> NegativeMinerService::NewCollection(const std::string& name,
                                                                std::unique_ptr<Index> index,
                                                                Backend requested) const {
@@ -213,7 +227,7 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
   log = log && wal_ != nullptr;
   CommitResult out;
   if (e.op == WalOp::kCreateCollection) {
-    ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(e.options));
+    ASSIGN_OR_RETURN(std::unique_ptr<Index> index, MakeIndex(e.collection, e.options));
     out.collection = NewCollection(e.collection, std::move(index), e.options.backend);
     absl::MutexLock lock(&mu_);
     if (!collections_.emplace(e.collection, out.collection).second) {
@@ -314,7 +328,7 @@ void NegativeMinerService::SetDurability(std::string data_dir, uint64_t generati
 }
 
 absl::Status NegativeMinerService::RestoreCollection(const SnapshotCollection& snapshot) {
-  ASSIGN_OR_RETURN(std::unique_ptr<Index> index, CreateIndex(snapshot.options));
+  ASSIGN_OR_RETURN(std::unique_ptr<Index> index, MakeIndex(snapshot.name, snapshot.options));
   RETURN_IF_ERROR(index->Restore(snapshot.index));
   std::shared_ptr<Collection> c =
       NewCollection(snapshot.name, std::move(index), snapshot.options.backend);

@@ -68,6 +68,10 @@ struct ServiceOptions {
   // only pays when requests are tiny). max_queries 0: never.
   SearchCoalescer::Options coalesce;
   bool coalesce_cpu = false;
+  // A collection created with backend `cuda` where CUDA is not built or no
+  // GPU is visible is served on the CPU (logged) instead of refused; this
+  // also lets a data dir written on a GPU node recover on a CPU one.
+  bool allow_cpu_fallback = false;
 };
 
 // One named index.
@@ -127,6 +131,9 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
 
   // The collection `name` ("" = "default"), or NOT_FOUND.
   absl::StatusOr<std::shared_ptr<Collection>> Find(const std::string& name) const;
+  // CreateIndex, with the CPU fallback of ServiceOptions::allow_cpu_fallback.
+  absl::StatusOr<std::unique_ptr<Index>> MakeIndex(const std::string& name,
+                                                   const IndexOptions& options) const;
   // A collection over `index`, with a coalescer where the options want one.
   std::shared_ptr<Collection> NewCollection(const std::string& name,
                                             std::unique_ptr<Index> index,

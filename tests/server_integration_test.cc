@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "client/negmine_client.h"
+#include "core/cuda/device.h"
 #include "core/dtype.h"
 #include "core/random.h"
 #include "core/store/drift_bench.h"
@@ -608,6 +609,47 @@ TEST_F(ServerTest, ReadYourWritesWithMinIndexVersion) {
   r.set_min_index_version(last_version_ + 1);
   EXPECT_THAT(client_->Mine(r), StatusIs(absl::StatusCode::kFailedPrecondition,
                                          HasSubstr("min_index_version = ")));
+}
+
+// backend = CUDA where there is none: refused by default (FAILED_PRECONDITION
+// without a GPU, UNIMPLEMENTED without a CUDA build), served on the CPU with
+// --allow_cpu_fallback, also after a restart (recovery replays the create).
+TEST(ServerBackendTest, CudaCollectionsFallBackToTheCpuOnlyWhenAllowed) {
+  if (CudaBuilt() && CudaDeviceCount() > 0) GTEST_SKIP() << "a GPU is visible here";
+  v1::CollectionConfig config;
+  config.set_name("gpu");
+  config.set_dim(8);
+  config.set_backend(v1::BACKEND_CUDA);
+  {
+    testing::ServerProcess server;
+    ASSERT_TRUE(server.Start(NEGMINE_SERVER_BIN));
+    auto c = client::Client::Connect(server.address());
+    ASSERT_THAT(c->WaitForReady(std::chrono::seconds(30)), ::negmine::testing::IsOk());
+    EXPECT_THAT(c->CreateCollection(config),
+                ::negmine::testing::StatusIs(CudaBuilt() ? absl::StatusCode::kFailedPrecondition
+                                                         : absl::StatusCode::kUnimplemented,
+                                             HasSubstr("cuda")));
+    EXPECT_EQ(server.Stop(), 0);
+  }
+  testing::ServerProcess server;
+  ASSERT_TRUE(server.Start(NEGMINE_SERVER_BIN, {"--allow_cpu_fallback"}));
+  {
+    auto c = client::Client::Connect(server.address());
+    ASSERT_THAT(c->WaitForReady(std::chrono::seconds(30)), ::negmine::testing::IsOk());
+    absl::StatusOr<v1::CollectionInfo> info = c->CreateCollection(config);
+    ASSERT_THAT(info, ::negmine::testing::IsOk());
+    EXPECT_EQ(info->active_backend(), v1::BACKEND_CPU);
+    std::vector<float> x = RandomVectors(50, 8, 3);
+    ASSERT_THAT(c->Upsert("gpu", Ids(50, 1), x, 8, 0).status(), ::negmine::testing::IsOk());
+  }
+  // The same data dir recovers with the flag.
+  ASSERT_TRUE(server.Restart(NEGMINE_SERVER_BIN, {"--allow_cpu_fallback"}));
+  auto c = client::Client::Connect(server.address());
+  ASSERT_THAT(c->WaitForReady(std::chrono::seconds(30)), ::negmine::testing::IsOk());
+  absl::StatusOr<v1::GetIndexInfoResponse> info = c->GetIndexInfo("gpu");
+  ASSERT_THAT(info, ::negmine::testing::IsOk());
+  EXPECT_EQ(info->info().num_targets(), 50u);
+  EXPECT_EQ(info->info().active_backend(), v1::BACKEND_CPU);
 }
 
 }  // namespace

@@ -824,7 +824,10 @@ class Mirror final : public DeviceMirror {
     DeviceScope scope(device_);
     hits->resize(n * std::max(p.k, 0));
     if (log_z != nullptr) log_z->assign(n, -std::numeric_limits<double>::infinity());
-    if (num_rows_ == 0 || n == 0) return absl::OkStatus();
+    if (num_rows_ == 0 || n == 0) {
+      std::fill(hits->begin(), hits->end(), DeviceHit{0, 0, kNoRow, 0});
+      return absl::OkStatus();
+    }
     const int k = p.k;
     if (k < 1 || k > kMaxK) {
       return absl::InvalidArgumentError(absl::StrCat("device k = ", k, " not in [1, ", kMaxK, "]"));
@@ -945,7 +948,10 @@ class Mirror final : public DeviceMirror {
     if (!has_leaves_) {
       return absl::FailedPreconditionError("the device holds no tree leaves yet");
     }
-    if (num_leaves_ == 0 || n == 0) return absl::OkStatus();
+    if (num_leaves_ == 0 || n == 0) {
+      std::fill(hits->begin(), hits->end(), DeviceHit{0, 0, kNoRow, 0});
+      return absl::OkStatus();
+    }
     if (k < 1 || k > kMaxK) {
       return absl::InvalidArgumentError(absl::StrCat("device k = ", k, " not in [1, ", kMaxK, "]"));
     }
