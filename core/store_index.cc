@@ -1029,6 +1029,7 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
       }
     });
   }
+  NoteDeviceVisits(device_->LastVisitsPerQuery());
   return result;
 }
 

@@ -148,6 +148,9 @@ class StoreIndex : public Index {
       ABSL_SHARED_LOCKS_REQUIRED(mu_) ABSL_EXCLUSIVE_LOCKS_REQUIRED(device_mu_) {
     return absl::OkStatus();
   }
+  // After a search on the device: the rows scored (and, for a beam, leaves
+  // routed) per query, for TreeSummary::visits_per_query.
+  virtual void NoteDeviceVisits(double /*per_query*/) const {}
   // Bytes held beyond the store.
   virtual size_t ExtraMemoryLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     return 0;

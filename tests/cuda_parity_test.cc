@@ -300,6 +300,12 @@ TEST_P(CudaParityTest, TreeBeamIsExactAtFullWidthAndGoodAtSmallWidth) {
     for (uint64_t id : beam->queries[i].ids) hits += truth.count(id);
   }
   EXPECT_GE(hits / (32.0 * nq), 0.9) << "recall@32 of a 24-leaf beam";
+  // GetIndexInfo's visits per query: the 24 leaves and their rows, a small
+  // part of the 20k targets.
+  std::optional<TreeSummary> t = gpu_->TreeInfo();
+  ASSERT_TRUE(t.has_value());
+  EXPECT_GT(t->visits_per_query, 24.0);
+  EXPECT_LT(t->visits_per_query, 20000.0 / 4);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -232,12 +232,11 @@ struct Elem<__nv_bfloat16> {
 
 // ------------------------------------------------------------------ kernels
 
-// dst[row(i) * stride + j] = src[i * dim + j] (0 for j >= dim), row(i) =
-// rows ? rows[i] : first + i; and live flags and ids likewise when given.
+// dst[rows[i] * stride + j] = src[i * dim + j] (0 for j >= dim); and the
+// live flags and ids likewise when given.
 template <typename T>
-__global__ void ScatterRowsKernel(const float* src, const uint32_t* rows,
-                                  size_t first, size_t count, int dim,
-                                  int stride, T* dst, const uint8_t* live_src,
+__global__ void ScatterRowsKernel(const float* src, const uint32_t* rows, size_t count,
+                                  int dim, int stride, T* dst, const uint8_t* live_src,
                                   uint8_t* live_dst, const uint64_t* ids_src,
                                   uint64_t* ids_dst) {
   const size_t total = count * stride;
@@ -245,7 +244,7 @@ __global__ void ScatterRowsKernel(const float* src, const uint32_t* rows,
        e += size_t{gridDim.x} * blockDim.x) {
     const size_t i = e / stride;
     const int j = static_cast<int>(e % stride);
-    const size_t row = rows ? rows[i] : first + i;
+    const size_t row = rows[i];
     dst[row * stride + j] = Elem<T>::From(j < dim ? src[i * dim + j] : 0.0f);
     if (live_src != nullptr && j == 0) live_dst[row] = live_src[i];
     if (ids_src != nullptr && j == 0) ids_dst[row] = ids_src[i];
@@ -1190,7 +1189,7 @@ class Mirror final : public DeviceMirror {
                                            cudaMemcpyHostToDevice, stream_));
       layout(upload_.as<void>(), &id, &r, &f, &l);
       ScatterRowsKernel<T><<<GridFor(c * stride_), kThreads, 0, stream_>>>(
-          f, r, 0, c, dim_, stride_, dst, live ? l : nullptr, live_.as<uint8_t>(),
+          f, r, c, dim_, stride_, dst, live ? l : nullptr, live_.as<uint8_t>(),
           ids ? id : nullptr, ids_.as<uint64_t>());
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));

@@ -95,6 +95,9 @@ class TreeIndex final : public StoreIndex {
   // A drift re-base: a fresh tree over the new frame, in the background.
   void OnRebase() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   size_t ExtraMemoryLocked() const override ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void NoteDeviceVisits(double per_query) const override {
+    visits_per_query_.store(per_query);
+  }
   // The leaf level (centers, members) to the device after any write,
   // drift update or rebuild since the last upload.
   absl::Status SyncDeviceTreeLocked(DeviceMirror& device, bool force) const override
