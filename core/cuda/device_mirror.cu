@@ -197,20 +197,28 @@ struct Elem<float> {
            b.y * q[5] + b.z * q[6] + b.w * q[7];
   }
 };
+// 8 consecutive 16-bit elements (one 16-byte load) dotted with q[0..8);
+// Pair is __half2 or __nv_bfloat162.
+__device__ inline float2 ToFloat2(__half2 h) { return __half22float2(h); }
+__device__ inline float2 ToFloat2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+template <typename Pair>
+__device__ float Dot8Pairs(const void* x, const float* q) {
+  const uint4 v = *reinterpret_cast<const uint4*>(x);
+  const Pair* h = reinterpret_cast<const Pair*>(&v);
+  float s = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = ToFloat2(h[i]);
+    s += f.x * q[2 * i] + f.y * q[2 * i + 1];
+  }
+  return s;
+}
 template <>
 struct Elem<__half> {
   static constexpr cudaDataType_t kCuda = CUDA_R_16F;
   __device__ static __half From(float x) { return __float2half_rn(x); }
   __device__ static float Dot8(const __half* x, const float* q) {
-    const uint4 v = *reinterpret_cast<const uint4*>(x);  // one 16-byte load
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-    float s = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      s += f.x * q[2 * i] + f.y * q[2 * i + 1];
-    }
-    return s;
+    return Dot8Pairs<__half2>(x, q);
   }
 };
 template <>
@@ -218,15 +226,7 @@ struct Elem<__nv_bfloat16> {
   static constexpr cudaDataType_t kCuda = CUDA_R_16BF;
   __device__ static __nv_bfloat16 From(float x) { return __float2bfloat16_rn(x); }
   __device__ static float Dot8(const __nv_bfloat16* x, const float* q) {
-    const uint4 v = *reinterpret_cast<const uint4*>(x);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-    float s = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      s += f.x * q[2 * i] + f.y * q[2 * i + 1];
-    }
-    return s;
+    return Dot8Pairs<__nv_bfloat162>(x, q);
   }
 };
 
