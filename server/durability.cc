@@ -126,6 +126,9 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
   ASSIGN_OR_RETURN(std::unique_ptr<WalWriter> writer,
                    WalWriter::Open(WalPath(dir, generation), valid, options));
   service.SetDurability(dir, generation, std::move(writer), options);
+  // A crash between a snapshot's rename and the pruning after it leaves a
+  // third snapshot (and its logs): the newest one just restored, finish it.
+  if (!snapshots.empty()) RemoveObsoleteFiles(dir, snapshots.back());
   Log(LogLevel::kInfo, "recovered",
       {{"snapshot", snapshots.empty() ? "none" : SnapshotPath(dir, snapshots.back())},
        {"log_records", absl::StrCat(records)},

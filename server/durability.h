@@ -12,7 +12,9 @@
 // nothing is skipped silently. After a new snapshot, the files the snapshot
 // before it does not need are deleted: the two newest snapshots and the logs
 // from the older one on stay, so an operator can move a damaged newest
-// snapshot aside and recover from the previous one.
+// snapshot aside and recover from the previous one. A successful recovery
+// prunes the same way (a crash may have come between a snapshot and its
+// pruning).
 //
 // Thread safety: Recover runs before serving; the rest are pure.
 #ifndef NEGMINE_SERVER_DURABILITY_H_
