@@ -314,10 +314,9 @@ struct SelectArgs {
   // kHits: hits[q * ld + i], i < (lens ? lens[q] : count).
   const Cand* hits;
   const uint32_t* lens;
-  // Out: k hits per segment at out[q * out_ld + (out_seg + segment) * k].
+  // Out: k hits per segment at out[q * out_ld + segment * k].
   Cand* out;
   size_t out_ld;
-  size_t out_seg;
   int k;
   // Optional: per (query, segment) {max, sum} of exp(s * inv_tau - max),
   // at lse[q * lse_ld + lse_seg + segment].
@@ -418,7 +417,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(SelectArgs a) {
   __syncthreads();
   const uint32_t total_valid = s_gt;
   const uint32_t k = static_cast<uint32_t>(a.k);
-  Cand* out = a.out + q * a.out_ld + (a.out_seg + seg) * k;
+  Cand* out = a.out + q * a.out_ld + seg * k;
 
   uint32_t threshold = 1;  // take every valid key (there are at most k)
   uint32_t need_eq = 0;
@@ -747,9 +746,6 @@ class Mirror final : public DeviceMirror {
   absl::Status Init() {
     RETURN_IF_ERROR(LoadCublas().status());
     DeviceScope scope(device_);
-    cudaDeviceProp prop;
-    CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device_));
-    name_ = prop.name;
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUBLAS_RETURN_IF_ERROR(Blas().create(&handle_));
     CUBLAS_RETURN_IF_ERROR(Blas().set_stream(handle_, stream_));
@@ -895,7 +891,6 @@ class Mirror final : public DeviceMirror {
         a.query_base = static_cast<uint32_t>(q0);
         a.out = chunk_hits_.as<Cand>();
         a.out_ld = chunk_segs * k;
-        a.out_seg = 0;
         a.k = k;
         if (p.want_log_z) {
           a.lse = lse_.as<float2>();
@@ -1095,7 +1090,6 @@ class Mirror final : public DeviceMirror {
            excl_offsets_.bytes() + excl_rows_.bytes() + leaf_sel_.bytes() + cand_.bytes() + order_.bytes() + sort_temp_.bytes() +
            lens_.bytes() + scratch_[0].bytes() + scratch_[1].bytes();
   }
-  std::string DeviceName() const override { return name_; }
   double LastVisitsPerQuery() const override { return last_visits_; }
   void set_profiling(bool on) override { profiling_ = on; }
   std::string LastProfile() const override {
@@ -1246,7 +1240,6 @@ class Mirror final : public DeviceMirror {
 
   const int dim_, stride_;
   const int device_;
-  std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   void* staging_ = nullptr;

@@ -150,8 +150,6 @@ class DeviceMirror {
 
   // Device bytes held (vectors, leaves, scratch).
   virtual size_t MemoryBytes() const = 0;
-  // The device's name, e.g. "NVIDIA H100 80GB HBM3".
-  virtual std::string DeviceName() const = 0;
   // Rows scored and leaves visited per query by the last call.
   virtual double LastVisitsPerQuery() const = 0;
   // Benchmarks: with profiling on, the stream is synchronized after every
