@@ -445,9 +445,10 @@ absl::Status Info(Client& c, const Args& a) {
     if (info.info().has_tree()) {
       const v1::TreeInfo& t = info.info().tree();
       std::printf("tree: depth=%u nodes=%" PRIu64 " leaves=%" PRIu64 " leaf size min/mean/max=%" PRIu64
-                  "/%.1f/%" PRIu64 " looseness=%.3f rebuilds=%" PRIu64 " visits/query=%.1f\n",
+                  "/%.1f/%" PRIu64 " looseness=%.3f rebuilds=%" PRIu64 " (+%" PRIu64
+                  " subtrees) visits/query=%.1f\n",
                   t.depth(), t.nodes(), t.leaves(), t.min_leaf(), t.mean_leaf(), t.max_leaf(),
-                  t.looseness(), t.rebuilds(), t.visits_per_query());
+                  t.looseness(), t.rebuilds(), t.subtree_rebuilds(), t.visits_per_query());
     }
     const v1::DriftInfo& d = info.info().drift();
     if (d.active()) {

@@ -136,12 +136,16 @@ Metrics::Metrics()
                       .Register(*registry_)),
       tree_looseness_(prometheus::BuildGauge()
                           .Name("negmine_tree_looseness")
-                          .Help("Max over nodes of stored radius / actual radius (1 = tight).")
+                          .Help("Max over nodes of stored radius / a fresh build's radius (1 = tight).")
                           .Register(*registry_)),
       tree_rebuilds_(prometheus::BuildCounter()
                          .Name("negmine_tree_rebuilds_total")
                          .Help("Background tree rebuilds installed.")
                          .Register(*registry_)),
+      tree_subtree_rebuilds_(prometheus::BuildCounter()
+                                 .Name("negmine_tree_subtree_rebuilds_total")
+                                 .Help("Loose subtrees rebuilt alone, between full rebuilds.")
+                                 .Register(*registry_)),
       tree_rebuild_seconds_(prometheus::BuildGauge()
                                 .Name("negmine_tree_last_rebuild_seconds")
                                 .Help("Duration of the last tree rebuild, seconds.")
@@ -207,7 +211,8 @@ Metrics::Metrics()
                         &tree_nodes_, &tree_depth_,    &tree_looseness_,
                         &tree_rebuild_seconds_, &tree_rebuild_pending_,
                         &drift_step_, &drift_residual_};
-  collection_counters_ = {&tree_rebuilds_, &sampler_proposals_, &sampler_accepted_,
+  collection_counters_ = {&tree_rebuilds_, &tree_subtree_rebuilds_, &sampler_proposals_,
+                          &sampler_accepted_,
                           &drift_rebases_};
 }
 
@@ -257,6 +262,7 @@ void Metrics::SetIndex(const std::string& collection, const IndexStats& stats,
     tree_rebuild_seconds_.Add(labels).Set(tree->last_rebuild_seconds);
     tree_rebuild_pending_.Add(labels).Set(tree->rebuild_pending ? 1 : 0);
     CounterTo(tree_rebuilds_, collection, static_cast<double>(tree->rebuilds));
+    CounterTo(tree_subtree_rebuilds_, collection, static_cast<double>(tree->subtree_rebuilds));
     CounterTo(sampler_proposals_, collection, static_cast<double>(tree->sampler_proposals));
     CounterTo(sampler_accepted_, collection, static_cast<double>(tree->sampler_accepted));
   }

@@ -82,6 +82,7 @@ class Metrics {
   GaugeFamily& tree_depth_;
   GaugeFamily& tree_looseness_;
   CounterFamily& tree_rebuilds_;
+  CounterFamily& tree_subtree_rebuilds_;
   GaugeFamily& tree_rebuild_seconds_;
   GaugeFamily& tree_rebuild_pending_;
   CounterFamily& sampler_proposals_;

@@ -219,6 +219,7 @@ void ToWireTreeInfo(const TreeSummary& t, v1::TreeInfo* out) {
                                           t.leaf_size_histogram.end());
   out->set_looseness(t.looseness);
   out->set_rebuilds(t.rebuilds);
+  out->set_subtree_rebuilds(t.subtree_rebuilds);
   out->set_last_rebuild_seconds(t.last_rebuild_seconds);
   out->set_visits_per_query(t.visits_per_query);
   out->set_rebuild_pending(t.rebuild_pending);

@@ -387,6 +387,54 @@ TEST(TreeTest, LogZIntervalContainsTheExactLogZ) {
   }
 }
 
+// Without replacement, asking for every eligible target makes the sampler
+// draw again for the duplicates (in rounds) until each one is taken once.
+// Every query's draws come from its own stream (seed, i): the same query
+// alone or inside a batch gets the same samples.
+TEST(TreeTest, ProposalWithoutReplacementTakesEveryEligibleTargetOnce) {
+  const int dim = 8;
+  Pair p = MakePair(dim, Metric::kInnerProduct, 16, 4);
+  const auto ids = Ids(300);
+  Upsert(p, ids, Clustered(300, dim, 21));
+  const auto q = Clustered(6, dim, 22);
+  std::vector<std::vector<uint64_t>> exclude(6);
+  for (size_t i = 0; i < 6; ++i) {
+    for (size_t j = 0; j < 20; ++j) exclude[i].push_back(ids[(7 * i + 13 * j) % 300]);
+  }
+  // A high temperature: at a low one the last targets are too unlikely for
+  // the capped attempts (200 per sample) to reach.
+  SearchParams sp{.mode = MineMode::kSample, .k = 280, .temperature = 2.0f, .seed = 9};
+  auto all = p.tree->Search(q, exclude, sp);
+  ASSERT_THAT(all.status(), IsOk());
+  for (size_t i = 0; i < 6; ++i) {
+    const QueryResult& r = all->queries[i];
+    std::set<uint64_t> got(r.ids.begin(), r.ids.end());
+    EXPECT_EQ(r.ids.size(), 280u);
+    EXPECT_EQ(got.size(), 280u) << "no target twice";
+    for (uint64_t id : exclude[i]) EXPECT_FALSE(got.count(id)) << "excluded " << id;
+  }
+  // Query 3 alone: the seed's stream 0 is query 3's stream only if it is
+  // first, so compare with a batch that starts with it.
+  const std::vector<float> q3(q.begin() + 3 * dim, q.begin() + 4 * dim);
+  std::vector<float> q3_first = q3;
+  q3_first.insert(q3_first.end(), q.begin(), q.end());
+  std::vector<std::vector<uint64_t>> ex3 = {exclude[3]};
+  ex3.insert(ex3.end(), exclude.begin(), exclude.end());
+  SearchParams small = sp;
+  small.k = 40;
+  small.temperature = 0.05f;
+  auto alone = p.tree->Search(q3, {{exclude[3]}}, small);
+  auto batch = p.tree->Search(q3_first, ex3, small);
+  ASSERT_TRUE(alone.ok() && batch.ok());
+  EXPECT_EQ(alone->queries[0].ids, batch->queries[0].ids);
+  ASSERT_EQ(alone->queries[0].log_q.size(), batch->queries[0].log_q.size());
+  for (size_t j = 0; j < alone->queries[0].log_q.size(); ++j) {
+    // Scores in a batch may come from a matrix product, alone from dot
+    // products: equal up to rounding.
+    EXPECT_NEAR(alone->queries[0].log_q[j], batch->queries[0].log_q[j], 1e-4);
+  }
+}
+
 TEST(TreeTest, MixedModeAndRankWindow) {
   const int dim = 8;
   Pair p = MakePair(dim, Metric::kCosine, 16, 4);
@@ -436,6 +484,74 @@ TEST(TreeTest, BackgroundRebuildAfterChurnKeepsAnswers) {
   auto r = index->Search(Clustered(4, dim, 17), {}, {.k = 5});
   ASSERT_THAT(r.status(), IsOk());
   EXPECT_NEAR(r->queries[0].scores[0], 1.0, 1e-4) << "finds itself after the rebuild";
+}
+
+// Deletes leave radii loose (a radius never shrinks). Deleting a shell
+// around one target (ranks 5% to 40% by distance, keeping the core) makes the
+// nodes there much looser than a fresh build would be.
+std::vector<uint64_t> ShellAround(const std::vector<float>& x, const std::vector<uint64_t>& ids,
+                                  int dim) {
+  std::vector<std::pair<double, uint64_t>> by_distance;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    double d = 0;
+    for (int j = 0; j < dim; ++j) d += (x[i * dim + j] - x[j]) * (x[i * dim + j] - x[j]);
+    by_distance.push_back({d, ids[i]});
+  }
+  std::sort(by_distance.begin(), by_distance.end());
+  std::vector<uint64_t> shell;
+  for (size_t r = ids.size() / 20; r < ids.size() * 2 / 5; ++r) shell.push_back(by_distance[r].second);
+  return shell;
+}
+
+// The repair rebuilds only the loose subtrees: the looseness falls to the
+// threshold, no full rebuild happens, and top-k still equals brute force.
+TEST(TreeTest, LooseSubtreesAreRebuiltAlone) {
+  const int dim = 8;
+  Pair p = MakePair(dim, Metric::kInnerProduct, 16, 4);
+  const auto ids = Ids(4000);
+  const auto x = Clustered(4000, dim, 31);
+  Upsert(p, ids, x);
+  const std::vector<uint64_t> shell = ShellAround(x, ids, dim);
+  ASSERT_THAT(p.tree->Delete(shell, false).status(), IsOk());
+  ASSERT_THAT(p.exact->Delete(shell, false).status(), IsOk());
+  TreeIndex* tree = p.tree_index();
+  const double before = tree->TreeInfo()->looseness;
+  ASSERT_GT(before, TreeIndex::kMaxLooseness) << "the deletes should loosen the tree";
+
+  const std::optional<size_t> repaired = tree->RepairNow();
+  ASSERT_TRUE(repaired.has_value()) << "the loose part is small: no full rebuild";
+  EXPECT_GT(*repaired, 0u);
+  const TreeSummary after = *tree->TreeInfo();
+  EXPECT_LE(after.looseness, TreeIndex::kMaxLooseness);
+  EXPECT_EQ(after.rebuilds, 0u);
+  EXPECT_EQ(after.subtree_rebuilds, *repaired);
+  EXPECT_THAT(tree->CheckInvariants(), IsOk());
+  ExpectSameTopK(p, Clustered(32, dim, 32), dim, 10);
+  EXPECT_EQ(tree->RepairNow(), 0u) << "nothing is loose any more";
+}
+
+// The background thread checks the looseness after enough writes and
+// repairs what it finds.
+TEST(TreeTest, BackgroundRepairAfterDeletes) {
+  const int dim = 8;
+  IndexOptions o{.dim = dim, .kind = IndexKind::kTree};
+  o.tree.leaf_size = 16;
+  o.tree.branching = 4;
+  auto index = CreateIndex(o).value();
+  auto* tree = static_cast<TreeIndex*>(index.get());
+  const auto ids = Ids(4000);
+  const auto x = Clustered(4000, dim, 31);
+  ASSERT_THAT(index->Upsert(ids, x, 0), IsOk());
+  ASSERT_THAT(index->Delete(ShellAround(x, ids, dim), false).status(), IsOk());
+  // The repair runs in the background; wait for it (bounded).
+  for (int i = 0; i < 600 && tree->TreeInfo()->subtree_rebuilds == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const TreeSummary info = *tree->TreeInfo();
+  EXPECT_GE(info.subtree_rebuilds, 1u);
+  EXPECT_EQ(info.rebuilds, 0u);
+  EXPECT_LE(info.looseness, TreeIndex::kMaxLooseness);
+  EXPECT_THAT(tree->CheckInvariants(), IsOk());
 }
 
 TEST(TreeTest, RejectsBadTreeOptions) {

@@ -337,10 +337,7 @@ void Tree::CollectRows(int32_t f, std::vector<uint32_t>* rows) const {
   }
 }
 
-void Tree::CollapseToLeaf(int32_t f) {
-  std::vector<uint32_t> rows;
-  CollectRows(f, &rows);
-  // Count the nodes cut off.
+void Tree::DiscardBelow(int32_t f) {
   std::vector<int32_t> stack = {f};
   while (!stack.empty()) {
     const int32_t g = stack.back();
@@ -350,10 +347,82 @@ void Tree::CollapseToLeaf(int32_t f) {
       stack.push_back(c);
     }
   }
+}
+
+void Tree::CollapseToLeaf(int32_t f) {
+  std::vector<uint32_t> rows;
+  CollectRows(f, &rows);
+  DiscardBelow(f);
   // The radius stays: it still covers every row below.
   MakeLeaf(f, rows.data(), rows.size());
   ++structure_version_;
   RefreshLeaves();
+}
+
+void Tree::RebuildSubtree(const PointSource& points, int32_t f) {
+  std::vector<uint32_t> rows;
+  CollectRows(f, &rows);
+  DiscardBelow(f);
+  const uint64_t seed = Mix64(params_.seed ^ (uint64_t(f) << 20) ^ structure_version_);
+  BuildNode(points, f, rows.data(), rows.size(), seed);
+  ++structure_version_;
+  RefreshLeaves();
+}
+
+std::vector<float> Tree::Looseness(const PointSource& points) const {
+  const size_t n = num_nodes();
+  // Pass 1: every node's mean; pass 2: the largest distance from it.
+  std::vector<double> sum(n * dim_, 0.0);
+  std::vector<float> x(dim_);
+  for (int32_t leaf : leaves_) {
+    for (uint32_t row : members(leaf)) {
+      points.Get(row, x.data());
+      for (int32_t f = leaf; f != kNone; f = parent_[f]) {
+        double* s = sum.data() + size_t(f) * dim_;
+        for (int j = 0; j < dim_; ++j) s[j] += x[j];
+      }
+    }
+  }
+  std::vector<float> mean(n * dim_, 0.0f), r2(n, 0.0f);
+  for (size_t f = 0; f < n; ++f) {
+    if (count_[f] == 0) continue;
+    for (int j = 0; j < dim_; ++j) mean[f * dim_ + j] = static_cast<float>(sum[f * dim_ + j] / count_[f]);
+  }
+  sum = {};
+  for (int32_t leaf : leaves_) {
+    for (uint32_t row : members(leaf)) {
+      points.Get(row, x.data());
+      for (int32_t f = leaf; f != kNone; f = parent_[f]) {
+        r2[f] = std::max(r2[f], SquaredDistance(x.data(), mean.data() + size_t(f) * dim_, dim_));
+      }
+    }
+  }
+  std::vector<float> out(n, 1.0f);
+  for (size_t f = 0; f < n; ++f) {
+    if (count_[f] > 0 && r2[f] > 0) out[f] = radius_[f] / std::sqrt(r2[f]);
+  }
+  return out;
+}
+
+std::vector<int32_t> Tree::LooseSubtrees(const PointSource& points,
+                                         float max_looseness) const {
+  std::vector<int32_t> out;
+  if (radius_.empty()) return out;
+  const std::vector<float> loose = Looseness(points);
+  std::vector<int32_t> stack = {0};
+  while (!stack.empty()) {
+    const int32_t f = stack.back();
+    stack.pop_back();
+    if (count_[f] == 0) continue;
+    if (loose[f] > max_looseness) {
+      out.push_back(f);
+      continue;
+    }
+    for (int32_t c = first_child_[f]; c >= 0 && c < first_child_[f] + num_children_[f]; ++c) {
+      stack.push_back(c);
+    }
+  }
+  return out;
 }
 
 bool Tree::Remove(uint32_t row) {
@@ -577,7 +646,7 @@ TreeSummary Tree::Stats(const PointSource& points) const {
     s.min_leaf = 0;
     return s;
   }
-  std::vector<float> x(dim_);
+  const std::vector<float> loose = Looseness(points);
   std::vector<std::pair<int32_t, int>> stack = {{0, 1}};
   size_t total = 0;
   while (!stack.empty()) {
@@ -585,17 +654,7 @@ TreeSummary Tree::Stats(const PointSource& points) const {
     stack.pop_back();
     ++s.num_nodes;
     s.depth = std::max(s.depth, depth);
-    if (count_[f] > 0) {
-      std::vector<uint32_t> rows;
-      CollectRows(f, &rows);
-      float actual = 0;
-      for (uint32_t r : rows) {
-        points.Get(r, x.data());
-        actual = std::max(actual, SquaredDistance(x.data(), center(f), dim_));
-      }
-      actual = std::sqrt(actual);
-      if (actual > 0) s.looseness = std::max(s.looseness, double{radius_[f]} / actual);
-    }
+    s.looseness = std::max(s.looseness, double{loose[f]});
     if (is_leaf(f)) {
       ++s.num_leaves;
       const size_t n = member_count_[f];

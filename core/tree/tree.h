@@ -37,6 +37,7 @@
 #ifndef NEGMINE_CORE_TREE_TREE_H_
 #define NEGMINE_CORE_TREE_TREE_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -57,8 +58,18 @@ struct PointSource {
 
   void Get(uint32_t row, float* out) const {
     const float* x = data + size_t{row} * dim;
-    const float s = scale ? scale[row] : 1.0f;
+    if (!scale) {
+      std::copy_n(x, dim, out);
+      return;
+    }
+    const float s = scale[row];
     for (int j = 0; j < dim; ++j) out[j] = x[j] * s;
+  }
+  // Starts loading a row's vector into the cache. A gather of scattered rows
+  // is bound by memory latency; prefetching a few rows ahead overlaps it.
+  void Prefetch(uint32_t row) const {
+    const char* x = reinterpret_cast<const char*>(data + size_t{row} * dim);
+    for (size_t b = 0; b < size_t(dim) * sizeof(float); b += 64) __builtin_prefetch(x + b);
   }
   float Scale(uint32_t row) const { return scale ? scale[row] : 1.0f; }
 };
@@ -108,6 +119,20 @@ class Tree {
   void SetBounds(Bounds bounds);
   // Sum of the leaves' radii: grows as the centers go stale.
   double LeafRadiusSum() const;
+
+  // Every node's looseness: its stored radius over the radius a fresh build
+  // would give it (the largest distance of its targets from their mean); 1
+  // for an empty node or one whose targets coincide. Deletes (the radius
+  // never shrinks), inserts and drift (the center goes stale) raise it.
+  // O(N depth dim).
+  std::vector<float> Looseness(const PointSource& points) const;
+  // The highest nodes whose looseness exceeds `max_looseness`.
+  std::vector<int32_t> LooseSubtrees(const PointSource& points,
+                                     float max_looseness) const;
+  // Rebuilds the subtree below f from its targets with the bulk build. The
+  // ancestors' bounds still hold (the targets are the same); the old nodes
+  // below f are dead until a full build compacts them.
+  void RebuildSubtree(const PointSource& points, int32_t f);
 
   // The arrays, for snapshots. Load replaces the content (of a tree over
   // store rows < num_rows) and checks the structure's consistency: sizes
@@ -162,6 +187,8 @@ class Tree {
   void AppendMember(int32_t leaf, uint32_t row);
   void Split(const PointSource& points, int32_t leaf);
   void CollapseToLeaf(int32_t f);
+  // Counts the nodes below f (not f) as dead.
+  void DiscardBelow(int32_t f);
   void CollectRows(int32_t f, std::vector<uint32_t>* rows) const;
   void RefreshLeaves();
   int32_t NearestChild(int32_t f, const float* x) const;

@@ -24,9 +24,17 @@ using RowMatrix =
 constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
 // Leaves of the beam: for approximate top-k by default, and as the first pass
 // of exact top-k (whose threshold then prunes the rest).
-constexpr int kDefaultBeamLeaves = 128;
+constexpr int kDefaultBeamLeaves = 256;
 constexpr int kCertifyBeamLeaves = 16;
-constexpr float kBeamRadiusWeight = 0.5f;
+// Routing (Searcher::Route): groups of at most this many leaf sizes of
+// targets, and candidate leaves per routed leaf.
+constexpr int kGroupLeafSizes = 8;
+constexpr size_t kRouteOversample = 2;
+// A leaf visited by fewer queries of a batch is scored by dot products, not
+// gathered for a matrix product.
+constexpr uint32_t kMinGemmQueries = 4;
+// Rows a gather prefetches ahead (PointSource::Prefetch).
+constexpr size_t kPrefetchRows = 4;
 
 // Eigen's dot product is vectorized (a plain loop is not, without
 // -ffast-math, since it reorders the sum).
@@ -87,6 +95,69 @@ class Categorical {
 
 }  // namespace
 
+// The routing groups (see Searcher::Route): the leaves grouped under the
+// highest nodes holding at most kGroupLeafSizes leaves' worth of targets (a
+// partition of the leaves). Built from a tree's structure and centers, which
+// change only with its structure_version.
+struct TreeIndex::Routing {
+  uint64_t structure_version = 0;
+  // Group g's leaves are leaves[begin[g], begin[g + 1]); their centers are
+  // the same rows of leaf_centers (contiguous per group).
+  std::vector<int32_t> begin = {0}, leaves;
+  RowMatrix group_centers, leaf_centers;
+  // Node -> its index in `leaves` (-1: not a routed leaf).
+  std::vector<int32_t> position;
+
+  explicit Routing(const Tree& tree) : structure_version(tree.structure_version()) {
+    const size_t max_count = size_t{kGroupLeafSizes} * tree.params().leaf_size;
+    std::vector<int32_t> groups, stack;
+    if (tree.num_nodes() > 0) stack.push_back(0);
+    while (!stack.empty()) {
+      const int32_t f = stack.back();
+      stack.pop_back();
+      if (tree.count(f) == 0) continue;
+      if (tree.is_leaf(f) || tree.count(f) <= max_count) {
+        groups.push_back(f);
+        CollectLeaves(tree, f);
+        begin.push_back(static_cast<int32_t>(leaves.size()));
+        continue;
+      }
+      for (int32_t c = tree.first_child(f); c < tree.first_child(f) + tree.num_children(f); ++c) {
+        stack.push_back(c);
+      }
+    }
+    position.assign(tree.num_nodes(), -1);
+    for (size_t i = 0; i < leaves.size(); ++i) position[leaves[i]] = static_cast<int32_t>(i);
+    const int dim = tree.dim();
+    group_centers.resize(groups.size(), dim);
+    for (size_t g = 0; g < groups.size(); ++g) {
+      std::copy_n(tree.center(groups[g]), dim, group_centers.row(g).data());
+    }
+    leaf_centers.resize(leaves.size(), dim);
+    for (size_t i = 0; i < leaves.size(); ++i) {
+      std::copy_n(tree.center(leaves[i]), dim, leaf_centers.row(i).data());
+    }
+  }
+
+  size_t num_groups() const { return begin.size() - 1; }
+  size_t MemoryBytes() const {
+    return (begin.capacity() + leaves.capacity() + position.capacity()) * sizeof(int32_t) +
+           (group_centers.size() + leaf_centers.size()) * sizeof(float);
+  }
+
+ private:
+  void CollectLeaves(const Tree& tree, int32_t f) {
+    if (tree.count(f) == 0) return;
+    if (tree.is_leaf(f)) {
+      leaves.push_back(f);
+      return;
+    }
+    for (int32_t c = tree.first_child(f); c < tree.first_child(f) + tree.num_children(f); ++c) {
+      CollectLeaves(tree, c);
+    }
+  }
+};
+
 // One query as the searcher sees it.
 struct TreeIndex::Query {
   std::vector<float> q;  // scoring space: normalized for cosine
@@ -97,9 +168,9 @@ struct TreeIndex::Query {
 // The algorithms, over one consistent tree (the caller holds mu_ shared).
 class TreeIndex::Searcher {
  public:
-  Searcher(const Tree& tree, const EmbeddingStore& store,
+  Searcher(const Tree& tree, const Routing& routing, const EmbeddingStore& store,
            const PointSource& points, const SearchParams& params)
-      : tree_(tree), store_(store), points_(points), p_(params),
+      : tree_(tree), routing_(routing), store_(store), points_(points), p_(params),
         dim_(points.dim), inv_tau_(1.0 / params.temperature) {}
 
   size_t visits() const { return visits_; }
@@ -112,32 +183,111 @@ class TreeIndex::Searcher {
            points_.Scale(row);
   }
 
-  // Best-first until `width` non-empty leaves are found. Nodes are ordered by
-  // <q, c> + kBeamRadiusWeight * r |q|. The full upper bound (weight 1)
-  // over-favours wide nodes; the center alone (0) dives into one subtree,
-  // since deep centers score higher than shallow ones. Measured on drift-bench
-  // data (200k x 128, leaves of 64): recall@64 at 128 leaves was 0.95 with
-  // 0.5, 0.89 with 0.25 and 0.73 with 0.
-  void Beam(const Query& q, int width, std::vector<int32_t>* leaves) {
-    std::priority_queue<std::pair<float, int32_t>> pq;
-    pq.push({0.0f, 0});
-    while (!pq.empty() && static_cast<int>(leaves->size()) < width) {
-      const int32_t f = pq.top().second;
-      pq.pop();
-      if (tree_.count(f) == 0) continue;
-      if (tree_.is_leaf(f)) {
-        leaves->push_back(f);
-        continue;
-      }
-      ++visits_;
-      for (int32_t c = tree_.first_child(f);
-           c < tree_.first_child(f) + tree_.num_children(f); ++c) {
-        if (tree_.count(c) == 0) continue;
-        pq.push({Dot(q.q.data(), tree_.center(c), dim_) +
-                     kBeamRadiusWeight * tree_.radius(c) * q.norm,
-                 c});
+  // Leaf routing, for approximate top-k and the first pass of exact top-k:
+  // the `width` leaves whose centers score highest, found in two steps.
+  // Every group center (Routing) is scored, for a chunk of queries at once,
+  // by one matrix product; the leaves of the best groups (about
+  // kRouteOversample x width leaves) are scored, and the best `width` kept.
+  // Routing by center score beats the tree's best-first descent: on
+  // drift-bench data (1M x 128, leaves of 64) 256 routed leaves gave the
+  // recall@64 that best-first needed 512 leaves for (BENCHMARKS.md).
+  void Route(const std::vector<Query>& queries, int width,
+             std::vector<std::vector<int32_t>>* leaves) {
+    const Routing& r = routing_;
+    const size_t num_groups = r.num_groups();
+    const size_t total_leaves = r.leaves.size();
+    if (total_leaves == 0) return;
+    const size_t want = std::min<size_t>(width, total_leaves);
+    // Groups whose leaves number about kRouteOversample x want.
+    const size_t groups = std::min<size_t>(
+        num_groups, (kRouteOversample * want * num_groups + total_leaves - 1) / total_leaves);
+    const size_t chunk = std::max<size_t>(1, (size_t{4} << 20) / num_groups);
+    RowMatrix qm, dots;
+    Eigen::VectorXf leaf_dots;
+    std::vector<std::pair<float, int32_t>> best, candidates;
+    for (size_t b = 0; b < queries.size(); b += chunk) {
+      const size_t c = std::min(chunk, queries.size() - b);
+      qm.resize(c, dim_);
+      for (size_t i = 0; i < c; ++i) std::copy_n(queries[b + i].q.data(), dim_, qm.row(i).data());
+      dots.noalias() = qm * r.group_centers.transpose();
+      visits_ += c * num_groups;
+      for (size_t i = 0; i < c; ++i) {
+        const Eigen::Map<const Eigen::VectorXf> q(queries[b + i].q.data(), dim_);
+        BestOf(dots.row(i).data(), num_groups, groups, &best);
+        candidates.clear();
+        for (const auto& [unused, g] : best) {
+          const int32_t first = r.begin[g], n = r.begin[g + 1] - first;
+          leaf_dots.noalias() = r.leaf_centers.middleRows(first, n) * q;
+          for (int32_t j = 0; j < n; ++j) candidates.push_back({leaf_dots[j], first + j});
+        }
+        visits_ += candidates.size();
+        KeepBest(want, &candidates);
+        std::vector<int32_t>& out = (*leaves)[b + i];
+        for (const auto& [unused, j] : candidates) out.push_back(r.leaves[j]);
       }
     }
+  }
+
+  // The m highest of s[0, n) as (score, index), ties by the lower index, in
+  // no particular order: one pass with a bounded min-heap, so O(n) when m is
+  // small against n.
+  static void BestOf(const float* s, size_t n, size_t m,
+                     std::vector<std::pair<float, int32_t>>* out) {
+    // Heap top: the lowest score, the highest index among equal scores.
+    const auto worse = [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    out->clear();
+    m = std::min(m, n);
+    for (size_t i = 0; i < m; ++i) out->push_back({s[i], static_cast<int32_t>(i)});
+    std::make_heap(out->begin(), out->end(), worse);
+    float cut = m > 0 ? out->front().first : 0.0f;
+    for (size_t i = m; i < n; ++i) {
+      if (!(s[i] > cut)) continue;
+      std::pop_heap(out->begin(), out->end(), worse);
+      out->back() = {s[i], static_cast<int32_t>(i)};
+      std::push_heap(out->begin(), out->end(), worse);
+      cut = out->front().first;
+    }
+  }
+
+  // Keeps the m highest-scoring entries of v (ties by the lower index), in
+  // no particular order.
+  static void KeepBest(size_t m, std::vector<std::pair<float, int32_t>>* v) {
+    if (v->size() <= m) return;
+    std::nth_element(v->begin(), v->begin() + m, v->end(),
+                     [](const auto& a, const auto& b) {
+                       return a.first > b.first || (a.first == b.first && a.second < b.second);
+                     });
+    v->resize(m);
+  }
+
+  // s = the scores of a leaf's `rows` (its members) for queries qids[0, nq):
+  // one matrix product over the gathered vectors, or dot products for a
+  // leaf too few queries visit to pay for the gather.
+  void ScoreLeaf(absl::Span<const uint32_t> rows, const std::vector<Query>& queries,
+                 const uint32_t* qids, size_t nq, RowMatrix* s) {
+    for (size_t j = 0; j < std::min<size_t>(kPrefetchRows, rows.size()); ++j) {
+      points_.Prefetch(rows[j]);
+    }
+    if (nq < kMinGemmQueries) {
+      s->resize(nq, rows.size());
+      for (size_t j = 0; j < rows.size(); ++j) {
+        if (j + kPrefetchRows < rows.size()) points_.Prefetch(rows[j + kPrefetchRows]);
+        for (size_t i = 0; i < nq; ++i) (*s)(i, j) = Score(queries[qids[i]], rows[j]);
+      }
+      return;
+    }
+    gathered_.resize(rows.size(), dim_);
+    for (size_t j = 0; j < rows.size(); ++j) {
+      if (j + kPrefetchRows < rows.size()) points_.Prefetch(rows[j + kPrefetchRows]);
+      points_.Get(rows[j], gathered_.row(j).data());
+    }
+    query_rows_.resize(nq, dim_);
+    for (size_t i = 0; i < nq; ++i) {
+      std::copy_n(queries[qids[i]].q.data(), dim_, query_rows_.row(i).data());
+    }
+    s->noalias() = query_rows_ * gathered_.transpose();
   }
 
   // Scores each query's leaves, grouped by leaf: one matrix product per leaf
@@ -145,27 +295,38 @@ class TreeIndex::Searcher {
   void ScoreLeavesBatched(const std::vector<Query>& queries,
                           const std::vector<std::vector<int32_t>>& leaves,
                           std::vector<TopHeap>* heaps) {
-    absl::flat_hash_map<int32_t, std::vector<uint32_t>> by_leaf;
-    for (size_t qi = 0; qi < leaves.size(); ++qi) {
-      for (int32_t f : leaves[qi]) by_leaf[f].push_back(static_cast<uint32_t>(qi));
+    // (leaf, query) pairs sorted by leaf: a counting sort over node ids.
+    std::vector<uint32_t> begin(tree_.num_nodes() + 1, 0);
+    for (const auto& l : leaves) {
+      for (int32_t f : l) ++begin[f + 1];
     }
-    RowMatrix m, qs, s;
-    for (auto& [leaf, qids] : by_leaf) {
-      auto rows = tree_.members(leaf);
-      m.resize(rows.size(), dim_);
-      for (size_t i = 0; i < rows.size(); ++i) points_.Get(rows[i], m.row(i).data());
-      qs.resize(qids.size(), dim_);
-      for (size_t i = 0; i < qids.size(); ++i) {
-        std::copy_n(queries[qids[i]].q.data(), dim_, qs.row(i).data());
-      }
-      s.noalias() = qs * m.transpose();
-      visits_ += qids.size();
-      for (size_t i = 0; i < qids.size(); ++i) {
-        const Query& q = queries[qids[i]];
-        TopHeap& heap = (*heaps)[qids[i]];
+    for (size_t f = 0; f < tree_.num_nodes(); ++f) begin[f + 1] += begin[f];
+    std::vector<uint32_t> qids(begin.back()), fill(begin.begin(), begin.end() - 1);
+    for (size_t qi = 0; qi < leaves.size(); ++qi) {
+      for (int32_t f : leaves[qi]) qids[fill[f]++] = static_cast<uint32_t>(qi);
+    }
+    RowMatrix s;
+    Eigen::VectorXf row_max;
+    std::vector<uint64_t> ids;
+    for (size_t leaf = 0; leaf < tree_.num_nodes(); ++leaf) {
+      const uint32_t q0 = begin[leaf], nq = begin[leaf + 1] - q0;
+      if (nq == 0) continue;
+      auto rows = tree_.members(static_cast<int32_t>(leaf));
+      ids.resize(rows.size());
+      for (size_t j = 0; j < rows.size(); ++j) ids[j] = store_.id(rows[j]);
+      ScoreLeaf(rows, queries, &qids[q0], nq, &s);
+      row_max = s.rowwise().maxCoeff();
+      visits_ += nq;
+      for (size_t i = 0; i < nq; ++i) {
+        TopHeap& heap = (*heaps)[qids[q0 + i]];
+        // Most leaves hold nothing for a query whose heap is full.
+        if (heap.full() && row_max[i] < heap.threshold()) continue;
+        const Query& q = queries[qids[q0 + i]];
+        const float* row = s.row(i).data();
         for (size_t j = 0; j < rows.size(); ++j) {
-          if (q.excluded.contains(rows[j])) continue;
-          heap.Push({s(i, j), store_.id(rows[j]), rows[j]});
+          if (heap.full() && row[j] < heap.threshold()) continue;
+          if (!q.excluded.empty() && q.excluded.contains(rows[j])) continue;
+          heap.Push({row[j], ids[j], rows[j]});
         }
       }
     }
@@ -205,7 +366,7 @@ class TreeIndex::Searcher {
     const int width = p_.beam_width > 0    ? p_.beam_width
                       : p_.approximate     ? kDefaultBeamLeaves
                                            : kCertifyBeamLeaves;
-    for (size_t qi = 0; qi < queries.size(); ++qi) Beam(queries[qi], width, &leaves[qi]);
+    Route(queries, width, &leaves);
     ScoreLeavesBatched(queries, leaves, &heaps);
     if (!p_.approximate) {
       // Certify: every leaf that can still beat the beam's m-th score is
@@ -225,66 +386,233 @@ class TreeIndex::Searcher {
 
   // --- sampling ---
 
-  // The proposal sampler for query `qi`; `center_dots` holds <q, c_f> for
-  // every leaf of tree_.leaves().
-  void SampleProposal(const Query& q, const float* center_dots, int count,
-                      Rng& rng, QueryResult* out) {
-    const auto& leaves = tree_.leaves();
-    absl::flat_hash_map<int32_t, uint32_t> excluded_in;
-    for (uint32_t row : q.excluded) {
-      const int32_t f = tree_.leaf_of(row);
-      if (f != Tree::kNone) ++excluded_in[f];
+  // Proposal sampling for a batch, `count` draws per query into results[i]
+  // (after its top part). Per query, leaves are drawn from the proposal
+  // (their center scores for a chunk of queries by one matrix product); the
+  // drawn leaves are then scored for the whole batch grouped by leaf, and
+  // each draw takes a target from its leaf's exact softmax. Without
+  // replacement, a draw of a target already taken is rejected, and the
+  // queries still short draw again (the draws are i.i.d., so taking the first
+  // distinct ones is the sequential sampler's distribution). Query i's draws
+  // use the stream (seed, i) and do not depend on the rest of the batch.
+  absl::Status SampleProposalBatch(const std::vector<Query>& queries, int count,
+                                   std::vector<QueryResult>* results) {
+    const Routing& r = routing_;
+    const size_t num_leaves = r.leaves.size(), n = queries.size();
+    if (num_leaves == 0) return absl::OkStatus();
+    // log n_f and spread_f per leaf (writes change them without a change of
+    // structure, so they are read per call).
+    Eigen::ArrayXf log_count(num_leaves), spread(num_leaves);
+    for (size_t i = 0; i < num_leaves; ++i) {
+      log_count[i] = std::log(static_cast<float>(tree_.count(r.leaves[i])));
+      spread[i] = tree_.spread(r.leaves[i]);
     }
-    const double spread_scale = double{q.norm} * q.norm / (2.0 * dim_) * inv_tau_ * inv_tau_;
-    std::vector<double> logw(leaves.size());
-    size_t eligible = 0;
-    for (size_t i = 0; i < leaves.size(); ++i) {
-      const int32_t f = leaves[i];
-      auto it = excluded_in.find(f);
-      const uint32_t n = tree_.count(f) - (it == excluded_in.end() ? 0 : it->second);
-      eligible += n;
-      logw[i] = n == 0 ? kNegInfD
-                       : std::log(double(n)) + center_dots[i] * inv_tau_ +
-                             tree_.spread(f) * spread_scale;
-    }
-    if (eligible == 0) return;
-    const Categorical pick(logw);
-    struct LeafDraw {
-      std::vector<uint32_t> rows;
-      std::vector<float> scores;
-      Categorical* within = nullptr;
-      double log_z = 0;
-    };
-    absl::flat_hash_map<size_t, LeafDraw> cache;
-    std::vector<std::unique_ptr<Categorical>> owned;
-    absl::flat_hash_set<uint32_t> taken;
-    const size_t want = p_.with_replacement ? count : std::min<size_t>(count, eligible);
-    const size_t max_attempts = 200 * want + 10000;
-    for (size_t a = 0; a < max_attempts && out->ids.size() - out->num_top < want; ++a) {
-      const size_t i = pick.Draw(rng);
-      auto [it, fresh] = cache.try_emplace(i);
-      LeafDraw& d = it->second;
-      if (fresh) {
-        ++visits_;
-        std::vector<double> lw;
-        for (uint32_t row : tree_.members(leaves[i])) {
-          if (q.excluded.contains(row)) continue;
-          d.rows.push_back(row);
-          d.scores.push_back(Score(q, row));
-          lw.push_back(d.scores.back() * inv_tau_);
+    std::vector<size_t> want(n, 0), attempts(n, 0), got(n, 0);
+    std::vector<absl::flat_hash_set<uint32_t>> taken(p_.with_replacement ? 0 : n);
+    std::vector<uint32_t> active(n);
+    std::iota(active.begin(), active.end(), 0);
+    std::vector<ProposalDraw> draws;
+    bool first_round = true;
+    while (!active.empty()) {
+      RETURN_IF_ERROR(StoreIndex::CheckCancelled(p_));
+      draws.clear();
+      RETURN_IF_ERROR(DrawLeaves(queries, active, count, first_round, log_count, spread, got,
+                                 &want, &attempts, &draws));
+      first_round = false;
+      RETURN_IF_ERROR(DrawWithinLeaves(queries, &draws));
+      // The draws in order, per query (they were appended query by query).
+      std::vector<uint32_t> still;
+      size_t d = 0;
+      for (uint32_t qi : active) {
+        QueryResult& out = (*results)[qi];
+        for (; d < draws.size() && draws[d].query == qi; ++d) {
+          const ProposalDraw& x = draws[d];
+          if (got[qi] == want[qi]) continue;
+          if (!p_.with_replacement && !taken[qi].insert(x.row).second) continue;
+          out.ids.push_back(store_.id(x.row));
+          out.scores.push_back(x.score);
+          out.log_q.push_back(static_cast<float>(x.log_q));
+          ++got[qi];
         }
-        owned.push_back(std::make_unique<Categorical>(lw));
-        d.within = owned.back().get();
-        d.log_z = d.within->log_total();
+        if (got[qi] < want[qi] && attempts[qi] < 200 * want[qi] + 10000) still.push_back(qi);
       }
-      const size_t j = d.within->Draw(rng);
-      const uint32_t row = d.rows[j];
-      if (!p_.with_replacement && !taken.insert(row).second) continue;
-      out->ids.push_back(store_.id(row));
-      out->scores.push_back(d.scores[j]);
-      out->log_q.push_back(static_cast<float>(logw[i] - pick.log_total() +
-                                              d.scores[j] * inv_tau_ - d.log_z));
+      active = std::move(still);
     }
+    return absl::OkStatus();
+  }
+
+  struct ProposalDraw {
+    uint32_t query;
+    uint32_t leaf;        // position in routing_.leaves
+    uint64_t key;         // its random numbers: KeyUniform(key, 0 / 1)
+    double log_q_leaf;    // log-probability of the leaf under the proposal
+    uint32_t row = 0;     // then: the target drawn within the leaf
+    float score = 0;
+    double log_q = 0;     // log q(y) = log q(leaf) + log p(y | leaf)
+  };
+
+  // Draws leaves for the `active` queries: a leaf f with probability
+  // proportional to n_f exp(<q, c_f>/tau + |q|^2 spread_f / (2 d tau^2)),
+  // n_f counting the eligible targets only. The first round draws each
+  // query's `want` (set here); later rounds twice the shortfall.
+  absl::Status DrawLeaves(const std::vector<Query>& queries, const std::vector<uint32_t>& active,
+                  int count, bool first_round, const Eigen::ArrayXf& log_count,
+                  const Eigen::ArrayXf& spread, const std::vector<size_t>& got,
+                  std::vector<size_t>* want, std::vector<size_t>* attempts,
+                  std::vector<ProposalDraw>* draws) {
+    const Routing& r = routing_;
+    const size_t num_leaves = r.leaves.size();
+    constexpr size_t kBlock = 64;  // the CDF is searched by blocks
+    const size_t num_blocks = (num_leaves + kBlock - 1) / kBlock;
+    const size_t chunk = std::max<size_t>(1, (size_t{4} << 20) / num_leaves);
+    RowMatrix qm, dots;
+    Eigen::ArrayXf lw, w;
+    std::vector<double> block_cdf(num_blocks);
+    for (size_t b = 0; b < active.size(); b += chunk) {
+      const size_t c = std::min(chunk, active.size() - b);
+      qm.resize(c, dim_);
+      for (size_t i = 0; i < c; ++i) {
+        std::copy_n(queries[active[b + i]].q.data(), dim_, qm.row(i).data());
+      }
+      dots.noalias() = qm * r.leaf_centers.transpose();
+      for (size_t i = 0; i < c; ++i) {
+        const uint32_t qi = active[b + i];
+        const Query& q = queries[qi];
+        const float spread_scale =
+            static_cast<float>(double{q.norm} * q.norm / (2.0 * dim_) * inv_tau_ * inv_tau_);
+        lw = dots.row(i).transpose().array() * static_cast<float>(inv_tau_) + log_count +
+             spread * spread_scale;
+        // Leaves holding excluded targets count only their eligible ones.
+        absl::flat_hash_map<int32_t, uint32_t> excluded_in;
+        for (uint32_t row : q.excluded) {
+          const int32_t f = tree_.leaf_of(row);
+          if (f != Tree::kNone && r.position[f] >= 0) ++excluded_in[r.position[f]];
+        }
+        size_t eligible = tree_.num_nodes() ? tree_.count(0) : 0;
+        for (const auto& [pos, k] : excluded_in) {
+          const uint32_t total = tree_.count(r.leaves[pos]);
+          eligible -= k;
+          lw[pos] = k >= total ? -std::numeric_limits<float>::infinity()
+                               : lw[pos] - log_count[pos] + std::log(static_cast<float>(total - k));
+        }
+        if (first_round) {
+          (*want)[qi] = p_.with_replacement ? count : std::min<size_t>(count, eligible);
+        }
+        const size_t need = first_round ? (*want)[qi]
+                                        : 2 * ((*want)[qi] - got[qi]);
+        if (need == 0) continue;
+        // In float, for speed: a query whose weights overflow float (scores
+        // far beyond the temperature) is refused.
+        const float top = lw.maxCoeff();
+        if (!std::isfinite(top)) return Overflow(qi);
+        w = (lw - top).exp();
+        double total = 0;
+        for (size_t k = 0; k < num_blocks; ++k) {
+          total += w.segment(k * kBlock, std::min(kBlock, num_leaves - k * kBlock)).sum();
+          block_cdf[k] = total;
+        }
+        const double log_total = top + std::log(total);
+        if (!std::isfinite(log_total)) return Overflow(qi);
+        for (size_t t = 0; t < need; ++t) {
+          const uint64_t key = DrawKey(qi, (*attempts)[qi] + t);
+          double u = KeyUniform(key, 0) * total;
+          size_t k = std::upper_bound(block_cdf.begin(), block_cdf.end(), u) - block_cdf.begin();
+          k = std::min(k, num_blocks - 1);
+          u -= k > 0 ? block_cdf[k - 1] : 0.0;
+          const size_t end = std::min(num_leaves, (k + 1) * kBlock);
+          size_t pos = k * kBlock, last = pos;
+          for (; pos < end; ++pos) {
+            if (w[pos] > 0) last = pos;  // never a zero-weight leaf
+            u -= w[pos];
+            if (u < 0 && w[pos] > 0) break;
+          }
+          pos = std::min(pos, last);
+          draws->push_back({.query = qi, .leaf = static_cast<uint32_t>(pos), .key = key,
+                            .log_q_leaf = double{lw[pos]} - log_total});
+        }
+        (*attempts)[qi] += need;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // The random numbers of the proposal sampler are counter-based: draw t of
+  // query i (over all rounds) uses KeyUniform(DrawKey(i, t), 0) for its leaf
+  // and (.., 1) for its target, so they do not depend on the order in which
+  // the batch is processed.
+  uint64_t DrawKey(uint32_t query, size_t t) const {
+    return Mix64(Mix64(p_.seed ^ Mix64(query + 0x632be59bd9b4e019ULL)) + 2 * t);
+  }
+  static double KeyUniform(uint64_t key, int which) {
+    return (static_cast<double>(Mix64(key + which) >> 11) + 0.5) * 0x1p-53;
+  }
+
+  // Each draw's target, from the exact softmax over its leaf's eligible
+  // targets: the drawn leaves scored grouped by leaf (ScoreLeaf), a query's
+  // draws in a leaf made together.
+  absl::Status DrawWithinLeaves(const std::vector<Query>& queries,
+                                std::vector<ProposalDraw>* draws) {
+    const Routing& r = routing_;
+    // Draw indices sorted by leaf (stable: by query, then in draw order).
+    std::vector<uint32_t> begin(r.leaves.size() + 1, 0);
+    for (const ProposalDraw& d : *draws) ++begin[d.leaf + 1];
+    for (size_t f = 0; f < r.leaves.size(); ++f) begin[f + 1] += begin[f];
+    std::vector<uint32_t> order(draws->size()), fill(begin.begin(), begin.end() - 1);
+    for (size_t d = 0; d < draws->size(); ++d) order[fill[(*draws)[d].leaf]++] = d;
+    std::vector<uint32_t> qids;
+    std::vector<uint32_t> eligible;  // member indices
+    std::vector<double> cdf;
+    RowMatrix s;
+    for (size_t f = 0; f < r.leaves.size(); ++f) {
+      if (begin[f] == begin[f + 1]) continue;
+      qids.clear();
+      for (uint32_t k = begin[f]; k < begin[f + 1]; ++k) {
+        const uint32_t qi = (*draws)[order[k]].query;
+        if (qids.empty() || qids.back() != qi) qids.push_back(qi);
+      }
+      const absl::Span<const uint32_t> rows = tree_.members(r.leaves[f]);
+      ScoreLeaf(rows, queries, qids.data(), qids.size(), &s);
+      visits_ += qids.size();
+      uint32_t k = begin[f];
+      for (size_t i = 0; i < qids.size(); ++i) {
+        const Query& q = queries[qids[i]];
+        const float* score = s.row(i).data();
+        eligible.clear();
+        float top = -std::numeric_limits<float>::infinity();
+        for (size_t j = 0; j < rows.size(); ++j) {
+          if (!q.excluded.empty() && q.excluded.contains(rows[j])) continue;
+          eligible.push_back(static_cast<uint32_t>(j));
+          top = std::max(top, score[j]);
+        }
+        cdf.clear();
+        double total = 0;
+        for (uint32_t j : eligible) {
+          total += std::exp((double{score[j]} - top) * inv_tau_);
+          cdf.push_back(total);
+        }
+        const double log_z = top * inv_tau_ + std::log(total);
+        // (A drawn leaf has an eligible target.)
+        if (eligible.empty() || !std::isfinite(log_z)) return Overflow(qids[i]);
+        for (; k < begin[f + 1] && (*draws)[order[k]].query == qids[i]; ++k) {
+          ProposalDraw& d = (*draws)[order[k]];
+          const size_t e = std::min<size_t>(
+              std::upper_bound(cdf.begin(), cdf.end(), KeyUniform(d.key, 1) * total) - cdf.begin(),
+              eligible.size() - 1);
+          const uint32_t j = eligible[e];
+          d.row = rows[j];
+          d.score = score[j];
+          d.log_q = d.log_q_leaf + score[j] * inv_tau_ - log_z;
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Scores so large against the temperature that the softmax overflows.
+  absl::Status Overflow(uint32_t query) const {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query ", query, ": its scores over the temperature ", p_.temperature,
+        " overflow; scale the embeddings or raise the temperature"));
   }
 
   // A frontier of nodes whose subtrees partition the targets, with certified
@@ -483,6 +811,7 @@ class TreeIndex::Searcher {
 
  private:
   const Tree& tree_;
+  const Routing& routing_;
   const EmbeddingStore& store_;
   const PointSource points_;
   const SearchParams& p_;
@@ -490,6 +819,7 @@ class TreeIndex::Searcher {
   const double inv_tau_;
   size_t visits_ = 0;
   size_t proposals_ = 0, accepted_ = 0;
+  RowMatrix gathered_, query_rows_;  // ScoreLeaf's scratch
 };
 
 TreeIndex::TreeIndex(const IndexOptions& options)
@@ -530,12 +860,14 @@ void TreeIndex::OnUpsertLocked(absl::Span<const uint32_t> inserted,
   }
   for (uint32_t row : inserted) tree_->Insert(points, row);
   changes_since_build_ += inserted.size() + updated.size();
+  changes_since_check_ += inserted.size() + updated.size();
   MaybeScheduleRebuildLocked();
 }
 
 void TreeIndex::OnDeleteLocked(absl::Span<const uint32_t> rows) {
   for (uint32_t row : rows) tree_->Remove(row);
   changes_since_build_ += rows.size();
+  changes_since_check_ += rows.size();
   MaybeScheduleRebuildLocked();
 }
 
@@ -547,6 +879,8 @@ void TreeIndex::OnDriftLocked() {
   tree_->SetBounds(std::move(drift_bounds_));
   if (tree_->LeafRadiusSum() > (1 + kMaxDriftGrowth) * leaf_radius_at_build_) {
     RequestRebuild();
+  } else {
+    RequestCheck();
   }
 }
 
@@ -558,10 +892,65 @@ void TreeIndex::RequestRebuild() {
   rebuild_requested_ = true;
 }
 
-size_t TreeIndex::ExtraMemoryLocked() const { return tree_->MemoryBytes(); }
+void TreeIndex::RequestCheck() {
+  if (!options_.tree.background_rebuild) return;
+  absl::MutexLock lock(&rebuild_mu_);
+  check_requested_ = true;
+}
+
+std::optional<size_t> TreeIndex::RepairLooseSubtrees(Tree* tree, const PointSource& points) {
+  const std::vector<int32_t> loose = tree->LooseSubtrees(points, kMaxLooseness);
+  size_t rows = 0;
+  for (int32_t f : loose) {
+    if (f == 0) return std::nullopt;
+    rows += tree->count(f);
+  }
+  if (rows > tree->count(0) / 2) return std::nullopt;
+  for (int32_t f : loose) tree->RebuildSubtree(points, f);
+  return loose.size();
+}
+
+std::optional<size_t> TreeIndex::RepairNow() {
+  absl::MutexLock write_lock(&write_mu_);
+  absl::WriterMutexLock lock(&mu_);
+  auto copy = std::make_unique<Tree>(*tree_);
+  const std::optional<size_t> repaired = RepairLooseSubtrees(copy.get(), Points());
+  if (!repaired) {
+    RebuildLocked();
+  } else if (*repaired > 0) {
+    SetTreeLocked(std::move(copy));
+    subtree_rebuilds_ += *repaired;
+  }
+  return repaired;
+}
+
+size_t TreeIndex::ExtraMemoryLocked() const {
+  absl::MutexLock lock(&routing_mu_);
+  return tree_->MemoryBytes() + (routing_ ? routing_->MemoryBytes() : 0);
+}
+
+void TreeIndex::SetTreeLocked(std::unique_ptr<Tree> tree) {
+  tree_ = std::move(tree);
+  ++tree_epoch_;
+  absl::MutexLock lock(&routing_mu_);
+  routing_.reset();
+}
+
+std::shared_ptr<const TreeIndex::Routing> TreeIndex::RoutingLocked() const {
+  absl::MutexLock lock(&routing_mu_);
+  if (!routing_ || routing_->structure_version != tree_->structure_version()) {
+    routing_ = std::make_shared<const Routing>(*tree_);
+  }
+  return routing_;
+}
 
 void TreeIndex::MaybeScheduleRebuildLocked() {
-  if (changes_since_build_ > std::max<size_t>(size_at_build_ / 2, 1024)) RequestRebuild();
+  if (changes_since_build_ > std::max<size_t>(size_at_build_ / 2, 1024)) {
+    RequestRebuild();
+  } else if (changes_since_check_ > std::max<size_t>(store_.size() / 16, 1024)) {
+    changes_since_check_ = 0;
+    RequestCheck();
+  }
 }
 
 std::unique_ptr<Tree> TreeIndex::BuildTree(const PointSource& points,
@@ -575,22 +964,26 @@ std::unique_ptr<Tree> TreeIndex::BuildTree(const PointSource& points,
 
 void TreeIndex::RebuildLoop() {
   while (true) {
+    bool full;
     {
       absl::MutexLock lock(&rebuild_mu_);
       rebuild_mu_.AwaitWithTimeout(
           absl::Condition(
               +[](TreeIndex* t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->rebuild_mu_) {
-                return t->stopping_ || t->rebuild_requested_;
+                return t->stopping_ || t->rebuild_requested_ || t->check_requested_;
               },
               this),
           absl::Seconds(30));
       if (stopping_) return;
-      if (!rebuild_requested_) continue;
-      rebuild_requested_ = false;
+      if (!rebuild_requested_ && !check_requested_) continue;
+      full = rebuild_requested_;
+      rebuild_requested_ = check_requested_ = false;
     }
-    // Snapshot the scoring vectors under the reader lock; build off-lock.
+    // Snapshot the scoring vectors (and, for repairs, the tree) under the
+    // reader lock; build off-lock.
     std::vector<float> data, scale;
     std::vector<uint32_t> rows;
+    std::unique_ptr<Tree> fresh;
     {
       absl::ReaderMutexLock lock(&mu_);
       const PointSource points = Points();
@@ -599,17 +992,30 @@ void TreeIndex::RebuildLoop() {
       for (uint32_t r = 0; r < store_.num_rows(); ++r) {
         if (store_.live(r)) rows.push_back(r);
       }
+      if (!full) fresh = std::make_unique<Tree>(*tree_);
     }
     const auto start = std::chrono::steady_clock::now();
     const size_t snapshot_rows = data.size() / options_.dim;
     const PointSource snapshot{.data = data.data(),
                                .scale = scale.empty() ? nullptr : scale.data(),
                                .dim = options_.dim};
-    std::unique_ptr<Tree> fresh = BuildTree(snapshot, std::move(rows));
+    size_t repaired = 0;
+    if (!full) {
+      const std::optional<size_t> n = RepairLooseSubtrees(fresh.get(), snapshot);
+      if (n == 0) continue;  // nothing loose
+      full = !n.has_value();
+      repaired = n.value_or(0);
+    }
+    if (full) fresh = BuildTree(snapshot, std::move(rows));
     absl::MutexLock write_lock(&write_mu_);
     absl::WriterMutexLock lock(&mu_);
-    changes_since_build_ = CatchUpLocked(fresh.get(), snapshot, snapshot_rows);
-    tree_ = std::move(fresh);
+    const size_t caught_up = CatchUpLocked(fresh.get(), snapshot, snapshot_rows);
+    SetTreeLocked(std::move(fresh));
+    if (!full) {
+      subtree_rebuilds_ += repaired;
+      continue;
+    }
+    changes_since_build_ = caught_up;
     size_at_build_ = store_.size();
     leaf_radius_at_build_ = tree_->LeafRadiusSum();
     ++rebuilds_;
@@ -685,7 +1091,7 @@ bool TreeIndex::RestoreExtraLocked(ByteReader& r) {
     if (store_.live(row) != (tree->leaf_of(row) != Tree::kNone)) return false;
   }
   if ((tree->num_nodes() ? tree->count(0) : 0) != store_.size()) return false;
-  tree_ = std::move(tree);
+  SetTreeLocked(std::move(tree));
   size_at_build_ = store_.size();
   changes_since_build_ = 0;
   leaf_radius_at_build_ = tree_->LeafRadiusSum();
@@ -699,7 +1105,7 @@ void TreeIndex::RebuildLocked() {
     if (store_.live(r)) rows.push_back(r);
   }
   size_at_build_ = rows.size();
-  tree_ = BuildTree(Points(), std::move(rows));
+  SetTreeLocked(BuildTree(Points(), std::move(rows)));
   changes_since_build_ = 0;
   leaf_radius_at_build_ = tree_->LeafRadiusSum();
   ++rebuilds_;
@@ -727,6 +1133,7 @@ std::optional<TreeSummary> TreeIndex::TreeInfo() const {
   absl::ReaderMutexLock lock(&mu_);
   TreeSummary s = tree_->Stats(Points());
   s.rebuilds = rebuilds_;
+  s.subtree_rebuilds = subtree_rebuilds_;
   s.last_rebuild_seconds = last_rebuild_seconds_;
   s.visits_per_query = visits_per_query_.load();
   s.sampler_proposals = sampler_proposals_.load();
@@ -763,7 +1170,8 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
   // The parameters as the searcher uses them (temperature 1 when unused).
   SearchParams p = params;
   if (!(p.temperature > 0)) p.temperature = 1;
-  Searcher searcher(*tree_, store_, Points(), p);
+  const std::shared_ptr<const Routing> routing = RoutingLocked();
+  Searcher searcher(*tree_, *routing, store_, Points(), p);
 
   SearchResult result;
   result.index_version = version_;
@@ -790,26 +1198,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
   }
   const int num_samples = p.mode == MineMode::kTopK ? 0 : p.k - static_cast<int>(num_hard);
   if (num_samples > 0 && p.sampler == Sampler::kProposal) {
-    // <q, c_f> for every leaf and query: one matrix product per query chunk.
-    const auto& leaves = tree_->leaves();
-    RowMatrix centers(leaves.size(), dim);
-    for (size_t i = 0; i < leaves.size(); ++i) {
-      std::copy_n(tree_->center(leaves[i]), dim, centers.row(i).data());
-    }
-    const size_t chunk = std::max<size_t>(1, (size_t{16} << 20) / std::max<size_t>(leaves.size(), 1));
-    RowMatrix qm, dots;
-    for (size_t b = 0; b < n; b += chunk) {
-      RETURN_IF_ERROR(CheckCancelled(p));
-      const size_t c = std::min(chunk, n - b);
-      qm.resize(c, dim);
-      for (size_t i = 0; i < c; ++i) std::copy_n(qs[b + i].q.data(), dim, qm.row(i).data());
-      dots.noalias() = qm * centers.transpose();
-      for (size_t i = 0; i < c; ++i) {
-        Rng rng(p.seed, b + i);
-        searcher.SampleProposal(qs[b + i], dots.row(i).data(), num_samples, rng,
-                                &result.queries[b + i]);
-      }
-    }
+    RETURN_IF_ERROR(searcher.SampleProposalBatch(qs, num_samples, &result.queries));
   } else if (num_samples > 0) {
     for (size_t i = 0; i < n; ++i) {
       RETURN_IF_ERROR(CheckCancelled(p));
@@ -836,7 +1225,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
 }
 
 absl::Status TreeIndex::SyncDeviceTreeLocked(DeviceMirror& device, bool force) const {
-  const std::pair<uint64_t, uint64_t> stamp{version_, rebuilds_};
+  const std::pair<uint64_t, uint64_t> stamp{version_, tree_epoch_};
   if (!force && device.has_leaves() && stamp == device_stamp_) return absl::OkStatus();
   const Tree& t = *tree_;
   const int dim = options_.dim;

@@ -2,19 +2,25 @@
 // collection. The exact index stays the oracle it is tested against.
 //
 // Algorithms (DESIGN.md 1b), per query of a batch:
-//   - exact top-k: a beam pass (best-first until 16 leaves are found), its
-//     leaves scored for the whole batch grouped by leaf, one matrix product
-//     per leaf; then per query every leaf whose upper bound reaches the beam's
-//     k-th score (a branch and bound over the tree with that threshold),
-//     scored the same batched way. Identical to brute force (ties by id).
-//     In high dimension the ball bounds prune little, and this costs about as
-//     much as brute force.
-//   - approximate top-k (params.approximate): the beam pass alone; its width
-//     in leaves is params.beam_width (default 128).
+//   - routing (Searcher::Route): the leaves whose centers score highest.
+//     Leaves are grouped under the highest nodes of at most 8 leaf sizes;
+//     one matrix product scores every group center for a chunk of queries,
+//     and the leaves of the best groups (about twice as many as wanted) are
+//     scored to keep the best. The groups and a contiguous copy of the leaf
+//     centers are cached per structure version (Routing).
+//   - exact top-k: 16 routed leaves, scored for the whole batch grouped by
+//     leaf (one matrix product per leaf); then per query every leaf whose
+//     upper bound reaches the k-th score so far (a branch and bound over the
+//     tree with that threshold), scored the same batched way. Identical to
+//     brute force (ties by id). In high dimension the ball bounds prune
+//     little, and this costs about as much as brute force.
+//   - approximate top-k (params.approximate): the routed leaves alone; their
+//     number is params.beam_width (default 256).
 //   - SAMPLE with Sampler::kProposal (default): a leaf f is drawn with
 //     probability proportional to n_f exp(<q, c_f>/tau + |q|^2 spread_f /
 //     (2 d tau^2)), then y within the leaf from its exact softmax. The log q
-//     returned is the exact log-probability of that proposal.
+//     returned is the exact log-probability of that proposal. A batch draws
+//     its leaves first, then scores the drawn leaves grouped by leaf.
 //   - SAMPLE with Sampler::kExact: rejection from a frontier of nodes, each
 //     proposing n_f exp(hi_f/tau); a uniform descendant is accepted with
 //     probability exp((s - hi_f)/tau). Refined nodes (exactly scored leaves)
@@ -34,7 +40,12 @@
 // reader lock), so the bounds stay valid without a rebuild. As the centers
 // go stale the radii grow. A background thread rebuilds the whole tree after
 // heavy churn (see IndexOptions::Tree) or once the leaves' summed radius has
-// grown by kMaxDriftGrowth since the build. It
+// grown by kMaxDriftGrowth since the build. Between full rebuilds, after every
+// drift update and every size/16 writes, it measures every node's looseness
+// (Tree::Looseness: stored radius over the radius a fresh build would give)
+// and rebuilds only the highest subtrees looser than kMaxLooseness, in a copy
+// of the tree, installed the same way; when those hold more than half of the
+// targets, it rebuilds the whole tree instead. It
 // builds off-lock from a copy of the scoring vectors (so a rebuild briefly
 // doubles their memory), then, holding the writer lock, catches the new
 // tree up with the writes made meanwhile (removed rows out, new rows in,
@@ -48,6 +59,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -77,6 +89,14 @@ class TreeIndex final : public StoreIndex {
   // Rebuilds the whole tree now, on the calling thread, under the writer
   // lock (tests and benchmarks).
   void RebuildNow();
+  // Rebuilds the loose subtrees now, as the background thread does, on the
+  // calling thread under the writer lock (tests). Returns how many were
+  // rebuilt, or nullopt if a full rebuild was due and done instead.
+  std::optional<size_t> RepairNow();
+
+  // A subtree whose stored radius exceeds this many times the radius a fresh
+  // build would give is rebuilt.
+  static constexpr float kMaxLooseness = 1.5f;
 
  protected:
   void OnUpsertLocked(absl::Span<const uint32_t> inserted,
@@ -105,6 +125,7 @@ class TreeIndex final : public StoreIndex {
 
  private:
   struct Query;
+  struct Routing;
   class Searcher;
 
   // Growth of the leaves' summed radius since the build (0.5: by half)
@@ -113,6 +134,11 @@ class TreeIndex final : public StoreIndex {
 
   void MaybeScheduleRebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RequestRebuild();
+  // Asks the background thread for a looseness check (and repairs).
+  void RequestCheck();
+  // Rebuilds the loose subtrees of `tree` (over `points`); returns how many,
+  // or nullopt when they hold more than half of the targets.
+  static std::optional<size_t> RepairLooseSubtrees(Tree* tree, const PointSource& points);
   // Builds the whole tree anew over the live rows, on this thread.
   void RebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Brings `fresh`, built over `snapshot` (the scoring vectors when the
@@ -126,22 +152,36 @@ class TreeIndex final : public StoreIndex {
   std::unique_ptr<Tree> BuildTree(const PointSource& points,
                                   std::vector<uint32_t> rows) const;
 
+  // The routing groups of the current tree (built on first use after a
+  // change of structure); under its own lock, since searches share mu_.
+  std::shared_ptr<const Routing> RoutingLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Installs a new tree (and drops the old tree's routing).
+  void SetTreeLocked(std::unique_ptr<Tree> tree) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   std::unique_ptr<Tree> tree_ ABSL_GUARDED_BY(mu_);
-  // Writes (rows changed) since the tree was built.
+  mutable absl::Mutex routing_mu_;
+  mutable std::shared_ptr<const Routing> routing_ ABSL_GUARDED_BY(routing_mu_);
+  // Writes (rows changed) since the tree was built, and since the last
+  // looseness check was requested.
   size_t changes_since_build_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t changes_since_check_ ABSL_GUARDED_BY(mu_) = 0;
   size_t size_at_build_ ABSL_GUARDED_BY(mu_) = 0;
   double leaf_radius_at_build_ ABSL_GUARDED_BY(mu_) = 0;
   Tree::Bounds drift_bounds_ ABSL_GUARDED_BY(write_mu_);
   uint64_t rebuilds_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t subtree_rebuilds_ ABSL_GUARDED_BY(mu_) = 0;
+  // Bumped whenever a tree is installed (SetTreeLocked).
+  uint64_t tree_epoch_ ABSL_GUARDED_BY(mu_) = 0;
   double last_rebuild_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   mutable std::atomic<double> visits_per_query_{0};
   mutable std::atomic<uint64_t> sampler_proposals_{0}, sampler_accepted_{0};
 
-  // (version_, rebuilds_) when the leaves were last uploaded to the device.
+  // (version_, tree_epoch_) when the leaves were last uploaded to the device.
   mutable std::pair<uint64_t, uint64_t> device_stamp_ ABSL_GUARDED_BY(device_mu_){~0ull, ~0ull};
 
   mutable absl::Mutex rebuild_mu_;
   bool rebuild_requested_ ABSL_GUARDED_BY(rebuild_mu_) = false;
+  bool check_requested_ ABSL_GUARDED_BY(rebuild_mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(rebuild_mu_) = false;
   std::thread rebuilder_;
 };
