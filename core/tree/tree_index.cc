@@ -33,6 +33,12 @@ constexpr size_t kRouteOversample = 2;
 // A leaf visited by fewer queries of a batch is scored by dot products, not
 // gathered for a matrix product.
 constexpr uint32_t kMinGemmQueries = 4;
+// The proposal sampler's coarse groups (at most this many leaf sizes of
+// targets); it weighs the leaves of the best 1/kExpandFraction of them (at
+// least kMinExpand) one by one (DrawLeaves).
+constexpr int kCoarseGroupLeafSizes = 32;
+constexpr size_t kExpandFraction = 16;
+constexpr size_t kMinExpand = 8;
 // Rows a gather prefetches ahead (PointSource::Prefetch).
 constexpr size_t kPrefetchRows = 4;
 
@@ -103,49 +109,69 @@ struct TreeIndex::Routing {
   uint64_t structure_version = 0;
   // Group g's leaves are leaves[begin[g], begin[g + 1]); their centers are
   // the same rows of leaf_centers (contiguous per group).
-  std::vector<int32_t> begin = {0}, leaves;
+  std::vector<int32_t> begin = {0}, leaves, groups;
   RowMatrix group_centers, leaf_centers;
   // Node -> its index in `leaves` (-1: not a routed leaf).
   std::vector<int32_t> position;
+  // A coarser grouping for the proposal sampler (kCoarseGroupLeafSizes):
+  // coarse group g's leaves are leaves[coarse_begin[g], coarse_begin[g + 1]);
+  // coarse_of maps a leaf's index to its coarse group.
+  std::vector<int32_t> coarse_begin = {0}, coarse_groups, coarse_of;
+  RowMatrix coarse_centers;
 
   explicit Routing(const Tree& tree) : structure_version(tree.structure_version()) {
-    const size_t max_count = size_t{kGroupLeafSizes} * tree.params().leaf_size;
-    std::vector<int32_t> groups, stack;
-    if (tree.num_nodes() > 0) stack.push_back(0);
-    while (!stack.empty()) {
-      const int32_t f = stack.back();
-      stack.pop_back();
-      if (tree.count(f) == 0) continue;
-      if (tree.is_leaf(f) || tree.count(f) <= max_count) {
-        groups.push_back(f);
-        CollectLeaves(tree, f);
-        begin.push_back(static_cast<int32_t>(leaves.size()));
-        continue;
-      }
-      for (int32_t c = tree.first_child(f); c < tree.first_child(f) + tree.num_children(f); ++c) {
-        stack.push_back(c);
-      }
+    const size_t leaf_size = tree.params().leaf_size;
+    if (tree.num_nodes() > 0) {
+      Visit(tree, 0, kGroupLeafSizes * leaf_size, kCoarseGroupLeafSizes * leaf_size, false);
     }
     position.assign(tree.num_nodes(), -1);
     for (size_t i = 0; i < leaves.size(); ++i) position[leaves[i]] = static_cast<int32_t>(i);
-    const int dim = tree.dim();
-    group_centers.resize(groups.size(), dim);
-    for (size_t g = 0; g < groups.size(); ++g) {
-      std::copy_n(tree.center(groups[g]), dim, group_centers.row(g).data());
+    coarse_of.resize(leaves.size());
+    for (size_t g = 0; g + 1 < coarse_begin.size(); ++g) {
+      std::fill(coarse_of.begin() + coarse_begin[g], coarse_of.begin() + coarse_begin[g + 1],
+                static_cast<int32_t>(g));
     }
-    leaf_centers.resize(leaves.size(), dim);
-    for (size_t i = 0; i < leaves.size(); ++i) {
-      std::copy_n(tree.center(leaves[i]), dim, leaf_centers.row(i).data());
-    }
+    group_centers = Centers(tree, groups);
+    coarse_centers = Centers(tree, coarse_groups);
+    leaf_centers = Centers(tree, leaves);
   }
 
   size_t num_groups() const { return begin.size() - 1; }
+  size_t num_coarse() const { return coarse_begin.size() - 1; }
   size_t MemoryBytes() const {
-    return (begin.capacity() + leaves.capacity() + position.capacity()) * sizeof(int32_t) +
-           (group_centers.size() + leaf_centers.size()) * sizeof(float);
+    return (begin.capacity() + leaves.capacity() + groups.capacity() + position.capacity() +
+            coarse_begin.capacity() + coarse_groups.capacity() + coarse_of.capacity()) *
+               sizeof(int32_t) +
+           (group_centers.size() + coarse_centers.size() + leaf_centers.size()) * sizeof(float);
   }
 
  private:
+  // Depth first, children in order, so that both groupings see the leaves
+  // in the same order.
+  void Visit(const Tree& tree, int32_t f, size_t group_max, size_t coarse_max, bool in_coarse) {
+    if (tree.count(f) == 0) return;
+    const bool opens = !in_coarse && (tree.is_leaf(f) || tree.count(f) <= coarse_max);
+    if (opens) coarse_groups.push_back(f);
+    if (tree.is_leaf(f) || tree.count(f) <= group_max) {
+      groups.push_back(f);
+      CollectLeaves(tree, f);
+      begin.push_back(static_cast<int32_t>(leaves.size()));
+    } else {
+      for (int32_t c = tree.first_child(f); c < tree.first_child(f) + tree.num_children(f); ++c) {
+        Visit(tree, c, group_max, coarse_max, in_coarse || opens);
+      }
+    }
+    if (opens) coarse_begin.push_back(static_cast<int32_t>(leaves.size()));
+  }
+
+  static RowMatrix Centers(const Tree& tree, const std::vector<int32_t>& nodes) {
+    RowMatrix c(nodes.size(), tree.dim());
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      std::copy_n(tree.center(nodes[i]), tree.dim(), c.row(i).data());
+    }
+    return c;
+  }
+
   void CollectLeaves(const Tree& tree, int32_t f) {
     if (tree.count(f) == 0) return;
     if (tree.is_leaf(f)) {
@@ -400,13 +426,9 @@ class TreeIndex::Searcher {
     const Routing& r = routing_;
     const size_t num_leaves = r.leaves.size(), n = queries.size();
     if (num_leaves == 0) return absl::OkStatus();
-    // log n_f and spread_f per leaf (writes change them without a change of
-    // structure, so they are read per call).
-    Eigen::ArrayXf log_count(num_leaves), spread(num_leaves);
-    for (size_t i = 0; i < num_leaves; ++i) {
-      log_count[i] = std::log(static_cast<float>(tree_.count(r.leaves[i])));
-      spread[i] = tree_.spread(r.leaves[i]);
-    }
+    // log n_f and spread_f per leaf and coarse group (writes change them
+    // without a change of structure, so they are read per call).
+    const NodeStats leaf_stats(tree_, r.leaves), group_stats(tree_, r.coarse_groups);
     std::vector<size_t> want(n, 0), attempts(n, 0), got(n, 0);
     std::vector<absl::flat_hash_set<uint32_t>> taken(p_.with_replacement ? 0 : n);
     std::vector<uint32_t> active(n);
@@ -416,8 +438,8 @@ class TreeIndex::Searcher {
     while (!active.empty()) {
       RETURN_IF_ERROR(StoreIndex::CheckCancelled(p_));
       draws.clear();
-      RETURN_IF_ERROR(DrawLeaves(queries, active, count, first_round, log_count, spread, got,
-                                 &want, &attempts, &draws));
+      RETURN_IF_ERROR(DrawLeaves(queries, active, count, first_round, leaf_stats, group_stats,
+                                 got, &want, &attempts, &draws));
       first_round = false;
       RETURN_IF_ERROR(DrawWithinLeaves(queries, &draws));
       // The draws in order, per query (they were appended query by query).
@@ -444,71 +466,136 @@ class TreeIndex::Searcher {
   struct ProposalDraw {
     uint32_t query;
     uint32_t leaf;        // position in routing_.leaves
-    uint64_t key;         // its random numbers: KeyUniform(key, 0 / 1)
+    uint64_t key;         // its random numbers: KeyUniform(key, 0 / 1 / 2)
     double log_q_leaf;    // log-probability of the leaf under the proposal
     uint32_t row = 0;     // then: the target drawn within the leaf
     float score = 0;
     double log_q = 0;     // log q(y) = log q(leaf) + log p(y | leaf)
   };
 
-  // Draws leaves for the `active` queries: a leaf f with probability
-  // proportional to n_f exp(<q, c_f>/tau + |q|^2 spread_f / (2 d tau^2)),
-  // n_f counting the eligible targets only. The first round draws each
+  // log n_f and spread_f of a list of nodes.
+  struct NodeStats {
+    Eigen::ArrayXf log_count, spread;
+    NodeStats(const Tree& tree, const std::vector<int32_t>& nodes)
+        : log_count(nodes.size()), spread(nodes.size()) {
+      for (size_t i = 0; i < nodes.size(); ++i) {
+        log_count[i] = std::log(static_cast<float>(tree.count(nodes[i])));
+        spread[i] = tree.spread(nodes[i]);
+      }
+    }
+  };
+
+  // Draws leaves for the `active` queries from the proposal. A node f (a
+  // leaf or a coarse group) weighs n_f exp(<q, c_f>/tau + |q|^2 spread_f /
+  // (2 d tau^2)), n_f counting the eligible targets only. The coarse groups
+  // are scored by one matrix product per chunk of queries; the best
+  // 1/kExpandFraction of them are expanded into their leaves, each a
+  // component of the proposal, and every other group is one component (once
+  // drawn, it draws one of its leaves in proportion to their weights). So
+  // the leaves that carry most of the mass are weighed one by one, and the
+  // rest of the tree costs one score per group. The first round draws each
   // query's `want` (set here); later rounds twice the shortfall.
   absl::Status DrawLeaves(const std::vector<Query>& queries, const std::vector<uint32_t>& active,
-                  int count, bool first_round, const Eigen::ArrayXf& log_count,
-                  const Eigen::ArrayXf& spread, const std::vector<size_t>& got,
-                  std::vector<size_t>* want, std::vector<size_t>* attempts,
-                  std::vector<ProposalDraw>* draws) {
+                          int count, bool first_round, const NodeStats& leaf_stats,
+                          const NodeStats& group_stats, const std::vector<size_t>& got,
+                          std::vector<size_t>* want, std::vector<size_t>* attempts,
+                          std::vector<ProposalDraw>* draws) {
     const Routing& r = routing_;
-    const size_t num_leaves = r.leaves.size();
+    const size_t num_groups = r.num_coarse();
+    const size_t expand = std::min(num_groups, std::max(kMinExpand, num_groups / kExpandFraction));
     constexpr size_t kBlock = 64;  // the CDF is searched by blocks
-    const size_t num_blocks = (num_leaves + kBlock - 1) / kBlock;
-    const size_t chunk = std::max<size_t>(1, (size_t{4} << 20) / num_leaves);
+    const size_t chunk = std::max<size_t>(1, (size_t{4} << 20) / num_groups);
+    const float inv_tau = static_cast<float>(inv_tau_);
     RowMatrix qm, dots;
-    Eigen::ArrayXf lw, w;
-    std::vector<double> block_cdf(num_blocks);
+    Eigen::ArrayXf glw, w;
+    Eigen::VectorXf leaf_dots;
+    std::vector<float> comp_lw, within;
+    std::vector<int32_t> comp;  // component -> leaf index, or ~group
+    std::vector<uint8_t> expanded;
+    std::vector<double> block_cdf;
+    std::vector<std::pair<float, int32_t>> best;
     for (size_t b = 0; b < active.size(); b += chunk) {
       const size_t c = std::min(chunk, active.size() - b);
       qm.resize(c, dim_);
       for (size_t i = 0; i < c; ++i) {
         std::copy_n(queries[active[b + i]].q.data(), dim_, qm.row(i).data());
       }
-      dots.noalias() = qm * r.leaf_centers.transpose();
+      dots.noalias() = qm * r.coarse_centers.transpose();
       for (size_t i = 0; i < c; ++i) {
         const uint32_t qi = active[b + i];
         const Query& q = queries[qi];
         const float spread_scale =
             static_cast<float>(double{q.norm} * q.norm / (2.0 * dim_) * inv_tau_ * inv_tau_);
-        lw = dots.row(i).transpose().array() * static_cast<float>(inv_tau_) + log_count +
-             spread * spread_scale;
-        // Leaves holding excluded targets count only their eligible ones.
-        absl::flat_hash_map<int32_t, uint32_t> excluded_in;
+        // Eligible targets per leaf and group, where exclusions fall.
+        absl::flat_hash_map<int32_t, uint32_t> leaf_excluded, group_excluded;
         for (uint32_t row : q.excluded) {
           const int32_t f = tree_.leaf_of(row);
-          if (f != Tree::kNone && r.position[f] >= 0) ++excluded_in[r.position[f]];
+          if (f == Tree::kNone || r.position[f] < 0) continue;
+          ++leaf_excluded[r.position[f]];
+          ++group_excluded[r.coarse_of[r.position[f]]];
         }
         size_t eligible = tree_.num_nodes() ? tree_.count(0) : 0;
-        for (const auto& [pos, k] : excluded_in) {
-          const uint32_t total = tree_.count(r.leaves[pos]);
-          eligible -= k;
-          lw[pos] = k >= total ? -std::numeric_limits<float>::infinity()
-                               : lw[pos] - log_count[pos] + std::log(static_cast<float>(total - k));
-        }
+        for (const auto& [g, k] : group_excluded) eligible -= k;
         if (first_round) {
           (*want)[qi] = p_.with_replacement ? count : std::min<size_t>(count, eligible);
         }
-        const size_t need = first_round ? (*want)[qi]
-                                        : 2 * ((*want)[qi] - got[qi]);
+        const size_t need = first_round ? (*want)[qi] : 2 * ((*want)[qi] - got[qi]);
         if (need == 0) continue;
+        const auto eligible_only = [](float lw, float log_count, uint32_t n, uint32_t k) {
+          return k >= n ? -std::numeric_limits<float>::infinity()
+                        : lw - log_count + std::log(static_cast<float>(n - k));
+        };
+        // The log weights of group g's leaves, into `within`.
+        const Eigen::Map<const Eigen::VectorXf> qv(q.q.data(), dim_);
+        const auto leaf_weights = [&](int32_t g) {
+          const int32_t first = r.coarse_begin[g], n = r.coarse_begin[g + 1] - first;
+          leaf_dots.noalias() = r.leaf_centers.middleRows(first, n) * qv;
+          within.resize(n);
+          for (int32_t j = 0; j < n; ++j) {
+            const int32_t pos = first + j;
+            within[j] = leaf_dots[j] * inv_tau + leaf_stats.log_count[pos] +
+                        leaf_stats.spread[pos] * spread_scale;
+            auto it = leaf_excluded.find(pos);
+            if (it != leaf_excluded.end()) {
+              within[j] = eligible_only(within[j], leaf_stats.log_count[pos],
+                                        tree_.count(r.leaves[pos]), it->second);
+            }
+          }
+        };
+        glw = dots.row(i).transpose().array() * inv_tau + group_stats.log_count +
+              group_stats.spread * spread_scale;
+        for (const auto& [g, k] : group_excluded) {
+          glw[g] = eligible_only(glw[g], group_stats.log_count[g], tree_.count(r.coarse_groups[g]), k);
+        }
+        BestOf(glw.data(), num_groups, expand, &best);
+        expanded.assign(num_groups, 0);
+        for (const auto& [unused, g] : best) expanded[g] = 1;
+        comp_lw.clear();
+        comp.clear();
+        for (size_t g = 0; g < num_groups; ++g) {
+          if (!expanded[g]) {
+            comp_lw.push_back(glw[g]);
+            comp.push_back(~static_cast<int32_t>(g));
+            continue;
+          }
+          leaf_weights(static_cast<int32_t>(g));
+          for (size_t j = 0; j < within.size(); ++j) {
+            comp_lw.push_back(within[j]);
+            comp.push_back(r.coarse_begin[g] + static_cast<int32_t>(j));
+          }
+        }
         // In float, for speed: a query whose weights overflow float (scores
         // far beyond the temperature) is refused.
+        const size_t m = comp_lw.size();
+        const Eigen::Map<const Eigen::ArrayXf> lw(comp_lw.data(), m);
         const float top = lw.maxCoeff();
         if (!std::isfinite(top)) return Overflow(qi);
         w = (lw - top).exp();
+        const size_t num_blocks = (m + kBlock - 1) / kBlock;
+        block_cdf.resize(num_blocks);
         double total = 0;
         for (size_t k = 0; k < num_blocks; ++k) {
-          total += w.segment(k * kBlock, std::min(kBlock, num_leaves - k * kBlock)).sum();
+          total += w.segment(k * kBlock, std::min(kBlock, m - k * kBlock)).sum();
           block_cdf[k] = total;
         }
         const double log_total = top + std::log(total);
@@ -519,16 +606,37 @@ class TreeIndex::Searcher {
           size_t k = std::upper_bound(block_cdf.begin(), block_cdf.end(), u) - block_cdf.begin();
           k = std::min(k, num_blocks - 1);
           u -= k > 0 ? block_cdf[k - 1] : 0.0;
-          const size_t end = std::min(num_leaves, (k + 1) * kBlock);
-          size_t pos = k * kBlock, last = pos;
-          for (; pos < end; ++pos) {
-            if (w[pos] > 0) last = pos;  // never a zero-weight leaf
-            u -= w[pos];
-            if (u < 0 && w[pos] > 0) break;
+          const size_t end = std::min(m, (k + 1) * kBlock);
+          size_t j = k * kBlock, last = j;
+          for (; j < end; ++j) {
+            if (w[j] > 0) last = j;  // never a zero-weight component
+            u -= w[j];
+            if (u < 0 && w[j] > 0) break;
           }
-          pos = std::min(pos, last);
+          j = std::min(j, last);
+          double log_q = double{lw[j]} - log_total;
+          int32_t pos = comp[j];
+          if (pos < 0) {
+            // A group: one of its leaves, in proportion to their weights.
+            const int32_t g = ~pos;
+            leaf_weights(g);
+            const float wtop = *std::max_element(within.begin(), within.end());
+            double sum = 0;
+            for (float x : within) sum += std::exp(double{x} - wtop);
+            double v = KeyUniform(key, 2) * sum;
+            size_t l = 0, last_leaf = 0;
+            for (; l < within.size(); ++l) {
+              const double e = std::exp(double{within[l]} - wtop);
+              if (e > 0) last_leaf = l;
+              v -= e;
+              if (v < 0 && e > 0) break;
+            }
+            l = std::min(l, last_leaf);
+            pos = r.coarse_begin[g] + static_cast<int32_t>(l);
+            log_q += double{within[l]} - wtop - std::log(sum);
+          }
           draws->push_back({.query = qi, .leaf = static_cast<uint32_t>(pos), .key = key,
-                            .log_q_leaf = double{lw[pos]} - log_total});
+                            .log_q_leaf = log_q});
         }
         (*attempts)[qi] += need;
       }
@@ -537,11 +645,11 @@ class TreeIndex::Searcher {
   }
 
   // The random numbers of the proposal sampler are counter-based: draw t of
-  // query i (over all rounds) uses KeyUniform(DrawKey(i, t), 0) for its leaf
-  // and (.., 1) for its target, so they do not depend on the order in which
-  // the batch is processed.
+  // query i (over all rounds) uses KeyUniform(DrawKey(i, t), 0) for its
+  // component, (.., 2) for a leaf within a group and (.., 1) for its target,
+  // so they do not depend on the order in which the batch is processed.
   uint64_t DrawKey(uint32_t query, size_t t) const {
-    return Mix64(Mix64(p_.seed ^ Mix64(query + 0x632be59bd9b4e019ULL)) + 2 * t);
+    return Mix64(Mix64(p_.seed ^ Mix64(query + 0x632be59bd9b4e019ULL)) + 4 * t);
   }
   static double KeyUniform(uint64_t key, int which) {
     return (static_cast<double>(Mix64(key + which) >> 11) + 0.5) * 0x1p-53;

@@ -16,11 +16,15 @@
 //     little, and this costs about as much as brute force.
 //   - approximate top-k (params.approximate): the routed leaves alone; their
 //     number is params.beam_width (default 256).
-//   - SAMPLE with Sampler::kProposal (default): a leaf f is drawn with
-//     probability proportional to n_f exp(<q, c_f>/tau + |q|^2 spread_f /
-//     (2 d tau^2)), then y within the leaf from its exact softmax. The log q
-//     returned is the exact log-probability of that proposal. A batch draws
-//     its leaves first, then scores the drawn leaves grouped by leaf.
+//   - SAMPLE with Sampler::kProposal (default): a node f weighs n_f
+//     exp(<q, c_f>/tau + |q|^2 spread_f / (2 d tau^2)). The proposal's
+//     components are the leaves of the best 1/16 of the coarse groups
+//     (nodes of at most 32 leaf sizes, scored by one matrix product per
+//     chunk of queries) and every other coarse group, which, once drawn,
+//     draws a leaf by its leaves' weights. Then y is drawn within the leaf
+//     from its exact softmax. The log q returned is the exact
+//     log-probability of that proposal. A batch draws its leaves first, then
+//     scores the drawn leaves grouped by leaf.
 //   - SAMPLE with Sampler::kExact: rejection from a frontier of nodes, each
 //     proposing n_f exp(hi_f/tau); a uniform descendant is accepted with
 //     probability exp((s - hi_f)/tau). Refined nodes (exactly scored leaves)
