@@ -265,9 +265,13 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The proposal sampler's log q is the true probability of its proposal:
 // frequencies match exp(log q), and the same id always has the same log q.
-TEST(TreeTest, ProposalLogQIsTheProposalsProbability) {
+// With leaves of 16 every coarse group is expanded into its leaves; with
+// leaves of 4 most groups are not, and a drawn group draws its leaf.
+class ProposalLogQTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(ProposalLogQTest, LogQIsTheProposalsProbability) {
   const int dim = 8;
-  Pair p = MakePair(dim, Metric::kInnerProduct, 16, 4);
+  Pair p = MakePair(dim, Metric::kInnerProduct, GetParam(), 4);
   Upsert(p, Ids(1200), Clustered(1200, dim, 8));
   const auto q1 = Clustered(1, dim, 9);
   std::vector<float> q;
@@ -307,6 +311,8 @@ TEST(TreeTest, ProposalLogQIsTheProposalsProbability) {
   auto [stat, df] = ChiSquare(counts, probs, 100000);
   EXPECT_LT(stat, ChiSquareCritical(df)) << "df " << df;
 }
+
+INSTANTIATE_TEST_SUITE_P(LeafSizes, ProposalLogQTest, ::testing::Values(16, 4));
 
 // The seed's measure: the self-normalized estimate of grad_q log Z (E_p[x])
 // from k proposal samples beats the brute-force top-k estimate.
