@@ -88,8 +88,9 @@ struct IndexOptions {
     int branching = 16;   // children per node at build
     // Maintain the tree in the background: rebuild the subtrees whose
     // measured looseness is high (checked after every size/16 writes and
-    // every drift update), and the whole tree once the targets written since
-    // the last build (inserted, updated or deleted) exceed half of its size.
+    // every drift update, at most every 30 s), and the whole tree once the
+    // targets written since the last build (inserted, updated or deleted)
+    // exceed half of its size.
     bool background_rebuild = true;
   } tree;
 

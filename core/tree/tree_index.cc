@@ -1071,6 +1071,7 @@ std::unique_ptr<Tree> TreeIndex::BuildTree(const PointSource& points,
 }
 
 void TreeIndex::RebuildLoop() {
+  absl::Time last_check = absl::InfinitePast();
   while (true) {
     bool full;
     {
@@ -1084,9 +1085,23 @@ void TreeIndex::RebuildLoop() {
           absl::Seconds(30));
       if (stopping_) return;
       if (!rebuild_requested_ && !check_requested_) continue;
+      // Each check copies the scoring vectors: at most one per
+      // kMinCheckInterval, however fast the writes come. A full rebuild is
+      // not held back.
+      if (!rebuild_requested_ && absl::Now() < last_check + kMinCheckInterval) {
+        rebuild_mu_.AwaitWithDeadline(
+            absl::Condition(
+                +[](TreeIndex* t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->rebuild_mu_) {
+                  return t->stopping_ || t->rebuild_requested_;
+                },
+                this),
+            last_check + kMinCheckInterval);
+        if (stopping_) return;
+      }
       full = rebuild_requested_;
       rebuild_requested_ = check_requested_ = false;
     }
+    if (!full) last_check = absl::Now();
     // Snapshot the scoring vectors (and, for repairs, the tree) under the
     // reader lock; build off-lock.
     std::vector<float> data, scale;

@@ -45,7 +45,9 @@
 // go stale the radii grow. A background thread rebuilds the whole tree after
 // heavy churn (see IndexOptions::Tree) or once the leaves' summed radius has
 // grown by kMaxDriftGrowth since the build. Between full rebuilds, after every
-// drift update and every size/16 writes, it measures every node's looseness
+// drift update and every size/16 writes (at most once per
+// kMinCheckInterval, since each check copies the scoring vectors), it
+// measures every node's looseness
 // (Tree::Looseness: stored radius over the radius a fresh build would give)
 // and rebuilds only the highest subtrees looser than kMaxLooseness, in a copy
 // of the tree, installed the same way; when those hold more than half of the
@@ -69,6 +71,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "core/store_index.h"
 #include "core/tree/tree.h"
 
@@ -135,6 +138,8 @@ class TreeIndex final : public StoreIndex {
   // Growth of the leaves' summed radius since the build (0.5: by half)
   // that triggers a rebuild after drift.
   static constexpr double kMaxDriftGrowth = 0.5;
+  // The least time between two looseness checks.
+  static constexpr absl::Duration kMinCheckInterval = absl::Seconds(30);
 
   void MaybeScheduleRebuildLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RequestRebuild();
