@@ -86,8 +86,10 @@ class Categorical {
   bool empty() const { return cdf_.empty() || !(cdf_.back() > 0); }
   // log of the normalizer sum exp(logw).
   double log_total() const { return log_total_; }
-  size_t Draw(Rng& rng) const {
-    const double u = rng.Uniform() * cdf_.back();
+  size_t Draw(Rng& rng) const { return DrawAt(rng.Uniform()); }
+  // The entry at u, uniform in (0, 1), of the inverse CDF.
+  size_t DrawAt(double uniform) const {
+    const double u = uniform * cdf_.back();
     size_t i = std::upper_bound(cdf_.begin(), cdf_.end(), u) - cdf_.begin();
     i = std::min(i, cdf_.size() - 1);
     while (i > 0 && cdf_[i] == cdf_[i - 1]) --i;  // never a zero-weight entry
@@ -259,10 +261,9 @@ class TreeIndex::Searcher {
   // small against n.
   static void BestOf(const float* s, size_t n, size_t m,
                      std::vector<std::pair<float, int32_t>>* out) {
-    // Heap top: the lowest score, the highest index among equal scores.
-    const auto worse = [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
+    // Under Ahead, the heap's top is the lowest score (the highest index
+    // among equal scores).
+    const auto worse = Ahead;
     out->clear();
     m = std::min(m, n);
     for (size_t i = 0; i < m; ++i) out->push_back({s[i], static_cast<int32_t>(i)});
@@ -281,11 +282,14 @@ class TreeIndex::Searcher {
   // no particular order.
   static void KeepBest(size_t m, std::vector<std::pair<float, int32_t>>* v) {
     if (v->size() <= m) return;
-    std::nth_element(v->begin(), v->begin() + m, v->end(),
-                     [](const auto& a, const auto& b) {
-                       return a.first > b.first || (a.first == b.first && a.second < b.second);
-                     });
+    std::nth_element(v->begin(), v->begin() + m, v->end(), Ahead);
     v->resize(m);
+  }
+
+  // The order of (score, index) entries: higher score first, ties by the
+  // lower index.
+  static bool Ahead(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
   }
 
   // s = the scores of a leaf's `rows` (its members) for queries qids[0, nq):
@@ -620,20 +624,10 @@ class TreeIndex::Searcher {
             // A group: one of its leaves, in proportion to their weights.
             const int32_t g = ~pos;
             leaf_weights(g);
-            const float wtop = *std::max_element(within.begin(), within.end());
-            double sum = 0;
-            for (float x : within) sum += std::exp(double{x} - wtop);
-            double v = KeyUniform(key, 2) * sum;
-            size_t l = 0, last_leaf = 0;
-            for (; l < within.size(); ++l) {
-              const double e = std::exp(double{within[l]} - wtop);
-              if (e > 0) last_leaf = l;
-              v -= e;
-              if (v < 0 && e > 0) break;
-            }
-            l = std::min(l, last_leaf);
+            const Categorical leaf(std::vector<double>(within.begin(), within.end()));
+            const size_t l = leaf.DrawAt(KeyUniform(key, 2));
             pos = r.coarse_begin[g] + static_cast<int32_t>(l);
-            log_q += double{within[l]} - wtop - std::log(sum);
+            log_q += double{within[l]} - leaf.log_total();
           }
           draws->push_back({.query = qi, .leaf = static_cast<uint32_t>(pos), .key = key,
                             .log_q_leaf = log_q});
@@ -669,7 +663,7 @@ class TreeIndex::Searcher {
     for (size_t d = 0; d < draws->size(); ++d) order[fill[(*draws)[d].leaf]++] = d;
     std::vector<uint32_t> qids;
     std::vector<uint32_t> eligible;  // member indices
-    std::vector<double> cdf;
+    std::vector<double> logw;        // their s / tau
     RowMatrix s;
     for (size_t f = 0; f < r.leaves.size(); ++f) {
       if (begin[f] == begin[f + 1]) continue;
@@ -686,27 +680,19 @@ class TreeIndex::Searcher {
         const Query& q = queries[qids[i]];
         const float* score = s.row(i).data();
         eligible.clear();
-        float top = -std::numeric_limits<float>::infinity();
+        logw.clear();
         for (size_t j = 0; j < rows.size(); ++j) {
           if (!q.excluded.empty() && q.excluded.contains(rows[j])) continue;
           eligible.push_back(static_cast<uint32_t>(j));
-          top = std::max(top, score[j]);
+          logw.push_back(score[j] * inv_tau_);
         }
-        cdf.clear();
-        double total = 0;
-        for (uint32_t j : eligible) {
-          total += std::exp((double{score[j]} - top) * inv_tau_);
-          cdf.push_back(total);
-        }
-        const double log_z = top * inv_tau_ + std::log(total);
+        const Categorical target(logw);
+        const double log_z = target.log_total();
         // (A drawn leaf has an eligible target.)
-        if (eligible.empty() || !std::isfinite(log_z)) return Overflow(qids[i]);
+        if (target.empty() || !std::isfinite(log_z)) return Overflow(qids[i]);
         for (; k < begin[f + 1] && (*draws)[order[k]].query == qids[i]; ++k) {
           ProposalDraw& d = (*draws)[order[k]];
-          const size_t e = std::min<size_t>(
-              std::upper_bound(cdf.begin(), cdf.end(), KeyUniform(d.key, 1) * total) - cdf.begin(),
-              eligible.size() - 1);
-          const uint32_t j = eligible[e];
+          const uint32_t j = eligible[target.DrawAt(KeyUniform(d.key, 1))];
           d.row = rows[j];
           d.score = score[j];
           d.log_q = d.log_q_leaf + score[j] * inv_tau_ - log_z;
