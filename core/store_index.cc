@@ -1,5 +1,6 @@
 #include "core/store_index.h"
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -10,6 +11,7 @@
 #include "core/parallel.h"
 #include "core/random.h"
 #include "core/status.h"
+#include "core/tree/draw_rounds.h"
 
 namespace negmine {
 
@@ -875,8 +877,12 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
     absl::Span<const float> queries, size_t n,
     absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const {
   const bool sampling = params.mode != MineMode::kTopK;
-  if (sampling && params.with_replacement) return std::nullopt;  // host only
-  const bool beam = !sampling && params.approximate && options_.kind == IndexKind::kTree;
+  const bool tree = options_.kind == IndexKind::kTree;
+  // SAMPLE on a tree: the proposal sampler (DeviceMirror::Propose); else
+  // Gumbel-top-k over a scan, exact and without replacement only.
+  const bool proposal = sampling && tree && params.sampler == Sampler::kProposal;
+  if (sampling && params.with_replacement && !proposal) return std::nullopt;  // host only
+  const bool beam = !sampling && params.approximate && tree;
   const size_t num_hard = params.mode == MineMode::kTopK    ? params.k
                           : params.mode == MineMode::kMixed ? params.num_hard
                                                             : 0;
@@ -886,7 +892,7 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
   const size_t num_top = params.rank_offset + num_hard;
   // A scan masks exclusions on the device; a beam asks for more and filters.
   if (num_top + (beam ? max_exclude : 0) > size_t{DeviceMirror::kMaxK} ||
-      num_samples > size_t{DeviceMirror::kMaxK}) {
+      (!proposal && num_samples > size_t{DeviceMirror::kMaxK})) {
     return std::nullopt;
   }
 
@@ -994,7 +1000,8 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
   // 2. log Z over the eligible rows (the rank window excluded), when asked
   // for and not given by the sampling pass below.
   std::vector<double> log_z;
-  const bool own_log_z_pass = params.want_log_z && (num_samples == 0 || num_hard > 0);
+  const bool own_log_z_pass =
+      params.want_log_z && (num_samples == 0 || num_hard > 0 || proposal);
   if (own_log_z_pass) {
     DeviceMirror::ScanParams p = scan;
     p.k = 1;
@@ -1007,8 +1014,57 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
     }
   }
 
-  // 3. Samples: Gumbel-top-k over the rest, with log Z for log q.
-  if (num_samples > 0) {
+  // 3. Samples from the tree's proposal, in rounds as on the CPU.
+  if (num_samples > 0 && proposal) {
+    DrawRounds rounds(n, params.with_replacement);
+    std::vector<uint32_t> rows;
+    for (size_t i = 0; i < n; ++i) {
+      rows.assign(excluded[i].begin(), excluded[i].end());
+      rows.insert(rows.end(), hard[i].begin(), hard[i].end());
+      std::sort(rows.begin(), rows.end());
+      const size_t eligible =
+          store_.size() - (std::unique(rows.begin(), rows.end()) - rows.begin());
+      rounds.set_want(static_cast<uint32_t>(i), num_samples, eligible);
+    }
+    std::vector<float> batch;
+    std::vector<DeviceHit> draws;
+    while (!rounds.active().empty()) {
+      if (absl::Status s = CheckCancelled(params); !s.ok()) return s;
+      DeviceMirror::ProposeParams p{.inv_tau = scan.inv_tau, .seed = scan.seed};
+      p.exclude_offsets.assign(1, 0);
+      batch.clear();
+      for (uint32_t i : rounds.active()) {
+        batch.insert(batch.end(), queries.begin() + size_t{i} * dim,
+                     queries.begin() + size_t{i + 1} * dim);
+        p.query_ids.push_back(i);
+        p.draws.push_back(static_cast<uint32_t>(rounds.Need(i)));
+        p.first_draw.push_back(rounds.attempts(i));
+        rounds.Drew(i, rounds.Need(i));
+        p.exclude_rows.insert(p.exclude_rows.end(), excluded[i].begin(), excluded[i].end());
+        p.exclude_rows.insert(p.exclude_rows.end(), hard[i].begin(), hard[i].end());
+        p.exclude_offsets.push_back(static_cast<uint32_t>(p.exclude_rows.size()));
+      }
+      if (absl::Status s = device_->Propose(batch, p.query_ids.size(), p, &draws); !s.ok()) {
+        return s;
+      }
+      size_t d = 0;
+      for (size_t j = 0; j < p.query_ids.size(); ++j) {
+        const uint32_t i = p.query_ids[j];
+        QueryResult& out = result.queries[i];
+        for (const size_t end = d + p.draws[j]; d < end; ++d) {
+          const DeviceHit& h = draws[d];
+          if (h.row == DeviceMirror::kNoRow || !rounds.Take(i, h.row)) continue;
+          out.ids.push_back(h.id);
+          out.scores.push_back(h.score);
+          out.log_q.push_back(h.key);
+        }
+      }
+      rounds.EndRound();
+    }
+  }
+
+  // 3. Or exact samples: Gumbel-top-k over the rest, with log Z for log q.
+  if (num_samples > 0 && !proposal) {
     DeviceMirror::ScanParams p = scan;
     p.k = static_cast<int>(num_samples);
     p.gumbel = true;

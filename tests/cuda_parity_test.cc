@@ -12,6 +12,7 @@
 // runs everywhere.
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <set>
 #include <string>
 
@@ -318,7 +319,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{DeviceDtype::kBFloat16, Metric::kCosine, IndexKind::kTree, 64}),
     Name);
 
-// Gumbel-top-k on the device draws from the exact softmax: 10^5 first draws
+// Gumbel-top-k on the device (the exact sampler, of both kinds) draws from
+// the exact softmax: 10^5 first draws
 // against the softmax computed in double on the host, at three temperatures;
 // log q equals s / tau - log Z.
 TEST(CudaSamplingTest, GumbelTopKFollowsTheSoftmax) {
@@ -326,49 +328,158 @@ TEST(CudaSamplingTest, GumbelTopKFollowsTheSoftmax) {
   const int dim = 16;
   const size_t n = 300;
   Data d = MakeData(n, 1, dim, 21);
-  std::unique_ptr<Index> gpu = Make({.dim = dim, .backend = Backend::kCuda});
-  ASSERT_NE(gpu, nullptr);
-  ASSERT_THAT(gpu->Upsert(d.ids, d.targets, 0), IsOk());
-  absl::flat_hash_map<uint64_t, size_t> index_of;
-  for (size_t i = 0; i < n; ++i) index_of[d.ids[i]] = i;
-  const float* q = d.queries.data();
-  for (float tau : {0.05f, 0.1f, 1.0f}) {
-    std::vector<double> logits(n);
-    double m = -1e300;
-    for (size_t i = 0; i < n; ++i) {
-      logits[i] = testing::Dot(q, d.targets.data() + i * dim, dim) / tau;
-      m = std::max(m, logits[i]);
-    }
-    double z = 0;
-    for (double l : logits) z += std::exp(l - m);
-    const double log_z = m + std::log(z);
-    std::vector<double> probs(n);
-    for (size_t i = 0; i < n; ++i) probs[i] = std::exp(logits[i] - log_z);
+  for (IndexKind kind : {IndexKind::kExact, IndexKind::kTree}) {
+    std::unique_ptr<Index> gpu = Make({.dim = dim, .backend = Backend::kCuda, .kind = kind});
+    ASSERT_NE(gpu, nullptr);
+    ASSERT_THAT(gpu->Upsert(d.ids, d.targets, 0), IsOk());
+    absl::flat_hash_map<uint64_t, size_t> index_of;
+    for (size_t i = 0; i < n; ++i) index_of[d.ids[i]] = i;
+    const float* q = d.queries.data();
+    for (float tau : {0.05f, 0.1f, 1.0f}) {
+      std::vector<double> logits(n);
+      double m = -1e300;
+      for (size_t i = 0; i < n; ++i) {
+        logits[i] = testing::Dot(q, d.targets.data() + i * dim, dim) / tau;
+        m = std::max(m, logits[i]);
+      }
+      double z = 0;
+      for (double l : logits) z += std::exp(l - m);
+      const double log_z = m + std::log(z);
+      std::vector<double> probs(n);
+      for (size_t i = 0; i < n; ++i) probs[i] = std::exp(logits[i] - log_z);
 
-    // 1000 copies of the query per call (each copy gets its own noise),
-    // 100 calls with different seeds: 10^5 first draws.
-    const size_t copies = 1000;
+      // 1000 copies of the query per call (each copy gets its own noise),
+      // 100 calls with different seeds: 10^5 first draws.
+      const size_t copies = 1000;
+      std::vector<float> batch;
+      for (size_t c = 0; c < copies; ++c) batch.insert(batch.end(), q, q + dim);
+      std::vector<int64_t> counts(n, 0);
+      int64_t draws = 0;
+      for (uint64_t seed = 1; seed <= 100; ++seed) {
+        absl::StatusOr<SearchResult> r = gpu->Search(
+            batch, {},
+            {.mode = MineMode::kSample, .sampler = Sampler::kExact, .k = 3, .temperature = tau,
+             .seed = seed});
+        ASSERT_THAT(r, IsOk());
+        for (const QueryResult& qr : r->queries) {
+          ASSERT_EQ(qr.ids.size(), 3u);
+          EXPECT_EQ(std::set<uint64_t>(qr.ids.begin(), qr.ids.end()).size(), 3u)
+              << "without replacement";
+          const size_t i = index_of.at(qr.ids[0]);
+          ++counts[i];
+          ++draws;
+          EXPECT_NEAR(qr.log_q[0], logits[i] - log_z, 1e-3 * std::max(1.0, std::abs(logits[i])));
+        }
+      }
+      const auto [stat, df] = ChiSquare(counts, probs, draws);
+      EXPECT_LT(stat, ChiSquareCritical(df))
+          << "kind " << static_cast<int>(kind) << ", tau " << tau << ", df " << df;
+    }
+  }
+}
+
+// A CUDA tree collection with small leaves and no background rebuilds.
+std::unique_ptr<Index> MakeTree(int dim, DeviceDtype dtype, int leaf_size) {
+  IndexOptions o{.dim = dim, .backend = Backend::kCuda, .device_dtype = dtype,
+                 .kind = IndexKind::kTree};
+  o.tree.leaf_size = leaf_size;
+  o.tree.branching = 4;
+  o.tree.background_rebuild = false;
+  return Make(o);
+}
+
+// The device's tree proposal: every target's log q is the same on every draw
+// of it, and 10^5 draws with replacement follow exp(log q) (chi-square), for
+// each dtype.
+TEST(CudaSamplingTest, TreeProposalLogQIsItsProbability) {
+  SKIP_WITHOUT_GPU();
+  const int dim = 8;
+  Data d = MakeData(1200, 1, dim, 31);
+  for (DeviceDtype dtype : {DeviceDtype::kFloat32, DeviceDtype::kFloat16, DeviceDtype::kBFloat16}) {
+    std::unique_ptr<Index> gpu = MakeTree(dim, dtype, 16);
+    ASSERT_NE(gpu, nullptr);
+    ASSERT_THAT(gpu->Upsert(d.ids, d.targets, 0), IsOk());
     std::vector<float> batch;
-    for (size_t c = 0; c < copies; ++c) batch.insert(batch.end(), q, q + dim);
-    std::vector<int64_t> counts(n, 0);
-    int64_t draws = 0;
-    for (uint64_t seed = 1; seed <= 100; ++seed) {
-      absl::StatusOr<SearchResult> r = gpu->Search(
-          batch, {}, {.mode = MineMode::kSample, .k = 3, .temperature = tau, .seed = seed});
-      ASSERT_THAT(r, IsOk());
-      for (const QueryResult& qr : r->queries) {
-        ASSERT_EQ(qr.ids.size(), 3u);
-        EXPECT_EQ(std::set<uint64_t>(qr.ids.begin(), qr.ids.end()).size(), 3u)
-            << "without replacement";
-        const size_t i = index_of.at(qr.ids[0]);
-        ++counts[i];
-        ++draws;
-        EXPECT_NEAR(qr.log_q[0], logits[i] - log_z, 1e-3 * std::max(1.0, std::abs(logits[i])));
+    for (int c = 0; c < 1000; ++c) batch.insert(batch.end(), d.queries.begin(), d.queries.end());
+    absl::StatusOr<SearchResult> r = gpu->Search(
+        batch, {},
+        {.mode = MineMode::kSample, .k = 100, .temperature = 0.1f, .with_replacement = true,
+         .seed = 5});
+    ASSERT_THAT(r, IsOk());
+    std::map<uint64_t, double> log_q;
+    std::map<uint64_t, int64_t> count;
+    for (const QueryResult& res : r->queries) {
+      ASSERT_EQ(res.ids.size(), 100u);
+      for (size_t j = 0; j < res.ids.size(); ++j) {
+        auto [it, fresh] = log_q.emplace(res.ids[j], res.log_q[j]);
+        if (!fresh) ASSERT_NEAR(it->second, res.log_q[j], 1e-4) << "id " << res.ids[j];
+        ++count[res.ids[j]];
       }
     }
-    const auto [stat, df] = ChiSquare(counts, probs, draws);
-    EXPECT_LT(stat, ChiSquareCritical(df)) << "tau " << tau << ", df " << df;
+    // One bin per target expected >= 20 times, one bin for the rest.
+    std::vector<int64_t> counts = {0};
+    std::vector<double> probs = {1.0};
+    double seen_mass = 0;
+    for (const auto& [id, lq] : log_q) {
+      seen_mass += std::exp(lq);
+      if (std::exp(lq) * 100000 < 20) {
+        counts[0] += count[id];
+        continue;
+      }
+      counts.push_back(count[id]);
+      probs.push_back(std::exp(lq));
+      probs[0] -= probs.back();
+    }
+    EXPECT_LE(seen_mass, 1.0 + 1e-3);
+    ASSERT_GT(counts.size(), 20u);
+    const auto [stat, df] = ChiSquare(counts, probs, 100000);
+    EXPECT_LT(stat, ChiSquareCritical(df)) << "dtype " << static_cast<int>(dtype) << ", df " << df;
   }
+}
+
+// Without replacement the device's proposal takes every eligible target
+// once: deleted and excluded targets never, and MIXED's hard part not again.
+TEST(CudaSamplingTest, TreeProposalWithoutReplacementTakesEveryEligibleTargetOnce) {
+  SKIP_WITHOUT_GPU();
+  const int dim = 8;
+  Data d = MakeData(310, 6, dim, 41);
+  std::unique_ptr<Index> gpu = MakeTree(dim, DeviceDtype::kFloat32, 16);
+  ASSERT_NE(gpu, nullptr);
+  ASSERT_THAT(gpu->Upsert(d.ids, d.targets, 0), IsOk());
+  const std::vector<uint64_t> deleted(d.ids.begin() + 300, d.ids.end());
+  ASSERT_THAT(gpu->Delete(deleted, false), IsOk());
+  std::vector<std::vector<uint64_t>> exclude(6);
+  for (size_t i = 0; i < 6; ++i) {
+    for (size_t j = 0; j < 20; ++j) exclude[i].push_back(d.ids[(7 * i + 13 * j) % 300]);
+  }
+  // A high temperature, so that the last targets are within the capped
+  // attempts (200 per sample).
+  absl::StatusOr<SearchResult> r = gpu->Search(
+      d.queries, exclude,
+      {.mode = MineMode::kMixed, .k = 280, .temperature = 2.0f, .num_hard = 5, .seed = 9});
+  ASSERT_THAT(r, IsOk());
+  for (size_t i = 0; i < 6; ++i) {
+    const QueryResult& q = r->queries[i];
+    const std::set<uint64_t> got(q.ids.begin(), q.ids.end());
+    EXPECT_EQ(q.num_top, 5);
+    EXPECT_EQ(q.ids.size(), 280u);
+    EXPECT_EQ(got.size(), 280u) << "no target twice";
+    for (uint64_t id : exclude[i]) EXPECT_FALSE(got.count(id)) << "excluded " << id;
+    for (uint64_t id : deleted) EXPECT_FALSE(got.count(id)) << "deleted " << id;
+  }
+  // Query 3 alone draws what it drew in the batch (its own stream).
+  const std::vector<float> q3(d.queries.begin() + 3 * dim, d.queries.begin() + 4 * dim);
+  SearchParams small{.mode = MineMode::kSample, .k = 40, .temperature = 0.05f, .seed = 9};
+  absl::StatusOr<SearchResult> alone = gpu->Search(q3, {{exclude[3]}}, small);
+  std::vector<float> q3_first = q3;
+  q3_first.insert(q3_first.end(), d.queries.begin(), d.queries.end());
+  std::vector<std::vector<uint64_t>> ex3 = {exclude[3]};
+  ex3.insert(ex3.end(), exclude.begin(), exclude.end());
+  absl::StatusOr<SearchResult> batch = gpu->Search(q3_first, ex3, small);
+  ASSERT_THAT(alone, IsOk());
+  ASSERT_THAT(batch, IsOk());
+  EXPECT_EQ(alone->queries[0].ids, batch->queries[0].ids);
+  EXPECT_EQ(alone->queries[0].log_q, batch->queries[0].log_q);
 }
 
 // Running out of GPU memory is RESOURCE_EXHAUSTED, and the mirror goes on.

@@ -671,6 +671,248 @@ __global__ void BestLeafKernel(const Cand* leaf_hits, int width, uint32_t* keys,
   }
 }
 
+// ------------------------------------------------------ proposal sampling
+
+// The proposal's random numbers, as the CPU tree's (tree_index.cc): draw t
+// of query i uses KeyUniform(DrawKey(seed, i, t), which); 0 picks its leaf.
+__device__ __forceinline__ uint64_t DrawKey(uint64_t seed, uint32_t query, uint64_t t) {
+  return Mix64(Mix64(seed ^ Mix64(query + 0x632be59bd9b4e019ULL)) + 4 * t);
+}
+__device__ __forceinline__ double KeyUniform(uint64_t key, uint64_t which) {
+  return (static_cast<double>(Mix64(key + which) >> 11) + 0.5) * 0x1p-53;
+}
+
+// Block sum / max of one value per thread (every thread gets the result).
+template <bool kMax>
+__device__ float BlockReduce(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(~0u, v, o);
+    v = kMax ? fmaxf(v, w) : v + w;
+  }
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = red[0];
+  for (int w = 1; w < kThreads / 32; ++w) v = kMax ? fmaxf(v, red[w]) : v + red[w];
+  return v;
+}
+
+// One block per query q of a group: every leaf's log weight
+//   lw_f = <q, c_f>/tau + log n_f + |q|^2 spread_f / (2 dim tau^2),
+// n_f counting the eligible targets (the (leaf, excluded count) pairs of
+// query query_base + q), in place of its center score in lw[q * ld ..]; the
+// prefix sums of exp(lw - top) in double into cdf[q * ld ..]; top and the
+// total into top[q], total[q].
+__global__ void __launch_bounds__(kThreads)
+    LeafWeightsKernel(float* lw, double* cdf, size_t ld, size_t num_leaves,
+                      const uint32_t* offsets, const float* spread, const float* queries,
+                      int stride, int dim, float inv_tau, const uint32_t* pair_offsets,
+                      const uint32_t* pair_leaf, const uint32_t* pair_count,
+                      uint32_t query_base, float* top, double* total) {
+  using Scan = cub::BlockScan<double, kThreads>;
+  __shared__ typename Scan::TempStorage scan_temp;
+  __shared__ float red[kThreads / 32];
+  __shared__ double s_carry;
+  const uint32_t q = blockIdx.x;
+  const int tid = threadIdx.x;
+  float sq = 0;
+  for (int j = tid; j < stride; j += kThreads) {
+    const float v = queries[size_t{q} * stride + j];
+    sq += v * v;
+  }
+  sq = BlockReduce<false>(sq, red);
+  const float scale = sq / (2.0f * dim) * inv_tau * inv_tau;
+  float* row = lw + q * ld;
+  for (size_t f = tid; f < num_leaves; f += kThreads) {
+    const float n = static_cast<float>(offsets[f + 1] - offsets[f]);
+    row[f] = row[f] * inv_tau + logf(n) + spread[f] * scale;
+  }
+  __syncthreads();
+  if (pair_offsets != nullptr) {
+    const uint32_t qi = query_base + q;
+    for (uint32_t i = pair_offsets[qi] + tid; i < pair_offsets[qi + 1]; i += kThreads) {
+      const uint32_t f = pair_leaf[i], k = pair_count[i];
+      const uint32_t n = offsets[f + 1] - offsets[f];
+      row[f] = k >= n ? -INFINITY
+                      : row[f] - logf(static_cast<float>(n)) + logf(static_cast<float>(n - k));
+    }
+    __syncthreads();
+  }
+  float m = -INFINITY;
+  for (size_t f = tid; f < num_leaves; f += kThreads) m = fmaxf(m, row[f]);
+  m = BlockReduce<true>(m, red);
+  if (!isfinite(m)) {  // overflow (+inf or NaN), or no eligible target
+    if (tid == 0) {
+      top[q] = m;
+      total[q] = 0;
+    }
+    return;
+  }
+  double carry = 0;
+  for (size_t base = 0; base < num_leaves; base += kThreads) {
+    const size_t f = base + tid;
+    const double w = f < num_leaves ? exp(static_cast<double>(row[f] - m)) : 0.0;
+    double incl;
+    Scan(scan_temp).InclusiveSum(w, incl);
+    if (f < num_leaves) cdf[q * ld + f] = carry + incl;
+    if (tid == kThreads - 1) s_carry = carry + incl;
+    __syncthreads();
+    carry = s_carry;
+    __syncthreads();
+  }
+  if (tid == 0) {
+    top[q] = m;
+    total[q] = carry;
+  }
+}
+
+// One block per query q of a group: its draws' leaves, each the first leaf
+// whose prefix sum exceeds u * total (so never a leaf of weight 0), with
+// log P(leaf) and the draw's key. The draws of q are draw_offsets[q] ..
+// draw_offsets[q + 1]; an overflowed query's draws get leaf kNoRow and a
+// NaN log P.
+__global__ void DrawLeafKernel(const float* lw, const double* cdf, size_t ld,
+                               size_t num_leaves, const float* top, const double* total,
+                               const uint32_t* draw_offsets, const uint64_t* first_draw,
+                               const uint32_t* query_ids, uint64_t seed, uint32_t query_base,
+                               uint32_t* draw_leaf, double* draw_log_p, uint64_t* draw_key) {
+  const uint32_t q = blockIdx.x, qi = query_base + q;
+  const uint32_t gid = query_ids != nullptr ? query_ids[qi] : qi;
+  const double sum = total[q];
+  const double log_total = static_cast<double>(top[q]) + log(sum);
+  const bool ok = isfinite(log_total) && sum > 0;
+  const double* c = cdf + q * ld;
+  const uint32_t begin = draw_offsets[q], count = draw_offsets[q + 1] - begin;
+  for (uint32_t t = threadIdx.x; t < count; t += blockDim.x) {
+    const uint32_t d = begin + t;
+    const uint64_t key = DrawKey(seed, gid, first_draw[qi] + t);
+    draw_key[d] = key;
+    if (!ok) {
+      draw_leaf[d] = kNoRow;
+      draw_log_p[d] = NAN;
+      continue;
+    }
+    const double u = KeyUniform(key, 0) * sum;
+    size_t lo = 0, hi = num_leaves;  // first f with c[f] > u
+    while (lo < hi) {
+      const size_t mid = (lo + hi) / 2;
+      if (c[mid] > u) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    // u rounded up to the total: the last leaf of positive weight.
+    size_t f = lo < num_leaves ? lo : num_leaves - 1;
+    while (f > 0 && c[f] == c[f - 1]) --f;
+    draw_leaf[d] = static_cast<uint32_t>(f);
+    draw_log_p[d] = static_cast<double>(lw[q * ld + f]) - log_total;
+  }
+}
+
+// Whether `row` is in the sorted rows[lo, hi).
+__device__ bool Contains(const uint32_t* rows, uint32_t lo, uint32_t hi, uint32_t row) {
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (rows[mid] < row) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo < hi && rows[lo] == row;
+}
+
+// One warp per draw (num_draws of them, the draws of query q of the group
+// at draw_offsets[q] ..): the drawn leaf's eligible members scored, a lane
+// per member; one of them by Gumbel-max over s/tau + noise (an exact draw
+// from the leaf's softmax), and the leaf's log Z on the way. out[d]: key
+// log q = log P(leaf) + s/tau - log Z_leaf, NaN (row kNoRow) for an
+// overflow, -inf (row kNoRow) when the leaf had no eligible member.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    DrawTargetKernel(const T* vectors, int stride, const float* queries, size_t g,
+                     const uint32_t* draw_offsets, size_t num_draws, const uint32_t* offsets,
+                     const uint32_t* members, const uint32_t* excl_offsets,
+                     const uint32_t* excl_rows, uint32_t query_base,
+                     const uint32_t* draw_leaf, const double* draw_log_p,
+                     const uint64_t* draw_key, float inv_tau, Cand* out) {
+  const size_t d = (blockIdx.x * size_t{blockDim.x} + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (d >= num_draws) return;  // the whole warp
+  const uint32_t leaf = draw_leaf[d];
+  if (leaf == kNoRow) {
+    if (lane == 0) out[d] = Cand{NAN, 0.0f, kNoRow};
+    return;
+  }
+  // The draw's query: the last q with draw_offsets[q] <= d.
+  size_t lo = 0, hi = g;
+  while (hi - lo > 1) {
+    const size_t mid = (lo + hi) / 2;
+    if (draw_offsets[mid] <= d) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const size_t q = lo;
+  const float* qv = queries + q * stride;
+  const uint32_t ex_lo = excl_offsets != nullptr ? excl_offsets[query_base + q] : 0;
+  const uint32_t ex_hi = excl_offsets != nullptr ? excl_offsets[query_base + q + 1] : 0;
+  const uint64_t key = draw_key[d];
+  const uint32_t begin = offsets[leaf], size = offsets[leaf + 1] - begin;
+  // Online log-sum-exp (m, sum) and the best perturbed key, per lane.
+  float m = -INFINITY, sum = 0, best = -INFINITY, best_score = 0;
+  uint32_t best_row = kNoRow, best_r = 0;
+  for (uint32_t r = lane; r < size; r += 32) {
+    const uint32_t row = members[begin + r];
+    if (ex_lo < ex_hi && Contains(excl_rows, ex_lo, ex_hi, row)) continue;
+    const T* x = vectors + size_t{row} * stride;
+    float s = 0;
+    for (int c = 0; c < stride / 8; ++c) s += Elem<T>::Dot8(x + c * 8, qv + c * 8);
+    const float l = s * inv_tau;
+    if (l > m) {
+      sum = sum * expf(m - l) + 1.0f;
+      m = l;
+    } else {
+      sum += expf(l - m);
+    }
+    const double u = KeyUniform(key ^ Mix64(r + 0x5851f42d4c957f2dULL), 1);
+    const float k = l + static_cast<float>(-log(-log(u)));
+    if (k > best) {
+      best = k;
+      best_score = s;
+      best_row = row;
+      best_r = r;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(~0u, m, o), sum2 = __shfl_xor_sync(~0u, sum, o);
+    const float mm = fmaxf(m, m2);
+    sum = (m == -INFINITY ? 0.0f : sum * expf(m - mm)) +
+          (m2 == -INFINITY ? 0.0f : sum2 * expf(m2 - mm));
+    m = mm;
+    const float b2 = __shfl_xor_sync(~0u, best, o), s2 = __shfl_xor_sync(~0u, best_score, o);
+    const uint32_t row2 = __shfl_xor_sync(~0u, best_row, o), r2 = __shfl_xor_sync(~0u, best_r, o);
+    if (b2 > best || (b2 == best && row2 != kNoRow && (best_row == kNoRow || r2 < best_r))) {
+      best = b2;
+      best_score = s2;
+      best_row = row2;
+      best_r = r2;
+    }
+  }
+  if (lane != 0) return;
+  if (best_row == kNoRow) {
+    out[d] = Cand{-INFINITY, 0.0f, kNoRow};
+    return;
+  }
+  const double log_z = static_cast<double>(m) + log(static_cast<double>(sum));
+  const double log_q = draw_log_p[d] + static_cast<double>(best_score) * inv_tau - log_z;
+  out[d] = isfinite(log_q) ? Cand{static_cast<float>(log_q), best_score, best_row}
+                           : Cand{NAN, 0.0f, kNoRow};
+}
+
 // The ids of `count` candidates (0 for none).
 __global__ void GatherIdsKernel(const Cand* c, size_t count, const uint64_t* ids,
                                 uint64_t* out) {
@@ -788,12 +1030,13 @@ class Mirror final : public DeviceMirror {
 
   void SetNumRows(size_t num_rows) override { num_rows_ = num_rows; }
 
-  absl::Status SetLeaves(absl::Span<const float> centers,
+  absl::Status SetLeaves(absl::Span<const float> centers, absl::Span<const float> spreads,
                          absl::Span<const uint32_t> offsets,
                          absl::Span<const uint32_t> members) override {
     DeviceScope scope(device_);
     const size_t num_leaves = offsets.size() - 1;
     RETURN_IF_ERROR(leaf_centers_.Ensure(std::max<size_t>(num_leaves, 1) * stride_ * sizeof(T)));
+    RETURN_IF_ERROR(leaf_spreads_.Ensure(std::max<size_t>(num_leaves, 1) * sizeof(float)));
     RETURN_IF_ERROR(leaf_offsets_.Ensure(offsets.size() * sizeof(uint32_t)));
     RETURN_IF_ERROR(leaf_members_.Ensure(std::max<size_t>(members.size(), 1) * sizeof(uint32_t)));
     // Centers go through the row scatter (float -> T, padded).
@@ -804,10 +1047,17 @@ class Mirror final : public DeviceMirror {
                                  offsets.size() * sizeof(uint32_t)));
     RETURN_IF_ERROR(CopyToDevice(leaf_members_.as<void>(), members.data(),
                                  members.size() * sizeof(uint32_t)));
+    RETURN_IF_ERROR(CopyToDevice(leaf_spreads_.as<void>(), spreads.data(),
+                                 spreads.size() * sizeof(float)));
     num_leaves_ = num_leaves;
     max_leaf_ = 0;
+    leaf_of_row_.clear();
     for (size_t f = 0; f < num_leaves; ++f) {
       max_leaf_ = std::max<size_t>(max_leaf_, offsets[f + 1] - offsets[f]);
+      for (uint32_t i = offsets[f]; i < offsets[f + 1]; ++i) {
+        if (members[i] >= leaf_of_row_.size()) leaf_of_row_.resize(members[i] + 1, kNoRow);
+        leaf_of_row_[members[i]] = static_cast<uint32_t>(f);
+      }
     }
     has_leaves_ = true;
     return absl::OkStatus();
@@ -976,13 +1226,7 @@ class Mirror final : public DeviceMirror {
     double visits = 0;
     for (size_t q0 = 0; q0 < n; q0 += group) {
       const size_t g = std::min(group, n - q0);
-      const float alpha = 1.0f, beta = 0.0f;
-      CUBLAS_RETURN_IF_ERROR(Blas().gemm_ex(
-          handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_leaves_),
-          static_cast<int>(g), stride_, &alpha, leaf_centers_.as<T>(), Elem<T>::kCuda,
-          stride_, qt_.as<T>() + q0 * stride_, Elem<T>::kCuda, stride_, &beta,
-          scores_.as<float>(), CUDA_R_32F, static_cast<int>(num_leaves_),
-          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      RETURN_IF_ERROR(ScoreLeafCenters(q0, g));
       Mark("route gemm");
       SelectArgs a{};
       a.scores = scores_.as<float>();
@@ -1029,6 +1273,135 @@ class Mirror final : public DeviceMirror {
     }
     last_visits_ = visits / n + width;
     Trace("beam", n);
+    return absl::OkStatus();
+  }
+
+  absl::Status Propose(absl::Span<const float> queries, size_t n, const ProposeParams& p,
+                       std::vector<DeviceHit>* draws) override {
+    DeviceScope scope(device_);
+    if (p.draws.size() != n || p.first_draw.size() != n ||
+        (!p.query_ids.empty() && p.query_ids.size() != n) ||
+        (!p.exclude_offsets.empty() && p.exclude_offsets.size() != n + 1)) {
+      return absl::InvalidArgumentError("Propose: per-query parameters of the wrong length");
+    }
+    if (!has_leaves_) {
+      return absl::FailedPreconditionError("the device holds no tree leaves yet");
+    }
+    // Draw offsets per query, over the whole call.
+    std::vector<uint32_t> draw_offsets(n + 1, 0);
+    for (size_t q = 0; q < n; ++q) draw_offsets[q + 1] = draw_offsets[q] + p.draws[q];
+    const DeviceHit none{-std::numeric_limits<float>::infinity(), 0, kNoRow, 0};
+    draws->assign(draw_offsets[n], none);
+    if (draw_offsets[n] == 0 || num_leaves_ == 0) return absl::OkStatus();
+    StartProfile();
+    RETURN_IF_ERROR(PrepareQueries(queries, n));
+    // Exclusions: per query, its rows sorted and unique (searched by the
+    // draws) and its (leaf, excluded count) pairs (the leaves' weights).
+    const bool masked = !p.exclude_offsets.empty() && !p.exclude_rows.empty();
+    if (masked) {
+      std::vector<uint32_t> ex_offsets(n + 1, 0), ex_rows, pair_offsets(n + 1, 0), pair_leaf,
+          pair_count;
+      std::vector<uint32_t> rows, leaves;
+      for (size_t q = 0; q < n; ++q) {
+        rows.assign(p.exclude_rows.begin() + p.exclude_offsets[q],
+                    p.exclude_rows.begin() + p.exclude_offsets[q + 1]);
+        std::sort(rows.begin(), rows.end());
+        rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+        ex_rows.insert(ex_rows.end(), rows.begin(), rows.end());
+        ex_offsets[q + 1] = static_cast<uint32_t>(ex_rows.size());
+        leaves.clear();
+        for (uint32_t r : rows) {
+          if (r < leaf_of_row_.size() && leaf_of_row_[r] != kNoRow) {
+            leaves.push_back(leaf_of_row_[r]);
+          }
+        }
+        std::sort(leaves.begin(), leaves.end());
+        for (size_t i = 0; i < leaves.size();) {
+          size_t j = i;
+          while (j < leaves.size() && leaves[j] == leaves[i]) ++j;
+          pair_leaf.push_back(leaves[i]);
+          pair_count.push_back(static_cast<uint32_t>(j - i));
+          i = j;
+        }
+        pair_offsets[q + 1] = static_cast<uint32_t>(pair_leaf.size());
+      }
+      RETURN_IF_ERROR(Upload(excl_offsets_, ex_offsets));
+      RETURN_IF_ERROR(Upload(excl_rows_, ex_rows));
+      RETURN_IF_ERROR(Upload(pair_offsets_, pair_offsets));
+      RETURN_IF_ERROR(Upload(pair_leaf_, pair_leaf));
+      RETURN_IF_ERROR(Upload(pair_count_, pair_count));
+    }
+    RETURN_IF_ERROR(Upload(first_draw_, p.first_draw));
+    if (!p.query_ids.empty()) RETURN_IF_ERROR(Upload(query_ids_, p.query_ids));
+    Mark("upload queries");
+
+    // Per (query, leaf): a float score / log weight and a double prefix sum.
+    const size_t group = std::clamp<size_t>(kScoreBudget / (3 * num_leaves_), 1,
+                                            std::min<size_t>(n, kMaxQueryGroup));
+    size_t max_group_draws = 0;
+    for (size_t q0 = 0; q0 < n; q0 += group) {
+      const size_t g = std::min(group, n - q0);
+      max_group_draws = std::max<size_t>(max_group_draws, draw_offsets[q0 + g] - draw_offsets[q0]);
+    }
+    RETURN_IF_ERROR(scores_.Ensure(group * num_leaves_ * sizeof(float)));
+    RETURN_IF_ERROR(cdf_.Ensure(group * num_leaves_ * sizeof(double)));
+    RETURN_IF_ERROR(top_.Ensure(group * sizeof(float)));
+    RETURN_IF_ERROR(total_.Ensure(group * sizeof(double)));
+    RETURN_IF_ERROR(draw_offsets_.Ensure((group + 1) * sizeof(uint32_t)));
+    RETURN_IF_ERROR(draw_leaf_.Ensure(max_group_draws * sizeof(uint32_t)));
+    RETURN_IF_ERROR(draw_log_p_.Ensure(max_group_draws * sizeof(double)));
+    RETURN_IF_ERROR(draw_key_.Ensure(max_group_draws * sizeof(uint64_t)));
+    RETURN_IF_ERROR(final_.Ensure(max_group_draws * sizeof(Cand)));
+    std::vector<uint32_t> group_offsets;
+    for (size_t q0 = 0; q0 < n; q0 += group) {
+      const size_t g = std::min(group, n - q0);
+      const size_t first = draw_offsets[q0], count = draw_offsets[q0 + g] - first;
+      if (count == 0) continue;
+      group_offsets.resize(g + 1);
+      for (size_t q = 0; q <= g; ++q) group_offsets[q] = draw_offsets[q0 + q] - first;
+      RETURN_IF_ERROR(CopyToDevice(draw_offsets_.as<void>(), group_offsets.data(),
+                                   group_offsets.size() * sizeof(uint32_t)));
+      RETURN_IF_ERROR(ScoreLeafCenters(q0, g));
+      Mark("route gemm");
+      LeafWeightsKernel<<<static_cast<unsigned>(g), kThreads, 0, stream_>>>(
+          scores_.as<float>(), cdf_.as<double>(), num_leaves_, num_leaves_,
+          leaf_offsets_.as<uint32_t>(), leaf_spreads_.as<float>(), qf_.as<float>() + q0 * stride_,
+          stride_, dim_, p.inv_tau, masked ? pair_offsets_.as<uint32_t>() : nullptr,
+          pair_leaf_.as<uint32_t>(), pair_count_.as<uint32_t>(), static_cast<uint32_t>(q0),
+          top_.as<float>(), total_.as<double>());
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      DrawLeafKernel<<<static_cast<unsigned>(g), 128, 0, stream_>>>(
+          scores_.as<float>(), cdf_.as<double>(), num_leaves_, num_leaves_, top_.as<float>(),
+          total_.as<double>(), draw_offsets_.as<uint32_t>(), first_draw_.as<uint64_t>(),
+          p.query_ids.empty() ? nullptr : query_ids_.as<uint32_t>(), p.seed,
+          static_cast<uint32_t>(q0), draw_leaf_.as<uint32_t>(), draw_log_p_.as<double>(),
+          draw_key_.as<uint64_t>());
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      Mark("draw leaves");
+      DrawTargetKernel<T><<<static_cast<unsigned>(CeilDiv(count * 32, kThreads)), kThreads, 0,
+                            stream_>>>(
+          vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, g,
+          draw_offsets_.as<uint32_t>(), count, leaf_offsets_.as<uint32_t>(),
+          leaf_members_.as<uint32_t>(), masked ? excl_offsets_.as<uint32_t>() : nullptr,
+          excl_rows_.as<uint32_t>(), static_cast<uint32_t>(q0), draw_leaf_.as<uint32_t>(),
+          draw_log_p_.as<double>(), draw_key_.as<uint64_t>(), p.inv_tau, final_.as<Cand>());
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      Mark("draw targets");
+      RETURN_IF_ERROR(DownloadHits(final_.as<Cand>(), count, draws->data() + first));
+      Mark("download");
+    }
+    for (size_t q = 0; q < n; ++q) {
+      for (uint32_t d = draw_offsets[q]; d < draw_offsets[q + 1]; ++d) {
+        if (std::isnan((*draws)[d].key)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("query ", p.query_ids.empty() ? q : p.query_ids[q],
+                           ": its scores over the temperature ", 1.0 / p.inv_tau,
+                           " overflow; scale the embeddings or raise the temperature"));
+        }
+      }
+    }
+    last_visits_ = static_cast<double>(num_leaves_) + double(draw_offsets[n]) / n;
+    Trace("propose", n);
     return absl::OkStatus();
   }
 
@@ -1088,7 +1461,10 @@ class Mirror final : public DeviceMirror {
            chunk_hits_.bytes() + accum_.bytes() + final_.bytes() + lse_.bytes() +
            log_z_.bytes() + bound_.bytes() + qraw_.bytes() + qf_.bytes() + qt_.bytes() +
            excl_offsets_.bytes() + excl_rows_.bytes() + leaf_sel_.bytes() + cand_.bytes() + order_.bytes() + sort_temp_.bytes() +
-           lens_.bytes() + scratch_[0].bytes() + scratch_[1].bytes();
+           lens_.bytes() + scratch_[0].bytes() + scratch_[1].bytes() + leaf_spreads_.bytes() +
+           cdf_.bytes() + top_.bytes() + total_.bytes() + draw_offsets_.bytes() +
+           draw_leaf_.bytes() + draw_log_p_.bytes() + draw_key_.bytes() + first_draw_.bytes() +
+           query_ids_.bytes() + pair_offsets_.bytes() + pair_leaf_.bytes() + pair_count_.bytes();
   }
   double LastVisitsPerQuery() const override { return last_visits_; }
   void set_profiling(bool on) override { profiling_ = on; }
@@ -1132,17 +1508,18 @@ class Mirror final : public DeviceMirror {
 
   // The g x k candidates in final_ and their ids into hits[q0 * k ..].
   absl::Status Download(size_t g, int k, size_t q0, std::vector<DeviceHit>* hits) {
-    const size_t count = g * k;
+    return DownloadHits(final_.as<Cand>(), g * k, hits->data() + q0 * k);
+  }
+  // `count` candidates at `c` and their ids into out[0 .. count).
+  absl::Status DownloadHits(const Cand* c, size_t count, DeviceHit* out) {
     RETURN_IF_ERROR(final_ids_.Ensure(count * sizeof(uint64_t)));
-    GatherIdsKernel<<<GridFor(count), kThreads, 0, stream_>>>(final_.as<Cand>(), count,
-                                                             ids_.as<uint64_t>(),
+    GatherIdsKernel<<<GridFor(count), kThreads, 0, stream_>>>(c, count, ids_.as<uint64_t>(),
                                                              final_ids_.as<uint64_t>());
     CUDA_RETURN_IF_ERROR(cudaGetLastError());
     host_cands_.resize(count);
     host_ids_.resize(count);
-    RETURN_IF_ERROR(CopyToHost(host_cands_.data(), final_.as<void>(), count * sizeof(Cand)));
+    RETURN_IF_ERROR(CopyToHost(host_cands_.data(), c, count * sizeof(Cand)));
     RETURN_IF_ERROR(CopyToHost(host_ids_.data(), final_ids_.as<void>(), count * sizeof(uint64_t)));
-    DeviceHit* out = hits->data() + q0 * k;
     for (size_t i = 0; i < count; ++i) {
       out[i] = DeviceHit{host_cands_[i].key, host_cands_[i].score, host_cands_[i].row, host_ids_[i]};
     }
@@ -1188,6 +1565,24 @@ class Mirror final : public DeviceMirror {
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     }
+    return absl::OkStatus();
+  }
+
+  // A host vector into a device buffer (grown to fit).
+  template <typename V>
+  absl::Status Upload(DeviceBuffer& dst, const std::vector<V>& src) {
+    RETURN_IF_ERROR(dst.Ensure(std::max<size_t>(src.size(), 1) * sizeof(V)));
+    return CopyToDevice(dst.as<void>(), src.data(), src.size() * sizeof(V));
+  }
+
+  // scores_[q * num_leaves_ + f] = <query q0 + q, center f> for g queries.
+  absl::Status ScoreLeafCenters(size_t q0, size_t g) {
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_RETURN_IF_ERROR(Blas().gemm_ex(
+        handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_leaves_), static_cast<int>(g),
+        stride_, &alpha, leaf_centers_.as<T>(), Elem<T>::kCuda, stride_,
+        qt_.as<T>() + q0 * stride_, Elem<T>::kCuda, stride_, &beta, scores_.as<float>(),
+        CUDA_R_32F, static_cast<int>(num_leaves_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return absl::OkStatus();
   }
 
@@ -1247,8 +1642,12 @@ class Mirror final : public DeviceMirror {
   DeviceBuffer vectors_, live_, ids_, upload_, final_ids_;
   std::vector<Cand> host_cands_;
   std::vector<uint64_t> host_ids_;
-  DeviceBuffer leaf_centers_, leaf_offsets_, leaf_members_;
+  DeviceBuffer leaf_centers_, leaf_spreads_, leaf_offsets_, leaf_members_;
   size_t num_leaves_ = 0, max_leaf_ = 0;
+  std::vector<uint32_t> leaf_of_row_;  // host: row -> leaf (kNoRow: none)
+  // Propose's per-call buffers.
+  DeviceBuffer cdf_, top_, total_, draw_offsets_, draw_leaf_, draw_log_p_, draw_key_;
+  DeviceBuffer first_draw_, query_ids_, pair_offsets_, pair_leaf_, pair_count_;
   bool has_leaves_ = false;
   DeviceBuffer qraw_, qf_, qt_, excl_offsets_, excl_rows_;
   DeviceBuffer scores_, chunk_hits_, accum_, final_, lse_, log_z_, bound_;

@@ -38,6 +38,21 @@
 //          0.58 against 0.9+ at 128 leaves of 1M targets); then one block
 //          per query scores the members of its leaves (16-byte loads, a
 //          group of lanes per row) and the best k are selected.
+//   Propose: the tree's proposal sampler. The same routing GEMM gives every
+//          leaf's weight; one block per query turns the weights into a
+//          prefix sum (in double) that each draw searches with its own
+//          counter-based uniform; then one warp per draw scores the drawn
+//          leaf's members and takes one by Gumbel-max (an exact draw from
+//          the leaf's softmax), computing the leaf's log Z on the way. Every
+//          leaf is its own component of the proposal: the routing GEMM
+//          scores them all anyway, so the CPU's coarse groups save nothing
+//          here.
+//   Exact sampling (Sampler::kExact, and every SAMPLE on an exact
+//          collection) is Gumbel-top-k over the Scan, on trees too: a tree
+//          sampler by bounds needs log Z certified to log_z_width, and at
+//          d = 128 the ball bounds are loose enough (the CPU's frontier
+//          accepts ~2e-4 of its draws at tau 0.05) that this means scoring
+//          nearly every leaf, which the Scan's GEMM does faster.
 // Excluded rows (per query) get no score in Scan, so sampling and log Z are
 // over the eligible rows. Dead rows are skipped by the live mask.
 //
@@ -112,9 +127,11 @@ class DeviceMirror {
   // Rows [0, num_rows) are scanned (after SetRows grew the store).
   virtual void SetNumRows(size_t num_rows) = 0;
 
-  // The tree's leaf level: `centers` L x dim (scoring space), `offsets`
+  // The tree's leaf level: `centers` L x dim (scoring space), `spreads` L
+  // (the mean squared distance of a leaf's targets to its center), `offsets`
   // L + 1 (leaf f's members are members[offsets[f], offsets[f+1])).
   virtual absl::Status SetLeaves(absl::Span<const float> centers,
+                                 absl::Span<const float> spreads,
                                  absl::Span<const uint32_t> offsets,
                                  absl::Span<const uint32_t> members) = 0;
   virtual bool has_leaves() const = 0;
@@ -142,6 +159,29 @@ class DeviceMirror {
   // SetLeaves.
   virtual absl::Status Beam(absl::Span<const float> queries, size_t n,
                             int leaves, int k, std::vector<DeviceHit>* hits) = 0;
+
+  struct ProposeParams {
+    float inv_tau = 20.0f;
+    uint64_t seed = 0;
+    // Per query q: draws[q] draws, numbered first_draw[q], first_draw[q] + 1,
+    // ... (a draw's number and query_ids[q] pick its random numbers, so a
+    // later round continues a query's stream); query_ids empty: q.
+    std::vector<uint32_t> draws;
+    std::vector<uint64_t> first_draw;
+    std::vector<uint32_t> query_ids;
+    // Per query, the rows that are not eligible (as ScanParams).
+    std::vector<uint32_t> exclude_offsets, exclude_rows;
+  };
+  // Proposal sampling over the leaves (the tree's default SAMPLE): a draw
+  // picks leaf f with probability proportional to n_f exp(<q, c_f>/tau +
+  // |q|^2 spread_f / (2 dim tau^2)), n_f counting the eligible targets, then
+  // a target from the exact softmax over the leaf's eligible targets. Query
+  // q's draws go to (*draws)[o_q, o_q + p.draws[q]) in draw order, o_q the
+  // sum of the draws before q; DeviceHit::key is log q(y) = log P(f) +
+  // s/tau - log Z_f. INVALID_ARGUMENT when a query's weights overflow
+  // float, FAILED_PRECONDITION before SetLeaves.
+  virtual absl::Status Propose(absl::Span<const float> queries, size_t n,
+                               const ProposeParams& p, std::vector<DeviceHit>* draws) = 0;
 
   // out = x + k(x, L) C for the n rows of x (n x dim, host memory), on the
   // device: two float32 GEMMs per chunk of rows (the drift update's bulk).

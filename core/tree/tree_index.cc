@@ -15,6 +15,7 @@
 #include "core/random.h"
 #include "core/status.h"
 #include "core/top_k.h"
+#include "core/tree/draw_rounds.h"
 
 namespace negmine {
 namespace {
@@ -417,14 +418,12 @@ class TreeIndex::Searcher {
   // --- sampling ---
 
   // Proposal sampling for a batch, `count` draws per query into results[i]
-  // (after its top part). Per query, leaves are drawn from the proposal
-  // (their center scores for a chunk of queries by one matrix product); the
-  // drawn leaves are then scored for the whole batch grouped by leaf, and
-  // each draw takes a target from its leaf's exact softmax. Without
-  // replacement, a draw of a target already taken is rejected, and the
-  // queries still short draw again (the draws are i.i.d., so taking the first
-  // distinct ones is the sequential sampler's distribution). Query i's draws
-  // use the stream (seed, i) and do not depend on the rest of the batch.
+  // (after its top part), in rounds (DrawRounds). Per query, leaves are
+  // drawn from the proposal (their center scores for a chunk of queries by
+  // one matrix product); the drawn leaves are then scored for the whole
+  // batch grouped by leaf, and each draw takes a target from its leaf's
+  // exact softmax. Query i's draws use the stream (seed, i) and do not
+  // depend on the rest of the batch.
   absl::Status SampleProposalBatch(const std::vector<Query>& queries, int count,
                                    std::vector<QueryResult>* results) {
     const Routing& r = routing_;
@@ -433,36 +432,22 @@ class TreeIndex::Searcher {
     // log n_f and spread_f per leaf and coarse group (writes change them
     // without a change of structure, so they are read per call).
     const NodeStats leaf_stats(tree_, r.leaves), group_stats(tree_, r.coarse_groups);
-    std::vector<size_t> want(n, 0), attempts(n, 0), got(n, 0);
-    std::vector<absl::flat_hash_set<uint32_t>> taken(p_.with_replacement ? 0 : n);
-    std::vector<uint32_t> active(n);
-    std::iota(active.begin(), active.end(), 0);
+    DrawRounds rounds(n, p_.with_replacement);
     std::vector<ProposalDraw> draws;
-    bool first_round = true;
-    while (!active.empty()) {
+    while (!rounds.active().empty()) {
       RETURN_IF_ERROR(StoreIndex::CheckCancelled(p_));
       draws.clear();
-      RETURN_IF_ERROR(DrawLeaves(queries, active, count, first_round, leaf_stats, group_stats,
-                                 got, &want, &attempts, &draws));
-      first_round = false;
+      RETURN_IF_ERROR(DrawLeaves(queries, count, leaf_stats, group_stats, rounds, &draws));
       RETURN_IF_ERROR(DrawWithinLeaves(queries, &draws));
       // The draws in order, per query (they were appended query by query).
-      std::vector<uint32_t> still;
-      size_t d = 0;
-      for (uint32_t qi : active) {
-        QueryResult& out = (*results)[qi];
-        for (; d < draws.size() && draws[d].query == qi; ++d) {
-          const ProposalDraw& x = draws[d];
-          if (got[qi] == want[qi]) continue;
-          if (!p_.with_replacement && !taken[qi].insert(x.row).second) continue;
-          out.ids.push_back(store_.id(x.row));
-          out.scores.push_back(x.score);
-          out.log_q.push_back(static_cast<float>(x.log_q));
-          ++got[qi];
-        }
-        if (got[qi] < want[qi] && attempts[qi] < 200 * want[qi] + 10000) still.push_back(qi);
+      for (const ProposalDraw& x : draws) {
+        if (!rounds.Take(x.query, x.row)) continue;
+        QueryResult& out = (*results)[x.query];
+        out.ids.push_back(store_.id(x.row));
+        out.scores.push_back(x.score);
+        out.log_q.push_back(static_cast<float>(x.log_q));
       }
-      active = std::move(still);
+      rounds.EndRound();
     }
     return absl::OkStatus();
   }
@@ -497,13 +482,12 @@ class TreeIndex::Searcher {
   // component of the proposal, and every other group is one component (once
   // drawn, it draws one of its leaves in proportion to their weights). So
   // the leaves that carry most of the mass are weighed one by one, and the
-  // rest of the tree costs one score per group. The first round draws each
-  // query's `want` (set here); later rounds twice the shortfall.
-  absl::Status DrawLeaves(const std::vector<Query>& queries, const std::vector<uint32_t>& active,
-                          int count, bool first_round, const NodeStats& leaf_stats,
-                          const NodeStats& group_stats, const std::vector<size_t>& got,
-                          std::vector<size_t>* want, std::vector<size_t>* attempts,
-                          std::vector<ProposalDraw>* draws) {
+  // rest of the tree costs one score per group. The queries of this round
+  // draw rounds.Need() each (their want is set in the first round).
+  absl::Status DrawLeaves(const std::vector<Query>& queries, int count,
+                          const NodeStats& leaf_stats, const NodeStats& group_stats,
+                          DrawRounds& rounds, std::vector<ProposalDraw>* draws) {
+    const std::vector<uint32_t>& active = rounds.active();
     const Routing& r = routing_;
     const size_t num_groups = r.num_coarse();
     const size_t expand = std::min(num_groups, std::max(kMinExpand, num_groups / kExpandFraction));
@@ -540,10 +524,10 @@ class TreeIndex::Searcher {
         }
         size_t eligible = tree_.num_nodes() ? tree_.count(0) : 0;
         for (const auto& [g, k] : group_excluded) eligible -= k;
-        if (first_round) {
-          (*want)[qi] = p_.with_replacement ? count : std::min<size_t>(count, eligible);
+        if (rounds.first_round()) {
+          rounds.set_want(qi, count, eligible);
         }
-        const size_t need = first_round ? (*want)[qi] : 2 * ((*want)[qi] - got[qi]);
+        const size_t need = rounds.Need(qi);
         if (need == 0) continue;
         const auto eligible_only = [](float lw, float log_count, uint32_t n, uint32_t k) {
           return k >= n ? -std::numeric_limits<float>::infinity()
@@ -605,7 +589,7 @@ class TreeIndex::Searcher {
         const double log_total = top + std::log(total);
         if (!std::isfinite(log_total)) return Overflow(qi);
         for (size_t t = 0; t < need; ++t) {
-          const uint64_t key = DrawKey(qi, (*attempts)[qi] + t);
+          const uint64_t key = DrawKey(qi, rounds.attempts(qi) + t);
           double u = KeyUniform(key, 0) * total;
           size_t k = std::upper_bound(block_cdf.begin(), block_cdf.end(), u) - block_cdf.begin();
           k = std::min(k, num_blocks - 1);
@@ -632,7 +616,7 @@ class TreeIndex::Searcher {
           draws->push_back({.query = qi, .leaf = static_cast<uint32_t>(pos), .key = key,
                             .log_q_leaf = log_q});
         }
-        (*attempts)[qi] += need;
+        rounds.Drew(qi, need);
       }
     }
     return absl::OkStatus();
@@ -1339,17 +1323,18 @@ absl::Status TreeIndex::SyncDeviceTreeLocked(DeviceMirror& device, bool force) c
   const Tree& t = *tree_;
   const int dim = options_.dim;
   const std::vector<int32_t>& leaves = t.leaves();
-  std::vector<float> centers(leaves.size() * dim);
+  std::vector<float> centers(leaves.size() * dim), spreads(leaves.size());
   std::vector<uint32_t> offsets(leaves.size() + 1, 0), members;
   members.reserve(store_.size());
   for (size_t i = 0; i < leaves.size(); ++i) {
     const int32_t f = leaves[i];
     std::copy_n(t.center(f), dim, centers.data() + i * dim);
+    spreads[i] = t.spread(f);
     const absl::Span<const uint32_t> m = t.members(f);
     members.insert(members.end(), m.begin(), m.end());
     offsets[i + 1] = static_cast<uint32_t>(members.size());
   }
-  RETURN_IF_ERROR(device.SetLeaves(centers, offsets, members));
+  RETURN_IF_ERROR(device.SetLeaves(centers, spreads, offsets, members));
   device_stamp_ = stamp;
   return absl::OkStatus();
 }
