@@ -250,7 +250,38 @@ void TreeSection(const Flags& f) {
       Say("| beam %d leaves | %.4f | %.0f | %.1f |\n", width, hits / (double(f.k) * nq), qps,
           qps / brute_qps);
     }
-    Say("\n");
+    // Sampling: the tree's proposal (DeviceMirror::Propose) against exact
+    // Gumbel-top-k over the scan, k samples without replacement.
+    Say("\n| sampler (k = %d, without replacement) | tau | q/s | x exact |\n|---|---|---|---|\n",
+        f.k);
+    for (float tau : {0.05f, 0.1f}) {
+      double exact_qps = 0, proposal_qps = 0;
+      run({.mode = MineMode::kSample, .sampler = Sampler::kExact, .k = f.k, .temperature = tau},
+          &exact_qps);
+      run({.mode = MineMode::kSample, .k = f.k, .temperature = tau}, &proposal_qps);
+      Say("| exact (Gumbel-top-k, scan) | %.2f | %.0f | 1.0 |\n", tau, exact_qps);
+      Say("| proposal (tree leaves) | %.2f | %.0f | %.1f |\n", tau, proposal_qps,
+          proposal_qps / exact_qps);
+    }
+    // A trainer's loop: one small write, then a query batch. The write
+    // reaches the device by changed rows and changed runs of the leaf pool.
+    const SearchParams beam{.k = f.k, .approximate = true, .beam_width = 192};
+    const std::vector<float> one(queries.begin(), queries.begin() + f.dim);
+    double read_only = 0, with_write = 0;
+    const int reps = 20;
+    for (int i = 0; i < reps; ++i) {
+      double s = Now();
+      Check((*index)->Search(one, {}, beam).status(), "search");
+      read_only += Now() - s;
+      s = Now();
+      Check((*index)->Upsert({ids[i]}, absl::MakeConstSpan(targets).subspan(
+                                           ((i + 1) % f.tree_n) * f.dim, f.dim), 1),
+            "upsert");
+      Check((*index)->Search(one, {}, beam).status(), "search");
+      with_write += Now() - s;
+    }
+    Say("\nOne query (beam 192) after one upsert: %.2f ms; without the write %.2f ms.\n\n",
+        1e3 * with_write / reps, 1e3 * read_only / reps);
   }
 }
 

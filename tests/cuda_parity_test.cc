@@ -17,6 +17,8 @@
 #include <string>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "core/cuda/changed_runs.h"
 #include "core/cuda/device.h"
 #include "core/cuda/device_mirror.h"
 #include "core/exact_index.h"
@@ -309,6 +311,34 @@ TEST_P(CudaParityTest, TreeBeamIsExactAtFullWidthAndGoodAtSmallWidth) {
   EXPECT_LT(t->visits_per_query, 20000.0 / 4);
 }
 
+// Small writes change a few entries of the tree's member pool; the device
+// gets those runs, and a beam over every leaf stays exact after each.
+TEST_P(CudaParityTest, TreeBeamFollowsSmallWrites) {
+  if (GetParam().kind != IndexKind::kTree) GTEST_SKIP() << "beam search is the tree's";
+  const int dim = GetParam().dim;
+  const SearchParams full{.k = 32, .approximate = true, .beam_width = DeviceMirror::kMaxK};
+  CompareTop(full, {}, "before the writes");
+  Data more = MakeData(400, 1, dim, 13);
+  for (uint64_t& id : more.ids) id += 2'000'000;
+  auto row = [&](const Data& d, size_t i) {
+    return absl::MakeConstSpan(d.targets).subspan(i * dim, dim);
+  };
+  for (size_t step = 0; step < 4; ++step) {
+    // One insert, one delete and one overwrite per step.
+    for (Index* index : {cpu_.get(), gpu_.get()}) {
+      ASSERT_THAT(index->Upsert({more.ids[step]}, row(more, step), 1), IsOk());
+      ASSERT_THAT(index->Delete({data_.ids[100 + step]}, false), IsOk());
+      ASSERT_THAT(index->Upsert({data_.ids[200 + step]}, row(more, 200 + step), 1), IsOk());
+    }
+    CompareTop(full, {}, absl::StrCat("after small writes, step ", step));
+  }
+  // Enough inserts to split leaves (a change of structure).
+  const std::vector<uint64_t> ids(more.ids.begin() + 10, more.ids.begin() + 200);
+  const auto vecs = absl::MakeConstSpan(more.targets).subspan(10 * dim, 190 * dim);
+  for (Index* index : {cpu_.get(), gpu_.get()}) ASSERT_THAT(index->Upsert(ids, vecs, 2), IsOk());
+  CompareTop(full, {}, "after splits");
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Dtypes, CudaParityTest,
     ::testing::Values(Case{DeviceDtype::kFloat32, Metric::kInnerProduct, IndexKind::kExact, 64},
@@ -480,6 +510,81 @@ TEST(CudaSamplingTest, TreeProposalWithoutReplacementTakesEveryEligibleTargetOnc
   ASSERT_THAT(batch, IsOk());
   EXPECT_EQ(alone->queries[0].ids, batch->queries[0].ids);
   EXPECT_EQ(alone->queries[0].log_q, batch->queries[0].log_q);
+}
+
+// ChangedRuns (host code, runs everywhere): every changed element is in a
+// run, and a run is made of changed blocks or the grown tail only.
+TEST(ChangedRunsTest, CoversTheChangesAndOnlyChangedBlocks) {
+  std::vector<uint32_t> before(10000), now;
+  for (size_t i = 0; i < before.size(); ++i) before[i] = static_cast<uint32_t>(i * 7);
+  now = before;
+  EXPECT_TRUE(ChangedRuns<uint32_t>(before, now, 1024).empty());
+  now[5] = 1;
+  now[1030] = 2;
+  now[1031] = 3;
+  now[4100] = 4;
+  now.resize(10500, 9);
+  const auto runs = ChangedRuns<uint32_t>(before, now, 1024);
+  const std::vector<std::pair<size_t, size_t>> expected = {{0, 2048}, {4096, 5120}, {10000, 10500}};
+  EXPECT_EQ(runs, expected);
+  // The last, partial block; and a shrunk array compares its common part.
+  now = before;
+  now[9999] = 0;
+  EXPECT_EQ(ChangedRuns<uint32_t>(before, now, 1024),
+            (std::vector<std::pair<size_t, size_t>>{{9216, 10000}}));
+  now.resize(5000);
+  EXPECT_TRUE(ChangedRuns<uint32_t>(before, now, 1024).empty());
+}
+
+// The mirror's leaf level follows the host pool by changed runs: a target
+// moved from one leaf to another (a swap-remove and an append, as the host
+// tree does) costs two blocks of upload, and a beam over every leaf then
+// returns every row once.
+TEST(CudaMirrorTest, LeafPoolIsUploadedByChangedRuns) {
+  SKIP_WITHOUT_GPU();
+  const int dim = 8;
+  const size_t n = 200, num_leaves = 10, cap = 1024;
+  absl::StatusOr<std::unique_ptr<DeviceMirror>> made =
+      DeviceMirror::Create(dim, DeviceDtype::kFloat32);
+  ASSERT_THAT(made, IsOk());
+  DeviceMirror& m = **made;
+  const std::vector<float> x = testing::RandomVectors(n, dim, 3);
+  std::vector<uint8_t> live(n, 1);
+  std::vector<uint64_t> ids(n);
+  for (size_t i = 0; i < n; ++i) ids[i] = 500 + i;
+  ASSERT_THAT(m.SetAll(PointSource{.data = x.data(), .dim = dim}, n, live.data(), ids.data()),
+              IsOk());
+  // Leaf f holds rows f, f + 10, ... in a block of `cap` (the rest unused).
+  std::vector<uint32_t> pool(num_leaves * cap, 0xdeadbeef), begin(num_leaves), count(num_leaves);
+  std::vector<float> centers(num_leaves * dim, 0.0f), spreads(num_leaves, 0.0f);
+  for (size_t f = 0; f < num_leaves; ++f) {
+    begin[f] = static_cast<uint32_t>(f * cap);
+    for (size_t r = f; r < n; r += num_leaves) {
+      pool[begin[f] + count[f]++] = static_cast<uint32_t>(r);
+    }
+  }
+  ASSERT_THAT(m.SetLeaves(centers, spreads, begin, count, pool), IsOk());
+  EXPECT_EQ(m.LastPoolUpload(), pool.size());
+  auto every_row_once = [&](const char* what) {
+    std::vector<DeviceHit> hits;
+    ASSERT_THAT(m.Beam(absl::MakeConstSpan(x).subspan(0, dim), 1, num_leaves, n, &hits), IsOk());
+    std::multiset<uint64_t> got;
+    for (const DeviceHit& h : hits) {
+      ASSERT_NE(h.row, DeviceMirror::kNoRow) << what;
+      got.insert(h.id);
+      EXPECT_NEAR(h.score, testing::Dot(x.data(), x.data() + h.row * dim, dim), 1e-4) << what;
+    }
+    for (uint64_t id : ids) EXPECT_EQ(got.count(id), 1u) << what << ": id " << id;
+  };
+  every_row_once("full upload");
+  // Row 22 leaves leaf 2 (the last member takes its slot) for leaf 7.
+  uint32_t* m2 = pool.data() + begin[2];
+  *std::find(m2, m2 + count[2], 22u) = m2[count[2] - 1];
+  --count[2];
+  pool[begin[7] + count[7]++] = 22;
+  ASSERT_THAT(m.SetLeaves({}, spreads, begin, count, pool), IsOk());
+  EXPECT_EQ(m.LastPoolUpload(), 2 * cap);
+  every_row_once("after the move");
 }
 
 // Running out of GPU memory is RESOURCE_EXHAUSTED, and the mirror goes on.

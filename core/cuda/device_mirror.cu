@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
+#include "core/cuda/changed_runs.h"
 #include "core/cuda/device.h"
 #include "core/cuda/device_mirror.h"
 #include "core/status.h"
@@ -180,6 +181,8 @@ constexpr size_t kBeamBudget = size_t{64} << 20;
 // Bytes of the pinned staging buffer.
 constexpr size_t kStagingBytes = size_t{32} << 20;
 constexpr int kMaxQueryGroup = 16384;
+// Elements per block compared when the leaf pool is uploaded by changed runs.
+constexpr size_t kPoolBlock = 1024;
 
 // ------------------------------------------------------------ element types
 
@@ -228,6 +231,14 @@ struct Elem<__nv_bfloat16> {
   __device__ static float Dot8(const __nv_bfloat16* x, const float* q) {
     return Dot8Pairs<__nv_bfloat162>(x, q);
   }
+};
+
+// The leaf level as the host tree stores it: leaf f's members (store rows)
+// are pool[begin[f], begin[f] + count[f]).
+struct Leaves {
+  const uint32_t* begin;
+  const uint32_t* count;
+  const uint32_t* pool;
 };
 
 // ------------------------------------------------------------------ kernels
@@ -595,8 +606,7 @@ __global__ void LogSumExpKernel(const float2* lse, size_t ld, size_t segs,
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     ScoreLeavesKernel(const T* vectors, int stride, const float* queries,
-                      const Cand* leaf_hits, int num_leaves,
-                      const uint32_t* offsets, const uint32_t* members,
+                      const Cand* leaf_hits, int num_leaves, Leaves leaves,
                       const uint32_t* order, int group, Cand* out, size_t cap,
                       uint32_t* lens) {
   extern __shared__ float shared[];
@@ -609,7 +619,7 @@ __global__ void __launch_bounds__(kThreads)
   // beam width, small next to the rows scored).
   for (int p = tid; p < num_leaves; p += kThreads) {
     const uint32_t leaf = leaf_hits[size_t{q} * num_leaves + p].row;
-    pos[p + 1] = leaf == kNoRow ? 0 : offsets[leaf + 1] - offsets[leaf];
+    pos[p + 1] = leaf == kNoRow ? 0 : leaves.count[leaf];
   }
   __syncthreads();
   if (tid == 0) {
@@ -624,13 +634,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int p = warp; p < num_leaves; p += kThreads / 32) {
     const uint32_t leaf = leaf_hits[size_t{q} * num_leaves + p].row;
     if (leaf == kNoRow) continue;
-    const uint32_t begin = offsets[leaf], size = offsets[leaf + 1] - begin;
+    const uint32_t begin = leaves.begin[leaf], size = leaves.count[leaf];
     for (uint32_t r0 = 0; r0 < size; r0 += rows_per_step) {
       const uint32_t r = r0 + sub;
       float s = 0;
       uint32_t row = kNoRow;
       if (r < size) {
-        row = members[begin + r];
+        row = leaves.pool[begin + r];
         const T* x = vectors + size_t{row} * stride;
         for (int c = part; c < chunks; c += group) s += Elem<T>::Dot8(x + c * 8, qs + c * 8);
       }
@@ -706,7 +716,7 @@ __device__ float BlockReduce(float v, float* red) {
 // total into top[q], total[q].
 __global__ void __launch_bounds__(kThreads)
     LeafWeightsKernel(float* lw, double* cdf, size_t ld, size_t num_leaves,
-                      const uint32_t* offsets, const float* spread, const float* queries,
+                      const uint32_t* leaf_count, const float* spread, const float* queries,
                       int stride, int dim, float inv_tau, const uint32_t* pair_offsets,
                       const uint32_t* pair_leaf, const uint32_t* pair_count,
                       uint32_t query_base, float* top, double* total) {
@@ -725,7 +735,7 @@ __global__ void __launch_bounds__(kThreads)
   const float scale = sq / (2.0f * dim) * inv_tau * inv_tau;
   float* row = lw + q * ld;
   for (size_t f = tid; f < num_leaves; f += kThreads) {
-    const float n = static_cast<float>(offsets[f + 1] - offsets[f]);
+    const float n = static_cast<float>(leaf_count[f]);
     row[f] = row[f] * inv_tau + logf(n) + spread[f] * scale;
   }
   __syncthreads();
@@ -733,7 +743,7 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t qi = query_base + q;
     for (uint32_t i = pair_offsets[qi] + tid; i < pair_offsets[qi + 1]; i += kThreads) {
       const uint32_t f = pair_leaf[i], k = pair_count[i];
-      const uint32_t n = offsets[f + 1] - offsets[f];
+      const uint32_t n = leaf_count[f];
       row[f] = k >= n ? -INFINITY
                       : row[f] - logf(static_cast<float>(n)) + logf(static_cast<float>(n - k));
     }
@@ -833,8 +843,8 @@ __device__ bool Contains(const uint32_t* rows, uint32_t lo, uint32_t hi, uint32_
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     DrawTargetKernel(const T* vectors, int stride, const float* queries, size_t g,
-                     const uint32_t* draw_offsets, size_t num_draws, const uint32_t* offsets,
-                     const uint32_t* members, const uint32_t* excl_offsets,
+                     const uint32_t* draw_offsets, size_t num_draws, Leaves leaves,
+                     const uint32_t* excl_offsets,
                      const uint32_t* excl_rows, uint32_t query_base,
                      const uint32_t* draw_leaf, const double* draw_log_p,
                      const uint64_t* draw_key, float inv_tau, Cand* out) {
@@ -861,12 +871,12 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t ex_lo = excl_offsets != nullptr ? excl_offsets[query_base + q] : 0;
   const uint32_t ex_hi = excl_offsets != nullptr ? excl_offsets[query_base + q + 1] : 0;
   const uint64_t key = draw_key[d];
-  const uint32_t begin = offsets[leaf], size = offsets[leaf + 1] - begin;
+  const uint32_t begin = leaves.begin[leaf], size = leaves.count[leaf];
   // Online log-sum-exp (m, sum) and the best perturbed key, per lane.
   float m = -INFINITY, sum = 0, best = -INFINITY, best_score = 0;
   uint32_t best_row = kNoRow, best_r = 0;
   for (uint32_t r = lane; r < size; r += 32) {
-    const uint32_t row = members[begin + r];
+    const uint32_t row = leaves.pool[begin + r];
     if (ex_lo < ex_hi && Contains(excl_rows, ex_lo, ex_hi, row)) continue;
     const T* x = vectors + size_t{row} * stride;
     float s = 0;
@@ -1031,38 +1041,52 @@ class Mirror final : public DeviceMirror {
   void SetNumRows(size_t num_rows) override { num_rows_ = num_rows; }
 
   absl::Status SetLeaves(absl::Span<const float> centers, absl::Span<const float> spreads,
-                         absl::Span<const uint32_t> offsets,
-                         absl::Span<const uint32_t> members) override {
+                         absl::Span<const uint32_t> begin, absl::Span<const uint32_t> count,
+                         absl::Span<const uint32_t> pool) override {
     DeviceScope scope(device_);
-    const size_t num_leaves = offsets.size() - 1;
-    RETURN_IF_ERROR(leaf_centers_.Ensure(std::max<size_t>(num_leaves, 1) * stride_ * sizeof(T)));
-    RETURN_IF_ERROR(leaf_spreads_.Ensure(std::max<size_t>(num_leaves, 1) * sizeof(float)));
-    RETURN_IF_ERROR(leaf_offsets_.Ensure(offsets.size() * sizeof(uint32_t)));
-    RETURN_IF_ERROR(leaf_members_.Ensure(std::max<size_t>(members.size(), 1) * sizeof(uint32_t)));
-    // Centers go through the row scatter (float -> T, padded).
-    const PointSource src{.data = centers.data(), .dim = dim_};
-    RETURN_IF_ERROR(ScatterFloats(src, nullptr, 0, num_leaves, leaf_centers_.as<T>(),
-                                  nullptr, nullptr));
-    RETURN_IF_ERROR(CopyToDevice(leaf_offsets_.as<void>(), offsets.data(),
-                                 offsets.size() * sizeof(uint32_t)));
-    RETURN_IF_ERROR(CopyToDevice(leaf_members_.as<void>(), members.data(),
-                                 members.size() * sizeof(uint32_t)));
-    RETURN_IF_ERROR(CopyToDevice(leaf_spreads_.as<void>(), spreads.data(),
-                                 spreads.size() * sizeof(float)));
-    num_leaves_ = num_leaves;
-    max_leaf_ = 0;
-    leaf_of_row_.clear();
+    const size_t num_leaves = begin.size();
+    if (spreads.size() != num_leaves || count.size() != num_leaves ||
+        (centers.empty() ? !has_leaves_ || num_leaves != num_leaves_
+                         : centers.size() != num_leaves * dim_)) {
+      return absl::InvalidArgumentError("SetLeaves: arrays of inconsistent lengths");
+    }
     for (size_t f = 0; f < num_leaves; ++f) {
-      max_leaf_ = std::max<size_t>(max_leaf_, offsets[f + 1] - offsets[f]);
-      for (uint32_t i = offsets[f]; i < offsets[f + 1]; ++i) {
-        if (members[i] >= leaf_of_row_.size()) leaf_of_row_.resize(members[i] + 1, kNoRow);
-        leaf_of_row_[members[i]] = static_cast<uint32_t>(f);
+      if (size_t{begin[f]} + count[f] > pool.size()) {
+        return absl::InvalidArgumentError("SetLeaves: a leaf beyond the pool");
       }
     }
+    // Any failure below leaves the device's leaf level half written.
+    has_leaves_ = false;
+    if (!centers.empty()) {
+      // Centers go through the row scatter (float -> T, padded).
+      RETURN_IF_ERROR(
+          leaf_centers_.Ensure(std::max<size_t>(num_leaves, 1) * stride_ * sizeof(T)));
+      const PointSource src{.data = centers.data(), .dim = dim_};
+      RETURN_IF_ERROR(ScatterFloats(src, nullptr, 0, num_leaves, leaf_centers_.as<T>(),
+                                    nullptr, nullptr));
+    }
+    RETURN_IF_ERROR(Upload(leaf_spreads_, spreads));
+    RETURN_IF_ERROR(Upload(leaf_begin_, begin));
+    RETURN_IF_ERROR(Upload(leaf_count_, count));
+    // The pool by the runs that changed since the last upload.
+    RETURN_IF_ERROR(leaf_pool_.Grow(std::max<size_t>(pool.size(), 1) * sizeof(uint32_t),
+                                    pool_shadow_.size() * sizeof(uint32_t), stream_));
+    const std::vector<std::pair<size_t, size_t>> runs =
+        ChangedRuns<uint32_t>(pool_shadow_, pool, kPoolBlock);
+    RETURN_IF_ERROR(CopyRunsToDevice(leaf_pool_.as<uint32_t>(), pool.data(), runs));
+    pool_shadow_.assign(pool.begin(), pool.end());
+    leaf_begin_host_.assign(begin.begin(), begin.end());
+    leaf_count_host_.assign(count.begin(), count.end());
+    leaf_of_row_.clear();  // rebuilt when a Propose with exclusions needs it
+    num_leaves_ = num_leaves;
+    max_leaf_ = count.empty() ? 0 : *std::max_element(count.begin(), count.end());
+    last_pool_upload_ = 0;
+    for (const auto& [b, e] : runs) last_pool_upload_ += e - b;
     has_leaves_ = true;
     return absl::OkStatus();
   }
   bool has_leaves() const override { return has_leaves_; }
+  size_t LastPoolUpload() const override { return last_pool_upload_; }
 
   absl::Status Scan(absl::Span<const float> queries, size_t n, const ScanParams& p,
                     std::vector<DeviceHit>* hits, std::vector<double>* log_z) override {
@@ -1259,7 +1283,7 @@ class Mirror final : public DeviceMirror {
       Mark("order queries");
       ScoreLeavesKernel<T><<<static_cast<unsigned>(g), kThreads, shared_bytes, stream_>>>(
           vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, leaf_sel_.as<Cand>(),
-          width, leaf_offsets_.as<uint32_t>(), leaf_members_.as<uint32_t>(), sorted_values,
+          width, DeviceLeaves(), sorted_values,
           lanes, cand_.as<Cand>(), cap, lens_.as<uint32_t>());
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
       Mark("score leaves");
@@ -1301,6 +1325,15 @@ class Mirror final : public DeviceMirror {
     if (masked) {
       std::vector<uint32_t> ex_offsets(n + 1, 0), ex_rows, pair_offsets(n + 1, 0), pair_leaf,
           pair_count;
+      if (leaf_of_row_.empty()) {
+        for (size_t f = 0; f < num_leaves_; ++f) {
+          for (uint32_t i = 0; i < leaf_count_host_[f]; ++i) {
+            const uint32_t row = pool_shadow_[leaf_begin_host_[f] + i];
+            if (row >= leaf_of_row_.size()) leaf_of_row_.resize(row + 1, kNoRow);
+            leaf_of_row_[row] = static_cast<uint32_t>(f);
+          }
+        }
+      }
       std::vector<uint32_t> rows, leaves;
       for (size_t q = 0; q < n; ++q) {
         rows.assign(p.exclude_rows.begin() + p.exclude_offsets[q],
@@ -1365,7 +1398,7 @@ class Mirror final : public DeviceMirror {
       Mark("route gemm");
       LeafWeightsKernel<<<static_cast<unsigned>(g), kThreads, 0, stream_>>>(
           scores_.as<float>(), cdf_.as<double>(), num_leaves_, num_leaves_,
-          leaf_offsets_.as<uint32_t>(), leaf_spreads_.as<float>(), qf_.as<float>() + q0 * stride_,
+          leaf_count_.as<uint32_t>(), leaf_spreads_.as<float>(), qf_.as<float>() + q0 * stride_,
           stride_, dim_, p.inv_tau, masked ? pair_offsets_.as<uint32_t>() : nullptr,
           pair_leaf_.as<uint32_t>(), pair_count_.as<uint32_t>(), static_cast<uint32_t>(q0),
           top_.as<float>(), total_.as<double>());
@@ -1381,8 +1414,8 @@ class Mirror final : public DeviceMirror {
       DrawTargetKernel<T><<<static_cast<unsigned>(CeilDiv(count * 32, kThreads)), kThreads, 0,
                             stream_>>>(
           vectors_.as<T>(), stride_, qf_.as<float>() + q0 * stride_, g,
-          draw_offsets_.as<uint32_t>(), count, leaf_offsets_.as<uint32_t>(),
-          leaf_members_.as<uint32_t>(), masked ? excl_offsets_.as<uint32_t>() : nullptr,
+          draw_offsets_.as<uint32_t>(), count, DeviceLeaves(),
+          masked ? excl_offsets_.as<uint32_t>() : nullptr,
           excl_rows_.as<uint32_t>(), static_cast<uint32_t>(q0), draw_leaf_.as<uint32_t>(),
           draw_log_p_.as<double>(), draw_key_.as<uint64_t>(), p.inv_tau, final_.as<Cand>());
       CUDA_RETURN_IF_ERROR(cudaGetLastError());
@@ -1457,7 +1490,7 @@ class Mirror final : public DeviceMirror {
 
   size_t MemoryBytes() const override {
     return vectors_.bytes() + live_.bytes() + ids_.bytes() + final_ids_.bytes() + leaf_centers_.bytes() +
-           leaf_offsets_.bytes() + leaf_members_.bytes() + scores_.bytes() +
+           leaf_begin_.bytes() + leaf_count_.bytes() + leaf_pool_.bytes() + scores_.bytes() +
            chunk_hits_.bytes() + accum_.bytes() + final_.bytes() + lse_.bytes() +
            log_z_.bytes() + bound_.bytes() + qraw_.bytes() + qf_.bytes() + qt_.bytes() +
            excl_offsets_.bytes() + excl_rows_.bytes() + leaf_sel_.bytes() + cand_.bytes() + order_.bytes() + sort_temp_.bytes() +
@@ -1493,6 +1526,31 @@ class Mirror final : public DeviceMirror {
                                            cudaMemcpyHostToDevice, stream_));
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     }
+    return absl::OkStatus();
+  }
+  // src[b, e) to dst[b, e) for every run, packed into the staging buffer
+  // (one synchronization per buffer-full, not per run).
+  template <typename V>
+  absl::Status CopyRunsToDevice(V* dst, const V* src,
+                                const std::vector<std::pair<size_t, size_t>>& runs) {
+    const size_t capacity = kStagingBytes / sizeof(V);
+    size_t used = 0;
+    for (auto [b, e] : runs) {
+      while (b < e) {
+        if (used == capacity) {
+          CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+          used = 0;
+        }
+        const size_t len = std::min(e - b, capacity - used);
+        V* stage = static_cast<V*>(staging_) + used;
+        std::memcpy(stage, src + b, len * sizeof(V));
+        CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst + b, stage, len * sizeof(V),
+                                             cudaMemcpyHostToDevice, stream_));
+        used += len;
+        b += len;
+      }
+    }
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
   }
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) {
@@ -1570,9 +1628,18 @@ class Mirror final : public DeviceMirror {
 
   // A host vector into a device buffer (grown to fit).
   template <typename V>
-  absl::Status Upload(DeviceBuffer& dst, const std::vector<V>& src) {
+  absl::Status Upload(DeviceBuffer& dst, absl::Span<const V> src) {
     RETURN_IF_ERROR(dst.Ensure(std::max<size_t>(src.size(), 1) * sizeof(V)));
     return CopyToDevice(dst.as<void>(), src.data(), src.size() * sizeof(V));
+  }
+  template <typename V>
+  absl::Status Upload(DeviceBuffer& dst, const std::vector<V>& src) {
+    return Upload(dst, absl::Span<const V>(src));
+  }
+
+  Leaves DeviceLeaves() const {
+    return Leaves{leaf_begin_.as<uint32_t>(), leaf_count_.as<uint32_t>(),
+                  leaf_pool_.as<uint32_t>()};
   }
 
   // scores_[q * num_leaves_ + f] = <query q0 + q, center f> for g queries.
@@ -1642,9 +1709,12 @@ class Mirror final : public DeviceMirror {
   DeviceBuffer vectors_, live_, ids_, upload_, final_ids_;
   std::vector<Cand> host_cands_;
   std::vector<uint64_t> host_ids_;
-  DeviceBuffer leaf_centers_, leaf_spreads_, leaf_offsets_, leaf_members_;
+  DeviceBuffer leaf_centers_, leaf_spreads_, leaf_begin_, leaf_count_, leaf_pool_;
   size_t num_leaves_ = 0, max_leaf_ = 0;
-  std::vector<uint32_t> leaf_of_row_;  // host: row -> leaf (kNoRow: none)
+  // Host copies of what the device holds, for the changed runs, and row ->
+  // leaf (kNoRow: none; empty until a Propose with exclusions needs it).
+  std::vector<uint32_t> pool_shadow_, leaf_begin_host_, leaf_count_host_, leaf_of_row_;
+  size_t last_pool_upload_ = 0;
   // Propose's per-call buffers.
   DeviceBuffer cdf_, top_, total_, draw_offsets_, draw_leaf_, draw_log_p_, draw_key_;
   DeviceBuffer first_draw_, query_ids_, pair_offsets_, pair_leaf_, pair_count_;

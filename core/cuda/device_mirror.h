@@ -14,8 +14,9 @@
 //            so rows are 16-byte aligned for vector loads and tensor cores
 //   live:    capacity bytes, 1 for a live row
 //   ids:     capacity uint64 target ids (results carry ids, not only rows)
-//   leaves:  L x stride centers (same dtype), L + 1 member offsets, the
-//            members (store rows), leaf by leaf
+//   leaves:  L x stride centers (same dtype), spreads, and the host tree's
+//            member pool (store rows) with each leaf's begin and count; the
+//            pool is updated by the runs that changed
 //   scratch: the score block of one GEMM (at most kScoreBudget floats) and
 //            the candidate lists
 //
@@ -127,13 +128,21 @@ class DeviceMirror {
   // Rows [0, num_rows) are scanned (after SetRows grew the store).
   virtual void SetNumRows(size_t num_rows) = 0;
 
-  // The tree's leaf level: `centers` L x dim (scoring space), `spreads` L
-  // (the mean squared distance of a leaf's targets to its center), `offsets`
-  // L + 1 (leaf f's members are members[offsets[f], offsets[f+1])).
+  // The tree's leaf level, as the host tree stores it: `centers` L x dim
+  // (scoring space), `spreads` L (the mean squared distance of a leaf's
+  // targets to its center), and leaf f's members (store rows) at
+  // pool[begin[f], begin[f] + count[f]). `centers` empty: the same leaves
+  // with the same centers as the last call (the structure did not change).
+  // The pool is uploaded by the runs that changed since the last call
+  // (ChangedRuns), the O(L) arrays whole. INVALID_ARGUMENT for inconsistent
+  // arrays; after any error no leaves are held until the next success.
   virtual absl::Status SetLeaves(absl::Span<const float> centers,
                                  absl::Span<const float> spreads,
-                                 absl::Span<const uint32_t> offsets,
-                                 absl::Span<const uint32_t> members) = 0;
+                                 absl::Span<const uint32_t> begin,
+                                 absl::Span<const uint32_t> count,
+                                 absl::Span<const uint32_t> pool) = 0;
+  // Pool entries the last SetLeaves copied to the device.
+  virtual size_t LastPoolUpload() const = 0;
   virtual bool has_leaves() const = 0;
 
   struct ScanParams {

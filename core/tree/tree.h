@@ -165,6 +165,11 @@ class Tree {
   absl::Span<const uint32_t> members(int32_t leaf) const {
     return {members_.data() + member_begin_[leaf], member_count_[leaf]};
   }
+  // The member pool that members() views: leaf f's targets are
+  // member_pool()[member_begin(f), member_begin(f) + count). The device
+  // mirrors it as is, so a write changes only a few of its entries there.
+  absl::Span<const uint32_t> member_pool() const { return members_; }
+  uint32_t member_begin(int32_t leaf) const { return member_begin_[leaf]; }
   // The leaf holding `row`, or kNone.
   int32_t leaf_of(uint32_t row) const {
     return row < leaf_of_row_.size() ? leaf_of_row_[row] : kNone;

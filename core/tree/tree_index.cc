@@ -1323,19 +1323,22 @@ absl::Status TreeIndex::SyncDeviceTreeLocked(DeviceMirror& device, bool force) c
   const Tree& t = *tree_;
   const int dim = options_.dim;
   const std::vector<int32_t>& leaves = t.leaves();
-  std::vector<float> centers(leaves.size() * dim), spreads(leaves.size());
-  std::vector<uint32_t> offsets(leaves.size() + 1, 0), members;
-  members.reserve(store_.size());
+  // The centers change only with the structure (or with a new tree).
+  const std::pair<uint64_t, uint64_t> structure{t.structure_version(), tree_epoch_};
+  const bool same_structure = !force && device.has_leaves() && structure == device_structure_;
+  std::vector<float> centers(same_structure ? 0 : leaves.size() * dim);
+  std::vector<float> spreads(leaves.size());
+  std::vector<uint32_t> begin(leaves.size()), count(leaves.size());
   for (size_t i = 0; i < leaves.size(); ++i) {
     const int32_t f = leaves[i];
-    std::copy_n(t.center(f), dim, centers.data() + i * dim);
+    if (!same_structure) std::copy_n(t.center(f), dim, centers.data() + i * dim);
     spreads[i] = t.spread(f);
-    const absl::Span<const uint32_t> m = t.members(f);
-    members.insert(members.end(), m.begin(), m.end());
-    offsets[i + 1] = static_cast<uint32_t>(members.size());
+    begin[i] = t.member_begin(f);
+    count[i] = static_cast<uint32_t>(t.members(f).size());
   }
-  RETURN_IF_ERROR(device.SetLeaves(centers, spreads, offsets, members));
+  RETURN_IF_ERROR(device.SetLeaves(centers, spreads, begin, count, t.member_pool()));
   device_stamp_ = stamp;
+  device_structure_ = structure;
   return absl::OkStatus();
 }
 

@@ -187,6 +187,9 @@ class TreeIndex final : public StoreIndex {
 
   // (version_, tree_epoch_) when the leaves were last uploaded to the device.
   mutable std::pair<uint64_t, uint64_t> device_stamp_ ABSL_GUARDED_BY(device_mu_){~0ull, ~0ull};
+  // (structure_version, tree_epoch_) of the leaf centers on the device.
+  mutable std::pair<uint64_t, uint64_t> device_structure_ ABSL_GUARDED_BY(device_mu_){~0ull,
+                                                                                     ~0ull};
 
   mutable absl::Mutex rebuild_mu_;
   bool rebuild_requested_ ABSL_GUARDED_BY(rebuild_mu_) = false;
