@@ -1068,13 +1068,18 @@ class Mirror final : public DeviceMirror {
     RETURN_IF_ERROR(Upload(leaf_spreads_, spreads));
     RETURN_IF_ERROR(Upload(leaf_begin_, begin));
     RETURN_IF_ERROR(Upload(leaf_count_, count));
-    // The pool by the runs that changed since the last upload.
+    // The pool by the runs that changed since the last upload. Until this
+    // succeeds the shadow is empty, so that after a failure the next call
+    // uploads the whole pool.
+    std::vector<uint32_t> shadow;
+    shadow.swap(pool_shadow_);
     RETURN_IF_ERROR(leaf_pool_.Grow(std::max<size_t>(pool.size(), 1) * sizeof(uint32_t),
-                                    pool_shadow_.size() * sizeof(uint32_t), stream_));
+                                    shadow.size() * sizeof(uint32_t), stream_));
     const std::vector<std::pair<size_t, size_t>> runs =
-        ChangedRuns<uint32_t>(pool_shadow_, pool, kPoolBlock);
+        ChangedRuns<uint32_t>(shadow, pool, kPoolBlock);
     RETURN_IF_ERROR(CopyRunsToDevice(leaf_pool_.as<uint32_t>(), pool.data(), runs));
-    pool_shadow_.assign(pool.begin(), pool.end());
+    shadow.assign(pool.begin(), pool.end());
+    pool_shadow_.swap(shadow);
     leaf_begin_host_.assign(begin.begin(), begin.end());
     leaf_count_host_.assign(count.begin(), count.end());
     leaf_of_row_.clear();  // rebuilt when a Propose with exclusions needs it
