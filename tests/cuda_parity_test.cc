@@ -442,7 +442,9 @@ TEST(CudaSamplingTest, TreeProposalLogQIsItsProbability) {
       ASSERT_EQ(res.ids.size(), 100u);
       for (size_t j = 0; j < res.ids.size(); ++j) {
         auto [it, fresh] = log_q.emplace(res.ids[j], res.log_q[j]);
-        if (!fresh) ASSERT_NEAR(it->second, res.log_q[j], 1e-4) << "id " << res.ids[j];
+        if (!fresh) {
+          ASSERT_NEAR(it->second, res.log_q[j], 1e-4) << "id " << res.ids[j];
+        }
         ++count[res.ids[j]];
       }
     }
@@ -585,6 +587,94 @@ TEST(CudaMirrorTest, LeafPoolIsUploadedByChangedRuns) {
   ASSERT_THAT(m.SetLeaves({}, spreads, begin, count, pool), IsOk());
   EXPECT_EQ(m.LastPoolUpload(), 2 * cap);
   every_row_once("after the move");
+}
+
+// The fused scan (tensor-core scores filtered by each query's bound in the
+// kernel) returns what the unfused scan returns: per query the same scores
+// in order within the dtype's tolerance, and the same rows where the scores
+// are clear of ties. Also with exclusions and a dead row, for a stride that
+// is not a multiple of the MMA depth, and on data whose scores rise with the
+// row, where every chunk beats the bound, the candidates overflow and those
+// queries are scanned again unfused.
+TEST(CudaMirrorTest, FusedScanMatchesTheUnfusedScan) {
+  SKIP_WITHOUT_GPU();
+  struct Setup {
+    DeviceDtype dtype;
+    int dim;
+    int k;
+    bool rising;
+  };
+  for (const Setup& c : {Setup{DeviceDtype::kFloat16, 128, 64, false},
+                         Setup{DeviceDtype::kBFloat16, 37, 64, false},
+                         Setup{DeviceDtype::kFloat16, 256, 2048, false},
+                         Setup{DeviceDtype::kFloat16, 64, 64, true}}) {
+    SCOPED_TRACE(absl::StrCat("dtype ", static_cast<int>(c.dtype), " dim ", c.dim, " k ", c.k,
+                              c.rising ? " rising" : ""));
+    const size_t n = 60000, nq = 200;
+    std::vector<float> x = testing::RandomVectors(n, c.dim, 7);
+    std::vector<float> q = testing::RandomVectors(nq, c.dim, 8);
+    if (c.rising) {
+      // Every target leans towards query 0's direction, more so later.
+      for (size_t i = 0; i < n; ++i) {
+        for (int j = 0; j < c.dim; ++j) x[i * c.dim + j] = 0.1f * x[i * c.dim + j] + q[j] * (i / float(n));
+      }
+      for (size_t i = 1; i < nq; ++i) std::copy_n(q.begin(), c.dim, q.begin() + i * c.dim);
+    }
+    std::vector<uint8_t> live(n, 1);
+    live[17] = 0;
+    absl::StatusOr<std::unique_ptr<DeviceMirror>> made = DeviceMirror::Create(c.dim, c.dtype);
+    ASSERT_THAT(made, IsOk());
+    DeviceMirror& m = **made;
+    ASSERT_THAT(m.SetAll(PointSource{.data = x.data(), .dim = c.dim}, n, live.data(), nullptr),
+                IsOk());
+    DeviceMirror::ScanParams p;
+    p.k = c.k;
+    p.exclude_offsets.push_back(0);
+    for (size_t i = 0; i < nq; ++i) {
+      for (uint32_t r : {uint32_t(i * 13 % n), uint32_t(i * 29 % n), uint32_t(n - 1)}) {
+        p.exclude_rows.push_back(r);
+      }
+      p.exclude_offsets.push_back(static_cast<uint32_t>(p.exclude_rows.size()));
+    }
+    std::vector<DeviceHit> fused, plain;
+    m.set_fused_scan(true);
+    ASSERT_THAT(m.Scan(q, nq, p, &fused, nullptr), IsOk());
+    const size_t redo = m.LastFusedRedo();
+    m.set_fused_scan(false);
+    ASSERT_THAT(m.Scan(q, nq, p, &plain, nullptr), IsOk());
+    if (c.rising) {
+      EXPECT_GT(redo, 0u) << "rising scores overflow the candidates";
+    } else {
+      EXPECT_LT(redo, nq / 10);
+    }
+    double max_norm = 0;
+    for (size_t i = 0; i < n; ++i) max_norm = std::max(max_norm, Norm(x.data() + i * c.dim, c.dim));
+    for (size_t i = 0; i < nq; ++i) {
+      const double tol = Tolerance(c.dtype) * Norm(q.data() + i * c.dim, c.dim) * max_norm + 1e-6;
+      auto sorted = [&](std::vector<DeviceHit>& h) {
+        std::vector<DeviceHit> v(h.begin() + i * c.k, h.begin() + (i + 1) * c.k);
+        std::sort(v.begin(), v.end(), [](const DeviceHit& a, const DeviceHit& b) {
+          return a.score > b.score || (a.score == b.score && a.row < b.row);
+        });
+        return v;
+      };
+      const std::vector<DeviceHit> f = sorted(fused), u = sorted(plain);
+      const std::set<uint32_t> excluded(p.exclude_rows.begin() + p.exclude_offsets[i],
+                                        p.exclude_rows.begin() + p.exclude_offsets[i + 1]);
+      std::set<uint32_t> fused_rows;
+      for (int j = 0; j < c.k; ++j) {
+        ASSERT_NE(f[j].row, DeviceMirror::kNoRow) << "query " << i;
+        EXPECT_NEAR(f[j].score, u[j].score, tol) << "query " << i << " rank " << j;
+        EXPECT_FALSE(excluded.count(f[j].row)) << "query " << i;
+        EXPECT_NE(f[j].row, 17u) << "a dead row";
+        fused_rows.insert(f[j].row);
+      }
+      const float kth = u[c.k - 1].score;
+      for (int j = 0; j < c.k && u[j].score > kth + 2 * tol; ++j) {
+        EXPECT_TRUE(fused_rows.count(u[j].row)) << "query " << i << " row " << u[j].row;
+      }
+    }
+  }
 }
 
 // Running out of GPU memory is RESOURCE_EXHAUSTED, and the mirror goes on.

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <chrono>
@@ -681,6 +682,158 @@ __global__ void BestLeafKernel(const Cand* leaf_hits, int width, uint32_t* keys,
   }
 }
 
+// Whether `row` is in the sorted rows[lo, hi).
+__device__ bool Contains(const uint32_t* rows, uint32_t lo, uint32_t hi, uint32_t row) {
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (rows[mid] < row) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo < hi && rows[lo] == row;
+}
+
+// ------------------------------------------------- fused scan (top-k only)
+
+// The fused scan's block: kFusedM queries against tiles of kFusedN targets,
+// 8 warps of 32 x 32 (2 x 2 tensor-core fragments of 16 x 16 x 16).
+constexpr int kFusedM = 64;
+constexpr int kFusedN = 128;
+constexpr int kFusedMaxStride = 256;
+constexpr int kFusedPad = 8;  // elements per smem row against bank conflicts
+constexpr int kFusedScoreLd = kFusedN + 4;
+
+// Elements per smem row: the stride rounded up to the MMA depth (16), zeros
+// past the stride, and the pad.
+__host__ __device__ constexpr int FusedLd(int stride) {
+  return (stride + 15) / 16 * 16 + kFusedPad;
+}
+
+size_t FusedSharedBytes(int stride, size_t elem) {
+  return size_t{kFusedM + kFusedN} * FusedLd(stride) * elem +
+         size_t{kFusedM} * kFusedScoreLd * sizeof(float) + kFusedM * sizeof(float);
+}
+
+// Scores queries [0, g) (T, stride apart) against rows [row_begin, row_end)
+// with tensor cores, and appends every live, not excluded (row, score) whose
+// score reaches bound[q] to query q's candidates: cand[q * cap + i], i from
+// an atomic count[q] (entries past cap are dropped; count[q] > cap tells).
+// The scores never go to global memory. Block (x, y): query tile y, target
+// tiles x, x + gridDim.x, ...
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    FusedScanKernel(const T* vectors, int stride, const T* queries, size_t g,
+                    size_t row_begin, size_t row_end, const uint8_t* live, const float* bound,
+                    const uint32_t* excl_offsets, const uint32_t* excl_rows,
+                    uint32_t query_base, Cand* cand, uint32_t* count, uint32_t cap) {
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char fused_smem[];  // WMMA: 32-byte aligned tiles
+  const int ld = FusedLd(stride), depth = ld - kFusedPad;
+  T* qs = reinterpret_cast<T*>(fused_smem);                       // kFusedM x ld
+  T* xs = qs + kFusedM * ld;                                      // kFusedN x ld
+  float* ss = reinterpret_cast<float*>(xs + kFusedN * ld);        // kFusedM x kFusedScoreLd
+  float* qbound = ss + kFusedM * kFusedScoreLd;                   // kFusedM
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const size_t q0 = size_t{blockIdx.y} * kFusedM;
+  // 16-byte vectors per smem row (those past the stride are zeros).
+  const int vecs = depth / 8;
+  for (int i = tid; i < kFusedM * vecs; i += kThreads) {
+    const int r = i / vecs, c = i % vecs;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (q0 + r < g && c * 8 < stride) {
+      v = reinterpret_cast<const uint4*>(queries + (q0 + r) * stride)[c];
+    }
+    reinterpret_cast<uint4*>(qs + r * ld)[c] = v;
+  }
+  for (int r = tid; r < kFusedM; r += kThreads) {
+    qbound[r] = q0 + r < g ? bound[q0 + r] : INFINITY;
+  }
+  const int wm = warp / 4, wn = warp % 4;  // the warp's 32 x 32 of the tile
+  for (size_t t0 = row_begin + size_t{blockIdx.x} * kFusedN; t0 < row_end;
+       t0 += size_t{gridDim.x} * kFusedN) {
+    __syncthreads();  // the last tile's epilogue is done with xs and ss
+    for (int i = tid; i < kFusedN * vecs; i += kThreads) {
+      const int r = i / vecs, c = i % vecs;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (t0 + r < row_end && c * 8 < stride) {
+        v = reinterpret_cast<const uint4*>(vectors + (t0 + r) * stride)[c];
+      }
+      reinterpret_cast<uint4*>(xs + r * ld)[c] = v;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    }
+    for (int k = 0; k < depth; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], qs + (wm * 32 + i * 16) * ld + k, ld);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], xs + (wn * 32 + j * 16) * ld + k, ld);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::store_matrix_sync(ss + (wm * 32 + i * 16) * kFusedScoreLd + wn * 32 + j * 16,
+                                acc[i][j], kFusedScoreLd, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < kFusedM * kFusedN; e += kThreads) {
+      const int r = e / kFusedN, c = e % kFusedN;
+      const size_t row = t0 + c;
+      const float score = ss[r * kFusedScoreLd + c];
+      if (row >= row_end || !(score >= qbound[r]) || !live[row]) continue;
+      const size_t q = q0 + r;  // < g: qbound is +inf past g
+      if (excl_offsets != nullptr &&
+          Contains(excl_rows, excl_offsets[query_base + q], excl_offsets[query_base + q + 1],
+                   static_cast<uint32_t>(row))) {
+        continue;
+      }
+      const uint32_t pos = atomicAdd(&count[q], 1u);
+      if (pos < cap) cand[q * cap + pos] = Cand{score, score, static_cast<uint32_t>(row)};
+    }
+  }
+}
+
+// Per query: lens[q] = min(count[q], cap), and overflow[q] = 1 once a
+// count went past cap (its candidates are incomplete).
+__global__ void ClipCountsKernel(const uint32_t* count, uint32_t cap, size_t g, uint32_t* lens,
+                                 uint8_t* overflow) {
+  for (size_t q = blockIdx.x * size_t{blockDim.x} + threadIdx.x; q < g;
+       q += size_t{gridDim.x} * blockDim.x) {
+    lens[q] = min(count[q], cap);
+    if (count[q] > cap) overflow[q] = 1;
+  }
+}
+
+// The best k (best[q * k ..]) back to the front of each query's candidates,
+// and count[q] = how many of them are hits.
+__global__ void KeepBestKernel(const Cand* best, int k, Cand* cand, uint32_t cap,
+                               uint32_t* count) {
+  const size_t q = blockIdx.x;
+  uint32_t valid = 0;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    const Cand c = best[q * k + j];
+    cand[q * cap + j] = c;
+    valid += c.row != kNoRow;
+  }
+  for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(~0u, valid, o);
+  if (threadIdx.x == 0) count[q] = valid;
+}
+
 // ------------------------------------------------------ proposal sampling
 
 // The proposal's random numbers, as the CPU tree's (tree_index.cc): draw t
@@ -819,19 +972,6 @@ __global__ void DrawLeafKernel(const float* lw, const double* cdf, size_t ld,
     draw_leaf[d] = static_cast<uint32_t>(f);
     draw_log_p[d] = static_cast<double>(lw[q * ld + f]) - log_total;
   }
-}
-
-// Whether `row` is in the sorted rows[lo, hi).
-__device__ bool Contains(const uint32_t* rows, uint32_t lo, uint32_t hi, uint32_t row) {
-  while (lo < hi) {
-    const uint32_t mid = (lo + hi) / 2;
-    if (rows[mid] < row) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo < hi && rows[lo] == row;
 }
 
 // One warp per draw (num_draws of them, the draws of query q of the group
@@ -1005,6 +1145,9 @@ class Mirror final : public DeviceMirror {
     CUDA_RETURN_IF_ERROR(cudaHostAlloc(&staging_, kStagingBytes, cudaHostAllocDefault));
     // Debugging knob: profile every call and print its phases to stderr.
     trace_ = std::getenv("NEGMINE_CUDA_PROFILE") != nullptr;
+    const char* fused = std::getenv("NEGMINE_CUDA_FUSED_SCAN");
+    fused_scan_ = fused != nullptr && std::strcmp(fused, "1") == 0;
+    CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
     profiling_ = trace_;
     return absl::OkStatus();
   }
@@ -1095,6 +1238,17 @@ class Mirror final : public DeviceMirror {
 
   absl::Status Scan(absl::Span<const float> queries, size_t n, const ScanParams& p,
                     std::vector<DeviceHit>* hits, std::vector<double>* log_z) override {
+    if constexpr (!std::is_same_v<T, float>) {
+      if (fused_scan_ && !p.gumbel && !p.want_log_z && n >= kFusedM &&
+          stride_ <= kFusedMaxStride && num_rows_ > 0 && p.k >= 1 && p.k <= kMaxK) {
+        return ScanFused(queries, n, p, hits);
+      }
+    }
+    return ScanUnfused(queries, n, p, hits, log_z);
+  }
+
+  absl::Status ScanUnfused(absl::Span<const float> queries, size_t n, const ScanParams& p,
+                           std::vector<DeviceHit>* hits, std::vector<double>* log_z) {
     DeviceScope scope(device_);
     hits->resize(n * std::max(p.k, 0));
     if (log_z != nullptr) log_z->assign(n, -std::numeric_limits<double>::infinity());
@@ -1211,6 +1365,112 @@ class Mirror final : public DeviceMirror {
     }
     last_visits_ = static_cast<double>(num_rows_);
     Trace("scan", n);
+    return absl::OkStatus();
+  }
+
+  // Top-k by the fused kernel, per group of queries: rows in chunks that
+  // grow as the per-query bound (the k-th best so far) tightens; after each
+  // chunk the candidates are cut back to the best k. A query whose
+  // candidates overflowed is scanned again by ScanUnfused.
+  absl::Status ScanFused(absl::Span<const float> queries, size_t n, const ScanParams& p,
+                         std::vector<DeviceHit>* hits) {
+    DeviceScope scope(device_);
+    const int k = p.k;
+    hits->resize(n * k);
+    StartProfile();
+    RETURN_IF_ERROR(PrepareQueries(queries, n));
+    // Exclusions, sorted per query (the kernel searches them).
+    const bool masked = !p.exclude_offsets.empty() && !p.exclude_rows.empty();
+    if (masked) {
+      std::vector<uint32_t> rows(p.exclude_rows);
+      for (size_t q = 0; q < n; ++q) {
+        std::sort(rows.begin() + p.exclude_offsets[q], rows.begin() + p.exclude_offsets[q + 1]);
+      }
+      RETURN_IF_ERROR(Upload(excl_offsets_, p.exclude_offsets));
+      RETURN_IF_ERROR(Upload(excl_rows_, rows));
+    }
+    Mark("upload queries");
+    const uint32_t cap = static_cast<uint32_t>(std::max<size_t>(8192, 4 * size_t(k)));
+    const size_t group = std::min<size_t>(n, 4096);
+    const size_t smem = FusedSharedBytes(stride_, sizeof(T));
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        FusedScanKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    RETURN_IF_ERROR(cand_.Ensure(group * cap * sizeof(Cand)));
+    RETURN_IF_ERROR(final_.Ensure(group * k * sizeof(Cand)));
+    RETURN_IF_ERROR(bound_.Ensure(group * sizeof(float)));
+    RETURN_IF_ERROR(fused_count_.Ensure(group * sizeof(uint32_t)));
+    RETURN_IF_ERROR(lens_.Ensure(group * sizeof(uint32_t)));
+    RETURN_IF_ERROR(overflow_.Ensure(group));
+    // Rows per chunk grow by `growth` (expected candidates per query in a
+    // chunk: about k x chunk / rows before it, so cap / 2).
+    const size_t growth = std::max<size_t>(2, cap / (2 * size_t(k)));
+    std::vector<uint8_t> host_overflow(group);
+    std::vector<uint32_t> again;
+    for (size_t q0 = 0; q0 < n; q0 += group) {
+      const size_t g = std::min(group, n - q0);
+      FillKernel<<<1, kThreads, 0, stream_>>>(bound_.as<float>(), g, -INFINITY);
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(fused_count_.as<void>(), 0, g * sizeof(uint32_t), stream_));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(overflow_.as<void>(), 0, g, stream_));
+      const unsigned tiles_y = static_cast<unsigned>(CeilDiv(g, kFusedM));
+      size_t chunk = cap;  // the first chunk: every row may be a candidate
+      for (size_t begin = 0; begin < num_rows_; begin += chunk, chunk *= growth) {
+        const size_t end = std::min(num_rows_, begin + chunk);
+        const size_t tiles = CeilDiv(end - begin, kFusedN);
+        const unsigned tiles_x = static_cast<unsigned>(
+            std::clamp<size_t>(CeilDiv(size_t{8} * sm_count_, tiles_y), 1, tiles));
+        Mark("select");
+        FusedScanKernel<T><<<dim3(tiles_x, tiles_y), kThreads, smem, stream_>>>(
+            vectors_.as<T>(), stride_, qt_.as<T>() + q0 * stride_, g, begin, end,
+            live_.as<uint8_t>(), bound_.as<float>(), masked ? excl_offsets_.as<uint32_t>() : nullptr,
+            excl_rows_.as<uint32_t>(), static_cast<uint32_t>(q0), cand_.as<Cand>(),
+            fused_count_.as<uint32_t>(), cap);
+        CUDA_RETURN_IF_ERROR(cudaGetLastError());
+        Mark("gemm");
+        ClipCountsKernel<<<GridFor(g), kThreads, 0, stream_>>>(
+            fused_count_.as<uint32_t>(), cap, g, lens_.as<uint32_t>(), overflow_.as<uint8_t>());
+        RETURN_IF_ERROR(Reduce(cand_.as<Cand>(), cap, cap, lens_.as<uint32_t>(), g, k,
+                               final_.as<Cand>(), k));
+        KeepBestKernel<<<static_cast<unsigned>(g), 32, 0, stream_>>>(
+            final_.as<Cand>(), k, cand_.as<Cand>(), cap, fused_count_.as<uint32_t>());
+        RaiseBoundKernel<<<static_cast<unsigned>(g), 32, 0, stream_>>>(final_.as<Cand>(), k, k,
+                                                                      bound_.as<float>());
+        CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      }
+      Mark("select");
+      RETURN_IF_ERROR(Download(g, k, q0, hits));
+      RETURN_IF_ERROR(CopyToHost(host_overflow.data(), overflow_.as<void>(), g));
+      for (size_t i = 0; i < g; ++i) {
+        if (host_overflow[i]) again.push_back(static_cast<uint32_t>(q0 + i));
+      }
+      Mark("download");
+    }
+    if (!again.empty()) {
+      // The overflowed queries, by the unfused scan (with their exclusions).
+      ScanParams sub = p;
+      std::vector<float> qs;
+      sub.exclude_offsets.assign(masked ? 1 : 0, 0);
+      sub.exclude_rows.clear();
+      for (uint32_t q : again) {
+        qs.insert(qs.end(), queries.begin() + size_t{q} * dim_, queries.begin() + size_t{q + 1} * dim_);
+        if (masked) {
+          sub.exclude_rows.insert(sub.exclude_rows.end(),
+                                  p.exclude_rows.begin() + p.exclude_offsets[q],
+                                  p.exclude_rows.begin() + p.exclude_offsets[q + 1]);
+          sub.exclude_offsets.push_back(static_cast<uint32_t>(sub.exclude_rows.size()));
+        }
+      }
+      std::vector<DeviceHit> redo;
+      std::vector<std::pair<std::string, double>> phases = std::move(phases_);
+      RETURN_IF_ERROR(ScanUnfused(qs, again.size(), sub, &redo, nullptr));
+      for (auto& [name, seconds] : phases_) phases.emplace_back("redo " + name, seconds);
+      phases_ = std::move(phases);
+      for (size_t j = 0; j < again.size(); ++j) {
+        std::copy_n(redo.begin() + j * k, k, hits->begin() + size_t{again[j]} * k);
+      }
+    }
+    last_fused_redo_ = again.size();
+    last_visits_ = static_cast<double>(num_rows_);
+    Trace("fused scan", n);
     return absl::OkStatus();
   }
 
@@ -1502,10 +1762,13 @@ class Mirror final : public DeviceMirror {
            lens_.bytes() + scratch_[0].bytes() + scratch_[1].bytes() + leaf_spreads_.bytes() +
            cdf_.bytes() + top_.bytes() + total_.bytes() + draw_offsets_.bytes() +
            draw_leaf_.bytes() + draw_log_p_.bytes() + draw_key_.bytes() + first_draw_.bytes() +
-           query_ids_.bytes() + pair_offsets_.bytes() + pair_leaf_.bytes() + pair_count_.bytes();
+           query_ids_.bytes() + pair_offsets_.bytes() + pair_leaf_.bytes() + pair_count_.bytes() +
+           fused_count_.bytes() + overflow_.bytes();
   }
   double LastVisitsPerQuery() const override { return last_visits_; }
   void set_profiling(bool on) override { profiling_ = on; }
+  void set_fused_scan(bool on) override { fused_scan_ = on; }
+  size_t LastFusedRedo() const override { return last_fused_redo_; }
   std::string LastProfile() const override {
     std::string out;
     for (const auto& [name, seconds] : phases_) {
@@ -1728,6 +1991,12 @@ class Mirror final : public DeviceMirror {
   DeviceBuffer scores_, chunk_hits_, accum_, final_, lse_, log_z_, bound_;
   DeviceBuffer leaf_sel_, cand_, lens_, order_, sort_temp_;
   DeviceBuffer scratch_[2];
+  // The fused scan: on or off, its per-query counts and overflow flags, and
+  // how many queries the last call had to scan again unfused.
+  bool fused_scan_ = false;
+  int sm_count_ = 1;
+  DeviceBuffer fused_count_, overflow_;
+  size_t last_fused_redo_ = 0;
   double last_visits_ = 0;
   // Profiling (benchmarks): time per phase of the last call, in order.
   void StartProfile() {

@@ -32,6 +32,14 @@
 //          is s/tau + Gumbel(seed, query, row), which makes the top k a
 //          sample without replacement from the softmax (Gumbel-top-k);
 //          `want_log_z` also reduces log sum exp(s/tau) per query.
+//   Fused scan (off by default, see set_fused_scan): blocks of 64 queries
+//          x 128 targets on tensor cores (WMMA); each score that reaches
+//          its query's bound is appended to the query's candidates. Rows go
+//          in chunks that grow as the bound (the k-th best so far) rises,
+//          and after each chunk the candidates are cut back to the best k
+//          by the selection kernel. At d = 128 a materialized score matrix
+//          caps the GEMM near copy bandwidth x 64 FLOP/byte; here only the
+//          candidates are written.
 //   Beam:  the tree's leaves routed for the whole batch: one GEMM of the
 //          queries against the leaf centers, the `leaves` best center scores
 //          per query selected as above (as IVF routes; the ball bound
@@ -205,6 +213,15 @@ class DeviceMirror {
   // phase of a call; LastProfile() lists the phases' times of the last call
   // and LastGemmSeconds() the scoring GEMMs' part.
   virtual void set_profiling(bool on) = 0;
+  // The fused scan: top-k Scans (no Gumbel keys, no log Z) of float16 /
+  // bfloat16 with dim <= 256 and at least 64 queries score with a
+  // tensor-core kernel whose epilogue keeps only the scores that reach each
+  // query's bound, so the score matrix is never written. Off by default
+  // until it has run on a GPU (issue #9); NEGMINE_CUDA_FUSED_SCAN=1 turns it
+  // on for every mirror. LastFusedRedo(): queries of the last Scan whose
+  // candidates overflowed and were scanned again unfused.
+  virtual void set_fused_scan(bool on) = 0;
+  virtual size_t LastFusedRedo() const = 0;
   virtual std::string LastProfile() const = 0;
   virtual double LastGemmSeconds() const = 0;
 };
