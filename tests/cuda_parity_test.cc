@@ -587,6 +587,11 @@ TEST(CudaMirrorTest, LeafPoolIsUploadedByChangedRuns) {
   ASSERT_THAT(m.SetLeaves({}, spreads, begin, count, pool), IsOk());
   EXPECT_EQ(m.LastPoolUpload(), 2 * cap);
   every_row_once("after the move");
+  // No leaves at all (every target deleted) is a leaf level too.
+  ASSERT_THAT(m.SetLeaves({}, {}, {}, {}, {}), IsOk());
+  std::vector<DeviceHit> none;
+  ASSERT_THAT(m.Beam(absl::MakeConstSpan(x).subspan(0, dim), 1, 4, 10, &none), IsOk());
+  for (const DeviceHit& h : none) EXPECT_EQ(h.row, DeviceMirror::kNoRow);
 }
 
 // The fused scan (tensor-core scores filtered by each query's bound in the

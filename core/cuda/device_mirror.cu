@@ -1188,9 +1188,10 @@ class Mirror final : public DeviceMirror {
                          absl::Span<const uint32_t> pool) override {
     DeviceScope scope(device_);
     const size_t num_leaves = begin.size();
+    const bool same_centers = centers.empty() && num_leaves > 0;
     if (spreads.size() != num_leaves || count.size() != num_leaves ||
-        (centers.empty() ? !has_leaves_ || num_leaves != num_leaves_
-                         : centers.size() != num_leaves * dim_)) {
+        (same_centers ? !has_leaves_ || num_leaves != num_leaves_
+                      : centers.size() != num_leaves * dim_)) {
       return absl::InvalidArgumentError("SetLeaves: arrays of inconsistent lengths");
     }
     for (size_t f = 0; f < num_leaves; ++f) {
@@ -1200,7 +1201,7 @@ class Mirror final : public DeviceMirror {
     }
     // Any failure below leaves the device's leaf level half written.
     has_leaves_ = false;
-    if (!centers.empty()) {
+    if (!same_centers) {
       // Centers go through the row scatter (float -> T, padded).
       RETURN_IF_ERROR(
           leaf_centers_.Ensure(std::max<size_t>(num_leaves, 1) * stride_ * sizeof(T)));

@@ -139,8 +139,9 @@ class DeviceMirror {
   // The tree's leaf level, as the host tree stores it: `centers` L x dim
   // (scoring space), `spreads` L (the mean squared distance of a leaf's
   // targets to its center), and leaf f's members (store rows) at
-  // pool[begin[f], begin[f] + count[f]). `centers` empty: the same leaves
-  // with the same centers as the last call (the structure did not change).
+  // pool[begin[f], begin[f] + count[f]). `centers` empty while L > 0: the
+  // same leaves with the same centers as the last call (the structure did
+  // not change).
   // The pool is uploaded by the runs that changed since the last call
   // (ChangedRuns), the O(L) arrays whole. INVALID_ARGUMENT for inconsistent
   // arrays; after any error no leaves are held until the next success.
