@@ -47,6 +47,7 @@ struct Flags {
   int dim = 128;
   int k = 64;
   int reps = 10;
+  bool fused_scan = true;  // the scan section's fused rows
   std::string out;
 };
 
@@ -173,6 +174,7 @@ void ScanSection(const Flags& f, double copy_bw, double peak) {
   const std::pair<bool, size_t> runs[] = {{false, 1},    {false, 16},  {false, 1024},
                                           {false, 4096}, {true, 1024}, {true, 4096}};
   for (const auto& [fused, batch] : runs) {
+    if (fused && !f.fused_scan) continue;
     dev.set_fused_scan(fused);
     std::vector<float> q = Uniform(batch, f.dim, 7 + batch);
     DeviceMirror::ScanParams p;
@@ -315,9 +317,10 @@ int main(int argc, char** argv) {
     else if (const char* v = value("--k=")) f.k = std::stoi(v);
     else if (const char* v = value("--reps=")) f.reps = std::stoi(v);
     else if (const char* v = value("--out=")) f.out = v;
+    else if (const char* v = value("--fused_scan=")) f.fused_scan = std::strcmp(v, "0") != 0;
     else {
       std::fprintf(stderr, "usage: negmine-cuda-bench [--scan_n=N] [--tree_n=N] [--dim=D] "
-                           "[--k=K] [--reps=R] [--out=FILE]\n");
+                           "[--k=K] [--reps=R] [--fused_scan=0|1] [--out=FILE]\n");
       return 2;
     }
   }
