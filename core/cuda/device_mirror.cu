@@ -1121,6 +1121,21 @@ int GridFor(size_t work) {
 
 size_t CeilDiv(size_t a, size_t b) { return (a + b - 1) / b; }
 
+// Per-query row lists (query q's at rows[offsets[q], offsets[q + 1])) with
+// each list sorted and without repeats, for the kernels' binary searches.
+void SortedPerQuery(const std::vector<uint32_t>& offsets, const std::vector<uint32_t>& rows,
+                    std::vector<uint32_t>* out_offsets, std::vector<uint32_t>* out_rows) {
+  out_offsets->assign(1, 0);
+  out_rows->clear();
+  for (size_t q = 0; q + 1 < offsets.size(); ++q) {
+    const size_t first = out_rows->size();
+    out_rows->insert(out_rows->end(), rows.begin() + offsets[q], rows.begin() + offsets[q + 1]);
+    std::sort(out_rows->begin() + first, out_rows->end());
+    out_rows->erase(std::unique(out_rows->begin() + first, out_rows->end()), out_rows->end());
+    out_offsets->push_back(static_cast<uint32_t>(out_rows->size()));
+  }
+}
+
 // --------------------------------------------------------------- the mirror
 
 template <typename T>
@@ -1266,12 +1281,8 @@ class Mirror final : public DeviceMirror {
     Mark("upload queries");
     const bool masked = !p.exclude_offsets.empty();
     if (masked) {
-      RETURN_IF_ERROR(excl_offsets_.Ensure(p.exclude_offsets.size() * sizeof(uint32_t)));
-      RETURN_IF_ERROR(excl_rows_.Ensure(std::max<size_t>(p.exclude_rows.size(), 1) * sizeof(uint32_t)));
-      RETURN_IF_ERROR(CopyToDevice(excl_offsets_.as<void>(), p.exclude_offsets.data(),
-                                   p.exclude_offsets.size() * sizeof(uint32_t)));
-      RETURN_IF_ERROR(CopyToDevice(excl_rows_.as<void>(), p.exclude_rows.data(),
-                                   p.exclude_rows.size() * sizeof(uint32_t)));
+      RETURN_IF_ERROR(Upload(excl_offsets_, p.exclude_offsets));
+      RETURN_IF_ERROR(Upload(excl_rows_, p.exclude_rows));
     }
     const size_t group = std::min<size_t>(n, kMaxQueryGroup);
     // Rows per GEMM: the score block within budget, whole segments.
@@ -1383,11 +1394,9 @@ class Mirror final : public DeviceMirror {
     // Exclusions, sorted per query (the kernel searches them).
     const bool masked = !p.exclude_offsets.empty() && !p.exclude_rows.empty();
     if (masked) {
-      std::vector<uint32_t> rows(p.exclude_rows);
-      for (size_t q = 0; q < n; ++q) {
-        std::sort(rows.begin() + p.exclude_offsets[q], rows.begin() + p.exclude_offsets[q + 1]);
-      }
-      RETURN_IF_ERROR(Upload(excl_offsets_, p.exclude_offsets));
+      std::vector<uint32_t> offsets, rows;
+      SortedPerQuery(p.exclude_offsets, p.exclude_rows, &offsets, &rows);
+      RETURN_IF_ERROR(Upload(excl_offsets_, offsets));
       RETURN_IF_ERROR(Upload(excl_rows_, rows));
     }
     Mark("upload queries");
@@ -1589,8 +1598,8 @@ class Mirror final : public DeviceMirror {
     // draws) and its (leaf, excluded count) pairs (the leaves' weights).
     const bool masked = !p.exclude_offsets.empty() && !p.exclude_rows.empty();
     if (masked) {
-      std::vector<uint32_t> ex_offsets(n + 1, 0), ex_rows, pair_offsets(n + 1, 0), pair_leaf,
-          pair_count;
+      std::vector<uint32_t> ex_offsets, ex_rows, pair_offsets(n + 1, 0), pair_leaf, pair_count;
+      SortedPerQuery(p.exclude_offsets, p.exclude_rows, &ex_offsets, &ex_rows);
       if (leaf_of_row_.empty()) {
         for (size_t f = 0; f < num_leaves_; ++f) {
           for (uint32_t i = 0; i < leaf_count_host_[f]; ++i) {
@@ -1600,16 +1609,11 @@ class Mirror final : public DeviceMirror {
           }
         }
       }
-      std::vector<uint32_t> rows, leaves;
+      std::vector<uint32_t> leaves;
       for (size_t q = 0; q < n; ++q) {
-        rows.assign(p.exclude_rows.begin() + p.exclude_offsets[q],
-                    p.exclude_rows.begin() + p.exclude_offsets[q + 1]);
-        std::sort(rows.begin(), rows.end());
-        rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
-        ex_rows.insert(ex_rows.end(), rows.begin(), rows.end());
-        ex_offsets[q + 1] = static_cast<uint32_t>(ex_rows.size());
         leaves.clear();
-        for (uint32_t r : rows) {
+        for (uint32_t i = ex_offsets[q]; i < ex_offsets[q + 1]; ++i) {
+          const uint32_t r = ex_rows[i];
           if (r < leaf_of_row_.size() && leaf_of_row_[r] != kNoRow) {
             leaves.push_back(leaf_of_row_[r]);
           }
