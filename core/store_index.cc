@@ -1016,15 +1016,16 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
 
   // 3. Samples from the tree's proposal, in rounds as on the CPU.
   if (num_samples > 0 && proposal) {
+    // Per query: the rows not eligible (excluded, or in the top part).
+    std::vector<std::vector<uint32_t>> ineligible(n);
     DrawRounds rounds(n, params.with_replacement);
-    std::vector<uint32_t> rows;
     for (size_t i = 0; i < n; ++i) {
+      std::vector<uint32_t>& rows = ineligible[i];
       rows.assign(excluded[i].begin(), excluded[i].end());
       rows.insert(rows.end(), hard[i].begin(), hard[i].end());
       std::sort(rows.begin(), rows.end());
-      const size_t eligible =
-          store_.size() - (std::unique(rows.begin(), rows.end()) - rows.begin());
-      rounds.set_want(static_cast<uint32_t>(i), num_samples, eligible);
+      rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+      rounds.set_want(static_cast<uint32_t>(i), num_samples, store_.size() - rows.size());
     }
     std::vector<float> batch;
     std::vector<DeviceHit> draws;
@@ -1040,8 +1041,7 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
         p.draws.push_back(static_cast<uint32_t>(rounds.Need(i)));
         p.first_draw.push_back(rounds.attempts(i));
         rounds.Drew(i, rounds.Need(i));
-        p.exclude_rows.insert(p.exclude_rows.end(), excluded[i].begin(), excluded[i].end());
-        p.exclude_rows.insert(p.exclude_rows.end(), hard[i].begin(), hard[i].end());
+        p.exclude_rows.insert(p.exclude_rows.end(), ineligible[i].begin(), ineligible[i].end());
         p.exclude_offsets.push_back(static_cast<uint32_t>(p.exclude_rows.size()));
       }
       if (absl::Status s = device_->Propose(batch, p.query_ids.size(), p, &draws); !s.ok()) {
