@@ -6,11 +6,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "core/index.h"
 #include "core/random.h"
 #include "absl/status/statusor.h"
 #include "gmock/gmock.h"
@@ -105,6 +108,48 @@ inline std::vector<double> Softmax(const std::vector<double>& scores,
   for (size_t i = 0; i < scores.size(); ++i) z += p[i] = std::exp((scores[i] - m) / tau);
   for (double& v : p) v /= z;
   return p;
+}
+
+// A frequency test of sampled results against their own log q (the
+// proposal samplers): every draw of a target must carry the same log q
+// (within `tol`), and the draws must follow exp(log q). The bins: one per
+// target expected at least 20 times (all but surely drawn, so the choice of
+// bins does not depend on the outcome), one for the rest.
+struct LogQFrequencies {
+  size_t inconsistent = 0;  // draws whose log q is not their target's
+  double seen_mass = 0;     // sum of exp(log q) over the targets drawn (<= 1)
+  size_t bins = 0;
+  double stat = 0;  // chi-square over the bins, with df degrees of freedom
+  int df = 0;
+};
+inline LogQFrequencies LogQFrequencyTest(const std::vector<QueryResult>& results, double tol) {
+  LogQFrequencies f;
+  std::map<uint64_t, double> log_q;
+  std::map<uint64_t, int64_t> count;
+  int64_t draws = 0;
+  for (const QueryResult& r : results) {
+    for (size_t j = r.num_top; j < r.ids.size(); ++j) {
+      auto [it, fresh] = log_q.emplace(r.ids[j], r.log_q[j]);
+      if (!fresh && std::abs(it->second - r.log_q[j]) > tol) ++f.inconsistent;
+      ++count[r.ids[j]];
+      ++draws;
+    }
+  }
+  std::vector<int64_t> counts = {0};
+  std::vector<double> probs = {1.0};
+  for (const auto& [id, lq] : log_q) {
+    f.seen_mass += std::exp(lq);
+    if (std::exp(lq) * draws < 20) {
+      counts[0] += count[id];
+      continue;
+    }
+    counts.push_back(count[id]);
+    probs.push_back(std::exp(lq));
+    probs[0] -= probs.back();
+  }
+  f.bins = counts.size();
+  std::tie(f.stat, f.df) = ChiSquare(counts, probs, draws);
+  return f;
 }
 
 }  // namespace negmine::testing

@@ -279,37 +279,12 @@ TEST_P(ProposalLogQTest, LogQIsTheProposalsProbability) {
   auto r = p.tree->Search(q, {}, {.mode = MineMode::kSample, .k = 100, .temperature = 0.1f,
                                   .with_replacement = true, .seed = 5});
   ASSERT_THAT(r.status(), IsOk());
-  std::map<uint64_t, double> log_q;
-  std::map<uint64_t, int64_t> count;
-  for (const QueryResult& res : r->queries) {
-    ASSERT_EQ(res.ids.size(), 100u);
-    for (size_t j = 0; j < res.ids.size(); ++j) {
-      auto [it, fresh] = log_q.emplace(res.ids[j], res.log_q[j]);
-      if (!fresh) {
-        ASSERT_NEAR(it->second, res.log_q[j], 1e-5);
-      }
-      ++count[res.ids[j]];
-    }
-  }
-  // One bin per target expected >= 20 times (all but surely drawn, so the
-  // choice of bins does not depend on the outcome), one bin for the rest.
-  std::vector<int64_t> counts = {0};
-  std::vector<double> probs = {1.0};
-  double seen_mass = 0;
-  for (auto& [id, lq] : log_q) {
-    seen_mass += std::exp(lq);
-    if (std::exp(lq) * 100000 < 20) {
-      counts[0] += count[id];
-      continue;
-    }
-    counts.push_back(count[id]);
-    probs.push_back(std::exp(lq));
-    probs[0] -= probs.back();
-  }
-  EXPECT_LE(seen_mass, 1.0 + 1e-4);
-  ASSERT_GT(counts.size(), 20u);
-  auto [stat, df] = ChiSquare(counts, probs, 100000);
-  EXPECT_LT(stat, ChiSquareCritical(df)) << "df " << df;
+  for (const QueryResult& res : r->queries) ASSERT_EQ(res.ids.size(), 100u);
+  const testing::LogQFrequencies f = testing::LogQFrequencyTest(r->queries, 1e-5);
+  EXPECT_EQ(f.inconsistent, 0u);
+  EXPECT_LE(f.seen_mass, 1.0 + 1e-4);
+  ASSERT_GT(f.bins, 20u);
+  EXPECT_LT(f.stat, ChiSquareCritical(f.df)) << "df " << f.df;
 }
 
 INSTANTIATE_TEST_SUITE_P(LeafSizes, ProposalLogQTest, ::testing::Values(16, 4));

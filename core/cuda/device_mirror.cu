@@ -716,6 +716,21 @@ size_t FusedSharedBytes(int stride, size_t elem) {
          size_t{kFusedM} * kFusedScoreLd * sizeof(float) + kFusedM * sizeof(float);
 }
 
+// rows x depth elements into shared memory (row stride ld) from `src` (row
+// stride `stride`), 16 bytes a thread: rows from `valid` on and elements
+// from `stride` on are zeros.
+template <typename T>
+__device__ void LoadTile(T* dst, int ld, int depth, const T* src, int stride, int rows,
+                         size_t valid) {
+  const int vecs = depth / 8;
+  for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
+    const int r = i / vecs, c = i % vecs;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < valid && c * 8 < stride) v = reinterpret_cast<const uint4*>(src + size_t(r) * stride)[c];
+    reinterpret_cast<uint4*>(dst + r * ld)[c] = v;
+  }
+}
+
 // Scores queries [0, g) (T, stride apart) against rows [row_begin, row_end)
 // with tensor cores, and appends every live, not excluded (row, score) whose
 // score reaches bound[q] to query q's candidates: cand[q * cap + i], i from
@@ -737,16 +752,7 @@ __global__ void __launch_bounds__(kThreads)
   float* qbound = ss + kFusedM * kFusedScoreLd;                   // kFusedM
   const int tid = threadIdx.x, warp = tid >> 5;
   const size_t q0 = size_t{blockIdx.y} * kFusedM;
-  // 16-byte vectors per smem row (those past the stride are zeros).
-  const int vecs = depth / 8;
-  for (int i = tid; i < kFusedM * vecs; i += kThreads) {
-    const int r = i / vecs, c = i % vecs;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (q0 + r < g && c * 8 < stride) {
-      v = reinterpret_cast<const uint4*>(queries + (q0 + r) * stride)[c];
-    }
-    reinterpret_cast<uint4*>(qs + r * ld)[c] = v;
-  }
+  LoadTile(qs, ld, depth, queries + q0 * stride, stride, kFusedM, q0 < g ? g - q0 : 0);
   for (int r = tid; r < kFusedM; r += kThreads) {
     qbound[r] = q0 + r < g ? bound[q0 + r] : INFINITY;
   }
@@ -754,14 +760,7 @@ __global__ void __launch_bounds__(kThreads)
   for (size_t t0 = row_begin + size_t{blockIdx.x} * kFusedN; t0 < row_end;
        t0 += size_t{gridDim.x} * kFusedN) {
     __syncthreads();  // the last tile's epilogue is done with xs and ss
-    for (int i = tid; i < kFusedN * vecs; i += kThreads) {
-      const int r = i / vecs, c = i % vecs;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (t0 + r < row_end && c * 8 < stride) {
-        v = reinterpret_cast<const uint4*>(vectors + (t0 + r) * stride)[c];
-      }
-      reinterpret_cast<uint4*>(xs + r * ld)[c] = v;
-    }
+    LoadTile(xs, ld, depth, vectors + t0 * stride, stride, kFusedN, row_end - t0);
     __syncthreads();
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
