@@ -488,7 +488,12 @@ TEST(CudaSamplingTest, TreeProposalWithoutReplacementTakesEveryEligibleTargetOnc
   ASSERT_THAT(alone, IsOk());
   ASSERT_THAT(batch, IsOk());
   EXPECT_EQ(alone->queries[0].ids, batch->queries[0].ids);
-  EXPECT_EQ(alone->queries[0].log_q, batch->queries[0].log_q);
+  ASSERT_EQ(alone->queries[0].log_q.size(), batch->queries[0].log_q.size());
+  for (size_t j = 0; j < alone->queries[0].log_q.size(); ++j) {
+    // The routing GEMM of one query and of seven may sum in another order
+    // (cuBLAS picks its kernel by shape): equal up to rounding, as on the CPU.
+    EXPECT_NEAR(alone->queries[0].log_q[j], batch->queries[0].log_q[j], 1e-4);
+  }
 }
 
 // ChangedRuns (host code, runs everywhere): every changed element is in a
