@@ -27,11 +27,22 @@ import numpy as np
 import torch
 from torch import nn
 
+_PKG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "client", "python")
 try:
     import negmine.gradcache as gcmod
 except ImportError:  # run from a checkout without PYTHONPATH
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "client", "python"))
-    import negmine.gradcache as gcmod
+    sys.path.insert(0, _PKG)
+    try:
+        import negmine.gradcache as gcmod
+    except Exception:  # the rest of the package does not import here: load the module alone
+        import importlib.util
+
+        for _name in [m for m in sys.modules if m == "negmine" or m.startswith("negmine.")]:
+            del sys.modules[_name]
+        _spec = importlib.util.spec_from_file_location("negmine_gradcache", os.path.join(_PKG, "negmine", "gradcache.py"))
+        gcmod = importlib.util.module_from_spec(_spec)
+        sys.modules["negmine_gradcache"] = gcmod
+        _spec.loader.exec_module(gcmod)
 
 GradCache = gcmod.GradCache
 sampled_softmax_loss = gcmod.sampled_softmax_loss
@@ -203,7 +214,7 @@ class Harness:
 # ----------------------------------------------------------------------------
 
 
-def loop_loss(q, t, neg, log_q, mask, tau, correction, in_batch, reduction):
+def loop_loss(q, t, neg, log_q, mask, tau, correction, in_batch, reduction, shared=False):
     """The sampled softmax with log q, one query and one logit at a time, in Python floats."""
     q, t = q.tolist(), t.tolist()
     b = len(q)
@@ -226,6 +237,11 @@ def loop_loss(q, t, neg, log_q, mask, tau, correction, in_batch, reduction):
                     if correction == "log_kq":
                         s -= math.log(len(sampled))
                 logits.append(s)
+            if shared:  # the other queries' real negatives, uncorrected
+                for o in range(b):
+                    for j in range(k):
+                        if o != i and (mask is None or mask[o][j]):
+                            logits.append(dot(q[i], neg[o][j].tolist()) / tau)
         z = sum(math.exp(x) for x in logits)
         losses.append(math.log(z) - pos)
     if reduction == "mean":
@@ -275,6 +291,15 @@ class LossTest(unittest.TestCase):
         got = sampled_softmax_loss(self.q, self.t, temperature=0.3, reduction="sum")
         want = loop_loss(self.q, self.t, None, None, None, 0.3, "log_kq", True, "sum")
         self.assertAlmostEqual(float(got), want, places=12)
+
+    def test_shared_negatives(self) -> None:
+        got = sampled_softmax_loss(self.q, self.t, self.neg, None, 0.3, neg_mask=self.mask, reduction="none",
+                                   shared_negatives=True)
+        want = loop_loss(self.q, self.t, self.neg, None, self.mask.tolist(), 0.3, "log_kq", True, "none",
+                         shared=True)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+        with self.assertRaises(ValueError):
+            sampled_softmax_loss(self.q, self.t, self.neg, self.log_q, shared_negatives=True)
 
     def test_gradient_finite_with_padding(self) -> None:
         q = self.q.clone().requires_grad_()
@@ -352,6 +377,14 @@ class GradCacheExactnessTest(unittest.TestCase):
         tdict = {"x": tx, "w": torch.rand(7, 1, generator=g, dtype=torch.float64) + 0.5}
         ndict = {"x": nx, "w": torch.rand(14, 1, generator=g, dtype=torch.float64) + 0.5}
         self.h.compare(qenc, tenc, 3, qx, tdict, ndict, lq, mask, temperature=0.1)
+
+    def test_shared_negatives_and_frozen_target_encoder(self) -> None:
+        qenc, tenc = MLP().double().train(), MLP().double().train()
+        qx, tx, nx, _, mask = batch(8, 2, seed=13)
+        self.h.compare(qenc, tenc, 3, qx, tx, nx, None, mask, temperature=0.1, shared_negatives=True)
+        tenc.requires_grad_(False)
+        out = self.h.compare(qenc, tenc, 3, qx, tx, nx, None, mask, temperature=0.1)
+        self.assertTrue(all(name.startswith("0.") for name in out["grads"]))
 
     def test_single_forward_oracle_without_dropout(self) -> None:
         enc = MLP().double().eval()

@@ -43,6 +43,7 @@ correction. The module depends only on torch.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import math
@@ -91,6 +92,7 @@ def sampled_softmax_loss(
     reduction: str = "mean",
     correction: str = "log_kq",
     in_batch: bool = True,
+    shared_negatives: bool = False,
 ) -> Tensor:
     """Softmax cross-entropy of each query's positive against in-batch and extra negatives.
 
@@ -126,6 +128,11 @@ def sampled_softmax_loss(
 
     ``neg_log_q=None`` means all extra negatives are top-k: no correction.
 
+    ``shared_negatives=True`` scores every query against all B*k extra negatives
+    (DPR's hard negatives shared across the batch), masked by ``neg_mask``. It
+    needs ``neg_log_q=None``: a sampled negative's log q is that of the query it
+    was drawn for, so it cannot correct another query's logit.
+
     The positive should be excluded from the mined negatives (negmine's
     ``exclude``); a positive that is drawn again is treated as a negative.
 
@@ -143,6 +150,8 @@ def sampled_softmax_loss(
         reduction: "mean" | "sum" | "none" over the B queries.
         correction: "log_kq" (default) or "log_q", see above.
         in_batch: use the other rows of ``t`` as negatives (default True).
+        shared_negatives: every query also scores the other queries' extra
+            negatives (top-k negatives only, see above).
 
     Returns:
         A scalar (mean, sum) or a [B] tensor (none), in q's dtype upcast to at
@@ -183,6 +192,11 @@ def sampled_softmax_loss(
             if m.shape != (b, k):
                 raise ValueError(f"neg_mask must be [B, k] = [{b}, {k}], got {tuple(m.shape)}")
             valid = m.to(torch.bool)
+        if shared_negatives:
+            if neg_log_q is not None:
+                raise ValueError("shared_negatives=True needs neg_log_q=None (log q is per query)")
+            s = q @ neg.reshape(b * k, -1).T * inv_tau  # [B, B*k]
+            valid = valid.reshape(1, b * k).expand(b, b * k)
         if neg_log_q is not None:
             lq = torch.as_tensor(neg_log_q, device=q.device).to(q.dtype)
             if lq.shape != (b, k):
@@ -227,8 +241,8 @@ def _num_rows(x: Inputs) -> int:
         return next(iter(sizes.values()))
     if isinstance(x, (str, bytes)):
         raise TypeError("a str is not a batch; pass a list of examples")
-    if isinstance(x, Sequence):
-        return len(x)
+    if isinstance(x, collections.abc.Sequence) or (hasattr(x, "__len__") and hasattr(x, "__getitem__")):
+        return len(x)  # a list, tuple, numpy array, or any sliceable sized batch
     raise TypeError(f"inputs must be a Tensor, a dict of Tensors or a sequence, got {type(x).__name__}")
 
 
@@ -393,14 +407,15 @@ class GradCache:
       one, with ``"disable"`` it turns the outer autocast off for the step (and
       applies only its own ``autocast_dtype``).
     - Shared or separate encoders: ``target_encoder=None`` encodes targets and
-      negatives with the query encoder.
+      negatives with the query encoder. An encoder with no trainable parameter
+      (frozen) is encoded once, without a re-forward.
     - Sparse gradients (``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``)
       accumulate across chunks as sparse tensors.
     - Partial batches: a batch with fewer queries than ``batch_size`` (the
       nominal size; None: the largest batch stepped so far) is handled by
       ``partial``: "reweight" (default) multiplies its loss by B / batch_size,
       so each of its examples weighs in the gradient as an example of a full
-      mean-reduced batch; "drop" encodes nothing, leaves ``.grad`` unchanged and
+      mean-reduced batch (for a sum-reduced loss, use "keep"); "drop" encodes nothing, leaves ``.grad`` unchanged and
       returns NaN (skip ``optimizer.step()``); "keep" treats it as a full batch.
       ``last_step.partial`` says which happened, and the first partial batch
       warns once per instance. Chunks smaller than ``chunk_size`` (a chunk size
@@ -701,6 +716,8 @@ class GradCache:
 
     def _second_pass(self, chunks: List[_Chunk], grads: List[Tensor]) -> None:
         """Re-forwards each chunk from its saved random state and backpropagates its cached gradient."""
+        trainable = {id(c.encoder): any(p.requires_grad for p in c.encoder.parameters()) for c in chunks}
+        chunks = [c for c in chunks if trainable[id(c.encoder)]]  # a frozen encoder needs no re-forward
         last: Dict[int, int] = {}
         for i, c in enumerate(chunks):
             last[id(c.encoder)] = i
@@ -712,5 +729,5 @@ class GradCache:
             assert c.rng is not None
             with sync, c.rng.replay(), torch.enable_grad():
                 rep = self._forward(c.encoder, c.inputs, n)
-                g = grads[c.group][c.rows]
-                rep.backward(gradient=g.to(rep.dtype))
+                if rep.requires_grad:  # False when the chunk reaches no trainable parameter
+                    rep.backward(gradient=grads[c.group][c.rows].to(rep.dtype))
