@@ -19,7 +19,7 @@ equal the full one.
 Usage with negmine's mined negatives (``MineResult``: ``ids`` -> the negatives'
 target inputs, ``log_q`` -> ``negative_log_q``, padding ``-1`` -> ``negative_mask``)::
 
-    import negmine
+    import negmine, torch
     from negmine.gradcache import GradCache
 
     client = negmine.Client("localhost:50051")
@@ -415,8 +415,9 @@ class GradCache:
       nominal size; None: the largest batch stepped so far) is handled by
       ``partial``: "reweight" (default) multiplies its loss by B / batch_size,
       so each of its examples weighs in the gradient as an example of a full
-      mean-reduced batch (for a sum-reduced loss, use "keep"); "drop" encodes nothing, leaves ``.grad`` unchanged and
-      returns NaN (skip ``optimizer.step()``); "keep" treats it as a full batch.
+      mean-reduced batch (for a sum-reduced loss, use "keep"); "drop" encodes
+      nothing, leaves ``.grad`` unchanged and returns NaN (skip
+      ``optimizer.step()``); "keep" treats it as a full batch.
       ``last_step.partial`` says which happened, and the first partial batch
       warns once per instance. Chunks smaller than ``chunk_size`` (a chunk size
       that does not divide the batch) are exact and need no policy.
