@@ -459,6 +459,26 @@ class GradCacheExactnessTest(unittest.TestCase):
         for name, g in grads(enc).items():
             self.assertLess((g - g_ref[name]).abs().max().item(), ATOL)
 
+    def test_encode(self) -> None:
+        enc = MLP().double().eval()
+        qx, tx, _, _, _ = batch(7, 1, seed=14)
+        class FromNumpy(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = MLP().double().eval()
+
+            def forward(self, x: np.ndarray) -> torch.Tensor:
+                assert isinstance(x, np.ndarray) and len(x) <= 3
+                return self.inner(torch.as_tensor(x))
+
+        gc = GradCache(enc, FromNumpy(), chunk_size=3)
+        np.testing.assert_allclose(gc.encode(qx).numpy(), enc(qx).detach().numpy(), rtol=1e-12, atol=1e-12)
+        got = gc.encode(tx.numpy(), which="target")  # a numpy batch is sliced like a sequence
+        self.assertEqual(tuple(got.shape), (7, 5))
+        self.assertFalse(got.requires_grad)
+        with self.assertRaises(ValueError):
+            gc.encode(qx, which="passage")
+
     def test_input_errors(self) -> None:
         enc = MLP().double()
         gc = GradCache(enc, chunk_size=4)
