@@ -1,0 +1,50 @@
+"""negmine: the Python client of the negmine hard-negative mining service.
+
+    import negmine
+    client = negmine.Client("127.0.0.1:50051")
+    client.wait_ready()
+    result = client.mine(queries, k=64, collection="docs", mode="sample",
+                         temperature=0.05, exclude=positive_ids)
+    result.ids, result.scores, result.log_q      # numpy, or torch for torch queries
+
+Public names: Client, Prefetcher, DriftUpdater, the result types
+(MineResult, CollectionInfo, ...), TLSConfig, and the errors (NegmineError
+and one subclass per gRPC code). `negmine.gradcache` (GradCache and the
+sampled-softmax loss) needs torch and is imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from negmine.client import DEFAULT_COLLECTION, RETRY_POLICY, Client
+from negmine.drift import DriftUpdater
+from negmine.errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
+                            FailedPrecondition, Internal, InvalidArgument, NegmineError,
+                            NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
+                            Unauthenticated, Unavailable, Unimplemented, Unknown)
+from negmine.prefetch import Prefetcher
+from negmine.types import (BatchAssignment, CollectionInfo, DeleteResult, DriftResult,
+                           Landmarks, MineResult, ServerLimits, SnapshotResult, TLSConfig,
+                           UpsertResult)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "Prefetcher", "DriftUpdater", "TLSConfig", "DEFAULT_COLLECTION",
+    "RETRY_POLICY", "BatchAssignment", "CollectionInfo", "DeleteResult", "DriftResult",
+    "Landmarks", "MineResult", "ServerLimits", "SnapshotResult", "UpsertResult",
+    "NegmineError", "Aborted", "AlreadyExists", "Cancelled", "DataLoss",
+    "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument", "NotFound",
+    "OutOfRange", "PermissionDenied", "ResourceExhausted", "Unauthenticated",
+    "Unavailable", "Unimplemented", "Unknown", "gradcache",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Imports `negmine.gradcache` (which needs torch) on first access."""
+    if name == "gradcache":
+        module = importlib.import_module("negmine.gradcache")
+        globals()["gradcache"] = module
+        return module
+    raise AttributeError(f"module 'negmine' has no attribute {name!r}")
