@@ -80,7 +80,9 @@ _SAMPLERS = {"proposal": pb.SAMPLER_PROPOSAL, "exact": pb.SAMPLER_EXACT}
 
 # QueryNegatives / MineResponse fields this client maps by name; any other
 # field (one the proto gains later) lands in MineResult.extra.
-_KNOWN_RESULT_FIELDS = {"ids", "scores", "log_q", "num_top", "log_z_lo", "log_z_hi"}
+_KNOWN_RESULT_FIELDS = {"ids", "scores", "log_q", "num_top", "log_z_lo", "log_z_hi",
+                        "num_eligible"}
+_HAS_NUM_ELIGIBLE = "num_eligible" in pb.QueryNegatives.DESCRIPTOR.fields_by_name
 _KNOWN_RESPONSE_FIELDS = {"request_id", "index_version", "results", "status"}
 
 _HEALTH_SERVING = 1
@@ -267,12 +269,16 @@ def parse_mine_responses(responses: Sequence["pb.MineResponse"], k: int,
         if return_log_z:
             log_z_lo[i] = r.log_z_lo
             log_z_hi[i] = r.log_z_hi
+    num_eligible = None
+    if _HAS_NUM_ELIGIBLE:
+        num_eligible = np.fromiter((r.num_eligible for r in results), dtype=np.int64, count=q)
     extra: Dict[str, Any] = {}
     if responses:
         extra = _response_extra(responses[-1], results)
     out = MineResult(ids=ids, scores=scores, log_q=log_q, num_top=num_top, counts=counts,
                      index_version=min(r.index_version for r in responses) if responses else 0,
-                     log_z_lo=log_z_lo, log_z_hi=log_z_hi, extra=extra)
+                     log_z_lo=log_z_lo, log_z_hi=log_z_hi, num_eligible=num_eligible,
+                     extra=extra)
     if like is not None and _arrays.is_torch(like):
         out = to_torch(out, like.device)
     return out
@@ -292,7 +298,7 @@ def to_torch(r: MineResult, device: Any) -> MineResult:
     return MineResult(ids=t(r.ids), scores=t(r.scores), log_q=t(r.log_q),
                       num_top=t(r.num_top), counts=t(r.counts),
                       index_version=r.index_version, log_z_lo=t(r.log_z_lo),
-                      log_z_hi=t(r.log_z_hi), extra=extra)
+                      log_z_hi=t(r.log_z_hi), num_eligible=t(r.num_eligible), extra=extra)
 
 
 class Client:

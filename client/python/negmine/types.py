@@ -110,6 +110,10 @@ class MineResult:
         counts: [Q] int64, results actually returned per query.
         log_z_lo, log_z_hi: [Q] float64 bounds on log Z (return_log_z), else None.
         index_version: the index version the results came from.
+        num_eligible: [Q] int64, the live targets each query could get
+            (its exclusions left out, before rank_offset): a query has fewer
+            than k results only when num_eligible - rank_offset < k. None
+            when the server's proto has no such field.
         extra: per-query fields of the server's response that this client
             does not know by name (added to the proto later), by field
             name: a [Q] array for a scalar field, a list of Q arrays for a
@@ -124,6 +128,7 @@ class MineResult:
     index_version: int
     log_z_lo: Any = None
     log_z_hi: Any = None
+    num_eligible: Any = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
