@@ -1,6 +1,8 @@
 # negmine: the two commands of the quick start, and their parts.
-#   make demo   build, start a server on generated data, mine negatives, stop
-#   make test   build and run every test
+#   make demo    build, start a server on generated data, mine negatives, stop
+#   make test    build and run every test
+#   make python  the Python package, installed into $(BUILD_DIR)/venv
+#   make wordnet the WordNet training experiment (examples/wordnet)
 # Each target installs missing Debian packages first (make deps).
 
 BUILD_DIR ?= build
@@ -17,13 +19,15 @@ DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
   libeigen3-dev libabsl-dev prometheus-cpp-dev \
   libgtest-dev libgmock-dev libbenchmark-dev \
   python3 python3-grpcio python3-protobuf python3-numpy \
-  libfaiss-dev libhnswlib-dev prometheus python3-yaml openssl clang
+  libfaiss-dev libhnswlib-dev prometheus python3-yaml openssl clang \
+  python3-torch python3-venv python3-setuptools python3-wheel python3-matplotlib wordnet-base
 # Only for `make bench`: a real BLAS for the peers, and the plots.
 BENCH_PACKAGES := libopenblas0-pthread python3-matplotlib
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps bench-deps install-missing configure build test demo bench bench-smoke gpu-bundle clean
+.PHONY: all deps bench-deps install-missing configure build test demo bench bench-smoke gpu-bundle clean \
+  python wordnet
 
 all: build
 
@@ -54,6 +58,17 @@ build: deps configure
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+# The Python package (client/python): a venv made with Debian's python3 and
+# its system packages, the package installed into it (also part of `build`).
+python: deps configure
+	cmake --build $(BUILD_DIR) --target negmine_python
+
+# The WordNet experiment: every arm, the table and the plot in
+# examples/wordnet/results.
+wordnet: build
+	$(BUILD_DIR)/venv/bin/python examples/wordnet/run.py \
+	  --server-bin $(BUILD_DIR)/server/negmine-server --out-dir examples/wordnet/results
 
 # The server on an embedded default (CPU, a fresh local data dir, 100k drift-bench
 # targets with d = 64), then the CLI mines top-k, sampled and mixed negatives
