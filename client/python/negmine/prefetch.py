@@ -122,9 +122,9 @@ class Prefetcher:
         it = iter(self._batches)
         while True:
             with self._cv:
-                while self._free == 0 and not self._closed:
+                while self._free == 0 and not self._closed and not self._finished:
                     self._cv.wait()
-                if self._closed:
+                if self._closed or self._finished:
                     return
                 self._free -= 1
             try:
