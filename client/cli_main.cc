@@ -58,8 +58,9 @@ commands:
            [--exclude E.npy] [--json | --out R.npy]
            --random-queries draws drift-bench queries; use the seed the
            targets were generated with (the server's --generate_seed).
-           E.npy is an n x m integer array of ids to exclude per query
-           (negative entries are padding). --json prints one object per
+           E.npy is an n x m integer array of ids to exclude per query:
+           uint64 (every id, 2^63 and above too; 2^64-1 is padding) or
+           int64 / int32 (negative entries are padding). --json prints one object per
            query per line; --out writes ids (n x k uint64, missing entries
            2^64-1) to R.npy, and R.scores.npy and R.log_q.npy beside it.
   landmarks --collection C [--out L.npy]
@@ -391,7 +392,7 @@ absl::Status Mine(Client& c, const Args& a) {
   p.set_beam_width(beam);
   std::vector<std::vector<uint64_t>> exclude;
   if (a.Has("exclude")) {
-    CLI_ASSIGN(e, LoadNpyInt(a.Get("exclude")));
+    CLI_ASSIGN(e, LoadNpyIds(a.Get("exclude"), NegativeIds::kPadding, "--exclude"));
     if (e.rows != q.rows) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--exclude has ", e.rows, " rows for ", q.rows, " queries"));
@@ -399,8 +400,8 @@ absl::Status Mine(Client& c, const Args& a) {
     exclude.resize(e.rows);
     for (size_t i = 0; i < e.rows; ++i) {
       for (size_t j = 0; j < e.cols; ++j) {
-        const int64_t id = e.data[i * e.cols + j];
-        if (id >= 0) exclude[i].push_back(static_cast<uint64_t>(id));
+        const uint64_t id = e.data[i * e.cols + j];
+        if (id != kPaddingId) exclude[i].push_back(id);
       }
     }
   }

@@ -193,6 +193,46 @@ absl::StatusOr<Array<int64_t>> LoadNpyInt(const std::string& path) {
   return Load<int64_t>(path, {"<i8", "<i4", "<u8", "<u4"});
 }
 
+absl::StatusOr<Array<uint64_t>> LoadNpyIds(const std::string& path, NegativeIds negative,
+                                           const std::string& what) {
+  auto file = ReadFile(path);
+  if (!file.ok()) return file.status();
+  auto header = ParseHeader(*file, path);
+  if (!header.ok()) return header.status();
+  const std::string descr = header->descr;
+  if (descr != "<u8" && descr != "<u4" && descr != "<i8" && descr != "<i4") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": ", path, " has dtype '", descr,
+        "'; expected integer ids: <u8 (uint64), <u4, <i8 or <i4"));
+  }
+  Array<uint64_t> out;
+  if (descr[1] == 'u') {
+    // Read unsigned values as they are: no detour through int64.
+    auto a = Load<uint64_t>(path, {descr});
+    if (!a.ok()) return a.status();
+    return *std::move(a);
+  }
+  auto a = Load<int64_t>(path, {descr});
+  if (!a.ok()) return a.status();
+  out.rows = a->rows;
+  out.cols = a->cols;
+  out.data.resize(a->data.size());
+  for (size_t i = 0; i < a->data.size(); ++i) {
+    const int64_t v = a->data[i];
+    if (v >= 0) {
+      out.data[i] = static_cast<uint64_t>(v);
+    } else if (negative == NegativeIds::kPadding) {
+      out.data[i] = kPaddingId;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": ", path, " holds the negative id ", v, " (row ", i / out.cols,
+          out.cols > 1 ? absl::StrCat(", column ", i % out.cols) : "",
+          "); ids are unsigned 64-bit integers (use uint64 for ids >= 2^63)"));
+    }
+  }
+  return out;
+}
+
 absl::Status SaveNpy(const std::string& path, size_t rows, size_t cols,
                      absl::Span<const float> data) {
   return Save(path, "<f4", rows, cols, data.data(), data.size() * 4);
@@ -201,6 +241,11 @@ absl::Status SaveNpy(const std::string& path, size_t rows, size_t cols,
 absl::Status SaveNpy(const std::string& path, size_t rows, size_t cols,
                      absl::Span<const uint64_t> data) {
   return Save(path, "<u8", rows, cols, data.data(), data.size() * 8);
+}
+
+absl::Status SaveNpy(const std::string& path, size_t rows, size_t cols,
+                     absl::Span<const double> data) {
+  return Save(path, "<f8", rows, cols, data.data(), data.size() * 8);
 }
 
 absl::StatusOr<Array<float>> LoadFvecs(const std::string& path) {

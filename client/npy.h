@@ -32,11 +32,30 @@ absl::StatusOr<Array<float>> LoadNpyFloat(const std::string& path);
 // arrive as negative values; callers that want uint64 cast back).
 absl::StatusOr<Array<int64_t>> LoadNpyInt(const std::string& path);
 
-// Writes a 2-D array as .npy (dtype <f4 / <u8 / <i8 by T).
+// The id that marks "no id" in the id arrays negmine writes (a short row of
+// `mine --out`, a short last batch of `batches`), and padding in the arrays
+// it reads.
+inline constexpr uint64_t kPaddingId = ~uint64_t{0};
+
+// What a negative entry of a signed id array (<i4, <i8) means.
+enum class NegativeIds {
+  kError,    // INVALID_ARGUMENT naming the entry: ids are >= 0
+  kPadding,  // padding: read as kPaddingId
+};
+
+// Loads an id array: unsigned dtypes (<u4, <u8) keep every uint64 value
+// (hashed ids >= 2^63 included); signed ones (<i4, <i8) map negative entries
+// by `negative`. `what` names the array in messages ("--ids").
+absl::StatusOr<Array<uint64_t>> LoadNpyIds(const std::string& path, NegativeIds negative,
+                                           const std::string& what);
+
+// Writes a 2-D array as .npy (dtype <f4 / <u8 / <f8 by T).
 absl::Status SaveNpy(const std::string& path, size_t rows, size_t cols,
                      absl::Span<const float> data);
 absl::Status SaveNpy(const std::string& path, size_t rows, size_t cols,
                      absl::Span<const uint64_t> data);
+absl::Status SaveNpy(const std::string& path, size_t rows, size_t cols,
+                     absl::Span<const double> data);
 
 // Loads an .fvecs file. All vectors must have the same dim.
 absl::StatusOr<Array<float>> LoadFvecs(const std::string& path);

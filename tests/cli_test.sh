@@ -65,6 +65,44 @@ for b, a in zip(before, after):
     assert a["ids"][:3] == b["ids"][2:], (b, a)
 PY
 
+# Hashed 64-bit ids (2^63 and above) are excluded like any other: a uint64
+# --exclude array is read as uint64 (2^64-1 is its padding), an int64 one
+# reads negative entries as padding.
+nm create --collection hashed --dim 4 --metric inner_product --index exact >/dev/null
+/usr/bin/python3 -c "
+import numpy as np
+rng = np.random.default_rng(5)
+np.save('$tmp/hx.npy', rng.standard_normal((50, 4)).astype(np.float32))
+np.save('$tmp/hids.npy', (np.uint64(2**63 + 12345) + np.arange(50, dtype=np.uint64)))
+np.save('$tmp/hq.npy', rng.standard_normal((4, 4)).astype(np.float32))"
+nm upsert --collection hashed --npy "$tmp/hx.npy" --ids "$tmp/hids.npy" | grep -q "upserted 50" \
+  || fail "upsert hashed ids"
+nm mine --collection hashed --queries "$tmp/hq.npy" --k 3 --json > "$tmp/h0.json"
+/usr/bin/python3 -c "
+import json, numpy as np
+rows = [json.loads(l) for l in open('$tmp/h0.json')]
+assert all(min(r['ids']) >= 2**63 for r in rows), rows
+ex = np.full((4, 3), np.iinfo(np.uint64).max, dtype=np.uint64)
+for i, r in enumerate(rows): ex[i, :2] = r['ids'][:2]   # last column: padding
+np.save('$tmp/hex.npy', ex)"
+nm mine --collection hashed --queries "$tmp/hq.npy" --k 3 --exclude "$tmp/hex.npy" --json \
+  > "$tmp/h1.json"
+/usr/bin/python3 - "$tmp" <<'PY' || fail "uint64 exclusions >= 2^63"
+import json, sys
+tmp = sys.argv[1]
+before = [json.loads(l) for l in open(tmp + "/h0.json")]
+after = [json.loads(l) for l in open(tmp + "/h1.json")]
+for b, a in zip(before, after):
+    assert not set(b["ids"][:2]) & set(a["ids"]), (b, a)
+    assert a["ids"][0] == b["ids"][2], (b, a)
+PY
+/usr/bin/python3 -c "
+import numpy as np
+ex = np.load('$tmp/ex.npy'); ex = np.concatenate([ex, np.full((3, 1), -1, np.int64)], 1)
+np.save('$tmp/ex_pad.npy', ex)"
+nm mine --collection default --queries "$tmp/q.npy" --k 5 --exclude "$tmp/ex_pad.npy" --json \
+  | cmp -s - "$tmp/ex.json" || fail "int64 exclusions with -1 padding"
+
 # A new collection from .npy with explicit ids, and from .fvecs.
 nm create --collection mine2 --dim 4 --metric inner_product >/dev/null
 /usr/bin/python3 -c "
