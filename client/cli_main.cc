@@ -13,6 +13,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
@@ -55,7 +56,7 @@ commands:
            --k K [--mode topk|sample|mixed] [--temperature T] [--num-hard H]
            [--rank-offset R] [--with-replacement] [--sample-seed S]
            [--sampler proposal|exact] [--approximate [--beam-width W]]
-           [--exclude E.npy] [--json | --out R.npy]
+           [--log-z [--log-z-width W]] [--exclude E.npy] [--json | --out R.npy]
            --random-queries draws drift-bench queries; use the seed the
            targets were generated with (the server's --generate_seed).
            E.npy is an n x m integer array of ids to exclude per query:
@@ -63,6 +64,10 @@ commands:
            int64 / int32 (negative entries are padding). --json prints one object per
            query per line; --out writes ids (n x k uint64, missing entries
            2^64-1) to R.npy, and R.scores.npy and R.log_q.npy beside it.
+           --log-z also returns each query's certified log Z interval over
+           its eligible targets (JSON log_z_lo / log_z_hi; R.log_z.npy, n x 2
+           float64 [lo, hi]), tightened to W nats (default 0.01). It costs
+           far more than the draws: off unless asked.
   landmarks --collection C [--out L.npy]
            The ids to re-encode for the next drift update, and their
            landmark epoch; --out writes the ids (uint64) to L.npy.
@@ -101,7 +106,7 @@ then dim float32 per vector.
 // Parsed `--key value` / `--key=value` options and bare switches.
 class Args {
  public:
-  static constexpr const char* kSwitches[] = {"json", "with-replacement", "approximate",
+  static constexpr const char* kSwitches[] = {"json", "with-replacement", "approximate", "log-z",
                                               "allow-missing", "help", "simulate",
                                               "keep-batch-order", "async"};
 
@@ -334,7 +339,7 @@ void PrintTable(const v1::MineResponse& r, size_t first_query) {
   std::printf("\nindex version %" PRIu64 "\n", r.index_version());
 }
 
-void PrintJson(const v1::MineResponse& r, size_t first_query) {
+void PrintJson(const v1::MineResponse& r, size_t first_query, bool log_z) {
   for (int qi = 0; qi < r.results_size(); ++qi) {
     const v1::QueryNegatives& q = r.results(qi);
     std::string line = absl::StrCat("{\"query\": ", first_query + qi, ", \"ids\": [");
@@ -343,8 +348,12 @@ void PrintJson(const v1::MineResponse& r, size_t first_query) {
     for (int i = 0; i < q.scores_size(); ++i) absl::StrAppend(&line, i ? ", " : "", q.scores(i));
     line += "], \"log_q\": [";
     for (int i = 0; i < q.log_q_size(); ++i) absl::StrAppend(&line, i ? ", " : "", q.log_q(i));
-    absl::StrAppend(&line, "], \"num_top\": ", q.num_top(),
-                    ", \"index_version\": ", r.index_version(), "}");
+    absl::StrAppend(&line, "], \"num_top\": ", q.num_top());
+    if (log_z) {
+      absl::StrAppend(&line, absl::StrFormat(", \"log_z_lo\": %.9g, \"log_z_hi\": %.9g",
+                                             q.log_z_lo(), q.log_z_hi()));
+    }
+    absl::StrAppend(&line, ", \"index_version\": ", r.index_version(), "}");
     std::printf("%s\n", line.c_str());
   }
 }
@@ -382,7 +391,14 @@ absl::Status Mine(Client& c, const Args& a) {
   p.set_with_replacement(a.Has("with-replacement"));
   CLI_ASSIGN(sample_seed, a.Number<uint64_t>("sample-seed", 0));
   p.set_seed(sample_seed);
-  p.set_return_log_z(p.mode() != v1::MINE_MODE_TOP_K);
+  // A certified log Z costs far more than the draws themselves: only on request.
+  const bool log_z = a.Has("log-z");
+  p.set_return_log_z(log_z);
+  CLI_ASSIGN(log_z_width, a.Number<double>("log-z-width", 0));
+  if (log_z_width < 0 || (log_z_width > 0 && !log_z)) {
+    return absl::InvalidArgumentError("--log-z-width W needs --log-z and W > 0");
+  }
+  p.set_log_z_width(log_z_width);
   const std::string sampler = a.Get("sampler", "proposal");
   if (sampler == "proposal") p.set_sampler(v1::SAMPLER_PROPOSAL);
   else if (sampler == "exact") p.set_sampler(v1::SAMPLER_EXACT);
@@ -413,6 +429,7 @@ absl::Status Mine(Client& c, const Args& a) {
     const size_t n = r.results_size();
     std::vector<uint64_t> ids(n * k, UINT64_MAX);
     std::vector<float> scores(n * k, NAN), log_q(n * k, NAN);
+    std::vector<double> log_z_bounds(n * 2, NAN);
     for (size_t i = 0; i < n; ++i) {
       const v1::QueryNegatives& res = r.results(i);
       for (int j = 0; j < res.ids_size() && j < static_cast<int>(k); ++j) {
@@ -420,16 +437,20 @@ absl::Status Mine(Client& c, const Args& a) {
         scores[i * k + j] = res.scores(j);
         log_q[i * k + j] = res.log_q(j);
       }
+      log_z_bounds[2 * i] = res.log_z_lo();
+      log_z_bounds[2 * i + 1] = res.log_z_hi();
     }
     std::string stem = out;
     if (stem.size() > 4 && stem.substr(stem.size() - 4) == ".npy") stem.resize(stem.size() - 4);
     CLI_CHECK(SaveNpy(stem + ".npy", n, k, ids));
     CLI_CHECK(SaveNpy(stem + ".scores.npy", n, k, scores));
     CLI_CHECK(SaveNpy(stem + ".log_q.npy", n, k, log_q));
-    std::fprintf(stderr, "wrote %s.npy, %s.scores.npy, %s.log_q.npy\n", stem.c_str(),
-                 stem.c_str(), stem.c_str());
+    if (log_z) CLI_CHECK(SaveNpy(stem + ".log_z.npy", n, 2, log_z_bounds));
+    std::fprintf(stderr, "wrote %s.npy, %s.scores.npy, %s.log_q.npy%s\n", stem.c_str(),
+                 stem.c_str(), stem.c_str(),
+                 log_z ? absl::StrCat(", ", stem, ".log_z.npy").c_str() : "");
   } else if (json) {
-    PrintJson(r, 0);
+    PrintJson(r, 0, log_z);
   } else {
     PrintTable(r, 0);
   }

@@ -103,6 +103,38 @@ np.save('$tmp/ex_pad.npy', ex)"
 nm mine --collection default --queries "$tmp/q.npy" --k 5 --exclude "$tmp/ex_pad.npy" --json \
   | cmp -s - "$tmp/ex.json" || fail "int64 exclusions with -1 padding"
 
+# Log Z only when asked (--log-z): then in the table, the JSON and
+# R.log_z.npy, and equal to logsumexp(s / tau) over the targets (an exact
+# index: the interval is the value).
+nm mine --collection hashed --queries "$tmp/hq.npy" --k 3 --mode sample --temperature 0.5 \
+  --sample-seed 1 > "$tmp/s_table.txt"
+grep -q "log Z" "$tmp/s_table.txt" && fail "log Z computed though not asked for"
+nm mine --collection hashed --queries "$tmp/hq.npy" --k 3 --mode sample --temperature 0.5 \
+  --sample-seed 1 --json > "$tmp/s_nolz.json"
+grep -q "log_z" "$tmp/s_nolz.json" && fail "log Z in JSON though not asked for"
+nm mine --collection hashed --queries "$tmp/hq.npy" --k 3 --mode sample --temperature 0.5 \
+  --sample-seed 1 --log-z | grep -q "log Z in" || fail "table without log Z"
+nm mine --collection hashed --queries "$tmp/hq.npy" --k 3 --mode sample --temperature 0.5 \
+  --sample-seed 1 --log-z --json > "$tmp/s_lz.json"
+nm mine --collection hashed --queries "$tmp/hq.npy" --k 3 --mode sample --temperature 0.5 \
+  --sample-seed 1 --log-z --out "$tmp/s_lz.npy" 2>/dev/null
+/usr/bin/python3 - "$tmp" <<'PY' || fail "log Z"
+import json, sys, numpy as np
+tmp = sys.argv[1]
+x, q = np.load(tmp + "/hx.npy").astype(np.float64), np.load(tmp + "/hq.npy").astype(np.float64)
+s = q @ x.T / 0.5
+truth = s.max(1) + np.log(np.exp(s - s.max(1, keepdims=True)).sum(1))
+rows = [json.loads(l) for l in open(tmp + "/s_lz.json")]
+bounds = np.load(tmp + "/s_lz.log_z.npy")
+assert bounds.shape == (4, 2) and bounds.dtype == np.float64, bounds
+for i, r in enumerate(rows):
+    assert abs(r["log_z_lo"] - truth[i]) < 1e-4 and abs(r["log_z_hi"] - truth[i]) < 1e-4, (r, truth[i])
+    assert np.allclose(bounds[i], [r["log_z_lo"], r["log_z_hi"]], atol=1e-6), (bounds[i], r)
+    # The first draw comes from the full softmax: log q = s / tau - log Z.
+    row = r["ids"][0] - (2**63 + 12345)
+    assert abs(r["log_q"][0] - (s[i, row] - truth[i])) < 1e-4, (r, s[i, row] - truth[i])
+PY
+
 # A new collection from .npy with explicit ids, and from .fvecs.
 nm create --collection mine2 --dim 4 --metric inner_product >/dev/null
 /usr/bin/python3 -c "
