@@ -49,8 +49,11 @@ commands:
   upsert   --collection C (--npy X.npy [--ids I.npy] | --fvecs X.fvecs |
                            --random N [--seed S])
            [--model-step T] [--id-offset O]
-           Rows get ids O..O+n-1 unless --ids is given. --random draws N
-           drift-bench targets of the collection's dim.
+           Rows get ids O..O+n-1 unless --ids is given. I.npy holds one id
+           per row: uint64 (any id up to 2^64-2), or int64 / int32 (a
+           negative entry is refused). 2^64-1 is refused: it is the padding
+           of the id arrays negmine writes. --random draws N drift-bench
+           targets of the collection's dim.
   delete   --collection C --ids 1,2,3 [--allow-missing]
   mine     --collection C (--queries Q.npy | --random-queries N [--seed S])
            --k K [--mode topk|sample|mixed] [--temperature T] [--num-hard H]
@@ -263,6 +266,19 @@ absl::Status Create(Client& c, const Args& a) {
   return absl::OkStatus();
 }
 
+// 2^64-1 marks "no id" in the arrays the CLI writes (kPaddingId): refused
+// as a target id so that a padded entry never names a real target.
+absl::Status CheckIds(absl::Span<const uint64_t> ids, const char* what) {
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] == kPaddingId) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": id ", i, " is 2^64-1 (18446744073709551615), which negmine reserves as "
+          "padding in the id arrays it writes; use ids in [0, 2^64-2]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Upsert(Client& c, const Args& a) {
   CLI_ASSIGN(collection, a.Required("collection"));
   CLI_ASSIGN(step, a.Number<int64_t>("model-step", 0));
@@ -286,15 +302,21 @@ absl::Status Upsert(Client& c, const Args& a) {
   }
   std::vector<uint64_t> ids(x.rows);
   if (a.Has("ids")) {
-    CLI_ASSIGN(loaded, LoadNpyInt(a.Get("ids")));
+    CLI_ASSIGN(loaded, LoadNpyIds(a.Get("ids"), NegativeIds::kError, "--ids"));
     if (loaded.data.size() != x.rows) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--ids holds ", loaded.data.size(), " ids for ", x.rows, " vectors"));
     }
-    for (size_t i = 0; i < x.rows; ++i) ids[i] = static_cast<uint64_t>(loaded.data[i]);
+    ids = std::move(loaded.data);
   } else {
+    if (x.rows > 0 && offset > kPaddingId - x.rows) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--id-offset = ", offset, ": ids ", offset, "..", offset, " + ", x.rows - 1,
+          " would reach 2^64-1, which negmine reserves as padding"));
+    }
     std::iota(ids.begin(), ids.end(), offset);
   }
+  CLI_CHECK(CheckIds(ids, "--ids"));
   CLI_CHECK(a.CheckAllUsed());
   CLI_ASSIGN(resp, c.Upsert(collection, ids, x.data, x.cols, step));
   std::printf("upserted %" PRIu64 " targets into '%s' (index version %" PRIu64 ")\n",
@@ -308,8 +330,13 @@ absl::Status Delete(Client& c, const Args& a) {
   std::vector<uint64_t> ids;
   for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
     uint64_t id;
+    if (absl::StartsWith(absl::StripAsciiWhitespace(part), "-")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--ids: '", part, "' is negative; ids are unsigned 64-bit integers"));
+    }
     if (!absl::SimpleAtoi(part, &id)) {
-      return absl::InvalidArgumentError(absl::StrCat("--ids: '", part, "' is not an id"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--ids: '", part, "' is not an id (an integer in [0, 2^64-1])"));
     }
     ids.push_back(id);
   }

@@ -152,6 +152,29 @@ nm info --collection mine2 | grep -q "targets=6" || fail "6 targets"
 nm mine --collection mine2 --queries "$tmp/q4.npy" --k 2 --json | grep -q '"ids": \[300, 200\]' \
   || fail "top-2 over npy targets"
 
+# A negative id is refused with exit code 2 and a message naming it, and
+# nothing is stored; so is 2^64-1, the padding of the arrays negmine writes.
+/usr/bin/python3 -c "
+import numpy as np
+np.save('$tmp/neg_ids.npy', np.array([400, -1, 500], dtype=np.int64))
+np.save('$tmp/pad_ids.npy', np.array([400, 2**64 - 1, 500], dtype=np.uint64))"
+for f in neg_ids pad_ids; do
+  set +e
+  err=$(nm upsert --collection mine2 --npy "$tmp/x.npy" --ids "$tmp/$f.npy" 2>&1 >/dev/null); rc=$?
+  set -e
+  [ "$rc" = 2 ] || fail "exit code $rc for $f"
+  case $f in
+    neg_ids) echo "$err" | grep -q "negative id -1 (row 1)" || fail "message: $err" ;;
+    pad_ids) echo "$err" | grep -q "id 1 is 2^64-1" || fail "message: $err" ;;
+  esac
+done
+set +e
+err=$(nm delete --collection mine2 --ids 100,-1 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 2 ] || fail "exit code $rc for delete --ids -1"
+echo "$err" | grep -q "'-1' is negative" || fail "message: $err"
+nm info --collection mine2 | grep -q "targets=6" || fail "a refused upsert stored something"
+
 # Drift: landmarks, a simulated update, a landmark file, a linear map.
 nm create --collection drifty --dim 16 --landmarks 64 >/dev/null
 nm upsert --collection drifty --random 2000 --seed 3 >/dev/null
