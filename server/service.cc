@@ -140,6 +140,52 @@ class RejectingReactor final : public Base {
   void OnDone() override { delete this; }
 };
 
+// The one reader of streamed messages: each arrives as raw bytes (the
+// methods are registered raw, see service.h) and is parsed here, so that a
+// message that does not parse fails its stream instead of ending it.
+// A read with ok = false is then always the client closing its side.
+//
+// Use: StartRead(reader.buffer()); in OnReadDone(ok), reader.Parse(&msg).
+// Not thread-safe: one read in flight, as the callback API requires.
+template <typename Msg>
+class MessageReader {
+ public:
+  explicit MessageReader(const char* method) : method_(method) {}
+
+  grpc::ByteBuffer* buffer() { return &buffer_; }
+
+  // Parses the message just read into *out (1-based index: count()).
+  //   INVALID_ARGUMENT: the bytes are not a `Msg`; the message names it.
+  absl::Status Parse(Msg* out) {
+    ++count_;
+    const size_t bytes = buffer_.Length();
+    const grpc::Status s = grpc::SerializationTraits<Msg>::Deserialize(&buffer_, out);
+    buffer_.Clear();
+    if (!s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "message ", count_, " of the ", method_, " stream (", bytes,
+          " bytes) does not parse as ", Msg::descriptor()->full_name(),
+          "; the stream is refused from there"));
+    }
+    return absl::OkStatus();
+  }
+
+  // Messages read so far, the last one included.
+  size_t count() const { return count_; }
+
+ private:
+  const char* const method_;
+  grpc::ByteBuffer buffer_;
+  size_t count_ = 0;
+};
+
+// `message` as the bytes of a raw response.
+template <typename Msg>
+void SerializeTo(const Msg& message, grpc::ByteBuffer* out) {
+  bool own = false;
+  grpc::SerializationTraits<Msg>::Serialize(message, out, &own);
+}
+
 absl::Status NegativeMinerService::Enqueue(std::function<void()> task) {
   if (pool_->TrySubmit(std::move(task), options_.max_queued_requests)) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrCat(
@@ -498,20 +544,21 @@ absl::Status NegativeMinerService::DoUpsert(
   return absl::OkStatus();
 }
 
-// Reads UpsertTargets messages one at a time; each is applied on the pool
-// before the next read starts, so messages apply in order and a slow disk or
-// index backs pressure up to the client.
-class UpsertReactor final
-    : public grpc::ServerReadReactor<v1::UpsertTargetsRequest> {
+// Reads UpsertTargets messages one at a time; each is parsed and applied on
+// the pool before the next read starts, so messages apply in order and a
+// slow disk or index backs pressure up to the client. The stream ends OK
+// only when the client closed it and every message was applied.
+class UpsertReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  UpsertReactor(NegativeMinerService* service, v1::UpsertTargetsResponse* resp)
-      : service_(service), resp_(resp), start_(Clock::now()) {
-    StartRead(&request_);
+  UpsertReactor(NegativeMinerService* service, grpc::ByteBuffer* out)
+      : service_(service), out_(out), start_(Clock::now()) {
+    StartRead(reader_.buffer());
   }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
       // The client closed its side: everything it sent has been applied.
+      SerializeTo(resp_, out_);
       Finish(absl::OkStatus());
       return;
     }
@@ -520,18 +567,21 @@ class UpsertReactor final
       if (!service_->ready()) {
         status = NotReady();
       } else {
-        if (first_) {
-          stream_collection_ = request_.collection();
-          first_ = false;
+        status = reader_.Parse(&request_);
+        if (status.ok()) {
+          if (first_) {
+            stream_collection_ = request_.collection();
+            first_ = false;
+          }
+          status = service_->DoUpsert(request_, stream_collection_, &resp_);
         }
-        status = service_->DoUpsert(request_, stream_collection_, resp_);
       }
       if (!status.ok()) {
         Fail(status);
         return;
       }
       ++messages_;
-      StartRead(&request_);
+      StartRead(reader_.buffer());
     });
     if (!queued.ok()) Fail(queued);
   }
@@ -542,9 +592,9 @@ class UpsertReactor final
   // Ends the stream with `status`, saying how much of it was applied.
   void Fail(const absl::Status& status) {
     Finish(absl::Status(status.code(),
-                        absl::StrCat(status.message(), " (message ", messages_,
+                        absl::StrCat(status.message(), " (message ", messages_ + 1,
                                      " of the stream; the ", messages_,
-                                     " messages before it were applied, ", resp_->upserted(),
+                                     " messages before it were applied, ", resp_.upserted(),
                                      " rows)")));
   }
 
@@ -552,23 +602,24 @@ class UpsertReactor final
     const grpc::Status g = ToGrpc(status);
     service_->metrics().ObserveRequest("UpsertTargets", CodeName(g.error_code()),
                                        SecondsSince(start_));
-    grpc::ServerReadReactor<v1::UpsertTargetsRequest>::Finish(g);
+    grpc::ServerReadReactor<grpc::ByteBuffer>::Finish(g);
   }
 
   NegativeMinerService* service_;
-  v1::UpsertTargetsResponse* resp_;
+  grpc::ByteBuffer* const out_;
   const Clock::time_point start_;
+  MessageReader<v1::UpsertTargetsRequest> reader_{"UpsertTargets"};
   v1::UpsertTargetsRequest request_;
+  v1::UpsertTargetsResponse resp_;
   std::string stream_collection_;
   bool first_ = true;
   size_t messages_ = 0;
 };
 
-grpc::ServerReadReactor<v1::UpsertTargetsRequest>*
-NegativeMinerService::UpsertTargets(grpc::CallbackServerContext* ctx,
-                                    v1::UpsertTargetsResponse* resp) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* NegativeMinerService::UpsertTargets(
+    grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp) {
   if (absl::Status auth = Authorize(ctx, "UpsertTargets"); !auth.ok()) {
-    return new RejectingReactor<grpc::ServerReadReactor<v1::UpsertTargetsRequest>>(ToGrpc(auth));
+    return new RejectingReactor<grpc::ServerReadReactor<grpc::ByteBuffer>>(ToGrpc(auth));
   }
   return new UpsertReactor(this, resp);
 }
@@ -670,13 +721,15 @@ grpc::ServerUnaryReactor* NegativeMinerService::Mine(
   });
 }
 
-// MineStream: each request is mined on the pool, one at a time per stream so
-// that responses keep request order. Responses queue for the one write in
-// flight; when kMaxQueuedWrites are waiting (a slow reader), the reactor
-// stops reading, so a slow client holds its own memory bounded and no
-// worker waits on it.
+// MineStream: each request is parsed and mined on the pool, one at a time per
+// stream so that responses keep request order. Responses queue for the one
+// write in flight; when kMaxQueuedWrites are waiting (a slow reader), the
+// reactor stops reading, so a slow client holds its own memory bounded and
+// no worker waits on it. A request that does not parse ends the stream with
+// INVALID_ARGUMENT once the answers before it are written; nothing after it
+// is read.
 class MineStreamReactor final
-    : public grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   static constexpr size_t kMaxQueuedWrites = 8;
 
@@ -684,7 +737,7 @@ class MineStreamReactor final
       : service_(service), ctx_(ctx), start_(Clock::now()) {
     absl::MutexLock lock(&mu_);
     read_outstanding_ = true;
-    StartRead(&request_);
+    StartRead(reader_.buffer());
   }
 
   void OnReadDone(bool ok) override {
@@ -726,6 +779,18 @@ class MineStreamReactor final
   void Process(const absl::Status& refused) {
     auto resp = std::make_unique<v1::MineResponse>();
     const Clock::time_point item_start = Clock::now();
+    absl::Status parsed = reader_.Parse(&request_);
+    if (!parsed.ok()) {
+      service_->metrics().ObserveRequest("MineStream.item", CodeName(grpc::StatusCode::INVALID_ARGUMENT),
+                                         SecondsSince(item_start));
+      absl::MutexLock lock(&mu_);
+      task_running_ = false;
+      failed_ = absl::Status(parsed.code(),
+                             absl::StrCat(parsed.message(), " (", reader_.count() - 1,
+                                          " requests before it were answered)"));
+      MaybeFinishLocked();
+      return;
+    }
     absl::Status status = !refused.ok()         ? refused
                           : service_->ready()   ? service_->DoMine(request_, resp.get(), [this] {
                                                     return ctx_->IsCancelled();
@@ -740,11 +805,14 @@ class MineStreamReactor final
     service_->metrics().ObserveRequest(
         "MineStream.item", CodeName(static_cast<grpc::StatusCode>(status.code())),
         SecondsSince(item_start));
+    auto bytes = std::make_unique<grpc::ByteBuffer>();
+    SerializeTo(*resp, bytes.get());
+    resp.reset();
 
     absl::MutexLock lock(&mu_);
     task_running_ = false;
     if (!broken_) {
-      queued_.push_back(std::move(resp));
+      queued_.push_back(std::move(bytes));
       if (!writing_) {
         writing_ = true;
         StartWrite(queued_.front().get());
@@ -755,21 +823,21 @@ class MineStreamReactor final
   }
 
   void MaybeReadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (read_outstanding_ || task_running_ || reads_done_ || broken_ ||
+    if (read_outstanding_ || task_running_ || reads_done_ || broken_ || !failed_.ok() ||
         queued_.size() >= kMaxQueuedWrites) {
       return;
     }
     read_outstanding_ = true;
-    StartRead(&request_);
+    StartRead(reader_.buffer());
   }
 
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_ || read_outstanding_ || task_running_ || writing_) return;
-    if (!reads_done_ && !broken_) return;
+    if (!reads_done_ && !broken_ && failed_.ok()) return;
     finished_ = true;
     const grpc::Status g =
         broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
-                : grpc::Status::OK;
+                : ToGrpc(failed_);
     service_->metrics().ObserveRequest("MineStream", CodeName(g.error_code()),
                                        SecondsSince(start_));
     Finish(g);
@@ -779,20 +847,24 @@ class MineStreamReactor final
   grpc::CallbackServerContext* const ctx_;
   const Clock::time_point start_;
   absl::Mutex mu_;
-  v1::MineRequest request_;  // written by the read, then read by Process
-  std::deque<std::unique_ptr<v1::MineResponse>> queued_ ABSL_GUARDED_BY(mu_);
+  // Written by the read, then parsed by Process (never both at once).
+  MessageReader<v1::MineRequest> reader_{"MineStream"};
+  v1::MineRequest request_;
+  std::deque<std::unique_ptr<grpc::ByteBuffer>> queued_ ABSL_GUARDED_BY(mu_);
   bool read_outstanding_ ABSL_GUARDED_BY(mu_) = false;
   bool task_running_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // A request that did not parse: the stream's final status.
+  absl::Status failed_ ABSL_GUARDED_BY(mu_);
 };
 
-grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>*
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>*
 NegativeMinerService::MineStream(grpc::CallbackServerContext* ctx) {
   if (absl::Status auth = Authorize(ctx, "MineStream"); !auth.ok()) {
-    return new RejectingReactor<grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>>(
+    return new RejectingReactor<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>>(
         ToGrpc(auth));
   }
   return new MineStreamReactor(this, ctx);
@@ -879,20 +951,20 @@ grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
 // Reads the examples, then runs the assignment as a BatchJobs job: the
 // call finishes with the batches when the job ends (or, with `async`, at
 // once with the job's id).
-class AssignBatchesReactor final
-    : public grpc::ServerReadReactor<v1::AssignBatchesRequest> {
+class AssignBatchesReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  AssignBatchesReactor(NegativeMinerService* service, v1::AssignBatchesResponse* resp)
-      : service_(service), resp_(resp), start_(Clock::now()) {
-    StartRead(&request_);
+  AssignBatchesReactor(NegativeMinerService* service, grpc::ByteBuffer* out)
+      : service_(service), out_(out), start_(Clock::now()) {
+    StartRead(reader_.buffer());
   }
 
   void OnReadDone(bool ok) override {
-    absl::Status status = ok ? Take() : Run();
+    absl::Status status = !ok ? Run() : reader_.Parse(&request_);
+    if (ok && status.ok()) status = Take();
     if (!status.ok()) {
       Finish(status);
     } else if (ok) {
-      StartRead(&request_);
+      StartRead(reader_.buffer());
     }
   }
 
@@ -968,7 +1040,7 @@ class AssignBatchesReactor final
         {
           absl::MutexLock lock(&job.mu);
           status = job.status;
-          if (status.ok()) *resp_ = std::move(job.result);
+          if (status.ok()) SerializeTo(job.result, out_);
         }
         Finish(status);
       };
@@ -983,8 +1055,10 @@ class AssignBatchesReactor final
            {"batch_size", absl::StrCat(options_.batch_size)},
            {"async", async_ ? "true" : "false"}});
       if (!async_) return absl::OkStatus();
-      resp_->set_job_id(job_->id);
-      resp_->set_num_examples(n);
+      v1::AssignBatchesResponse resp;
+      resp.set_job_id(job_->id);
+      resp.set_num_examples(n);
+      SerializeTo(resp, out_);
     }
     Finish(absl::OkStatus());
     return absl::OkStatus();
@@ -994,12 +1068,13 @@ class AssignBatchesReactor final
     const grpc::Status g = ToGrpc(status);
     service_->metrics().ObserveRequest("AssignBatches", CodeName(g.error_code()),
                                        SecondsSince(start_));
-    grpc::ServerReadReactor<v1::AssignBatchesRequest>::Finish(g);
+    grpc::ServerReadReactor<grpc::ByteBuffer>::Finish(g);
   }
 
   NegativeMinerService* service_;
-  v1::AssignBatchesResponse* resp_;
+  grpc::ByteBuffer* const out_;
   const Clock::time_point start_;
+  MessageReader<v1::AssignBatchesRequest> reader_{"AssignBatches"};
   v1::AssignBatchesRequest request_;
   size_t messages_ = 0;
   uint32_t dim_ = 0;
@@ -1010,11 +1085,10 @@ class AssignBatchesReactor final
   std::shared_ptr<BatchJobs::Job> job_ ABSL_GUARDED_BY(mu_);
 };
 
-grpc::ServerReadReactor<v1::AssignBatchesRequest>*
-NegativeMinerService::AssignBatches(grpc::CallbackServerContext* ctx,
-                                    v1::AssignBatchesResponse* resp) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* NegativeMinerService::AssignBatches(
+    grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp) {
   if (absl::Status auth = Authorize(ctx, "AssignBatches"); !auth.ok()) {
-    return new RejectingReactor<grpc::ServerReadReactor<v1::AssignBatchesRequest>>(ToGrpc(auth));
+    return new RejectingReactor<grpc::ServerReadReactor<grpc::ByteBuffer>>(ToGrpc(auth));
   }
   return new AssignBatchesReactor(this, resp);
 }

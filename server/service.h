@@ -9,6 +9,10 @@
 //                  one response acknowledges the stream.
 //   MineStream     a bidi reactor; requests are answered in order, one write
 //                  in flight, a failed item carries its own status.
+//   AssignBatches  a read reactor; the examples of every message, then one
+//                  job.
+// A streamed message that does not parse ends its stream with
+// INVALID_ARGUMENT naming it; nothing after it is applied or answered.
 //
 // Thread safety: every method may run concurrently. Collections live in a
 // registry guarded by a mutex; each Index synchronizes itself.
@@ -94,7 +98,23 @@ struct CommitResult {
   DriftReport drift;        // kDrift
 };
 
-class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
+// The streaming methods are registered raw (grpc::ByteBuffer) and parse each
+// message themselves (MessageReader in service.cc): the generated typed
+// reader reports a message that does not parse as a read with ok = false,
+// the same as the client closing its side, so a stream [A, garbage, B] would
+// end OK with B silently dropped. Raw, the garbage fails the stream with
+// INVALID_ARGUMENT naming the message.
+using nm = v1::NegativeMiner;
+using ServiceBase = nm::WithCallbackMethod_CreateCollection<
+    nm::WithCallbackMethod_ListCollections<nm::WithCallbackMethod_DropCollection<
+        nm::WithRawCallbackMethod_UpsertTargets<nm::WithCallbackMethod_DeleteTargets<
+            nm::WithCallbackMethod_GetTargets<nm::WithCallbackMethod_Mine<
+                nm::WithRawCallbackMethod_MineStream<nm::WithCallbackMethod_GetLandmarks<
+                    nm::WithCallbackMethod_ApplyDrift<nm::WithRawCallbackMethod_AssignBatches<
+                        nm::WithCallbackMethod_GetBatchJob<nm::WithCallbackMethod_GetIndexInfo<
+                            nm::WithCallbackMethod_CreateSnapshot<nm::Service>>>>>>>>>>>>>>;
+
+class NegativeMinerService final : public ServiceBase {
  public:
   NegativeMinerService(const ServiceOptions& options, Metrics* metrics);
   ~NegativeMinerService() override;
@@ -175,9 +195,8 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   grpc::ServerUnaryReactor* DropCollection(
       grpc::CallbackServerContext* ctx, const v1::DropCollectionRequest* req,
       v1::DropCollectionResponse* resp) override;
-  grpc::ServerReadReactor<v1::UpsertTargetsRequest>* UpsertTargets(
-      grpc::CallbackServerContext* ctx,
-      v1::UpsertTargetsResponse* resp) override;
+  grpc::ServerReadReactor<grpc::ByteBuffer>* UpsertTargets(
+      grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* DeleteTargets(
       grpc::CallbackServerContext* ctx, const v1::DeleteTargetsRequest* req,
       v1::DeleteTargetsResponse* resp) override;
@@ -187,7 +206,7 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   grpc::ServerUnaryReactor* Mine(grpc::CallbackServerContext* ctx,
                                  const v1::MineRequest* req,
                                  v1::MineResponse* resp) override;
-  grpc::ServerBidiReactor<v1::MineRequest, v1::MineResponse>* MineStream(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* MineStream(
       grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* GetLandmarks(
       grpc::CallbackServerContext* ctx, const v1::GetLandmarksRequest* req,
@@ -195,9 +214,8 @@ class NegativeMinerService final : public v1::NegativeMiner::CallbackService {
   grpc::ServerUnaryReactor* ApplyDrift(grpc::CallbackServerContext* ctx,
                                        const v1::ApplyDriftRequest* req,
                                        v1::ApplyDriftResponse* resp) override;
-  grpc::ServerReadReactor<v1::AssignBatchesRequest>* AssignBatches(
-      grpc::CallbackServerContext* ctx,
-      v1::AssignBatchesResponse* resp) override;
+  grpc::ServerReadReactor<grpc::ByteBuffer>* AssignBatches(
+      grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* GetBatchJob(grpc::CallbackServerContext* ctx,
                                         const v1::GetBatchJobRequest* req,
                                         v1::GetBatchJobResponse* resp) override;
