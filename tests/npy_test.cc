@@ -84,6 +84,48 @@ TEST(NpyTest, RejectsWhatItCannotRead) {
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("missing.npy")));
 }
 
+// Ids: uint64 arrays keep every value (2^63 and above); signed arrays map
+// negative entries to padding or refuse them, as the caller asks.
+TEST(NpyTest, IdsAreUint64) {
+  const std::string path = TempPath("ids.npy");
+  const uint64_t big = (uint64_t{1} << 63) + 12345;
+  ASSERT_THAT(SaveNpy(path, 1, 3, std::vector<uint64_t>{big, 7, kPaddingId}), IsOk());
+  for (NegativeIds policy : {NegativeIds::kError, NegativeIds::kPadding}) {
+    auto ids = LoadNpyIds(path, policy, "--ids");
+    ASSERT_THAT(ids.status(), IsOk());
+    EXPECT_EQ(ids->rows, 1u);
+    EXPECT_EQ(ids->cols, 3u);
+    EXPECT_THAT(ids->data, ElementsAre(big, 7u, kPaddingId));
+  }
+  const int64_t signed_ids[4] = {5, -1, 1ll << 40, -7};
+  WriteRaw(path, Npy("{'descr': '<i8', 'fortran_order': False, 'shape': (2, 2), }",
+                     std::string(reinterpret_cast<const char*>(signed_ids), 32)));
+  auto padded = LoadNpyIds(path, NegativeIds::kPadding, "--exclude");
+  ASSERT_THAT(padded.status(), IsOk());
+  EXPECT_THAT(padded->data, ElementsAre(5u, kPaddingId, uint64_t{1} << 40, kPaddingId));
+  EXPECT_THAT(LoadNpyIds(path, NegativeIds::kError, "--ids"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("--ids: " + path + " holds the negative id -1 (row 0, column 1)")));
+  const int32_t small[2] = {3, 4};
+  WriteRaw(path, Npy("{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }",
+                     std::string(reinterpret_cast<const char*>(small), 8)));
+  auto narrow = LoadNpyIds(path, NegativeIds::kError, "--ids");
+  ASSERT_THAT(narrow.status(), IsOk());
+  EXPECT_THAT(narrow->data, ElementsAre(3u, 4u));
+  WriteRaw(path, Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }",
+                     std::string(4, '\0')));
+  EXPECT_THAT(LoadNpyIds(path, NegativeIds::kError, "--ids"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("expected integer ids")));
+}
+
+TEST(NpyTest, SavesFloat64) {
+  const std::string path = TempPath("f8.npy");
+  ASSERT_THAT(SaveNpy(path, 1, 2, std::vector<double>{0.25, -3.5}), IsOk());
+  auto a = LoadNpyFloat(path);
+  ASSERT_THAT(a.status(), IsOk());
+  EXPECT_THAT(a->data, ElementsAre(0.25f, -3.5f));
+}
+
 TEST(NpyTest, ReadsFvecs) {
   const std::string path = TempPath("x.fvecs");
   std::string bytes;
