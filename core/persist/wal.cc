@@ -87,11 +87,15 @@ absl::StatusOr<WalContents> ReadWal(const std::string& path) {
     if (end > size) break;  // a genuine header, its payload cut: torn
     absl::Span<const uint8_t> payload(p + at + kHeader, length);
     if (Crc32c(payload) != LoadU32(p + at + 9)) {
-      if (end == size) break;  // the last record, torn mid-write
+      // Every byte of the record is on disk, so it was not torn: a write
+      // cut short leaves a file that ends inside the record. A wholly
+      // present record that fails its checksum is corruption, also last.
       return absl::DataLossError(absl::StrCat(
           "write-ahead log ", path, ": the checksum of the record at offset ", at,
-          " fails and ", size - end, " bytes follow it (corrupt, not a torn tail); the "
-          "log is not loaded"));
+          " fails although all of its ", kHeader + length, " bytes are present",
+          end == size ? " (it is the last record)"
+                      : absl::StrCat(" and ", size - end, " bytes follow it"),
+          "; corrupt, not a torn tail: the log is not loaded"));
     }
     out.records.push_back({.type = p[at + 4],
                            .payload = std::string(reinterpret_cast<const char*>(payload.data()),

@@ -13,10 +13,11 @@
 //
 // Reading (ReadWal) goes record by record to the end of the file. A crash
 // while appending leaves a torn tail: a header cut short, a genuine header
-// (its checksum holds) whose payload runs past the end of the file, a last
-// record whose payload checksum fails, or a region of zeros (pages never
-// written). That tail is reported and the caller cuts it off. Anything else
-// that fails a checksum is corruption: DATA_LOSS naming the offset; nothing
+// (its checksum holds) whose payload runs past the end of the file, or a
+// region of zeros (pages never written). That tail is reported and the
+// caller cuts it off. Anything else that fails a checksum is corruption:
+// DATA_LOSS naming the offset, also in the last record when all of its
+// bytes are present (a torn write ends the file inside its record); nothing
 // is loaded silently, and no record after a bad one is dropped quietly.
 //
 // Writing (WalWriter): Append writes a record to the file (the page cache)
