@@ -607,7 +607,7 @@ class ClientTest(unittest.TestCase):
         # The stream fails (its deadline passes while the consumer is slow):
         # buffered results first, then the error, then the end.
         with negmine.Prefetcher(self.c, endless(), k=3, depth=2, collection="cos",
-                                timeout=1.0) as pf:
+                                timeout=2.0) as pf:
             got = 0
             with self.assertRaises(negmine.DeadlineExceeded):
                 while True:
@@ -628,27 +628,35 @@ class ServerLifecycleTest(unittest.TestCase):
         # 20k generated targets: the server answers UNAVAILABLE while it
         # loads them, after the port opens.
         server = Server(port, ["--default_dim=16", "--generate_targets=20000"])
-        client = negmine.Client(f"127.0.0.1:{port}", timeout=30)
-        result = {}
+        # The default client, and one without the retry policy: the channel's
+        # health gating alone keeps its call waiting through the recovery.
+        clients = {"default": negmine.Client(f"127.0.0.1:{port}", timeout=30),
+                   "no retry": negmine.Client(f"127.0.0.1:{port}", timeout=30, retry=False)}
+        results = {name: {} for name in clients}
 
-        def call() -> None:
+        def call(name: str) -> None:
             try:
-                result["info"] = client.info("default")
+                results[name]["info"] = clients[name].info("default")
             except Exception as e:  # reported below
-                result["error"] = e
+                results[name]["error"] = e
 
-        t = threading.Thread(target=call)
+        threads = [threading.Thread(target=call, args=(name,)) for name in clients]
         try:
-            t.start()
+            for t in threads:
+                t.start()
             time.sleep(1.0)
-            self.assertTrue(t.is_alive(), f"the call did not wait: {result}")
+            self.assertTrue(all(t.is_alive() for t in threads),
+                            f"a call did not wait: {results}")
             server.start()
-            t.join(timeout=40)
-            self.assertFalse(t.is_alive())
-            self.assertNotIn("error", result)
-            self.assertEqual(result["info"].num_targets, 20000)
+            for t in threads:
+                t.join(timeout=40)
+                self.assertFalse(t.is_alive())
+            for name in clients:
+                self.assertNotIn("error", results[name], name)
+                self.assertEqual(results[name]["info"].num_targets, 20000, name)
         finally:
-            client.close()
+            for c in clients.values():
+                c.close()
             server.stop()
 
     def test_wait_ready_and_tokens(self) -> None:
@@ -699,10 +707,19 @@ class RetryPolicyTest(unittest.TestCase):
                 info=pb.CollectionInfo(config=pb.CollectionConfig(name="default", dim=3),
                                        num_targets=7)).SerializeToString()
 
+        def health_watch(request: bytes, context: grpc.ServicerContext):
+            # SERVING, then the stream stays open until the call ends.
+            yield b"\x08\x01"
+            done = threading.Event()
+            context.add_callback(done.set)
+            done.wait()
+
         handler = grpc.method_handlers_generic_handler("negmine.v1.NegativeMiner", {
             "GetIndexInfo": grpc.unary_unary_rpc_method_handler(get_index_info)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        self.server.add_generic_rpc_handlers((handler,))
+        health = grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+            "Watch": grpc.unary_stream_rpc_method_handler(health_watch)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler, health))
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.address = f"127.0.0.1:{port}"

@@ -120,8 +120,9 @@ def as_ids(ids: Any, what: str = "ids") -> np.ndarray:
 
 def exclude_lists(exclude: Any, rows: int) -> Optional[List[Sequence[int]]]:
     """exclude as one list of ids per query: None, a sequence of `rows`
-    iterables of ids, or a 2-D integer array / tensor [rows, m] whose negative
-    entries are padding."""
+    iterables of ids (lists, arrays, tensors), a 2-D integer array / tensor
+    [rows, m], or a 1-D one [rows] (one id per query). Negative entries are
+    padding, everywhere."""
     if exclude is None:
         return None
     if is_torch(exclude):
@@ -135,7 +136,13 @@ def exclude_lists(exclude: Any, rows: int) -> Optional[List[Sequence[int]]]:
                     InvalidArgument.code,
                     f"exclude has {len(exclude)} rows; there are {rows} queries")
             return [row[row >= 0].astype(np.uint64).tolist() for row in exclude]
-    lists = [list(e) if isinstance(e, Iterable) else [e] for e in exclude]
+    lists = []
+    for e in exclude:
+        if is_torch(e):
+            e = e.detach().to("cpu").numpy()
+        a = np.asarray(list(e) if isinstance(e, Iterable) and not isinstance(e, np.ndarray)
+                       else e, dtype=np.int64).reshape(-1)
+        lists.append(a[a >= 0].astype(np.uint64).tolist())
     if len(lists) != rows:
         raise InvalidArgument(InvalidArgument.code,
                               f"exclude has {len(lists)} lists; there are {rows} queries")

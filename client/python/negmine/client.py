@@ -10,15 +10,17 @@
 
 Thread safety: a Client may be shared by threads (gRPC channels are).
 
-Retries: every NegativeMiner call runs under the channel's service config:
-`waitForReady` (a call made while the server is not reachable waits for it
-until the call's deadline, instead of failing at once) and a retry policy
-that retries UNAVAILABLE (what the server answers while it recovers its
-data dir) with exponential backoff, up to 5 attempts (gRPC's cap) within
-the deadline. For a long recovery, call wait_ready() first. Retried writes
-are idempotent (upserts overwrite, drift steps are checked), except
-delete(allow_missing=False), whose retry after a lost answer can report
-NOT_FOUND.
+Waiting and retries, all in the channel's service config (no loop here):
+- `waitForReady` plus client-side health checking: a call made while the
+  server is unreachable, or up but not SERVING on grpc.health.v1 (while it
+  recovers its data dir, or drains), waits until it serves, up to the call's
+  deadline, instead of failing at once;
+- a retry policy (RETRY_POLICY) retries UNAVAILABLE answers (what the
+  server says while it is starting, and connections that break before an
+  answer) with exponential backoff, up to 5 attempts (gRPC's cap).
+Retried writes are idempotent (upserts overwrite, drift steps are checked),
+except delete(allow_missing=False), whose retry after a lost answer can
+report NOT_FOUND. wait_ready() waits for SERVING explicitly.
 """
 from __future__ import annotations
 
@@ -312,8 +314,9 @@ class Client:
             TLS; None for a plaintext channel.
         timeout: the default deadline of each call, in seconds (None: no
             deadline). Every method takes its own `timeout` too.
-        wait_for_ready: calls wait for an unreachable server until their
-            deadline (True, the default) instead of failing at once.
+        wait_for_ready: calls wait until the server is reachable and its
+            health is SERVING, up to their deadline (True, the default),
+            instead of failing at once.
         retry: retry UNAVAILABLE answers with backoff (the channel's retry
             policy, RETRY_POLICY).
         options: more gRPC channel options, as (key, value) pairs.
@@ -333,8 +336,16 @@ class Client:
             method_config["waitForReady"] = True
         if retry:
             method_config["retryPolicy"] = RETRY_POLICY
+        service_config: Dict[str, Any] = {"methodConfig": [method_config]}
+        if wait_for_ready:
+            # Client-side health checking: the channel is READY only while
+            # the server's grpc.health.v1 says SERVING (NOT_SERVING while it
+            # recovers or drains), so waiting calls start once it serves.
+            # gRPC supports it under round_robin (one address here).
+            service_config["loadBalancingConfig"] = [{"round_robin": {}}]
+            service_config["healthCheckConfig"] = {"serviceName": ""}
         channel_options: List[Tuple[str, Any]] = [
-            ("grpc.service_config", json.dumps({"methodConfig": [method_config]})),
+            ("grpc.service_config", json.dumps(service_config)),
             ("grpc.enable_retries", 1 if retry else 0),
             ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
             # The server caps its own messages (--max_message_bytes); the

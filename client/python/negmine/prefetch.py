@@ -194,13 +194,13 @@ class Prefetcher:
         with self._cv:
             while not self._ready and not self._finished and not self._closed:
                 self._cv.wait()
+            if self._closed:
+                raise StopIteration
             if self._ready:
                 item = self._ready.popleft()
                 self._num_taken += 1
                 self._free += 1
                 self._cv.notify_all()
-            elif self._closed:
-                raise StopIteration
             else:
                 error = self._terminal or self._feed_error
                 self._terminal = self._feed_error = None
@@ -241,6 +241,7 @@ class Prefetcher:
         with self._cv:
             already = self._closed and self._finished
             self._closed = True
+            self._ready.clear()
             self._cv.notify_all()
         if not already:
             self._call.cancel()
