@@ -2,6 +2,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <fstream>
 #include <map>
 #include <numeric>
@@ -60,6 +61,7 @@ commands:
            [--rank-offset R] [--with-replacement] [--sample-seed S]
            [--sampler proposal|exact] [--approximate [--beam-width W]]
            [--log-z [--log-z-width W]] [--exclude E.npy] [--json | --out R.npy]
+           [--queries-per-request N]
            --random-queries draws drift-bench queries; use the seed the
            targets were generated with (the server's --generate_seed).
            E.npy is an n x m integer array of ids to exclude per query:
@@ -67,6 +69,10 @@ commands:
            int64 / int32 (negative entries are padding). --json prints one object per
            query per line; --out writes ids (n x k uint64, missing entries
            2^64-1) to R.npy, and R.scores.npy and R.log_q.npy beside it.
+           Any number of queries: they go over one MineStream in requests
+           of at most --queries-per-request N (default: as many as fit the
+           server's max_batch and message limit, read from GetIndexInfo),
+           and the results come back in query order.
            --log-z also returns each query's certified log Z interval over
            its eligible targets (JSON log_z_lo / log_z_hi; R.log_z.npy, n x 2
            float64 [lo, hi]), tightened to W nats (default 0.01). It costs
@@ -363,7 +369,6 @@ void PrintTable(const v1::MineResponse& r, size_t first_query) {
                   top ? "-" : absl::StrCat(absl::SixDigits(q.log_q(i))).c_str());
     }
   }
-  std::printf("\nindex version %" PRIu64 "\n", r.index_version());
 }
 
 void PrintJson(const v1::MineResponse& r, size_t first_query, bool log_z) {
@@ -385,9 +390,27 @@ void PrintJson(const v1::MineResponse& r, size_t first_query, bool log_z) {
   }
 }
 
+// Queries per MineRequest: at most the server's max_batch, and few enough
+// that the request (float32 rows and their exclusion lists) and the
+// response (per result a varint id, a float score and a float log q; per
+// query num_top, log Z, num_eligible and framing) stay within the smaller
+// of the server's and this client's message limits, with a quarter spare.
+size_t QueriesPerRequest(const v1::ServerLimits& limits, size_t dim, size_t k,
+                         size_t max_exclude, size_t client_receive_bytes) {
+  uint64_t max_message = limits.max_message_bytes() > 0 ? limits.max_message_bytes() : 4 << 20;
+  max_message = std::min<uint64_t>(max_message, client_receive_bytes);
+  const uint64_t budget = max_message / 4 * 3 > 4096 ? max_message / 4 * 3 - 4096 : 1;
+  const uint64_t request_row = dim * 4 + max_exclude * 10 + 16;
+  const uint64_t response_row = k * 18 + 64;
+  uint64_t rows = budget / std::max(request_row, response_row);
+  if (limits.max_batch() > 0) rows = std::min<uint64_t>(rows, limits.max_batch());
+  return static_cast<size_t>(std::max<uint64_t>(rows, 1));
+}
+
 absl::Status Mine(Client& c, const Args& a) {
   CLI_ASSIGN(collection, a.Required("collection"));
-  CLI_ASSIGN(dim, CollectionDim(c, collection));
+  CLI_ASSIGN(info, c.GetIndexInfo(collection));
+  const uint32_t dim = info.info().config().dim();
   Array<float> q;
   if (a.Has("queries")) {
     CLI_ASSIGN(loaded, LoadNpyFloat(a.Get("queries")));
@@ -450,23 +473,81 @@ absl::Status Mine(Client& c, const Args& a) {
   }
   const bool json = a.Has("json");
   const std::string out = a.Get("out");
+  CLI_ASSIGN(batch_flag, a.Number<uint32_t>("queries-per-request", 0));
   CLI_CHECK(a.CheckAllUsed());
-  CLI_ASSIGN(r, c.Mine(collection, q.data, static_cast<uint32_t>(q.cols), p, exclude));
+  const size_t n = q.rows;
+  if (n == 0) return absl::InvalidArgumentError("the query file holds no queries");
+  size_t max_exclude = 0;
+  for (const auto& e : exclude) max_exclude = std::max(max_exclude, e.size());
+  const size_t per_request =
+      batch_flag > 0 ? batch_flag
+                     : QueriesPerRequest(info.limits(), q.cols, k, max_exclude,
+                                         c.options().max_receive_message_bytes);
+  // Results in query order, whatever the number of requests.
+  std::vector<uint64_t> ids;
+  std::vector<float> scores, log_q;
+  std::vector<double> log_z_bounds;
   if (!out.empty()) {
-    const size_t n = r.results_size();
-    std::vector<uint64_t> ids(n * k, UINT64_MAX);
-    std::vector<float> scores(n * k, NAN), log_q(n * k, NAN);
-    std::vector<double> log_z_bounds(n * 2, NAN);
-    for (size_t i = 0; i < n; ++i) {
-      const v1::QueryNegatives& res = r.results(i);
-      for (int j = 0; j < res.ids_size() && j < static_cast<int>(k); ++j) {
-        ids[i * k + j] = res.ids(j);
-        scores[i * k + j] = res.scores(j);
-        log_q[i * k + j] = res.log_q(j);
+    ids.assign(n * k, kPaddingId);
+    scores.assign(n * k, NAN);
+    log_q.assign(n * k, NAN);
+    log_z_bounds.assign(n * 2, NAN);
+  }
+  uint64_t first_version = 0, last_version = 0;
+  auto consume = [&](const v1::MineResponse& r, size_t begin) {
+    if (begin == 0) first_version = r.index_version();
+    last_version = r.index_version();
+    if (!out.empty()) {
+      for (int i = 0; i < r.results_size(); ++i) {
+        const v1::QueryNegatives& res = r.results(i);
+        const size_t row = begin + i;
+        for (int j = 0; j < res.ids_size() && j < static_cast<int>(k); ++j) {
+          ids[row * k + j] = res.ids(j);
+          scores[row * k + j] = res.scores(j);
+          log_q[row * k + j] = res.log_q(j);
+        }
+        log_z_bounds[2 * row] = res.log_z_lo();
+        log_z_bounds[2 * row + 1] = res.log_z_hi();
       }
-      log_z_bounds[2 * i] = res.log_z_lo();
-      log_z_bounds[2 * i + 1] = res.log_z_hi();
+    } else if (json) {
+      PrintJson(r, begin, log_z);
+    } else {
+      PrintTable(r, begin);
     }
+  };
+  // One MineStream, requests of at most `per_request` queries, two in
+  // flight: the server works on the next while this side reads the last.
+  std::unique_ptr<MineSession> session = c.OpenMineSession(collection);
+  std::deque<size_t> in_flight;  // first query of each request sent
+  size_t sent = 0, done = 0;
+  const absl::Span<const float> queries(q.data);
+  const absl::Span<const std::vector<uint64_t>> excl(exclude);
+  while (done < n) {
+    while (in_flight.size() < 2 && sent < n) {
+      const size_t m = std::min(per_request, n - sent);
+      auto id = session->Send(queries.subspan(sent * q.cols, m * q.cols),
+                              static_cast<uint32_t>(q.cols), p,
+                              excl.empty() ? excl : excl.subspan(sent, m));
+      if (!id.ok()) return session->Close();  // the stream broke: its status
+      in_flight.push_back(sent);
+      sent += m;
+    }
+    const size_t begin = in_flight.front();
+    in_flight.pop_front();
+    const size_t m = std::min(per_request, n - begin);
+    absl::StatusOr<v1::MineResponse> r = session->Receive();
+    if (!r.ok()) {
+      session->Close().IgnoreError();
+      return absl::Status(r.status().code(),
+                          n > m ? absl::StrCat("queries ", begin, "..", begin + m - 1, " of ", n,
+                                               ": ", r.status().message())
+                                : r.status().message());
+    }
+    consume(*r, begin);
+    done += m;
+  }
+  CLI_CHECK(session->Close());
+  if (!out.empty()) {
     std::string stem = out;
     if (stem.size() > 4 && stem.substr(stem.size() - 4) == ".npy") stem.resize(stem.size() - 4);
     CLI_CHECK(SaveNpy(stem + ".npy", n, k, ids));
@@ -476,10 +557,13 @@ absl::Status Mine(Client& c, const Args& a) {
     std::fprintf(stderr, "wrote %s.npy, %s.scores.npy, %s.log_q.npy%s\n", stem.c_str(),
                  stem.c_str(), stem.c_str(),
                  log_z ? absl::StrCat(", ", stem, ".log_z.npy").c_str() : "");
-  } else if (json) {
-    PrintJson(r, 0, log_z);
-  } else {
-    PrintTable(r, 0);
+  } else if (!json) {
+    if (first_version == last_version) {
+      std::printf("\nindex version %" PRIu64 "\n", last_version);
+    } else {
+      std::printf("\nindex versions %" PRIu64 "..%" PRIu64 " (writes landed between requests)\n",
+                  first_version, last_version);
+    }
   }
   return absl::OkStatus();
 }

@@ -143,6 +143,7 @@ class Client {
   absl::StatusOr<v1::GetIndexInfoResponse> GetIndexInfo(
       const std::string& collection);
 
+  const ClientOptions& options() const { return options_; }
   v1::NegativeMiner::Stub& stub() { return *stub_; }
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 

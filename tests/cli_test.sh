@@ -8,8 +8,10 @@ server_bin=$1
 cli=$2
 tmp=$(mktemp -d /tmp/negmine-cli-XXXXXX)
 pid=
+pid2=
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  [ -n "$pid2" ] && kill "$pid2" 2>/dev/null && wait "$pid2" 2>/dev/null || true
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -174,6 +176,55 @@ set -e
 [ "$rc" = 2 ] || fail "exit code $rc for delete --ids -1"
 echo "$err" | grep -q "'-1' is negative" || fail "message: $err"
 nm info --collection mine2 | grep -q "targets=6" || fail "a refused upsert stored something"
+
+# Query files larger than one request: a second server with small limits
+# (max_batch 100, 256 KiB messages). 3000 queries at k = 8 exceed max_batch;
+# 90 at k = 512 fit max_batch but their results do not fit one message. The
+# CLI splits both and the results, in query order, equal brute force over
+# the same targets (`generate --targets` writes the ones --generate_targets
+# serves).
+"$server_bin" --listen=127.0.0.1:0 --port_file="$tmp/port2" --data_dir="$tmp/data2" \
+  --metrics_listen= --log_level=warning --default_dim=16 --default_index=exact \
+  --generate_targets=2000 --max_batch=100 --max_message_bytes=262144 &
+pid2=$!
+for _ in $(seq 600); do [ -s "$tmp/port2" ] && break; sleep 0.05; done
+[ -s "$tmp/port2" ] || fail "second server did not start"
+nm2() { "$cli" --server "127.0.0.1:$(cat "$tmp/port2")" "$@"; }
+"$cli" generate --targets 2000 --dim 16 --seed 1 --out "$tmp/t2000.npy" >/dev/null
+"$cli" generate --queries 3000 --dim 16 --seed 7 --out "$tmp/q3000.npy" >/dev/null
+/usr/bin/python3 -c "
+import numpy as np
+np.save('$tmp/q600.npy', np.load('$tmp/q3000.npy')[:600])
+np.save('$tmp/q90.npy', np.load('$tmp/q3000.npy')[:90])"
+nm2 mine --collection default --queries "$tmp/q3000.npy" --k 8 --out "$tmp/big8.npy" 2>/dev/null \
+  || fail "3000 queries over max_batch 100"
+nm2 mine --collection default --queries "$tmp/q90.npy" --k 512 --out "$tmp/big512.npy" 2>/dev/null \
+  || fail "90 x 512 results over a 256 KiB message limit"
+nm2 mine --collection default --queries "$tmp/q600.npy" --k 4 --json > "$tmp/big4.json" \
+  || fail "--json over several requests"
+kill "$pid2"; wait "$pid2" 2>/dev/null || true
+/usr/bin/python3 - "$tmp" <<'PY' || fail "split results differ from brute force"
+import json, sys, numpy as np
+tmp = sys.argv[1]
+t = np.load(tmp + "/t2000.npy").astype(np.float64)
+t /= np.linalg.norm(t, axis=1, keepdims=True)
+q = np.load(tmp + "/q3000.npy").astype(np.float64)
+q /= np.linalg.norm(q, axis=1, keepdims=True)
+s = q @ t.T
+def check(ids, scores, k):
+    n = ids.shape[0]
+    assert ids.shape == (n, k) and ids.dtype == np.uint64, ids.shape
+    want = np.sort(s[:n], axis=1)[:, ::-1][:, :k]
+    assert np.allclose(scores, want, atol=1e-5), np.abs(scores - want).max()
+    got = np.take_along_axis(s[:n], ids.astype(np.int64), axis=1)
+    assert np.allclose(got, want, atol=1e-5)  # each id holds the score it claims
+    assert all(len(set(r)) == k for r in ids.tolist())
+check(np.load(tmp + "/big8.npy"), np.load(tmp + "/big8.scores.npy"), 8)
+check(np.load(tmp + "/big512.npy"), np.load(tmp + "/big512.scores.npy"), 512)
+rows = [json.loads(l) for l in open(tmp + "/big4.json")]
+assert [r["query"] for r in rows] == list(range(600)), "JSON lines not in query order"
+check(np.array([r["ids"] for r in rows], dtype=np.uint64), np.array([r["scores"] for r in rows]), 4)
+PY
 
 # Drift: landmarks, a simulated update, a landmark file, a linear map.
 nm create --collection drifty --dim 16 --landmarks 64 >/dev/null
