@@ -90,13 +90,14 @@ commands:
            for collections of drift-bench targets whose ids are their rows
            (--random, or the server's --generate_targets).
   batches  --queries X.npy --positives Y.npy --batch-size B --out batches.npy
-           [--neighbors K] [--quantile Q] [--seed S] [--keep-batch-order] [--async]
+           [--neighbors K] [--quantile Q] [--seed S] [--keep-batch-order] [--sync]
            Global contrastive batch sampling: orders the N training examples
            (row i of X and of Y) so that each batch holds hard negatives of
            each other. Writes the batches as a (num batches x B) uint64
            array of example rows (a short last batch padded with 2^64-1).
-           Runs as a job with progress above the server's synchronous limit
-           (or with --async).
+           Runs as a server job (AssignBatches async, polled with
+           GetBatchJob), whatever the size; --sync waits on one call instead,
+           which the server refuses above its --max_sync_batch_examples.
   snapshot
            Writes a snapshot of every collection now (they are also taken
            periodically); recovery then replays only the log after it.
@@ -117,7 +118,7 @@ class Args {
  public:
   static constexpr const char* kSwitches[] = {"json", "with-replacement", "approximate", "log-z",
                                               "allow-missing", "help", "simulate",
-                                              "keep-batch-order", "async"};
+                                              "keep-batch-order", "async", "sync"};
 
   absl::Status Parse(int argc, char** argv, int start) {
     for (int i = start; i < argc; ++i) {
@@ -674,7 +675,11 @@ absl::Status Batches(Client& c, const Args& a) {
   CLI_ASSIGN(quantile, a.Number<double>("quantile", 0));
   CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
   const bool keep_order = a.Has("keep-batch-order");
-  bool async = a.Has("async");
+  // A job by default: the server's synchronous limit (--max_sync_batch_examples)
+  // is not in GetIndexInfo, and a job of any size answers the same batches,
+  // with progress. --sync waits on the one call instead.
+  const bool sync = a.Has("sync");
+  if (sync && a.Has("async")) return absl::InvalidArgumentError("give --sync or --async, not both");
   CLI_CHECK(a.CheckAllUsed());
   CLI_ASSIGN(q, LoadNpyFloat(qpath));
   CLI_ASSIGN(p, LoadNpyFloat(ppath));
@@ -689,20 +694,12 @@ absl::Status Batches(Client& c, const Args& a) {
   first.mutable_params()->set_neighbors(neighbors);
   first.mutable_params()->set_quantile(quantile);
   first.mutable_params()->set_keep_batch_order(keep_order);
-  first.set_async(async);
-  absl::StatusOr<v1::AssignBatchesResponse> resp = c.AssignBatches(first, q.data, p.data, q.cols);
-  // Above the server's synchronous limit: run as a job.
-  if (!async && !resp.ok() && resp.status().code() == absl::StatusCode::kResourceExhausted &&
-      absl::StrContains(resp.status().message(), "set async")) {
-    async = true;
-    first.set_async(true);
-    resp = c.AssignBatches(first, q.data, p.data, q.cols);
-  }
-  if (!resp.ok()) return resp.status();
-  v1::AssignBatchesResponse result = *std::move(resp);
-  if (async) {
+  first.set_async(!sync);
+  CLI_ASSIGN(resp, c.AssignBatches(first, q.data, p.data, q.cols));
+  v1::AssignBatchesResponse result = std::move(resp);
+  if (!sync) {
     const std::string job = result.job_id();
-    std::fprintf(stderr, "job %s: %zu examples\n", job.c_str(), q.rows);
+    std::chrono::milliseconds poll(20);
     while (true) {
       CLI_ASSIGN(status, c.GetBatchJob(job));
       if (status.state() == v1::JOB_STATE_DONE) {
@@ -713,10 +710,9 @@ absl::Status Batches(Client& c, const Args& a) {
         return absl::Status(static_cast<absl::StatusCode>(status.error().code()),
                             absl::StrCat("batch job ", job, ": ", status.error().message()));
       }
-      std::fprintf(stderr, "\rjob %s: %3.0f%%", job.c_str(), 100 * status.progress());
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      std::this_thread::sleep_for(poll);
+      poll = std::min<std::chrono::milliseconds>(poll * 3 / 2, std::chrono::milliseconds(500));
     }
-    std::fprintf(stderr, "\n");
   }
   const size_t num = result.batches_size();
   std::vector<uint64_t> table(num * batch_size, ~uint64_t{0});

@@ -17,8 +17,9 @@ cleanup() {
 trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
+mport=$(/usr/bin/python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 "$server_bin" --listen=127.0.0.1:0 --port_file="$tmp/port" --data_dir="$tmp/data" \
-  --metrics_listen= --log_level=warning --default_dim=16 --generate_targets=2000 \
+  --metrics_listen="127.0.0.1:$mport" --log_level=warning --default_dim=16 --generate_targets=2000 \
   --max_sync_batch_examples=1000 --snapshot_interval_seconds=1 &
 pid=$!
 for _ in $(seq 600); do [ -s "$tmp/port" ] && break; sleep 0.05; done
@@ -250,8 +251,10 @@ set -e
 [ "$rc" = 1 ] || fail "exit code $rc for a stale landmark epoch"
 echo "$err" | grep -q "FAILED_PRECONDITION" || fail "message: $err"
 
-# Batches: synchronous (500 examples) and, above the server's synchronous
-# limit (1000 here), as a job.
+# Batches: 500 examples and 2000, above the server's synchronous limit (1000
+# here). Both run as a job asked for up front: no call fails on the way
+# (the server counts no RESOURCE_EXHAUSTED AssignBatches). --sync makes one
+# synchronous call, refused above the limit with a message saying so.
 /usr/bin/python3 -c "
 import numpy as np
 rng = np.random.default_rng(3)
@@ -275,6 +278,25 @@ pad = (b == np.iinfo(np.uint64).max).sum(axis=1)
 assert sorted(pad.tolist()) == [0] * 7 + [12], pad  # one short batch (shuffled in place)
 assert sorted(b[b < 500].tolist()) == list(range(500))
 " || fail "batches.npy is not a partition"
+/usr/bin/python3 - "$mport" <<'PY' || fail "batches made a call that failed"
+import re, sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=10).read().decode()
+calls = {}
+for line in text.splitlines():
+    if line.startswith("negmine_requests_total{") and 'method="AssignBatches"' in line:
+        code = re.search(r'code="([A-Z_]+)"', line).group(1)
+        calls[code] = calls.get(code, 0) + float(line.rsplit(" ", 1)[1])
+assert calls.get("OK", 0) >= 2 and set(calls) == {"OK"}, calls
+PY
+nm batches --queries "$tmp/bx500.npy" --positives "$tmp/by500.npy" --batch-size 64 --sync \
+  --out "$tmp/b500s.npy" | grep -q "8 batches of 64 from 500 examples" || fail "batches --sync"
+cmp -s "$tmp/b500.npy" "$tmp/b500s.npy" || fail "a job and a synchronous call disagree"
+set +e
+err=$(nm batches --queries "$tmp/bx.npy" --positives "$tmp/by.npy" --batch-size 64 --sync \
+  --out "$tmp/bs.npy" 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 1 ] || fail "exit code $rc for --sync above the limit"
+echo "$err" | grep -q "RESOURCE_EXHAUSTED.*max_sync_batch_examples" || fail "message: $err"
 
 # Bad input: exit code 2 and a message naming the field and value.
 set +e
