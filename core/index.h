@@ -159,6 +159,10 @@ struct QueryResult {
   std::vector<float> log_q;
   // How many leading results are top-k (the rest are samples).
   int num_top = 0;
+  // Live targets not excluded for this query, at the searched version
+  // (before the rank window). Fewer than rank_offset + k results come back
+  // only when this is smaller.
+  size_t num_eligible = 0;
   // A certified interval for log Z = log sum_y exp(s(q, y) / tau) over the
   // eligible targets, when SearchParams::want_log_z. lo == hi when exact.
   double log_z_lo = std::numeric_limits<double>::quiet_NaN();

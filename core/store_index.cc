@@ -200,12 +200,24 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
   RETURN_IF_ERROR(CheckFinite(queries, dim, "queries"));
   absl::ReaderMutexLock lock(&mu_);
   RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
-  if (device_) {
-    std::optional<absl::StatusOr<SearchResult>> r =
-        DeviceSearchLocked(queries, n, exclude, params);
-    if (r.has_value()) return *std::move(r);
+  std::optional<absl::StatusOr<SearchResult>> on_device;
+  if (device_) on_device = DeviceSearchLocked(queries, n, exclude, params);
+  absl::StatusOr<SearchResult> result = on_device.has_value()
+                                            ? *std::move(on_device)
+                                            : SearchLocked(queries, n, exclude, params);
+  if (!result.ok() || result->queries.size() != n) return result;
+  // Under the same lock as the search, so that the count is of its version.
+  absl::flat_hash_set<uint64_t> live_excluded;
+  for (size_t i = 0; i < n; ++i) {
+    live_excluded.clear();
+    if (!exclude.empty()) {
+      for (uint64_t id : exclude[i]) {
+        if (store_.Row(id).has_value()) live_excluded.insert(id);
+      }
+    }
+    result->queries[i].num_eligible = store_.size() - live_excluded.size();
   }
-  return SearchLocked(queries, n, exclude, params);
+  return result;
 }
 
 }  // namespace negmine

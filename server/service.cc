@@ -703,6 +703,7 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req, v1::MineRe
     out->mutable_scores()->Add(q.scores.begin(), q.scores.end());
     out->mutable_log_q()->Add(q.log_q.begin(), q.log_q.end());
     out->set_num_top(q.num_top);
+    out->set_num_eligible(q.num_eligible);
     if (params.want_log_z) {
       out->set_log_z_lo(q.log_z_lo);
       out->set_log_z_hi(q.log_z_hi);

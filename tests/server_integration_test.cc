@@ -201,6 +201,57 @@ TEST_F(ServerTest, SamplingFrequenciesMatchTheExactSoftmax) {
   EXPECT_LT(stat, ChiSquareCritical(df)) << "df " << df;
 }
 
+// A result shorter than k says why: num_eligible counts the live targets a
+// query could get (its exclusions left out, before the rank window), in
+// both indexes and in every mode.
+TEST_F(ServerTest, ShortResultsSayHowManyTargetsWereEligible) {
+  const int dim = 8;
+  const size_t n = 40;
+  for (const char* kind : {"tree", "exact"}) {
+    const std::string name = std::string("short-") + kind;
+    v1::CollectionConfig config;
+    config.set_name(name);
+    config.set_dim(dim);
+    config.set_metric(v1::METRIC_INNER_PRODUCT);
+    config.set_index_kind(std::string(kind) == "exact" ? v1::INDEX_KIND_EXACT : v1::INDEX_KIND_TREE);
+    ASSERT_THAT(client_->CreateCollection(config).status(), IsOk());
+    const std::vector<uint64_t> ids = Ids(n, 1000);
+    ASSERT_THAT(client_->Upsert(name, ids, RandomVectors(n, dim, 21), dim, 0).status(), IsOk());
+    const auto q = RandomVectors(2, dim, 22);
+    for (v1::MineMode mode : {v1::MINE_MODE_TOP_K, v1::MINE_MODE_SAMPLE}) {
+      // The rank window skips all but one target: 1 result of 5.
+      v1::MineParams p;
+      p.set_mode(mode);
+      p.set_k(5);
+      p.set_rank_offset(n - 1);
+      p.set_seed(3);
+      p.set_temperature(0.5f);
+      auto r = client_->Mine(name, q, dim, p);
+      ASSERT_THAT(r.status(), IsOk());
+      for (const v1::QueryNegatives& res : r->results()) {
+        EXPECT_EQ(res.ids_size(), 1) << kind;
+        EXPECT_EQ(res.num_eligible(), n) << kind;
+      }
+      // Every target but two excluded (and an unknown id, which counts for
+      // nothing): 2 results of 5.
+      std::vector<std::vector<uint64_t>> exclude(2, std::vector<uint64_t>(ids.begin() + 2, ids.end()));
+      exclude[1].push_back(1);
+      p.set_rank_offset(0);
+      r = client_->Mine(name, q, dim, p, exclude);
+      ASSERT_THAT(r.status(), IsOk());
+      for (const v1::QueryNegatives& res : r->results()) {
+        EXPECT_EQ(res.ids_size(), 2) << kind;
+        EXPECT_EQ(res.num_eligible(), 2u) << kind;
+      }
+      // A full answer says the same count.
+      r = client_->Mine(name, q, dim, p);
+      ASSERT_THAT(r.status(), IsOk());
+      EXPECT_EQ(r->results(0).ids_size(), 5);
+      EXPECT_EQ(r->results(0).num_eligible(), n);
+    }
+  }
+}
+
 TEST_F(ServerTest, AThousandRequestsOnOneStream) {
   const int dim = 16;
   std::vector<uint64_t> ids;
