@@ -23,7 +23,7 @@ def is_torch(x: Any) -> bool:
     return (mod == "torch" or mod.startswith("torch.")) and hasattr(x, "device")
 
 
-def torch_module():
+def torch_module() -> Any:
     """The torch module, imported on first use."""
     if "torch" in sys.modules:
         return sys.modules["torch"]

@@ -20,6 +20,7 @@ __all__ = [
     "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
     "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal",
     "Unavailable", "DataLoss", "Unauthenticated", "error_from_rpc", "error_from_status",
+    "error_from_item_status",
 ]
 
 
