@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
@@ -26,71 +27,140 @@
 #include "client/npy.h"
 #include "core/store/drift_bench.h"
 
+// The project version; CMake passes it (NEGMINE_VERSION = PROJECT_VERSION).
+#ifndef NEGMINE_VERSION
+#define NEGMINE_VERSION "0.1.0"
+#endif
+
 namespace negmine::client {
 namespace {
 
-constexpr char kUsage[] = R"(negmine: the negmine command-line client
+constexpr char kVersion[] = NEGMINE_VERSION;
 
-usage: negmine [--server HOST:PORT] COMMAND [options]
+constexpr char kHeader[] = R"(negmine: the negmine command-line client
 
-  --server HOST:PORT   the negmine-server to talk to (default 127.0.0.1:50051,
-                       or $NEGMINE_SERVER)
+usage: negmine [global options] COMMAND [options]
+       negmine help [COMMAND]      (or negmine COMMAND --help)
+       negmine --version
+
+global options:
+  --server HOST:PORT   the negmine-server to talk to (default $NEGMINE_SERVER,
+                       else 127.0.0.1:50051)
   --tls-ca CA.pem      use TLS, trusting this CA for the server's certificate
+                       (default: plaintext)
   --tls-cert C.pem --tls-key K.pem
-                       mTLS: this client's certificate and key
-  --token-file T       send the bearer token in T (or $NEGMINE_TOKEN)
+                       mTLS: this client's certificate and key (default: none)
+  --token-file T       send the bearer token in T (default $NEGMINE_TOKEN, else
+                       none)
+  Every unary call has a 600 s deadline.
+)";
 
-commands:
-  create   --collection C --dim D [--metric cosine|inner_product]
-           [--backend auto|cpu|cuda] [--device-dtype float32|float16|bfloat16] [--index tree|exact]
-           [--leaf-size L] [--branching B]
-           [--landmarks M] [--rebase-residual R] [--rebase-every S]
-  list
-  drop     --collection C
-  upsert   --collection C (--npy X.npy [--ids I.npy] | --fvecs X.fvecs |
+struct CommandHelp {
+  const char* name;
+  const char* text;
+};
+
+constexpr CommandHelp kCommands[] = {
+    {"create", R"(  create   --collection C --dim D [options]
+           Creates a collection (an index).
+           --metric cosine|inner_product       default cosine
+           --index tree|exact                  default tree
+           --backend auto|cpu|cuda             default auto (CUDA when built
+                                               and a GPU is visible)
+           --device-dtype float32|float16|bfloat16
+                                               default float32 (GPU storage)
+           --leaf-size L                       default 64 (tree)
+           --branching B                       default 16 (tree)
+           --num-landmarks M                   default 4 x dim, at least 64
+           --rebase-residual R                 default 0 (never re-base on
+                                               residual)
+           --rebase-every S                    default 0 (never re-base on
+                                               steps)
+           (--landmarks M is the old name of --num-landmarks.)
+)"},
+    {"list", R"(  list     Every collection with its size and version.
+)"},
+    {"drop", R"(  drop     --collection C
+           Removes a collection.
+)"},
+    {"upsert", R"(  upsert   --collection C (--npy X.npy [--ids I.npy] | --fvecs X.fvecs |
                            --random N [--seed S])
-           [--model-step T] [--id-offset O]
+           --model-step T                      default 0
+           --id-offset O                       default 0
+           --seed S                            default 1 (--random)
            Rows get ids O..O+n-1 unless --ids is given. I.npy holds one id
            per row: uint64 (any id up to 2^64-2), or int64 / int32 (a
            negative entry is refused). 2^64-1 is refused: it is the padding
            of the id arrays negmine writes. --random draws N drift-bench
            targets of the collection's dim.
-  delete   --collection C --ids 1,2,3 [--allow-missing]
-  mine     --collection C (--queries Q.npy | --random-queries N [--seed S])
-           --k K [--mode topk|sample|mixed] [--temperature T] [--num-hard H]
-           [--rank-offset R] [--with-replacement] [--sample-seed S]
-           [--sampler proposal|exact] [--approximate [--beam-width W]]
-           [--log-z [--log-z-width W]] [--exclude E.npy] [--json | --out R.npy]
-           [--queries-per-request N]
+)"},
+    {"delete", R"(  delete   --collection C --ids 1,2,3 [--allow-missing]
+           --allow-missing                     default off: an unknown id is
+                                               NOT_FOUND and nothing is deleted
+)"},
+    {"mine", R"(  mine     --collection C (--queries Q.npy | --random-queries N [--seed S])
+           --k K                               default 10
+           --mode topk|sample|mixed            default topk
+           --temperature T                     required for sample and mixed
+                                               (T > 0; no default)
+           --num-hard H                        default k/2 (mixed)
+           --rank-offset R                     default 0
+           --with-replacement                  default off (sampling)
+           --sample-seed S                     default 0: a fresh random seed
+           --sampler proposal|exact            default proposal
+           --approximate [--beam-width W]      default exact top-k; W default
+                                               0: the server's (256, 128 on
+                                               a GPU)
+           --log-z [--log-z-width W]           default off; W default 0.01
+           --exclude E.npy                     default none
+           --json                              default: a readable table
+           --out R.npy                         default: none
+           --queries-per-request N             default: as many as fit
+           --seed S                            default 1 (--random-queries)
            --random-queries draws drift-bench queries; use the seed the
            targets were generated with (the server's --generate_seed).
            E.npy is an n x m integer array of ids to exclude per query:
            uint64 (every id, 2^63 and above too; 2^64-1 is padding) or
-           int64 / int32 (negative entries are padding). --json prints one object per
-           query per line; --out writes ids (n x k uint64, missing entries
-           2^64-1) to R.npy, and R.scores.npy and R.log_q.npy beside it.
-           Any number of queries: they go over one MineStream in requests
-           of at most --queries-per-request N (default: as many as fit the
-           server's max_batch and message limit, read from GetIndexInfo),
-           and the results come back in query order.
+           int64 / int32 (negative entries are padding).
+           --json prints one object per query per line (query, ids, scores,
+           log_q, num_top, index_version; log_z_lo and log_z_hi with
+           --log-z). --out writes ids (n x k uint64, missing entries 2^64-1)
+           to R.npy, and R.scores.npy and R.log_q.npy (n x k float32) beside
+           it; both may be given.
+           Any number of queries: they go over one MineStream in requests of
+           at most N queries (by default as many as fit the server's
+           max_batch and message limit, read from GetIndexInfo), and the
+           results come back in query order.
            --log-z also returns each query's certified log Z interval over
-           its eligible targets (JSON log_z_lo / log_z_hi; R.log_z.npy, n x 2
-           float64 [lo, hi]), tightened to W nats (default 0.01). It costs
-           far more than the draws: off unless asked.
-  landmarks --collection C [--out L.npy]
+           its eligible targets (R.log_z.npy: n x 2 float64 [lo, hi]),
+           tightened to W nats. It costs far more than the draws.
+)"},
+    {"landmarks", R"(  landmarks --collection C [--ids-out L.npy] [--json]
            The ids to re-encode for the next drift update, and their
-           landmark epoch; --out writes the ids (uint64) to L.npy.
-  drift    --collection C --model-step T
-           (--landmarks G.npy --epoch E | --linear-a A.npy [--linear-b B.npy] |
-            --simulate [--seed S])
-           Applies a drift update: G.npy holds the landmarks re-encoded at
-           step T (in `landmarks` order); A.npy (dim x dim) and B.npy
-           (1 x dim) an exact linear map new = A old + b. --simulate
-           re-encodes the landmarks with the drift-bench encoder at step T,
-           for collections of drift-bench targets whose ids are their rows
-           (--random, or the server's --generate_targets).
-  batches  --queries X.npy --positives Y.npy --batch-size B --out batches.npy
-           [--neighbors K] [--quantile Q] [--seed S] [--keep-batch-order] [--sync]
+           landmark epoch (pass it to drift --epoch). --ids-out writes the
+           ids (m x 1 uint64) to L.npy; --json prints {"landmark_epoch": E,
+           "num_landmarks": m, "ids": [...]} instead of the summary line.
+           (--out is the old name of --ids-out.)
+)"},
+    {"drift", R"(  drift    --collection C --model-step T
+           (--landmark-embeddings G.npy --epoch E |
+            --linear-a A.npy [--linear-b B.npy] | --simulate [--seed S])
+           --seed S                            default 1 (--simulate)
+           Applies a drift update: G.npy holds the landmarks' embeddings
+           re-encoded at step T (m x dim float, in the order of landmarks
+           --ids-out); A.npy (dim x dim) and B.npy (1 x dim) an exact linear
+           map new = A old + b. --simulate re-encodes the landmarks with the
+           drift-bench encoder at step T, for collections of drift-bench
+           targets whose ids are their rows (--random, or the server's
+           --generate_targets).
+           (--landmarks G.npy is the old name of --landmark-embeddings.)
+)"},
+    {"batches", R"(  batches  --queries X.npy --positives Y.npy --batch-size B --out batches.npy
+           --neighbors K                       default 0: the server's (16)
+           --quantile Q                        default 0: off
+           --seed S                            default 1
+           --keep-batch-order                  default off: batches shuffled
+           --sync                              default off: a job
            Global contrastive batch sampling: orders the N training examples
            (row i of X and of Y) so that each batch holds hard negatives of
            each other. Writes the batches as a (num batches x B) uint64
@@ -98,27 +168,58 @@ commands:
            Runs as a server job (AssignBatches async, polled with
            GetBatchJob), whatever the size; --sync waits on one call instead,
            which the server refuses above its --max_sync_batch_examples.
-  snapshot
+)"},
+    {"snapshot", R"(  snapshot
            Writes a snapshot of every collection now (they are also taken
            periodically); recovery then replays only the log after it.
-  health   [--timeout-seconds T]
+)"},
+    {"health", R"(  health   [--timeout-seconds T]
+           --timeout-seconds T                 default 5
            grpc.health.v1 Check: exit 0 when the server is SERVING, 1 when
            it is not (or unreachable). For container health checks.
-  info     [--collection C]
-  generate (--targets N | --queries N) --dim D [--seed S] --out X.npy
-           Writes drift-bench vectors (step 0) to an .npy file.
-  help
+)"},
+    {"info", R"(  info     [--collection C]
+           One collection in detail (tree, drift, the server's limits), or
+           every collection in one line each.
+)"},
+    {"generate", R"(  generate (--targets N | --queries N) --dim D --out X.npy [--seed S]
+           --seed S                            default 1
+           Writes drift-bench vectors (step 0) to an .npy file; needs no
+           server.
+)"},
+};
 
-.npy files are float32 or float16 (or float64) in C order; .fvecs is int32 dim
-then dim float32 per vector.
+constexpr char kFooter[] = R"(
+.npy inputs: vectors are float32, float16 or float64 (converted to float32),
+1-D or 2-D, C order; ids are uint64, uint32, int64 or int32. .fvecs is, per
+vector, an int32 dim then dim float32. Exit codes: 0 ok, 2 bad input, 1 any
+other error.
 )";
+
+std::string Usage() {
+  std::string s = kHeader;
+  s += "\ncommands:\n";
+  for (const CommandHelp& c : kCommands) s += c.text;
+  s += "  help [COMMAND]\n";
+  return s + kFooter;
+}
+
+// The help of one command, or empty when there is no such command.
+std::string CommandUsage(const std::string& name) {
+  for (const CommandHelp& c : kCommands) {
+    if (name == c.name) return absl::StrCat("usage: negmine [global options] ", name,
+                                            " ...\n\n", c.text, kFooter);
+  }
+  return "";
+}
 
 // Parsed `--key value` / `--key=value` options and bare switches.
 class Args {
  public:
   static constexpr const char* kSwitches[] = {"json", "with-replacement", "approximate", "log-z",
                                               "allow-missing", "help", "simulate",
-                                              "keep-batch-order", "async", "sync"};
+                                              "keep-batch-order", "async", "sync",
+                                              "version"};
 
   absl::Status Parse(int argc, char** argv, int start) {
     for (int i = start; i < argc; ++i) {
@@ -126,6 +227,10 @@ class Args {
       if (a.rfind("--", 0) != 0) {
         if (command_.empty()) {
           command_ = a;
+          continue;
+        }
+        if (command_ == "help" && topic_.empty()) {
+          topic_ = a;
           continue;
         }
         return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", a, "'"));
@@ -150,6 +255,22 @@ class Args {
   }
 
   const std::string& command() const { return command_; }
+  // An option's old name still works, with a note on stderr.
+  absl::Status Rename(const std::string& old_name, const std::string& new_name,
+                      const std::string& why) {
+    auto it = values_.find(old_name);
+    if (it == values_.end()) return absl::OkStatus();
+    if (values_.count(new_name)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", old_name, " is the old name of --", new_name, "; give one of them"));
+    }
+    std::fprintf(stderr, "negmine: %s --%s is deprecated: use --%s (%s)\n", command_.c_str(),
+                 old_name.c_str(), new_name.c_str(), why.c_str());
+    values_[new_name] = it->second;
+    values_.erase(it);
+    return absl::OkStatus();
+  }
+  const std::string& topic() const { return topic_; }
   bool Has(const std::string& k) const {
     used_.insert(k);
     return values_.count(k) > 0;
@@ -194,6 +315,7 @@ class Args {
 
  private:
   std::string command_;
+  std::string topic_;  // `help TOPIC`
   std::map<std::string, std::string> values_;
   mutable std::set<std::string> used_;
 };
@@ -260,7 +382,7 @@ absl::Status Create(Client& c, const Args& a) {
   CLI_ASSIGN(branching, a.Number<uint32_t>("branching", 0));
   config.mutable_tree()->set_leaf_size(leaf_size);
   config.mutable_tree()->set_branching(branching);
-  CLI_ASSIGN(landmarks, a.Number<uint32_t>("landmarks", 0));
+  CLI_ASSIGN(landmarks, a.Number<uint32_t>("num-landmarks", 0));
   CLI_ASSIGN(rebase_residual, a.Number<double>("rebase-residual", 0));
   CLI_ASSIGN(rebase_every, a.Number<int64_t>("rebase-every", 0));
   config.mutable_drift()->set_num_landmarks(landmarks);
@@ -433,7 +555,12 @@ absl::Status Mine(Client& c, const Args& a) {
   else if (mode == "sample") p.set_mode(v1::MINE_MODE_SAMPLE);
   else if (mode == "mixed") p.set_mode(v1::MINE_MODE_MIXED);
   else return absl::InvalidArgumentError(absl::StrCat("--mode = '", mode, "': use topk, sample or mixed"));
-  CLI_ASSIGN(tau, a.Number<float>("temperature", 0.05f));
+  // The proto requires a temperature for SAMPLE and MIXED: no silent default.
+  if (p.mode() != v1::MINE_MODE_TOP_K && !a.Has("temperature")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--temperature T is required with --mode ", mode, " (the softmax is over s / T)"));
+  }
+  CLI_ASSIGN(tau, a.Number<float>("temperature", 0));
   p.set_temperature(tau);
   CLI_ASSIGN(num_hard, a.Number<uint32_t>("num-hard", k / 2));
   p.set_num_hard(num_hard);
@@ -510,9 +637,10 @@ absl::Status Mine(Client& c, const Args& a) {
         log_z_bounds[2 * row] = res.log_z_lo();
         log_z_bounds[2 * row + 1] = res.log_z_hi();
       }
-    } else if (json) {
+    }
+    if (json) {
       PrintJson(r, begin, log_z);
-    } else {
+    } else if (out.empty()) {
       PrintTable(r, begin);
     }
   };
@@ -558,7 +686,8 @@ absl::Status Mine(Client& c, const Args& a) {
     std::fprintf(stderr, "wrote %s.npy, %s.scores.npy, %s.log_q.npy%s\n", stem.c_str(),
                  stem.c_str(), stem.c_str(),
                  log_z ? absl::StrCat(", ", stem, ".log_z.npy").c_str() : "");
-  } else if (!json) {
+  }
+  if (!json && out.empty()) {
     if (first_version == last_version) {
       std::printf("\nindex version %" PRIu64 "\n", last_version);
     } else {
@@ -606,15 +735,19 @@ absl::Status Info(Client& c, const Args& a) {
 
 absl::Status Landmarks(Client& c, const Args& a) {
   CLI_ASSIGN(collection, a.Required("collection"));
-  const std::string out = a.Get("out");
+  const std::string out = a.Get("ids-out");
+  const bool json = a.Has("json");
   CLI_CHECK(a.CheckAllUsed());
   CLI_ASSIGN(resp, c.GetLandmarks(collection));
   const std::vector<uint64_t> ids(resp.ids().begin(), resp.ids().end());
-  std::printf("landmark epoch %" PRIu64 ": %zu landmarks\n", resp.landmark_epoch(), ids.size());
-  if (!out.empty()) {
-    CLI_CHECK(SaveNpy(out, ids.size(), 1, ids));
-    std::printf("wrote their ids to %s\n", out.c_str());
+  if (!out.empty()) CLI_CHECK(SaveNpy(out, ids.size(), 1, ids));
+  if (json) {
+    std::printf("{\"landmark_epoch\": %" PRIu64 ", \"num_landmarks\": %zu, \"ids\": [%s]}\n",
+                resp.landmark_epoch(), ids.size(), absl::StrJoin(ids, ", ").c_str());
+    return absl::OkStatus();
   }
+  std::printf("landmark epoch %" PRIu64 ": %zu landmarks\n", resp.landmark_epoch(), ids.size());
+  if (!out.empty()) std::printf("wrote their ids to %s\n", out.c_str());
   return absl::OkStatus();
 }
 
@@ -637,12 +770,13 @@ absl::Status Drift(Client& c, const Args& a) {
     const std::vector<size_t> rows(lm.ids().begin(), lm.ids().end());
     resp = c.ApplyDrift(collection, step, lm.landmark_epoch(),
                         bench.EncodeTargets(static_cast<double>(step), rows), dim);
-  } else if (a.Has("landmarks")) {
+  } else if (a.Has("landmark-embeddings")) {
     CLI_ASSIGN(epoch, a.Number<uint64_t>("epoch", 0));
     if (!a.Has("epoch")) {
-      return absl::InvalidArgumentError("--epoch is required with --landmarks (see `negmine landmarks`)");
+      return absl::InvalidArgumentError(
+          "--epoch is required with --landmark-embeddings (see `negmine landmarks`)");
     }
-    CLI_ASSIGN(g, LoadNpyFloat(a.Get("landmarks")));
+    CLI_ASSIGN(g, LoadNpyFloat(a.Get("landmark-embeddings")));
     CLI_CHECK(a.CheckAllUsed());
     resp = c.ApplyDrift(collection, step, epoch, g.data, g.cols);
   } else if (a.Has("linear-a")) {
@@ -655,7 +789,8 @@ absl::Status Drift(Client& c, const Args& a) {
     CLI_CHECK(a.CheckAllUsed());
     resp = c.ApplyLinearMap(collection, step, m.data, b, m.cols);
   } else {
-    return absl::InvalidArgumentError("give one of --landmarks, --linear-a or --simulate");
+    return absl::InvalidArgumentError(
+        "give one of --landmark-embeddings, --linear-a or --simulate");
   }
   if (!resp.ok()) return resp.status();
   std::printf("drift at step %" PRId64 ": kernel=%s held-out residual %.4f (no correction %.4f) "
@@ -794,9 +929,31 @@ absl::Status Run(int argc, char** argv) {
   Args a;
   CLI_CHECK(a.Parse(argc, argv, 1));
   const std::string& cmd = a.command();
-  if (cmd.empty() || cmd == "help" || a.Has("help")) {
-    std::fputs(kUsage, stdout);
+  if (a.Has("version")) {
+    std::printf("negmine %s\n", kVersion);
     return absl::OkStatus();
+  }
+  if (cmd.empty() || cmd == "help" || a.Has("help")) {
+    const std::string topic = cmd == "help" ? a.topic() : cmd;
+    if (topic.empty()) {
+      std::fputs(Usage().c_str(), stdout);
+      return absl::OkStatus();
+    }
+    const std::string text = CommandUsage(topic);
+    if (text.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown command '", topic, "'; run 'negmine help'"));
+    }
+    std::fputs(text.c_str(), stdout);
+    return absl::OkStatus();
+  }
+  if (cmd == "create") {
+    CLI_CHECK(a.Rename("landmarks", "num-landmarks", "the number of landmarks per set"));
+  } else if (cmd == "landmarks") {
+    CLI_CHECK(a.Rename("out", "ids-out", "it writes the landmark ids"));
+  } else if (cmd == "drift") {
+    CLI_CHECK(a.Rename("landmarks", "landmark-embeddings",
+                       "it reads the landmarks' re-encoded embeddings"));
   }
   if (cmd == "generate") return Generate(a);
   const char* env = std::getenv("NEGMINE_SERVER");

@@ -228,10 +228,21 @@ check(np.array([r["ids"] for r in rows], dtype=np.uint64), np.array([r["scores"]
 PY
 
 # Drift: landmarks, a simulated update, a landmark file, a linear map.
-nm create --collection drifty --dim 16 --landmarks 64 >/dev/null
+nm create --collection drifty --dim 16 --num-landmarks 64 >/dev/null
 nm upsert --collection drifty --random 2000 --seed 3 >/dev/null
-nm landmarks --collection drifty --out "$tmp/lm.npy" | grep -q "landmark epoch 1: 64 landmarks" \
+nm landmarks --collection drifty --ids-out "$tmp/lm.npy" | grep -q "landmark epoch 1: 64 landmarks" \
   || fail "landmarks"
+nm landmarks --collection drifty --json --ids-out "$tmp/lm2.npy" > "$tmp/lm.json"
+/usr/bin/python3 -c "
+import json, numpy as np
+j = json.load(open('$tmp/lm.json'))
+assert j['landmark_epoch'] == 1 and j['num_landmarks'] == 64, j
+assert j['ids'] == np.load('$tmp/lm.npy').ravel().tolist() == np.load('$tmp/lm2.npy').ravel().tolist()
+" || fail "landmarks --json"
+# The old name still works, with a note.
+nm landmarks --collection drifty --out "$tmp/lm_old.npy" 2> "$tmp/lm_old.err" >/dev/null
+grep -q "deprecated: use --ids-out" "$tmp/lm_old.err" || fail "no deprecation note"
+cmp -s "$tmp/lm.npy" "$tmp/lm_old.npy" || fail "landmarks --out"
 nm drift --collection drifty --model-step 5 --simulate --seed 3 | grep -q "drift at step 5: kernel=" \
   || fail "drift --simulate"
 nm info --collection drifty | grep -q "drift: step=5" || fail "info shows the drift state"
@@ -241,8 +252,8 @@ ids = np.load('$tmp/lm.npy')
 assert ids.shape == (64, 1) and ids.dtype == np.uint64, (ids.shape, ids.dtype)
 np.save('$tmp/g.npy', np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32))
 np.save('$tmp/eye.npy', np.eye(16, dtype=np.float32))"
-nm drift --collection drifty --model-step 6 --landmarks "$tmp/g.npy" --epoch 1 | grep -q "step 6" \
-  || fail "drift --landmarks"
+nm drift --collection drifty --model-step 6 --landmark-embeddings "$tmp/g.npy" --epoch 1 \
+  | grep -q "step 6" || fail "drift --landmark-embeddings"
 nm drift --collection drifty --model-step 7 --linear-a "$tmp/eye.npy" | grep -q "re-based" \
   || fail "drift --linear-a"
 set +e
@@ -250,6 +261,7 @@ err=$(nm drift --collection drifty --model-step 8 --landmarks "$tmp/g.npy" --epo
 set -e
 [ "$rc" = 1 ] || fail "exit code $rc for a stale landmark epoch"
 echo "$err" | grep -q "FAILED_PRECONDITION" || fail "message: $err"
+echo "$err" | grep -q "deprecated: use --landmark-embeddings" || fail "no deprecation note: $err"
 
 # Batches: 500 examples and 2000, above the server's synchronous limit (1000
 # here). Both run as a job asked for up front: no call fails on the way
@@ -297,6 +309,34 @@ err=$(nm batches --queries "$tmp/bx.npy" --positives "$tmp/by.npy" --batch-size 
 set -e
 [ "$rc" = 1 ] || fail "exit code $rc for --sync above the limit"
 echo "$err" | grep -q "RESOURCE_EXHAUSTED.*max_sync_batch_examples" || fail "message: $err"
+
+# Help: every option of every command with its default; one command's
+# help alone; --version.
+nm help > "$tmp/help.txt"
+for want in "--k K  *default 10" "--num-hard H  *default k/2" "--mode topk|sample|mixed  *default topk" \
+    "--temperature T  *required for sample and mixed" "--sample-seed S  *default 0" \
+    "--metric cosine|inner_product  *default cosine" "--index tree|exact  *default tree" \
+    "--leaf-size L  *default 64" "--timeout-seconds T  *default 5" "--neighbors K  *default 0" \
+    "--model-step T  *default 0" "--log-z \[--log-z-width W\]  *default off; W default 0.01" \
+    "float32, float16 or float64"; do
+  grep -q -- "$want" "$tmp/help.txt" || fail "help lacks '$want'"
+done
+"$cli" mine --help > "$tmp/help_mine.txt"
+grep -q -- "--k K  *default 10" "$tmp/help_mine.txt" || fail "mine --help"
+grep -q -- "--dim D" "$tmp/help_mine.txt" && fail "mine --help shows other commands"
+"$cli" help batches | grep -q -- "--sync  *default off" || fail "help batches"
+"$cli" --version | grep -Eq "^negmine [0-9]+\.[0-9]+\.[0-9]+" || fail "--version"
+# Sampling needs a temperature (the proto requires one): no silent default.
+set +e
+err=$(nm mine --collection default --queries "$tmp/q.npy" --k 4 --mode sample 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 2 ] || fail "exit code $rc for --mode sample without --temperature"
+echo "$err" | grep -q -- "--temperature T is required with --mode sample" || fail "message: $err"
+# --json and --out together: both.
+nm mine --collection default --queries "$tmp/q.npy" --k 5 --json --out "$tmp/both.npy" \
+  > "$tmp/both.json" 2>/dev/null
+cmp -s "$tmp/both.json" "$tmp/out.json" || fail "--json with --out: not the same JSON"
+cmp -s "$tmp/both.npy" "$tmp/r.npy" || fail "--json with --out: not the same ids"
 
 # Bad input: exit code 2 and a message naming the field and value.
 set +e
