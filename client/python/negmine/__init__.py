@@ -17,6 +17,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+try:
+    importlib.import_module("negmine.v1.negmine_pb2")  # generated at build time
+except ModuleNotFoundError as _e:
+    if not (_e.name or "").startswith("negmine.v1"):
+        raise
+    raise ImportError(
+        "negmine's gRPC stubs (negmine/v1/negmine_pb2.py) are missing: install the "
+        "package (`make python`, or pip install --no-deps --no-build-isolation "
+        "client/python), or, in a source checkout, run "
+        "`/usr/bin/python3 client/python/setup.py gen_stubs`") from None
+
 from negmine.client import DEFAULT_COLLECTION, RETRY_POLICY, Client
 from negmine.drift import DriftUpdater
 from negmine.errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
