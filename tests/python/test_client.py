@@ -681,6 +681,30 @@ class ServerLifecycleTest(unittest.TestCase):
             with self.assertRaises(negmine.Unauthenticated) as cm:
                 anonymous.list_collections()
             self.assertEqual(cm.exception.code, grpc.StatusCode.UNAUTHENTICATED)
+
+            # The server dies under a Prefetcher: the buffered results, then
+            # Unavailable, then the end; nothing hangs.
+            rng = np.random.default_rng(9)
+            client.create_collection("p", dim=8, metric="ip", index="exact")
+            client.upsert("p", np.arange(100), rng.standard_normal((100, 8)))
+
+            def endless():
+                while True:
+                    yield rng.standard_normal((4, 8)).astype(np.float32)
+
+            with negmine.Prefetcher(client, endless(), k=3, depth=2, collection="p") as pf:
+                self.assertEqual(next(pf).ids.shape, (4, 3))
+                server.proc.kill()
+                server.proc.wait()
+                got = 0
+                with self.assertRaises(negmine.Unavailable):
+                    while True:
+                        next(pf)
+                        got += 1
+                self.assertLessEqual(got, 2)
+                with self.assertRaises(StopIteration):
+                    next(pf)
+            self.assertFalse(pf._reader.is_alive())
         finally:
             client.close()
             anonymous.close()
