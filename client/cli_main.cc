@@ -52,7 +52,10 @@ global options:
                        mTLS: this client's certificate and key (default: none)
   --token-file T       send the bearer token in T (default $NEGMINE_TOKEN, else
                        none)
-  Every unary call has a 600 s deadline.
+  Every unary call has a 600 s deadline. A call answered UNAVAILABLE (the
+  server is starting or recovering) is retried with backoff, 5 attempts in
+  all (the waits add up to at most 16.5 s); `negmine health --wait S` first
+  waits longer.
 )";
 
 struct CommandHelp {
@@ -173,10 +176,13 @@ constexpr CommandHelp kCommands[] = {
            Writes a snapshot of every collection now (they are also taken
            periodically); recovery then replays only the log after it.
 )"},
-    {"health", R"(  health   [--timeout-seconds T]
+    {"health", R"(  health   [--timeout-seconds T] [--wait SECONDS]
            --timeout-seconds T                 default 5
+           --wait SECONDS                      default 0: ask once
            grpc.health.v1 Check: exit 0 when the server is SERVING, 1 when
            it is not (or unreachable). For container health checks.
+           --wait waits up to SECONDS for SERVING (Health/Watch): through a
+           server not listening yet and through its recovery.
 )"},
     {"info", R"(  info     [--collection C]
            One collection in detail (tree, drift, the server's limits), or
@@ -412,6 +418,9 @@ absl::Status Upsert(Client& c, const Args& a) {
   CLI_ASSIGN(collection, a.Required("collection"));
   CLI_ASSIGN(step, a.Number<int64_t>("model-step", 0));
   CLI_ASSIGN(offset, a.Number<uint64_t>("id-offset", 0));
+  // A unary call first: retried while the server recovers, where the
+  // stream, once past gRPC's retry buffer, would not be.
+  CLI_ASSIGN(dim, CollectionDim(c, collection));
   Array<float> x;
   if (a.Has("npy")) {
     CLI_ASSIGN(loaded, LoadNpyFloat(a.Get("npy")));
@@ -422,12 +431,15 @@ absl::Status Upsert(Client& c, const Args& a) {
   } else if (a.Has("random")) {
     CLI_ASSIGN(n, a.Number<uint64_t>("random", 0));
     CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
-    CLI_ASSIGN(dim, CollectionDim(c, collection));
     DriftBench bench({.num_targets = n, .num_queries = 0,
                       .dim = static_cast<int>(dim), .seed = seed});
     x = {n, dim, bench.Targets(0)};
   } else {
     return absl::InvalidArgumentError("give one of --npy, --fvecs or --random");
+  }
+  if (x.cols != dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the vectors have dim ", x.cols, " but collection '", collection, "' has dim ", dim));
   }
   std::vector<uint64_t> ids(x.rows);
   if (a.Has("ids")) {
@@ -830,6 +842,9 @@ absl::Status Batches(Client& c, const Args& a) {
   first.mutable_params()->set_quantile(quantile);
   first.mutable_params()->set_keep_batch_order(keep_order);
   first.set_async(!sync);
+  // A unary call first: retried while the server recovers, where the
+  // stream, once past gRPC's retry buffer, would not be.
+  CLI_CHECK(c.ListCollections().status());
   CLI_ASSIGN(resp, c.AssignBatches(first, q.data, p.data, q.cols));
   v1::AssignBatchesResponse result = std::move(resp);
   if (!sync) {
@@ -874,7 +889,14 @@ absl::Status Batches(Client& c, const Args& a) {
 // 08 01 (field 1, varint 1).
 absl::Status Health(Client& c, const Args& a) {
   CLI_ASSIGN(timeout, a.Number<double>("timeout-seconds", 5));
+  CLI_ASSIGN(wait, a.Number<double>("wait", 0));
   CLI_CHECK(a.CheckAllUsed());
+  if (wait < 0) return absl::InvalidArgumentError("--wait SECONDS must be >= 0");
+  if (wait > 0) {
+    CLI_CHECK(c.WaitForServing(std::chrono::milliseconds(static_cast<int64_t>(wait * 1000))));
+    std::printf("SERVING\n");
+    return absl::OkStatus();
+  }
   grpc::GenericStub stub(c.channel());
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 
+#include <grpcpp/generic/generic_stub.h>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace negmine::client {
 
@@ -34,11 +37,26 @@ void BuildMineRequest(const std::string& collection,
   *request->mutable_params() = params;
 }
 
+std::string RetryServiceConfig(const ClientOptions& options) {
+  if (options.retry_max_attempts <= 1) return "{}";
+  return absl::StrFormat(
+      R"({"methodConfig": [{"name": [{"service": "negmine.v1.NegativeMiner"}], )"
+      R"("retryPolicy": {"maxAttempts": %d, "initialBackoff": "%.3fs", "maxBackoff": "%.3fs", )"
+      R"("backoffMultiplier": %g, "retryableStatusCodes": ["UNAVAILABLE"]}}]})",
+      std::min(options.retry_max_attempts, 5), options.retry_initial_backoff.count() / 1000.0,
+      std::max(options.retry_max_backoff, options.retry_initial_backoff).count() / 1000.0,
+      std::max(options.retry_backoff_multiplier, 1.0));
+}
+
 std::unique_ptr<Client> Client::Connect(const std::string& target,
                                         const ClientOptions& options) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   args.SetMaxSendMessageSize(-1);
+  // Retries are on by default in gRPC >= 1.40 (1.51 here); said anyway, as
+  // the service config's retry policy depends on it.
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, options.retry_max_attempts > 1 ? 1 : 0);
+  args.SetServiceConfigJSON(RetryServiceConfig(options));
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (!options.tls_root_certs.empty() || !options.tls_cert_chain.empty()) {
     credentials = grpc::SslCredentials({.pem_root_certs = options.tls_root_certs,
@@ -70,6 +88,65 @@ absl::Status Client::WaitForReady(std::chrono::milliseconds timeout) {
   }
   return absl::UnavailableError(
       absl::StrCat("no connection to the server within ", timeout.count(), " ms"));
+}
+
+absl::Status Client::WaitForServing(std::chrono::milliseconds timeout) {
+  grpc::GenericStub stub(channel_);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  ctx.set_wait_for_ready(true);  // through "connection refused" until the deadline
+  grpc::CompletionQueue cq;
+  auto next = [&cq]() {
+    void* tag;
+    bool ok = false;
+    return cq.Next(&tag, &ok) && ok;
+  };
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call =
+      stub.PrepareCall(&ctx, "/grpc.health.v1.Health/Watch", &cq);
+  // HealthCheckRequest{service: ""} is the empty message; each response is
+  // HealthCheckResponse{status}: SERVING is the bytes 08 01.
+  std::string last = "no answer";
+  bool serving = false;
+  call->StartCall(nullptr);
+  if (next()) {
+    grpc::Slice empty;
+    grpc::ByteBuffer request(&empty, 1);
+    call->Write(request, nullptr);
+    if (next()) {
+      call->WritesDone(nullptr);
+      next();
+      while (!serving) {
+        grpc::ByteBuffer response;
+        call->Read(&response, nullptr);
+        if (!next()) break;
+        std::vector<grpc::Slice> slices;
+        std::string bytes;
+        if (response.Dump(&slices).ok()) {
+          for (const grpc::Slice& sl : slices) {
+            bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+          }
+        }
+        serving = bytes == std::string("\x08\x01", 2);
+        last = bytes == std::string("\x08\x02", 2) ? "NOT_SERVING" : serving ? "SERVING" : "UNKNOWN";
+      }
+    }
+  }
+  if (serving) ctx.TryCancel();
+  grpc::Status status;
+  call->Finish(&status, nullptr);
+  next();
+  cq.Shutdown();
+  void* tag;
+  bool ok;
+  while (cq.Next(&tag, &ok)) {
+  }
+  if (serving) return absl::OkStatus();
+  if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the server was not SERVING within ", timeout.count() / 1000.0, " s (last health: ",
+        last, last == "no answer" ? ", no connection" : "", ")"));
+  }
+  return FromGrpc(status, "Health/Watch");
 }
 
 absl::StatusOr<v1::CollectionInfo> Client::CreateCollection(

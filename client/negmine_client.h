@@ -61,7 +61,23 @@ struct ClientOptions {
   std::string tls_cert_chain, tls_private_key;
   // Sent as "authorization: Bearer <auth_token>" on every call; empty: none.
   std::string auth_token;
+  // A call answered UNAVAILABLE (the server is starting or recovering its
+  // data dir, or not reachable yet) is retried by gRPC's retry policy, set
+  // in the channel's service config for every NegativeMiner method: at most
+  // retry_max_attempts attempts in all (gRPC caps it at 5; 1 turns retries
+  // off), the n-th retry after a random wait in [0, min(initial * m^(n-1),
+  // max)], and never past the call's deadline. With the defaults the waits
+  // add up to at most 16.5 s; to wait longer for a recovery, call
+  // WaitForServing first. A streaming call is retried only until it has
+  // sent more than gRPC's retry buffer (256 KiB) or received a response.
+  int retry_max_attempts = 5;
+  std::chrono::milliseconds retry_initial_backoff{500};
+  std::chrono::milliseconds retry_max_backoff{10000};
+  double retry_backoff_multiplier = 3;
 };
+
+// The channel's service config for `options`: the retry policy above.
+std::string RetryServiceConfig(const ClientOptions& options);
 
 // grpc::Status -> absl::Status, with `rpc` prefixed to the message.
 absl::Status FromGrpc(const grpc::Status& status, const char* rpc);
@@ -85,6 +101,13 @@ class Client {
 
   // Waits until the channel is ready, up to `timeout`.
   absl::Status WaitForReady(std::chrono::milliseconds timeout);
+
+  // Waits until grpc.health.v1 says SERVING (the data dir recovered and the
+  // indexes loaded), up to `timeout`: a Health/Watch stream that waits for
+  // the connection too (wait_for_ready), so the server may not be up yet.
+  // DEADLINE_EXCEEDED with the last status seen when it is not SERVING in
+  // time.
+  absl::Status WaitForServing(std::chrono::milliseconds timeout);
 
   absl::StatusOr<v1::CollectionInfo> CreateCollection(
       const v1::CollectionConfig& config);

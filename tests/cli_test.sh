@@ -338,6 +338,56 @@ nm mine --collection default --queries "$tmp/q.npy" --k 5 --json --out "$tmp/bot
 cmp -s "$tmp/both.json" "$tmp/out.json" || fail "--json with --out: not the same JSON"
 cmp -s "$tmp/both.npy" "$tmp/r.npy" || fail "--json with --out: not the same ids"
 
+# Waiting. A stand-in server answers ListCollections UNAVAILABLE three
+# times ("starting"), then an empty list: the client's retry policy (the
+# channel's service config) gets through it, one attempt per answer.
+/usr/bin/python3 - "$tmp" <<'PY' &
+import sys, grpc
+from concurrent import futures
+tmp = sys.argv[1]
+calls = []
+def list_collections(request, context):
+    calls.append(1)
+    open(tmp + "/fake_calls", "w").write(str(len(calls)))
+    if len(calls) <= 3:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting")
+    return b""  # an empty ListCollectionsResponse
+handler = grpc.method_handlers_generic_handler("negmine.v1.NegativeMiner", {
+    "ListCollections": grpc.unary_unary_rpc_method_handler(list_collections)})
+server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+open(tmp + "/fake_port.tmp", "w").write(str(port))
+import os; os.rename(tmp + "/fake_port.tmp", tmp + "/fake_port")
+server.wait_for_termination(timeout=120)
+PY
+fake=$!
+for _ in $(seq 600); do [ -s "$tmp/fake_port" ] && break; sleep 0.05; done
+"$cli" --server "127.0.0.1:$(cat "$tmp/fake_port")" list > "$tmp/fake_out" 2>&1 \
+  || fail "no retry through UNAVAILABLE: $(cat "$tmp/fake_out")"
+grep -q "no collections" "$tmp/fake_out" || fail "list: $(cat "$tmp/fake_out")"
+[ "$(cat "$tmp/fake_calls")" = 4 ] || fail "$(cat "$tmp/fake_calls") attempts, not 4"
+kill "$fake"; wait "$fake" 2>/dev/null || true
+# health --wait: started before the server listens, it waits through the
+# refused connection and the recovery, and says SERVING; with nothing to
+# wait for, it gives up at its deadline with exit code 1.
+wport=$(/usr/bin/python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$cli" --server "127.0.0.1:$wport" health --wait 120 > "$tmp/wait_out" 2>&1 &
+waiter=$!
+"$server_bin" --listen="127.0.0.1:$wport" --data_dir="$tmp/data3" --metrics_listen= \
+  --log_level=warning --default_dim=16 --generate_targets=20000 &
+pid2=$!
+wait "$waiter" || fail "health --wait: $(cat "$tmp/wait_out")"
+grep -q "^SERVING$" "$tmp/wait_out" || fail "health --wait: $(cat "$tmp/wait_out")"
+"$cli" --server "127.0.0.1:$wport" info --collection default | grep -q "targets=20000" \
+  || fail "not SERVING after health --wait"
+kill "$pid2"; wait "$pid2" 2>/dev/null || true
+set +e
+err=$("$cli" --server "127.0.0.1:$wport" health --wait 1 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 1 ] || fail "exit code $rc for health --wait with no server"
+echo "$err" | grep -q "DEADLINE_EXCEEDED: the server was not SERVING within 1 s" || fail "message: $err"
+
 # Bad input: exit code 2 and a message naming the field and value.
 set +e
 err=$(nm mine --collection default --queries "$tmp/q.npy" --k 0 2>&1 >/dev/null); rc=$?
