@@ -24,12 +24,13 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-#include <prometheus/exposer.h>
+#include <grpcpp/support/server_interceptor.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/index.h"
 #include "core/persist/wal.h"
@@ -38,6 +39,7 @@
 #include "core/store/drift_bench.h"
 #include "server/log.h"
 #include "server/metrics.h"
+#include "server/metrics_http.h"
 #include "server/durability.h"
 #include "server/service.h"
 
@@ -82,6 +84,10 @@ ABSL_FLAG(std::string, tls_client_ca, "",
 ABSL_FLAG(std::string, auth_token_file, "",
           "A file holding a bearer token; every negmine.v1 call must then send "
           "'authorization: Bearer <token>' (the health service stays open)");
+ABSL_FLAG(std::string, reflection, "auto",
+          "gRPC server reflection: auto (needs the bearer token when --auth_token_file is "
+          "set, open otherwise), on (open, also with a token), off. A refused reflection "
+          "call ends CANCELLED.");
 ABSL_FLAG(std::string, wal_sync, "always",
           "always: every acknowledged change is fsynced first (concurrent ones share an "
           "fsync); never: the OS writes the log back (survives a server crash, not a "
@@ -112,6 +118,51 @@ ABSL_FLAG(std::string, log_level, "info", "debug | info | warning | error");
 
 namespace negmine::server {
 namespace {
+
+// Server reflection (grpc.reflection.*) is a plugin that the gRPC library
+// registers by itself, outside the service's token check. This interceptor
+// cancels its calls before they run unless the policy allows them: kOpen,
+// kToken (the same bearer token as every negmine call), kNever. A refused
+// call ends CANCELLED (an interceptor cannot choose the status).
+class ReflectionGuard final : public grpc::experimental::Interceptor {
+ public:
+  enum Policy { kOpen, kToken, kNever };
+  ReflectionGuard(grpc::experimental::ServerRpcInfo* info, Policy policy,
+                  const std::string& token)
+      : info_(info), policy_(policy), token_(token) {}
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::POST_RECV_INITIAL_METADATA) &&
+        absl::StartsWith(info_->method(), "/grpc.reflection.")) {
+      const bool allowed =
+          policy_ == kOpen ||
+          (policy_ == kToken && CheckBearerToken(*methods->GetRecvInitialMetadata(), token_).ok());
+      if (!allowed) info_->server_context()->TryCancel();
+    }
+    methods->Proceed();
+  }
+
+ private:
+  grpc::experimental::ServerRpcInfo* const info_;
+  const Policy policy_;
+  const std::string& token_;
+};
+
+class ReflectionGuardFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  ReflectionGuardFactory(ReflectionGuard::Policy policy, std::string token)
+      : policy_(policy), token_(std::move(token)) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new ReflectionGuard(info, policy_, token_);
+  }
+
+ private:
+  const ReflectionGuard::Policy policy_;
+  const std::string token_;
+};
 
 // Holds an exclusive flock on <data_dir>/LOCK for the life of the process.
 absl::Status LockDataDir(const std::string& dir) {
@@ -259,18 +310,17 @@ int Run() {
   }
 
   Metrics metrics;
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<MetricsHttpServer> metrics_http;
   const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   if (!metrics_listen.empty()) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(metrics_listen);
-    } catch (const std::exception& e) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> http =
+        MetricsHttpServer::Start(metrics_listen, {metrics.registry(), metrics.process()});
+    if (!http.ok()) {
       Log(LogLevel::kError, "cannot serve metrics",
-          {{"address", metrics_listen}, {"error", e.what()}});
+          {{"address", metrics_listen}, {"error", http.status().ToString()}});
       return 1;
     }
-    exposer->RegisterCollectable(metrics.registry());
-    exposer->RegisterCollectable(metrics.process());
+    metrics_http = *std::move(http);
   }
 
   int threads = absl::GetFlag(FLAGS_worker_threads);
@@ -310,7 +360,16 @@ int Run() {
   NegativeMinerService service(options, &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);
+  const std::string reflection = absl::GetFlag(FLAGS_reflection);
+  if (reflection != "auto" && reflection != "on" && reflection != "off") {
+    Log(LogLevel::kError, "bad --reflection", {{"value", reflection}, {"want", "auto|on|off"}});
+    return 2;
+  }
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  if (reflection == "on" && !token.empty()) {
+    Log(LogLevel::kWarning, "server reflection answers without the bearer token",
+        {{"flag", "--reflection=on"}});
+  }
   grpc::ServerBuilder builder;
   const std::string listen = absl::GetFlag(FLAGS_listen);
   int port = 0;
@@ -320,6 +379,14 @@ int Run() {
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
   builder.RegisterService(&service);
+  // The reflection service sits outside NegativeMinerService's checks.
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> guards;
+  guards.push_back(std::make_unique<ReflectionGuardFactory>(
+      reflection == "off" ? ReflectionGuard::kNever
+      : reflection == "on" || token.empty() ? ReflectionGuard::kOpen
+                                            : ReflectionGuard::kToken,
+      token));
+  builder.experimental().SetInterceptorCreators(std::move(guards));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     Log(LogLevel::kError, "cannot listen", {{"address", listen}});

@@ -114,8 +114,12 @@ absl::Status NegativeMinerService::Authorize(const grpc::CallbackServerContext* 
 }
 
 absl::Status NegativeMinerService::CheckToken(const grpc::CallbackServerContext* ctx) const {
-  if (options_.auth_token.empty()) return absl::OkStatus();
-  const auto& md = ctx->client_metadata();
+  return CheckBearerToken(ctx->client_metadata(), options_.auth_token);
+}
+
+absl::Status CheckBearerToken(const std::multimap<grpc::string_ref, grpc::string_ref>& md,
+                              const std::string& want) {
+  if (want.empty()) return absl::OkStatus();
   auto it = md.find("authorization");
   if (it == md.end()) {
     return absl::UnauthenticatedError(
@@ -123,7 +127,6 @@ absl::Status NegativeMinerService::CheckToken(const grpc::CallbackServerContext*
         "<token>'");
   }
   absl::string_view value(it->second.data(), it->second.size());
-  const std::string& want = options_.auth_token;
   bool ok = absl::ConsumePrefix(&value, "Bearer ") && value.size() == want.size();
   // Compared in constant time for tokens of the right length.
   unsigned char diff = 0;
@@ -194,36 +197,56 @@ absl::Status NegativeMinerService::Enqueue(std::function<void()> task) {
       kRetryAfterMs, " ms or more, with backoff"));
 }
 
-template <typename Work>
-grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(
-    grpc::CallbackServerContext* ctx, const char* method, Work work) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+// One unary call's reactor, owning its parsed request and its response.
+template <typename Req, typename Resp>
+class UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  Req request;
+  Resp response;
+  void OnDone() override { delete this; }
+};
+
+template <typename Req, typename Resp, typename Work>
+grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(grpc::CallbackServerContext* ctx,
+                                                         const char* method,
+                                                         const grpc::ByteBuffer* in,
+                                                         grpc::ByteBuffer* out, Work work) {
+  auto* call = new UnaryCall<Req, Resp>();
   const Clock::time_point start = Clock::now();
   if (absl::Status auth = Authorize(ctx, method); !auth.ok()) {
-    reactor->Finish(ToGrpc(auth));
-    return reactor;
+    call->Finish(ToGrpc(auth));
+    return call;
   }
-  absl::Status queued = Enqueue([this, ctx, reactor, method, start, work = std::move(work)]() {
-    absl::Status status;
-    if (!ready()) {
-      status = NotReady();
-    } else if (ctx->IsCancelled()) {
-      // The client is gone or its deadline passed: do no work for it.
-      status = absl::CancelledError("the call was cancelled before it ran");
-    } else {
-      status = work();
-    }
-    const grpc::Status g = ToGrpc(status);
-    metrics_->ObserveRequest(method, CodeName(g.error_code()),
-                             SecondsSince(start));
-    reactor->Finish(g);
-  });
+  absl::Status queued =
+      Enqueue([this, ctx, call, in, out, method, start, work = std::move(work)]() {
+        absl::Status status;
+        if (!ready()) {
+          status = NotReady();
+        } else if (ctx->IsCancelled()) {
+          // The client is gone or its deadline passed: do no work for it.
+          status = absl::CancelledError("the call was cancelled before it ran");
+        } else {
+          grpc::ByteBuffer copy(*in);  // Deserialize consumes its buffer
+          const size_t bytes = copy.Length();
+          if (!grpc::SerializationTraits<Req>::Deserialize(&copy, &call->request).ok()) {
+            status = absl::InvalidArgumentError(
+                absl::StrCat("the ", method, " request (", bytes, " bytes) does not parse as ",
+                             Req::descriptor()->full_name()));
+          } else {
+            status = work(&call->request, &call->response);
+            if (status.ok()) SerializeTo(call->response, out);
+          }
+        }
+        const grpc::Status g = ToGrpc(status);
+        metrics_->ObserveRequest(method, CodeName(g.error_code()), SecondsSince(start));
+        call->Finish(g);
+      });
   if (!queued.ok()) {
     ctx->AddTrailingMetadata("retry-after-ms", absl::StrCat(kRetryAfterMs));
     metrics_->ObserveRequest(method, CodeName(grpc::StatusCode::RESOURCE_EXHAUSTED), 0);
-    reactor->Finish(ToGrpc(queued));
+    call->Finish(ToGrpc(queued));
   }
-  return reactor;
+  return call;
 }
 
 absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offset,
@@ -481,10 +504,12 @@ void NegativeMinerService::FillInfo(const Collection& c,
 
 // ------------------------------------------------------------ collections
 
-grpc::ServerUnaryReactor* NegativeMinerService::CreateCollection(
-    grpc::CallbackServerContext* ctx, const v1::CreateCollectionRequest* req,
-    v1::CreateCollectionResponse* resp) {
-  return RunUnary(ctx, "CreateCollection", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::CreateCollection(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::CreateCollectionRequest, v1::CreateCollectionResponse>(
+      ctx, "CreateCollection", raw_req, raw_resp,
+      [this](const v1::CreateCollectionRequest* req, v1::CreateCollectionResponse* resp) -> absl::Status {
     WalEntry e{.op = WalOp::kCreateCollection};
     ASSIGN_OR_RETURN(e.collection, CollectionName(req->config().name()));
     ASSIGN_OR_RETURN(e.options, ToIndexOptions(req->config()));
@@ -494,10 +519,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::CreateCollection(
   });
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::ListCollections(
-    grpc::CallbackServerContext* ctx, const v1::ListCollectionsRequest*,
-    v1::ListCollectionsResponse* resp) {
-  return RunUnary(ctx, "ListCollections", [this, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::ListCollections(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::ListCollectionsRequest, v1::ListCollectionsResponse>(
+      ctx, "ListCollections", raw_req, raw_resp,
+      [this](const v1::ListCollectionsRequest* req, v1::ListCollectionsResponse* resp) -> absl::Status {
     std::vector<std::shared_ptr<Collection>> all;
     {
       absl::MutexLock lock(&mu_);
@@ -508,10 +535,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::ListCollections(
   });
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::DropCollection(
-    grpc::CallbackServerContext* ctx, const v1::DropCollectionRequest* req,
-    v1::DropCollectionResponse*) {
-  return RunUnary(ctx, "DropCollection", [this, req]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::DropCollection(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::DropCollectionRequest, v1::DropCollectionResponse>(
+      ctx, "DropCollection", raw_req, raw_resp,
+      [this](const v1::DropCollectionRequest* req, v1::DropCollectionResponse* resp) -> absl::Status {
     WalEntry e{.op = WalOp::kDropCollection};
     ASSIGN_OR_RETURN(e.collection, CollectionName(req->collection()));
     // In-flight reads that already hold the collection finish on it.
@@ -624,10 +653,12 @@ grpc::ServerReadReactor<grpc::ByteBuffer>* NegativeMinerService::UpsertTargets(
   return new UpsertReactor(this, resp);
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::DeleteTargets(
-    grpc::CallbackServerContext* ctx, const v1::DeleteTargetsRequest* req,
-    v1::DeleteTargetsResponse* resp) {
-  return RunUnary(ctx, "DeleteTargets", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::DeleteTargets(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::DeleteTargetsRequest, v1::DeleteTargetsResponse>(
+      ctx, "DeleteTargets", raw_req, raw_resp,
+      [this](const v1::DeleteTargetsRequest* req, v1::DeleteTargetsResponse* resp) -> absl::Status {
     WalEntry e{.op = WalOp::kDelete, .allow_missing = req->allow_missing()};
     ASSIGN_OR_RETURN(e.collection, CollectionName(req->collection()));
     e.ids.assign(req->ids().begin(), req->ids().end());
@@ -638,10 +669,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::DeleteTargets(
   });
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::GetTargets(
-    grpc::CallbackServerContext* ctx, const v1::GetTargetsRequest* req,
-    v1::GetTargetsResponse* resp) {
-  return RunUnary(ctx, "GetTargets", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::GetTargets(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::GetTargetsRequest, v1::GetTargetsResponse>(
+      ctx, "GetTargets", raw_req, raw_resp,
+      [this](const v1::GetTargetsRequest* req, v1::GetTargetsResponse* resp) -> absl::Status {
     ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
     std::vector<float> vectors;
     std::vector<int64_t> steps;
@@ -714,10 +747,12 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req, v1::MineRe
   return absl::OkStatus();
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::Mine(
-    grpc::CallbackServerContext* ctx, const v1::MineRequest* req,
-    v1::MineResponse* resp) {
-  return RunUnary(ctx, "Mine", [this, ctx, req, resp]() {
+grpc::ServerUnaryReactor* NegativeMinerService::Mine(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::MineRequest, v1::MineResponse>(
+      ctx, "Mine", raw_req, raw_resp,
+      [this, ctx](const v1::MineRequest* req, v1::MineResponse* resp) -> absl::Status {
     return DoMine(*req, resp, [ctx] { return ctx->IsCancelled(); });
   });
 }
@@ -873,10 +908,12 @@ NegativeMinerService::MineStream(grpc::CallbackServerContext* ctx) {
 
 // ------------------------------------------------------------------ drift
 
-grpc::ServerUnaryReactor* NegativeMinerService::GetLandmarks(
-    grpc::CallbackServerContext* ctx, const v1::GetLandmarksRequest* req,
-    v1::GetLandmarksResponse* resp) {
-  return RunUnary(ctx, "GetLandmarks", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::GetLandmarks(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::GetLandmarksRequest, v1::GetLandmarksResponse>(
+      ctx, "GetLandmarks", raw_req, raw_resp,
+      [this](const v1::GetLandmarksRequest* req, v1::GetLandmarksResponse* resp) -> absl::Status {
     WalEntry e{.op = WalOp::kChooseLandmarks};
     ASSIGN_OR_RETURN(e.collection, CollectionName(req->collection()));
     ASSIGN_OR_RETURN(CommitResult r, Commit(e));
@@ -887,10 +924,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetLandmarks(
   });
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(
-    grpc::CallbackServerContext* ctx, const v1::ApplyDriftRequest* req,
-    v1::ApplyDriftResponse* resp) {
-  return RunUnary(ctx, "ApplyDrift", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::ApplyDrift(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::ApplyDriftRequest, v1::ApplyDriftResponse>(
+      ctx, "ApplyDrift", raw_req, raw_resp,
+      [this](const v1::ApplyDriftRequest* req, v1::ApplyDriftResponse* resp) -> absl::Status {
     ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
     const uint32_t dim = c->index->options().dim;
     WalEntry e{.op = WalOp::kDrift, .collection = c->name, .model_step = req->model_step(),
@@ -1094,10 +1133,12 @@ grpc::ServerReadReactor<grpc::ByteBuffer>* NegativeMinerService::AssignBatches(
   return new AssignBatchesReactor(this, resp);
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::GetBatchJob(
-    grpc::CallbackServerContext* ctx, const v1::GetBatchJobRequest* req,
-    v1::GetBatchJobResponse* resp) {
-  return RunUnary(ctx, "GetBatchJob", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::GetBatchJob(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::GetBatchJobRequest, v1::GetBatchJobResponse>(
+      ctx, "GetBatchJob", raw_req, raw_resp,
+      [this](const v1::GetBatchJobRequest* req, v1::GetBatchJobResponse* resp) -> absl::Status {
     std::shared_ptr<BatchJobs::Job> job = batch_jobs_->Find(req->job_id());
     if (job == nullptr) {
       return absl::NotFoundError(absl::StrCat(
@@ -1119,10 +1160,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetBatchJob(
   });
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(
-    grpc::CallbackServerContext* ctx, const v1::GetIndexInfoRequest* req,
-    v1::GetIndexInfoResponse* resp) {
-  return RunUnary(ctx, "GetIndexInfo", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::GetIndexInfoRequest, v1::GetIndexInfoResponse>(
+      ctx, "GetIndexInfo", raw_req, raw_resp,
+      [this](const v1::GetIndexInfoRequest* req, v1::GetIndexInfoResponse* resp) -> absl::Status {
     ASSIGN_OR_RETURN(std::shared_ptr<Collection> c, Find(req->collection()));
     FillInfo(*c, resp->mutable_info());
     if (std::optional<TreeSummary> tree = c->index->TreeInfo()) {
@@ -1137,10 +1180,12 @@ grpc::ServerUnaryReactor* NegativeMinerService::GetIndexInfo(
   });
 }
 
-grpc::ServerUnaryReactor* NegativeMinerService::CreateSnapshot(
-    grpc::CallbackServerContext* ctx, const v1::CreateSnapshotRequest* req,
-    v1::CreateSnapshotResponse* resp) {
-  return RunUnary(ctx, "CreateSnapshot", [this, req, resp]() -> absl::Status {
+grpc::ServerUnaryReactor* NegativeMinerService::CreateSnapshot(grpc::CallbackServerContext* ctx,
+                                                    const grpc::ByteBuffer* raw_req,
+                                                    grpc::ByteBuffer* raw_resp) {
+  return RunUnary<v1::CreateSnapshotRequest, v1::CreateSnapshotResponse>(
+      ctx, "CreateSnapshot", raw_req, raw_resp,
+      [this](const v1::CreateSnapshotRequest* req, v1::CreateSnapshotResponse* resp) -> absl::Status {
     std::shared_ptr<Collection> c;
     if (!req->collection().empty()) {
       ASSIGN_OR_RETURN(c, Find(req->collection()));

@@ -98,21 +98,22 @@ struct CommitResult {
   DriftReport drift;        // kDrift
 };
 
-// The streaming methods are registered raw (grpc::ByteBuffer) and parse each
-// message themselves (MessageReader in service.cc): the generated typed
-// reader reports a message that does not parse as a read with ok = false,
-// the same as the client closing its side, so a stream [A, garbage, B] would
-// end OK with B silently dropped. Raw, the garbage fails the stream with
-// INVALID_ARGUMENT naming the message.
+// Every method is registered raw (grpc::ByteBuffer) and parses its messages
+// itself (MessageReader and RunUnary in service.cc): the generated typed
+// reader reports a streamed message that does not parse as a read with
+// ok = false, the same as the client closing its side, so a stream
+// [A, garbage, B] would end OK with B silently dropped; and a unary request
+// that does not parse would be answered UNIMPLEMENTED with no message. Raw,
+// both are INVALID_ARGUMENT naming the message.
 using nm = v1::NegativeMiner;
-using ServiceBase = nm::WithCallbackMethod_CreateCollection<
-    nm::WithCallbackMethod_ListCollections<nm::WithCallbackMethod_DropCollection<
-        nm::WithRawCallbackMethod_UpsertTargets<nm::WithCallbackMethod_DeleteTargets<
-            nm::WithCallbackMethod_GetTargets<nm::WithCallbackMethod_Mine<
-                nm::WithRawCallbackMethod_MineStream<nm::WithCallbackMethod_GetLandmarks<
-                    nm::WithCallbackMethod_ApplyDrift<nm::WithRawCallbackMethod_AssignBatches<
-                        nm::WithCallbackMethod_GetBatchJob<nm::WithCallbackMethod_GetIndexInfo<
-                            nm::WithCallbackMethod_CreateSnapshot<nm::Service>>>>>>>>>>>>>>;
+using ServiceBase = nm::WithRawCallbackMethod_CreateCollection<
+    nm::WithRawCallbackMethod_ListCollections<nm::WithRawCallbackMethod_DropCollection<
+        nm::WithRawCallbackMethod_UpsertTargets<nm::WithRawCallbackMethod_DeleteTargets<
+            nm::WithRawCallbackMethod_GetTargets<nm::WithRawCallbackMethod_Mine<
+                nm::WithRawCallbackMethod_MineStream<nm::WithRawCallbackMethod_GetLandmarks<
+                    nm::WithRawCallbackMethod_ApplyDrift<nm::WithRawCallbackMethod_AssignBatches<
+                        nm::WithRawCallbackMethod_GetBatchJob<nm::WithRawCallbackMethod_GetIndexInfo<
+                            nm::WithRawCallbackMethod_CreateSnapshot<nm::Service>>>>>>>>>>>>>>;
 
 class NegativeMinerService final : public ServiceBase {
  public:
@@ -186,52 +187,44 @@ class NegativeMinerService final : public ServiceBase {
   absl::Status Authorize(const grpc::CallbackServerContext* ctx, const char* method) const;
 
   // --- negmine.v1.NegativeMiner ---
-  grpc::ServerUnaryReactor* CreateCollection(
-      grpc::CallbackServerContext* ctx, const v1::CreateCollectionRequest* req,
-      v1::CreateCollectionResponse* resp) override;
-  grpc::ServerUnaryReactor* ListCollections(
-      grpc::CallbackServerContext* ctx, const v1::ListCollectionsRequest* req,
-      v1::ListCollectionsResponse* resp) override;
-  grpc::ServerUnaryReactor* DropCollection(
-      grpc::CallbackServerContext* ctx, const v1::DropCollectionRequest* req,
-      v1::DropCollectionResponse* resp) override;
+  grpc::ServerUnaryReactor* CreateCollection(grpc::CallbackServerContext* ctx,
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
+  grpc::ServerUnaryReactor* ListCollections(grpc::CallbackServerContext* ctx,
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
+  grpc::ServerUnaryReactor* DropCollection(grpc::CallbackServerContext* ctx,
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
   grpc::ServerReadReactor<grpc::ByteBuffer>* UpsertTargets(
       grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp) override;
-  grpc::ServerUnaryReactor* DeleteTargets(
-      grpc::CallbackServerContext* ctx, const v1::DeleteTargetsRequest* req,
-      v1::DeleteTargetsResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteTargets(grpc::CallbackServerContext* ctx,
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* GetTargets(grpc::CallbackServerContext* ctx,
-                                       const v1::GetTargetsRequest* req,
-                                       v1::GetTargetsResponse* resp) override;
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* Mine(grpc::CallbackServerContext* ctx,
-                                 const v1::MineRequest* req,
-                                 v1::MineResponse* resp) override;
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* MineStream(
       grpc::CallbackServerContext* ctx) override;
-  grpc::ServerUnaryReactor* GetLandmarks(
-      grpc::CallbackServerContext* ctx, const v1::GetLandmarksRequest* req,
-      v1::GetLandmarksResponse* resp) override;
+  grpc::ServerUnaryReactor* GetLandmarks(grpc::CallbackServerContext* ctx,
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* ApplyDrift(grpc::CallbackServerContext* ctx,
-                                       const v1::ApplyDriftRequest* req,
-                                       v1::ApplyDriftResponse* resp) override;
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
   grpc::ServerReadReactor<grpc::ByteBuffer>* AssignBatches(
       grpc::CallbackServerContext* ctx, grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* GetBatchJob(grpc::CallbackServerContext* ctx,
-                                        const v1::GetBatchJobRequest* req,
-                                        v1::GetBatchJobResponse* resp) override;
-  grpc::ServerUnaryReactor* GetIndexInfo(
-      grpc::CallbackServerContext* ctx, const v1::GetIndexInfoRequest* req,
-      v1::GetIndexInfoResponse* resp) override;
-  grpc::ServerUnaryReactor* CreateSnapshot(
-      grpc::CallbackServerContext* ctx, const v1::CreateSnapshotRequest* req,
-      v1::CreateSnapshotResponse* resp) override;
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
+  grpc::ServerUnaryReactor* GetIndexInfo(grpc::CallbackServerContext* ctx,
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
+  grpc::ServerUnaryReactor* CreateSnapshot(grpc::CallbackServerContext* ctx,
+                                 const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) override;
 
  private:
-  // Runs `work` on the pool and finishes the unary call with its status,
-  // recording the call's metrics under `method`.
-  template <typename Work>
-  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* ctx,
-                                     const char* method, Work work);
+  // Parses the request `in` as a Req (INVALID_ARGUMENT naming the message
+  // type if it does not parse), runs work(&request, &response) on the pool
+  // and finishes the unary call with its status (and, when OK, the response
+  // serialized to `out`), recording the call's metrics under `method`.
+  template <typename Req, typename Resp, typename Work>
+  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* ctx, const char* method,
+                                     const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
+                                     Work work);
 
   void FillInfo(const Collection& c, v1::CollectionInfo* info) const;
   absl::Status CheckToken(const grpc::CallbackServerContext* ctx) const;
@@ -271,6 +264,11 @@ class NegativeMinerService final : public ServiceBase {
   // the service is still alive.
   std::unique_ptr<WorkerPool> pool_;
 };
+
+// OK when `token` is empty or `metadata` carries "authorization: Bearer
+// <token>"; else UNAUTHENTICATED saying what to send.
+absl::Status CheckBearerToken(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
+                              const std::string& token);
 
 // The name of a gRPC code, as used in metric labels ("OK", "NOT_FOUND").
 const char* CodeName(grpc::StatusCode code);

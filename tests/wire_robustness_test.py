@@ -5,7 +5,10 @@ Every stream and call here sends raw bytes (an identity serializer), so a
 message can be a valid protobuf or garbage (b"\\xff": a varint cut short).
 It checks that a message that does not parse fails its stream with
 INVALID_ARGUMENT naming the message, and that nothing after it is applied
-or answered (UpsertTargets, MineStream, AssignBatches).
+or answered (UpsertTargets, MineStream, AssignBatches); that a unary request
+that does not parse is INVALID_ARGUMENT with a message; that the metrics
+port serves exactly /metrics; and that server reflection needs the bearer
+token when one is required (unless --reflection=on), and --reflection=off.
 
 Run by ctest with Debian's python3 (python3-grpcio, python3-protobuf,
 python3-numpy):
@@ -15,6 +18,7 @@ python3-numpy):
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,7 +57,8 @@ class Server:
             if self.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("negmine-server did not start")
             time.sleep(0.02)
-        self.address = "127.0.0.1:%d" % int(open(port_file).read())
+        with open(port_file) as f:
+            self.address = "127.0.0.1:%d" % int(f.read())
 
     def stop(self) -> int:
         """SIGTERM; returns the exit code."""
@@ -162,6 +167,108 @@ class StreamParseFailures(unittest.TestCase):
             self.raw_stream_unary("AssignBatches", [first, more]))
         self.assertEqual(resp.num_examples, 16)
 
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(port: int, request_line: str) -> int:
+    """Sends one raw HTTP request line; returns the status code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall((request_line + "\r\nHost: x\r\n\r\n").encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ")[1])
+
+
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+LIST_SERVICES = b"\x3a\x00"  # ServerReflectionRequest{list_services: ""} (field 7)
+
+
+class UnaryMetricsAndReflection(unittest.TestCase):
+    """A unary request that does not parse, the metrics paths, reflection and tokens."""
+
+    def test_unary_request_that_does_not_parse_is_invalid_argument(self) -> None:
+        server = Server()
+        try:
+            channel = grpc.insecure_channel(server.address)
+            for method in ["Mine", "GetTargets", "CreateCollection", "DeleteTargets"]:
+                with self.assertRaises(grpc.RpcError) as cm:
+                    channel.unary_unary(SERVICE + method, request_serializer=identity,
+                                        response_deserializer=identity)(GARBAGE, timeout=30)
+                self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT,
+                                 cm.exception.details())
+                self.assertIn("does not parse as negmine.v1.", cm.exception.details())
+            # A good raw request still works.
+            ok = channel.unary_unary(SERVICE + "ListCollections", request_serializer=identity,
+                                     response_deserializer=identity)(b"", timeout=30)
+            self.assertEqual(len(pb.ListCollectionsResponse.FromString(ok).collections), 0)
+            channel.close()
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+    def test_metrics_port_serves_exactly_the_metrics_path(self) -> None:
+        port = free_port()
+        server = Server(["--metrics_listen=127.0.0.1:%d" % port])
+        try:
+            self.assertEqual(http(port, "GET /metrics HTTP/1.1"), 200)
+            self.assertEqual(http(port, "GET /metrics?x=1 HTTP/1.1"), 200)
+            for path in ["/metricsX", "/metrics/", "//metrics", "/", "/metrics/../metrics"]:
+                self.assertEqual(http(port, "GET %s HTTP/1.1" % path), 404, path)
+            self.assertEqual(http(port, "POST /metrics HTTP/1.1"), 405)
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+    def reflect(self, server: "Server", metadata=None) -> bytes:
+        channel = grpc.insecure_channel(server.address)
+        try:
+            call = channel.stream_stream(REFLECTION, request_serializer=identity,
+                                         response_deserializer=identity)
+            return b"".join(call(iter([LIST_SERVICES]), timeout=30, metadata=metadata))
+        finally:
+            channel.close()
+
+    def test_reflection_follows_the_token(self) -> None:
+        open_server = Server()
+        try:
+            self.assertIn(b"negmine.v1.NegativeMiner", self.reflect(open_server))
+        finally:
+            self.assertEqual(open_server.stop(), 0)
+        token_file = os.path.join(tempfile.mkdtemp(prefix="negmine-token-"), "token")
+        with open(token_file, "w") as f:
+            f.write("s3cret\n")
+        guarded = Server(["--auth_token_file=" + token_file])
+        try:
+            # With a token, reflection needs it too: refused without it or
+            # with a wrong one (CANCELLED, see --reflection), served with it.
+            for metadata in [None, [("authorization", "Bearer wrong!")]]:
+                with self.assertRaises(grpc.RpcError) as cm:
+                    self.reflect(guarded, metadata=metadata)
+                self.assertEqual(cm.exception.code(), grpc.StatusCode.CANCELLED)
+            self.assertIn(b"negmine.v1.NegativeMiner",
+                          self.reflect(guarded, metadata=[("authorization", "Bearer s3cret")]))
+        finally:
+            self.assertEqual(guarded.stop(), 0)
+        opted_in = Server(["--auth_token_file=" + token_file, "--reflection=on"])
+        try:
+            self.assertIn(b"negmine.v1.NegativeMiner", self.reflect(opted_in))
+        finally:
+            self.assertEqual(opted_in.stop(), 0)
+        off = Server(["--reflection=off"])
+        try:
+            with self.assertRaises(grpc.RpcError) as cm:
+                self.reflect(off)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.CANCELLED)
+        finally:
+            self.assertEqual(off.stop(), 0)
+            shutil.rmtree(os.path.dirname(token_file), ignore_errors=True)
 
 def main() -> None:
     """Parses the flags, imports the generated messages, runs the tests."""
