@@ -62,7 +62,7 @@ class Config:
     batch_size: int = 128
     k: int = 8                    # extra negatives per query (arms 2-6)
     temperature: float = 0.05
-    lr: float = 3e-3
+    lr: float = 0.1
     seed: int = 1
     hidden: int = 64              # the hashed table's width
     dim: int = 64                 # the towers' output (cosine)

@@ -254,7 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = dataclasses.replace(cfg, steps=40, batch_size=32, k=4, eval_every=20,
                                   ance_every=20, oracle_every=2, drift_every=5,
                                   num_landmarks=64, reencode_budget=64, gc_chunk=16,
-                                  curve_queries=400, lr=1e-2)
+                                  curve_queries=400)
     for f in dataclasses.fields(Config):
         v = getattr(args, f.name)
         if v is not None:
