@@ -12,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -326,6 +328,112 @@ class Args {
   mutable std::set<std::string> used_;
 };
 
+// A progress line on stderr when stderr is a terminal, nothing otherwise
+// (piped or redirected output stays clean). Redrawn at most every 100 ms.
+// With a total: a bar, the percentage and the counts; without one
+// (total 0): the elapsed time only, for a call that reports no progress.
+class Progress {
+ public:
+  Progress(std::string what, uint64_t total, std::string unit)
+      : on_(isatty(STDERR_FILENO) == 1),
+        what_(std::move(what)),
+        unit_(std::move(unit)),
+        total_(total),
+        start_(std::chrono::steady_clock::now()) {}
+  ~Progress() { Finish(); }
+
+  bool on() const { return on_; }
+  void Set(uint64_t done) {
+    absl::MutexLock lock(&mu_);
+    done_ = done;
+    Draw(false);
+  }
+  // A fraction in [0, 1] (a job's own progress) in place of the counts.
+  void SetFraction(double f) {
+    absl::MutexLock lock(&mu_);
+    fraction_ = std::clamp(f, 0.0, 1.0);
+    Draw(false);
+  }
+  void Tick() {
+    absl::MutexLock lock(&mu_);
+    Draw(false);
+  }
+  // The last state, then a newline: later output starts on its own line.
+  void Finish() {
+    absl::MutexLock lock(&mu_);
+    if (!on_ || finished_) return;
+    finished_ = true;
+    if (!drawn_) return;  // over before anything was shown
+    Draw(true);
+    std::fputc('\n', stderr);
+  }
+
+ private:
+  void Draw(bool force) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!on_ || finished_ != force) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (!force && drawn_ && now - last_ < std::chrono::milliseconds(100)) return;
+    drawn_ = true;
+    last_ = now;
+    const double seconds = std::chrono::duration<double>(now - start_).count();
+    std::string line = absl::StrCat("\r", what_);
+    const double f = fraction_ >= 0 ? fraction_
+                     : total_ > 0   ? static_cast<double>(done_) / total_
+                                    : -1;
+    if (f >= 0) {
+      constexpr int kWidth = 30;
+      const int full = static_cast<int>(f * kWidth);
+      absl::StrAppend(&line, " [", std::string(full, '#'), std::string(kWidth - full, '.'),
+                      "] ", absl::StrFormat("%3.0f%%", 100 * f));
+      if (fraction_ < 0) absl::StrAppend(&line, " ", done_, "/", total_, " ", unit_);
+    }
+    absl::StrAppend(&line, absl::StrFormat(" %.1f s", seconds), "\033[K");
+    std::fputs(line.c_str(), stderr);
+    std::fflush(stderr);
+  }
+
+  const bool on_;
+  const std::string what_, unit_;
+  const uint64_t total_;
+  const std::chrono::steady_clock::time_point start_;
+  absl::Mutex mu_;
+  uint64_t done_ ABSL_GUARDED_BY(mu_) = 0;
+  double fraction_ ABSL_GUARDED_BY(mu_) = -1;
+  bool drawn_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  std::chrono::steady_clock::time_point last_ ABSL_GUARDED_BY(mu_);
+};
+
+// Redraws `progress` (its elapsed time) from a thread while a call that
+// reports no progress of its own runs; stops when destroyed.
+class Ticker {
+ public:
+  explicit Ticker(Progress& progress) : progress_(progress) {
+    if (!progress_.on()) return;
+    thread_ = std::thread([this] {
+      absl::MutexLock lock(&mu_);
+      while (!stop_) {
+        progress_.Tick();
+        mu_.AwaitWithTimeout(absl::Condition(&stop_), absl::Milliseconds(200));
+      }
+    });
+  }
+  ~Ticker() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    if (thread_.joinable()) thread_.join();
+    progress_.Finish();
+  }
+
+ private:
+  Progress& progress_;
+  absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
 #define CLI_ASSIGN(lhs, expr)                 \
   auto lhs##_or = (expr);                     \
   if (!lhs##_or.ok()) return lhs##_or.status(); \
@@ -459,9 +567,16 @@ absl::Status Upsert(Client& c, const Args& a) {
   }
   CLI_CHECK(CheckIds(ids, "--ids"));
   CLI_CHECK(a.CheckAllUsed());
-  CLI_ASSIGN(resp, c.Upsert(collection, ids, x.data, x.cols, step));
+  absl::StatusOr<v1::UpsertTargetsResponse> resp;
+  {
+    Progress progress(absl::StrCat("upsert '", collection, "'"), x.rows, "targets sent");
+    Ticker ticker(progress);  // the time moves on while the server applies the last
+    resp = c.Upsert(collection, ids, x.data, x.cols, step,
+                    [&](size_t sent, size_t) { progress.Set(sent); });
+  }
+  if (!resp.ok()) return resp.status();
   std::printf("upserted %" PRIu64 " targets into '%s' (index version %" PRIu64 ")\n",
-              resp.upserted(), collection.c_str(), resp.index_version());
+              resp->upserted(), collection.c_str(), resp->index_version());
   return absl::OkStatus();
 }
 
@@ -658,6 +773,12 @@ absl::Status Mine(Client& c, const Args& a) {
   };
   // One MineStream, requests of at most `per_request` queries, two in
   // flight: the server works on the next while this side reads the last.
+  // Progress for more than one request, unless the results themselves go to
+  // the terminal.
+  std::optional<Progress> progress;
+  if (n > per_request && !(out.empty() && isatty(STDOUT_FILENO) == 1)) {
+    progress.emplace(absl::StrCat("mine '", collection, "'"), n, "queries");
+  }
   std::unique_ptr<MineSession> session = c.OpenMineSession(collection);
   std::deque<size_t> in_flight;  // first query of each request sent
   size_t sent = 0, done = 0;
@@ -686,7 +807,9 @@ absl::Status Mine(Client& c, const Args& a) {
     }
     consume(*r, begin);
     done += m;
+    if (progress) progress->Set(done);
   }
+  if (progress) progress->Finish();
   CLI_CHECK(session->Close());
   if (!out.empty()) {
     std::string stem = out;
@@ -769,6 +892,9 @@ absl::Status Drift(Client& c, const Args& a) {
   CLI_ASSIGN(step, a.Number<int64_t>("model-step", 0));
   CLI_ASSIGN(dim, CollectionDim(c, collection));
   absl::StatusOr<v1::ApplyDriftResponse> resp;
+  // ApplyDrift reports no progress: the elapsed time while it runs.
+  Progress progress(absl::StrCat("drift update of '", collection, "'"), 0, "");
+  std::optional<Ticker> ticker;
   if (a.Has("simulate")) {
     CLI_ASSIGN(seed, a.Number<uint64_t>("seed", 1));
     CLI_CHECK(a.CheckAllUsed());
@@ -780,6 +906,7 @@ absl::Status Drift(Client& c, const Args& a) {
     DriftBench bench({.num_targets = std::max<uint64_t>(max_id + 1, info.info().num_targets()),
                       .num_queries = 0, .dim = static_cast<int>(dim), .seed = seed});
     const std::vector<size_t> rows(lm.ids().begin(), lm.ids().end());
+    ticker.emplace(progress);
     resp = c.ApplyDrift(collection, step, lm.landmark_epoch(),
                         bench.EncodeTargets(static_cast<double>(step), rows), dim);
   } else if (a.Has("landmark-embeddings")) {
@@ -790,6 +917,7 @@ absl::Status Drift(Client& c, const Args& a) {
     }
     CLI_ASSIGN(g, LoadNpyFloat(a.Get("landmark-embeddings")));
     CLI_CHECK(a.CheckAllUsed());
+    ticker.emplace(progress);
     resp = c.ApplyDrift(collection, step, epoch, g.data, g.cols);
   } else if (a.Has("linear-a")) {
     CLI_ASSIGN(m, LoadNpyFloat(a.Get("linear-a")));
@@ -799,11 +927,13 @@ absl::Status Drift(Client& c, const Args& a) {
       b = std::move(loaded.data);
     }
     CLI_CHECK(a.CheckAllUsed());
+    ticker.emplace(progress);
     resp = c.ApplyLinearMap(collection, step, m.data, b, m.cols);
   } else {
     return absl::InvalidArgumentError(
         "give one of --landmark-embeddings, --linear-a or --simulate");
   }
+  ticker.reset();
   if (!resp.ok()) return resp.status();
   std::printf("drift at step %" PRId64 ": kernel=%s held-out residual %.4f (no correction %.4f) "
               "fit %.3fs apply %.3fs%s; index version %" PRIu64 ", landmark epoch %" PRIu64 "\n",
@@ -845,13 +975,24 @@ absl::Status Batches(Client& c, const Args& a) {
   // A unary call first: retried while the server recovers, where the
   // stream, once past gRPC's retry buffer, would not be.
   CLI_CHECK(c.ListCollections().status());
-  CLI_ASSIGN(resp, c.AssignBatches(first, q.data, p.data, q.cols));
-  v1::AssignBatchesResponse result = std::move(resp);
+  absl::StatusOr<v1::AssignBatchesResponse> resp;
+  {
+    Progress upload("batches: upload", q.rows, "examples sent");
+    std::optional<Ticker> ticker;  // a synchronous call then waits for the batches
+    resp = c.AssignBatches(first, q.data, p.data, q.cols, [&](size_t sent, size_t total) {
+      upload.Set(sent);
+      if (sent == total && sync) ticker.emplace(upload);
+    });
+  }
+  if (!resp.ok()) return resp.status();
+  v1::AssignBatchesResponse result = *std::move(resp);
   if (!sync) {
     const std::string job = result.job_id();
+    Progress progress(absl::StrCat("batches: job ", job), 0, "");
     std::chrono::milliseconds poll(20);
     while (true) {
       CLI_ASSIGN(status, c.GetBatchJob(job));
+      progress.SetFraction(status.state() == v1::JOB_STATE_DONE ? 1.0 : status.progress());
       if (status.state() == v1::JOB_STATE_DONE) {
         result = status.result();
         break;

@@ -182,7 +182,8 @@ absl::Status Client::DropCollection(const std::string& collection) {
 
 absl::StatusOr<v1::UpsertTargetsResponse> Client::Upsert(
     const std::string& collection, absl::Span<const uint64_t> ids,
-    absl::Span<const float> vectors, uint32_t dim, int64_t model_step) {
+    absl::Span<const float> vectors, uint32_t dim, int64_t model_step,
+    const SendProgress& progress) {
   if (dim == 0 || vectors.size() != ids.size() * dim) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Upsert: ", vectors.size(), " floats do not make ", ids.size(),
@@ -207,6 +208,7 @@ absl::StatusOr<v1::UpsertTargetsResponse> Client::Upsert(
     EncodeMatrix(vectors.subspan(begin * dim, n * dim), dim, req.mutable_vectors());
     if (!writer->Write(req)) break;  // the server ended the stream: see Finish
     begin += n;
+    if (progress) progress(begin, ids.size());
   } while (begin < ids.size());
   writer->WritesDone();
   absl::Status s = FromGrpc(writer->Finish(), "UpsertTargets");
@@ -245,7 +247,7 @@ absl::StatusOr<v1::GetTargetsResponse> Client::GetTargets(
 
 absl::StatusOr<v1::AssignBatchesResponse> Client::AssignBatches(
     const v1::AssignBatchesRequest& first, absl::Span<const float> queries,
-    absl::Span<const float> positives, uint32_t dim) {
+    absl::Span<const float> positives, uint32_t dim, const SendProgress& progress) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::AssignBatchesResponse resp;
@@ -263,6 +265,7 @@ absl::StatusOr<v1::AssignBatchesResponse> Client::AssignBatches(
     if (!writer->Write(req)) break;  // the server ended the stream: see Finish
     req.Clear();
     begin += rows;
+    if (progress) progress(begin, n);
   } while (begin < n);
   writer->WritesDone();
   absl::Status s = FromGrpc(writer->Finish(), "AssignBatches");

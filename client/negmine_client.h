@@ -33,6 +33,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -92,6 +93,10 @@ void BuildMineRequest(const std::string& collection,
 
 class MineSession;
 
+// Called after each message of a streaming upload with the rows sent so far
+// and the total (from the calling thread).
+using SendProgress = std::function<void(size_t sent, size_t total)>;
+
 class Client {
  public:
   // Connects to `target` ("host:port"), insecure. Does not wait for the
@@ -119,7 +124,8 @@ class Client {
   // status says how many chunks were applied.
   absl::StatusOr<v1::UpsertTargetsResponse> Upsert(
       const std::string& collection, absl::Span<const uint64_t> ids,
-      absl::Span<const float> vectors, uint32_t dim, int64_t model_step);
+      absl::Span<const float> vectors, uint32_t dim, int64_t model_step,
+      const SendProgress& progress = nullptr);
   absl::StatusOr<v1::DeleteTargetsResponse> Delete(
       const std::string& collection, absl::Span<const uint64_t> ids,
       bool allow_missing = false);
@@ -153,7 +159,8 @@ class Client {
   // response holds the batches; async: its job_id, for GetBatchJob.
   absl::StatusOr<v1::AssignBatchesResponse> AssignBatches(
       const v1::AssignBatchesRequest& first, absl::Span<const float> queries,
-      absl::Span<const float> positives, uint32_t dim);
+      absl::Span<const float> positives, uint32_t dim,
+      const SendProgress& progress = nullptr);
   absl::StatusOr<v1::GetBatchJobResponse> GetBatchJob(const std::string& job_id);
 
   // Writes a snapshot of every collection (the response's index_version is

@@ -388,6 +388,55 @@ set -e
 [ "$rc" = 1 ] || fail "exit code $rc for health --wait with no server"
 echo "$err" | grep -q "DEADLINE_EXCEEDED: the server was not SERVING within 1 s" || fail "message: $err"
 
+# Progress: on a terminal (stderr a pty), a progress line for bulk upserts,
+# drift updates, batch assignment and mines of several requests; piped,
+# nothing.
+nm create --collection prog --dim 16 >/dev/null
+/usr/bin/python3 - "$cli" "127.0.0.1:$(cat "$tmp/port")" "$tmp" <<'PY' || fail "progress"
+import os, pty, subprocess, sys
+cli, server, tmp = sys.argv[1:4]
+def run(args, tty):
+    cmd = [cli, "--server", server] + args
+    if not tty:
+        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert p.returncode == 0, (args, p.stderr)
+        return p.stderr.decode()
+    master, slave = pty.openpty()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            b = os.read(master, 65536)
+        except OSError:  # EIO: the other side closed
+            break
+        if not b:
+            break
+        chunks.append(b)
+    os.close(master)
+    assert p.wait() == 0, (args, chunks)
+    return b"".join(chunks).decode()
+cases = [
+    (["upsert", "--collection", "prog", "--random", "20000", "--seed", "2"],
+     ["upsert 'prog' [", "100% 20000/20000 targets sent"]),
+    (["drift", "--collection", "prog", "--model-step", "1", "--simulate", "--seed", "2"],
+     ["drift update of 'prog'", " s"]),
+    (["mine", "--collection", "default", "--queries", tmp + "/q3000.npy", "--k", "4",
+      "--queries-per-request", "500", "--out", tmp + "/pm.npy"],
+     ["mine 'default' [", "100% 3000/3000 queries"]),
+    (["batches", "--queries", tmp + "/bx.npy", "--positives", tmp + "/by.npy",
+      "--batch-size", "64", "--out", tmp + "/pb.npy"],
+     ["batches: upload [", "100% 2000/2000 examples sent", "batches: job ", "100%"]),
+]
+for args, want in cases:
+    shown = run(args, tty=True)
+    for w in want:
+        assert w in shown, (args, w, shown)
+    assert "\r" in shown, shown
+    piped = run(args, tty=False)
+    assert "\r" not in piped and "%" not in piped, (args, piped)
+PY
+
 # Bad input: exit code 2 and a message naming the field and value.
 set +e
 err=$(nm mine --collection default --queries "$tmp/q.npy" --k 0 2>&1 >/dev/null); rc=$?
