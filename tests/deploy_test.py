@@ -1,22 +1,36 @@
 #!/usr/bin/env python3
-"""Static checks of deploy/ and docker-compose.yml (no Docker engine or
-cluster needed): the files parse, the pieces the deployment relies on are
-there, and every metric the dashboard and the alert rules use is one the
-server exports (server/metrics.cc), except the GPU metrics that the CUDA
-backend will export.
+"""Checks of deploy/ and docker-compose.yml (no Docker engine or cluster
+needed): the files parse, the pieces the deployment relies on are there,
+every metric the dashboard and the alert rules use is one the server exports
+(server/metrics.cc), the dashboard's queries return data under the labels
+the Prometheus Operator's PodMonitor gives (promtool rule tests), its units
+fit its series, and, given the binaries, the Kubernetes example's sidecar
+and demo trainer run as shipped (on loopback, as the pod's containers would).
 
-  deploy_test.py --repo .
+  deploy_test.py --repo . [--server-bin build/server/negmine-server \
+                           --cli-bin build/client/negmine]
 """
 import argparse
 import json
 import os
 import re
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import unittest
 
 import yaml
 
 REPO = "."
+SERVER_BIN = ""  # negmine-server, for the Kubernetes example run
+CLI_BIN = ""     # negmine
+# The labels the Prometheus Operator gives a PodMonitor's target (the
+# PodMonitor "negmine" in namespace "training").
+PODMONITOR_LABELS = {"job": "training/negmine", "namespace": "training",
+                     "pod": "trainer-x7k2p", "container": "negmine",
+                     "endpoint": "metrics", "instance": "10.1.2.3:9464"}
 # Metrics the dashboard and alerts use before any server exports them.
 NOT_YET_EXPORTED = set()
 
@@ -131,9 +145,215 @@ class Deploy(unittest.TestCase):
         self.assertEqual(alerts, tested)
 
 
+def free_port():
+    """A free TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def label_text(labels):
+    """Prometheus series-selector text for a label dict."""
+    return ", ".join('%s="%s"' % kv for kv in sorted(labels.items()))
+
+
+def dashboard_targets():
+    """(panel, target) for every query of the dashboard."""
+    dash = json.loads(read("deploy", "grafana", "dashboards", "negmine.json"))
+    return [(p, t) for p in dash["panels"] for t in p["targets"]]
+
+
+def substitute(expr, values):
+    """The query Grafana sends with every variable at "All" over `values`."""
+    for name, vals in values.items():
+        # Regex-escaped, then escaped again for PromQL's string literal.
+        alt = "|".join(re.escape(v).replace("\\", "\\\\") for v in vals)
+        expr = expr.replace("$" + name, "(%s)" % alt)
+    return expr
+
+
+def input_series(metrics, labels):
+    """promtool input series for every metric name in `metrics`, with
+    `labels` and the labels each family carries."""
+    series = []
+    for m in sorted(metrics):
+        extra = {}
+        if m.startswith("negmine_") and m not in ("negmine_negatives_served_total",
+                                                 "negmine_mine_batch_queries",
+                                                 "negmine_requests_total",
+                                                 "negmine_request_duration_seconds") \
+                and not m.startswith(("negmine_wal", "negmine_snapshot", "negmine_gpu")):
+            extra["collection"] = "default"
+        if m.startswith("negmine_gpu"):
+            extra["device"] = "0"
+        if m.startswith("negmine_request"):
+            extra.update(method="Mine", code="OK")
+        all_labels = dict(labels, **extra)
+        counter = m.endswith("_total")
+        if m in ("negmine_request_duration_seconds", "negmine_mine_batch_queries"):
+            for le, step in (("0.1", 2), ("1", 5), ("+Inf", 6)):
+                series.append({"series": "%s_bucket{%s}" % (m, label_text(dict(all_labels, le=le))),
+                               "values": "0+%dx40" % step})
+            continue
+        series.append({"series": "%s{%s}" % (m, label_text(all_labels)),
+                       "values": "0+3x40" if counter else "5x40"})
+    return series
+
+
+class Dashboard(unittest.TestCase):
+    def setUp(self):
+        if not shutil.which("promtool"):
+            self.skipTest("promtool (Debian's prometheus) is not installed")
+
+    def promtool(self, rules, tests):
+        tmp = tempfile.mkdtemp(prefix="negmine-dash-")
+        try:
+            with open(os.path.join(tmp, "rules.yml"), "w") as f:
+                yaml.safe_dump(rules, f)
+            with open(os.path.join(tmp, "test.yml"), "w") as f:
+                yaml.safe_dump(dict(tests, rule_files=["rules.yml"]), f)
+            return subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp,
+                                  capture_output=True, text=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def test_every_query_has_data_under_podmonitor_labels(self):
+        # Each query as an alert `absent(query)`: one that selects nothing
+        # under the PodMonitor's labels fires, and the rule test fails. A
+        # second target (another exporter) exports the process metrics too.
+        values = {"job": [PODMONITOR_LABELS["job"]],
+                  "instance": [PODMONITOR_LABELS["instance"]], "collection": ["default"]}
+        rules, used = [], set()
+        for p, t in dashboard_targets():
+            used |= used_metrics(t["expr"])
+            rules.append({"alert": "Empty_%d_%s" % (p["id"], t["refId"]),
+                          "expr": "absent(%s)" % substitute(t["expr"], values)})
+        other = {"job": "training/other-exporter", "namespace": "training", "pod": "other-1",
+                 "container": "other", "endpoint": "metrics", "instance": "10.1.2.4:8080"}
+        series = input_series(used, PODMONITOR_LABELS)
+        series += input_series({m for m in used if m.startswith("process_")}, other)
+        # The process panels show negmine alone, not the other exporter.
+        exprs = []
+        for p, t in dashboard_targets():
+            if "process_" in t["expr"]:
+                got = "count(%s)" % substitute(t["expr"], values)
+                exprs.append({"expr": got, "eval_time": "9m", "exp_samples": [{"labels": "{}", "value": 1}]})
+        r = self.promtool(
+            {"groups": [{"name": "dashboard", "rules": rules}]},
+            {"evaluation_interval": "15s", "tests": [{
+                "interval": "15s", "input_series": series,
+                "alert_rule_test": [{"eval_time": "9m", "alertname": r_["alert"], "exp_alerts": []}
+                                    for r_ in rules],
+                "promql_expr_test": exprs}]})
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertTrue(exprs, "no process panels")
+
+    def test_no_query_names_a_fixed_job(self):
+        text = read("deploy", "grafana", "dashboards", "negmine.json")
+        text += read("deploy", "prometheus", "alerts.yml")
+        hits = re.findall(r'[a-z_]+\{[^}]*job\s*=\s*\\?"[^"\\]*\\?"', text)
+        self.assertEqual(hits, [], "a fixed job label: the PodMonitor's is <namespace>/<name>")
+
+    def test_units_fit_the_series(self):
+        # (pattern of the query, the unit its series has), first match wins.
+        rules = [
+            (r"histogram_quantile\(.*_seconds_bucket", "s"),
+            (r"rate\(process_cpu_seconds_total", "percentunit"),  # 100% = one core
+            (r"rate\(negmine_wal_sync_seconds_total.*/.*rate\(negmine_wal_syncs_total", "s"),
+            (r"rate\(negmine_requests_total", "reqps"),
+            (r"rate\(negmine_negatives_served_total", "cps"),
+            (r"negmine_sampler_accepted_total.*/", "percentunit"),
+            (r"_bytes\b", "bytes"),
+            (r"_seconds\b", "s"),
+            (r"negmine_drift_residual|negmine_tree_looseness", "none"),  # ratios
+            (r"increase\(|negmine_index_version|negmine_collection_targets|negmine_drift_step|"
+             r"negmine_tree_depth|negmine_tree_rebuild_pending|histogram_quantile\(.*_queries_bucket",
+             "short"),  # counts
+        ]
+        for p, t in dashboard_targets():
+            unit = p["fieldConfig"]["defaults"].get("unit")
+            for o in p["fieldConfig"].get("overrides", []):
+                if o["matcher"] == {"id": "byFrameRefID", "options": t["refId"]}:
+                    unit = [x["value"] for x in o["properties"] if x["id"] == "unit"][0]
+            want = next((u for pat, u in rules if re.search(pat, t["expr"])), None)
+            self.assertIsNotNone(want, "no unit rule for %s" % t["expr"])
+            self.assertEqual(unit, want, "%s / %s: %s" % (p["title"], t["refId"], t["expr"]))
+
+    def test_latency_panel_counts_what_the_slo_alert_counts(self):
+        (rules,) = load_yaml_docs(path("deploy", "prometheus", "alerts.yml"))
+        (slo,) = [r for g in rules["groups"] for r in g["rules"]
+                  if r["alert"] == "NegmineMineLatencySLO"]
+        sel = re.compile(r"negmine_request_duration_seconds_bucket\{([^}]*)\}")
+        def matchers(expr):
+            (m,) = set(sel.findall(expr))
+            return {x.strip() for x in m.split(",") if "$" not in x}
+        want = matchers(slo["expr"])
+        latency = [t for p, t in dashboard_targets() if "latency" in p["title"].lower()]
+        self.assertTrue(latency)
+        for t in latency:
+            self.assertEqual(matchers(t["expr"]), want, t["expr"])
+
+
+class KubernetesExample(unittest.TestCase):
+    """The Job of deploy/k8s as shipped: the sidecar's arguments (after the
+    image's ENTRYPOINT) and the trainer's command and environment, run on
+    loopback as the pod's containers would share localhost. Ports and the
+    data dir are local; ROUNDS is cut to 20 (one drift update)."""
+
+    def setUp(self):
+        if not (SERVER_BIN and CLI_BIN):
+            self.skipTest("needs --server-bin and --cli-bin")
+
+    def test_job_runs_as_shipped(self):
+        (k,) = load_yaml_docs(path("deploy", "k8s", "base", "kustomization.yaml"))
+        (job,) = [d for r in k["resources"] for d in load_yaml_docs(path("deploy", "k8s", "base", r))
+                  if d["kind"] == "Job"]
+        spec = job["spec"]["template"]["spec"]
+        (side,) = spec["initContainers"]
+        (trainer,) = spec["containers"]
+        entry = json.loads(re.search(r"(?m)^ENTRYPOINT (\[.*\])$", read("deploy", "Dockerfile")).group(1))
+        self.assertEqual(entry[0], "negmine-server")
+        data_mount = side["volumeMounts"][0]["mountPath"]
+        tmp = tempfile.mkdtemp(prefix="negmine-k8s-")
+        port, metrics = free_port(), free_port()
+        args = []
+        for a in entry[1:] + side.get("args", []):
+            a = a.replace("=" + data_mount, "=" + os.path.join(tmp, "data"))
+            a = re.sub(r"^--listen=.*", "--listen=127.0.0.1:%d" % port, a)
+            a = re.sub(r"^--metrics_listen=.*", "--metrics_listen=127.0.0.1:%d" % metrics, a)
+            args.append(a)
+        bindir = os.path.join(tmp, "bin")
+        os.makedirs(bindir)
+        os.symlink(os.path.abspath(CLI_BIN), os.path.join(bindir, "negmine"))
+        # The image installs deploy/demo-trainer.sh as demo-trainer.
+        self.assertEqual(trainer["command"], ["demo-trainer"])
+        os.symlink(os.path.abspath(path("deploy", "demo-trainer.sh")),
+                   os.path.join(bindir, "demo-trainer"))
+        env = {"PATH": bindir + ":/usr/bin:/bin", "HOME": tmp}
+        for e in trainer.get("env", []):
+            env[e["name"]] = e["value"]
+        self.assertEqual(env["NEGMINE_SERVER"], "127.0.0.1:50051")  # localhost in the pod
+        env["NEGMINE_SERVER"] = "127.0.0.1:%d" % port
+        env["ROUNDS"] = "20"
+        server = subprocess.Popen([SERVER_BIN] + args + ["--log_level=warning"])
+        try:
+            r = subprocess.run(["demo-trainer"], env=env, capture_output=True, text=True,
+                               timeout=600)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertIn("demo-trainer: 20 rounds done", r.stdout)
+            self.assertIn("drift at step 20", r.stdout)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", default=".")
+    ap.add_argument("--server-bin", default="")
+    ap.add_argument("--cli-bin", default="")
     args, rest = ap.parse_known_args()
     REPO = args.repo
+    SERVER_BIN, CLI_BIN = args.server_bin, args.cli_bin
     unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
