@@ -182,6 +182,13 @@ Metrics::Metrics()
                      .Help("Size of the current write-ahead log generation, bytes.")
                      .Register(*registry_)
                      .Add({})),
+      wal_writable_(prometheus::BuildGauge()
+                        .Name("negmine_wal_writable")
+                        .Help("1 while changes can be logged; 0 while the write-ahead log "
+                              "refuses them (disk full: retried with backoff; failed "
+                              "fsync: until a restart).")
+                        .Register(*registry_)
+                        .Add({})),
       wal_syncs_(prometheus::BuildCounter()
                      .Name("negmine_wal_syncs_total")
                      .Help("fdatasyncs of the write-ahead log.")
@@ -272,6 +279,8 @@ void Metrics::SetIndex(const std::string& collection, const IndexStats& stats,
     CounterTo(drift_rebases_, collection, static_cast<double>(drift.rebases));
   }
 }
+
+void Metrics::SetWalWritable(bool writable) { wal_writable_.Set(writable ? 1 : 0); }
 
 void Metrics::SetWal(double bytes, double syncs, double sync_seconds) {
   absl::MutexLock lock(&mu_);

@@ -58,6 +58,9 @@ class Metrics {
   // over every log generation.
   void SetWal(double bytes, double syncs, double sync_seconds);
   void ObserveSnapshot(double bytes, double seconds);
+  // 1 while changes can be logged, 0 while the write-ahead log refuses them
+  // (a full disk, retried with backoff; or a failed fsync, until a restart).
+  void SetWalWritable(bool writable);
 
  private:
   using GaugeFamily = prometheus::Family<prometheus::Gauge>;
@@ -91,6 +94,7 @@ class Metrics {
   GaugeFamily& drift_residual_;
   CounterFamily& drift_rebases_;
   prometheus::Gauge& wal_bytes_;
+  prometheus::Gauge& wal_writable_;
   prometheus::Counter& wal_syncs_;
   prometheus::Counter& wal_sync_seconds_;
   prometheus::Counter& snapshots_;

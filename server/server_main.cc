@@ -411,6 +411,12 @@ int Run() {
     return 1;
   }
   service.SetReady(true);
+  // Reads go on while the log refuses changes (a full disk): the server as a
+  // whole stays SERVING, and this service name says whether writes work.
+  static constexpr char kWritesHealth[] = "negmine.v1.NegativeMiner/writes";
+  health->SetServingStatus(kWritesHealth, true);
+  service.OnWritableChange(
+      [health](bool writable) { health->SetServingStatus(kWritesHealth, writable); });
   health->SetServingStatus(true);
 
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
@@ -443,6 +449,7 @@ int Run() {
     server->Shutdown(std::chrono::system_clock::now() + grace);
   });
   server->Wait();
+  service.OnWritableChange(nullptr);
   signal_thread.join();
   Log(LogLevel::kInfo, "stopped");
   return 0;

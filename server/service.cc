@@ -249,16 +249,6 @@ grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(grpc::CallbackServerCon
   return call;
 }
 
-absl::Status NegativeMinerService::Append(const WalEntry& entry, uint64_t* offset,
-                                          std::shared_ptr<WalWriter>* writer) {
-  const std::string payload = EncodeWalEntry(entry);
-  *writer = wal_;
-  ASSIGN_OR_RETURN(*offset,
-                   wal_->Append(static_cast<uint8_t>(entry.op),
-                                {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()}));
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::unique_ptr<Index>> NegativeMinerService::MakeIndex(
     const std::string& name, const IndexOptions& options) const {
   absl::StatusOr<std::unique_ptr<Index>> index = CreateIndex(options);
@@ -290,20 +280,19 @@ std::shared_ptr<Collection> NegativeMinerService::NewCollection(const std::strin
   return c;
 }
 
-absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool log,
-                                                         uint64_t* offset,
-                                                         std::shared_ptr<WalWriter>* writer) {
-  log = log && wal_ != nullptr;
+absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e,
+                                                         const LogStep& log) {
   CommitResult out;
   if (e.op == WalOp::kCreateCollection) {
     ASSIGN_OR_RETURN(std::unique_ptr<Index> index, MakeIndex(e.collection, e.options));
     out.collection = NewCollection(e.collection, std::move(index), e.options.backend);
     absl::MutexLock lock(&mu_);
-    if (!collections_.emplace(e.collection, out.collection).second) {
+    if (collections_.contains(e.collection)) {
       return absl::AlreadyExistsError(
           absl::StrCat("collection '", e.collection, "' already exists"));
     }
-    if (log) RETURN_IF_ERROR(Append(e, offset, writer));
+    RETURN_IF_ERROR(log());
+    collections_.emplace(e.collection, out.collection);
     return out;
   }
   if (e.op == WalOp::kDropCollection) {
@@ -312,11 +301,11 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
     if (it == collections_.end()) {
       return absl::NotFoundError(absl::StrCat("collection '", e.collection, "' not found"));
     }
+    RETURN_IF_ERROR(log());
     out.collection = it->second;
     absl::MutexLock write_lock(&out.collection->write_mu);
     out.collection->dropped = true;
     collections_.erase(it);
-    if (log) RETURN_IF_ERROR(Append(e, offset, writer));
     return out;
   }
   ASSIGN_OR_RETURN(out.collection, Find(e.collection));
@@ -325,63 +314,150 @@ absl::StatusOr<CommitResult> NegativeMinerService::Apply(const WalEntry& e, bool
   if (c.dropped) {
     return absl::NotFoundError(absl::StrCat("collection '", e.collection, "' not found"));
   }
+  if (e.op == WalOp::kChooseLandmarks && c.landmarks_chosen) {
+    // The set exists: GetLandmarks only reads it (nothing to log, so a
+    // full disk does not refuse it).
+    ASSIGN_OR_RETURN(out.landmarks, c.index->GetLandmarks());
+    return out;
+  }
+  // The record is appended first and the change applied only if that
+  // succeeded, so a change the log refused (a full disk) is never seen. A
+  // change that the index then refuses (a bad id, a stale epoch) is cut
+  // back off the log.
+  RETURN_IF_ERROR(log());
+  absl::Status applied;
   switch (e.op) {
     case WalOp::kUpsert:
-      RETURN_IF_ERROR(c.index->Upsert(e.ids, e.vectors, e.model_step));
+      applied = c.index->Upsert(e.ids, e.vectors, e.model_step);
       break;
     case WalOp::kDelete: {
-      ASSIGN_OR_RETURN(out.deleted, c.index->Delete(e.ids, e.allow_missing));
+      absl::StatusOr<size_t> deleted = c.index->Delete(e.ids, e.allow_missing);
+      applied = deleted.status();
+      if (deleted.ok()) out.deleted = *deleted;
       break;
     }
     case WalOp::kChooseLandmarks: {
-      ASSIGN_OR_RETURN(out.landmarks, c.index->GetLandmarks());
-      log = log && out.landmarks.chosen;
+      absl::StatusOr<LandmarkSet> landmarks = c.index->GetLandmarks();
+      applied = landmarks.status();
+      if (landmarks.ok()) {
+        out.landmarks = *std::move(landmarks);
+        c.landmarks_chosen = true;
+        // Chosen before (by a change replayed from a snapshot): nothing
+        // changed, so nothing stays in the log.
+        if (!out.landmarks.chosen) out.retract = true;
+      }
       break;
     }
     case WalOp::kDrift: {
-      ASSIGN_OR_RETURN(out.drift, c.index->ApplyDrift({.model_step = e.model_step,
-                                                       .landmark_epoch = e.landmark_epoch,
-                                                       .landmark_embeddings = e.vectors,
-                                                       .linear_a = e.linear_a,
-                                                       .linear_b = e.linear_b}));
+      absl::StatusOr<DriftReport> drift =
+          c.index->ApplyDrift({.model_step = e.model_step,
+                               .landmark_epoch = e.landmark_epoch,
+                               .landmark_embeddings = e.vectors,
+                               .linear_a = e.linear_a,
+                               .linear_b = e.linear_b});
+      applied = drift.status();
+      if (drift.ok()) out.drift = *drift;
       break;
     }
     default:
-      return absl::InternalError("unreachable");
+      applied = absl::InternalError("unreachable");
   }
-  if (log) RETURN_IF_ERROR(Append(e, offset, writer));
+  if (!applied.ok()) {
+    out.refused = applied;
+    out.retract = true;
+  }
   return out;
 }
 
 absl::StatusOr<CommitResult> NegativeMinerService::Commit(const WalEntry& entry) {
-  std::shared_ptr<WalWriter> wal;
+  std::shared_ptr<WalWriter> used;
+  uint64_t start = 0, end = 0;
+  absl::StatusOr<CommitResult> out;
   {
-    absl::MutexLock lock(&mu_);
-    wal = wal_;
-  }
-  if (wal != nullptr) {
-    if (absl::Status s = wal->health(); !s.ok()) {
-      return absl::InternalError(absl::StrCat(
-          "the write-ahead log failed (", s.message(),
-          "); no change is accepted until the server restarts and recovers"));
+    // Appends and applies in one order: the log's order is the order the
+    // changes were applied in, and nothing is appended after a record
+    // while its change is applied (so a refused one can be cut back off).
+    absl::MutexLock order(&commit_mu_);
+    std::shared_ptr<WalWriter> wal;
+    {
+      absl::MutexLock lock(&mu_);
+      wal = wal_;
+    }
+    if (wal != nullptr) {
+      if (absl::Status s = wal->health(); !s.ok()) {
+        NoteWritable(false, s);
+        return absl::InternalError(absl::StrCat(
+            "the write-ahead log failed (", s.message(),
+            "); no change is accepted until the server restarts and recovers"));
+      }
+    }
+    const std::string payload = wal != nullptr ? EncodeWalEntry(entry) : std::string();
+    LogStep log = [&]() -> absl::Status {
+      if (wal == nullptr) return absl::OkStatus();
+      start = wal->size();
+      absl::StatusOr<uint64_t> appended = wal->Append(
+          static_cast<uint8_t>(entry.op),
+          {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()});
+      if (!appended.ok()) {
+        NoteWritable(false, appended.status());
+        return appended.status();
+      }
+      used = wal;
+      end = *appended;
+      return absl::OkStatus();
+    };
+    out = Apply(entry, log);
+    if (out.ok() && out->retract && used != nullptr) {
+      if (absl::Status s = used->Retract(start); !s.ok()) {
+        NoteWritable(false, s);
+        Log(LogLevel::kError, "cannot cut a refused change back off the write-ahead log",
+            {{"error", s.ToString()}});
+      }
+      used = nullptr;
     }
   }
-  uint64_t offset = 0;
-  std::shared_ptr<WalWriter> used;
-  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/true, &offset, &used));
-  if (used != nullptr) RETURN_IF_ERROR(used->Sync(offset));
+  if (!out.ok()) return out.status();
+  if (!out->refused.ok()) return out->refused;
+  if (used != nullptr) {
+    if (absl::Status s = used->Sync(end); !s.ok()) {
+      NoteWritable(false, s);
+      return absl::InternalError(absl::StrCat(
+          "the write-ahead log could not be synced (", s.message(),
+          "): this change may or may not survive a restart; no change is accepted until the "
+          "server restarts and recovers"));
+    }
+    NoteWritable(true, absl::OkStatus());
+  }
   if (entry.op == WalOp::kDropCollection) {
     metrics_->RemoveCollection(entry.collection);
   } else {
-    UpdateCollectionMetrics(*out.collection);
+    UpdateCollectionMetrics(*out->collection);
   }
   return out;
 }
 
+void NegativeMinerService::NoteWritable(bool writable, const absl::Status& why) {
+  if (writable_.exchange(writable) == writable) return;
+  metrics_->SetWalWritable(writable);
+  if (writable) {
+    Log(LogLevel::kInfo, "writes resumed: the write-ahead log takes changes again");
+  } else {
+    Log(LogLevel::kError, "writes refused: the write-ahead log cannot take changes",
+        {{"error", why.ToString()}});
+  }
+  absl::MutexLock lock(&callback_mu_);
+  if (on_writable_change_) on_writable_change_(writable);
+}
+
+void NegativeMinerService::OnWritableChange(std::function<void(bool)> callback) {
+  absl::MutexLock lock(&callback_mu_);
+  on_writable_change_ = std::move(callback);
+}
+
 absl::Status NegativeMinerService::Replay(const WalEntry& entry) {
-  uint64_t offset = 0;
-  std::shared_ptr<WalWriter> unused;
-  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, /*log=*/false, &offset, &unused));
+  LogStep none = [] { return absl::OkStatus(); };
+  ASSIGN_OR_RETURN(CommitResult out, Apply(entry, none));
+  if (!out.refused.ok()) return out.refused;
   if (entry.op != WalOp::kDropCollection) UpdateCollectionMetrics(*out.collection);
   return absl::OkStatus();
 }
@@ -389,11 +465,14 @@ absl::Status NegativeMinerService::Replay(const WalEntry& entry) {
 void NegativeMinerService::SetDurability(std::string data_dir, uint64_t generation,
                                          std::shared_ptr<WalWriter> wal,
                                          const WalWriter::Options& options) {
-  absl::MutexLock lock(&mu_);
-  data_dir_ = std::move(data_dir);
-  generation_ = generation;
-  wal_ = std::move(wal);
-  wal_options_ = options;
+  {
+    absl::MutexLock lock(&mu_);
+    data_dir_ = std::move(data_dir);
+    generation_ = generation;
+    wal_ = std::move(wal);
+    wal_options_ = options;
+  }
+  metrics_->SetWalWritable(true);
 }
 
 absl::Status NegativeMinerService::RestoreCollection(const SnapshotCollection& snapshot) {
@@ -415,37 +494,43 @@ absl::StatusOr<NegativeMinerService::SnapshotInfo> NegativeMinerService::TakeSna
   absl::MutexLock one_at_a_time(&snapshot_mu_);
   const Clock::time_point start = Clock::now();
   SnapshotContents contents;
-  std::shared_ptr<WalWriter> old_wal;
   std::string dir;
   {
-    // Pause every writer: the map, then each collection (in name order).
+    // Pause every writer while the indexes are copied and the log switches.
+    absl::MutexLock order(&commit_mu_);
     absl::MutexLock lock(&mu_);
     if (wal_ == nullptr) {
       return absl::FailedPreconditionError("this server keeps no write-ahead log");
     }
-    std::vector<std::unique_ptr<absl::MutexLock>> paused;
+    // The log the snapshot covers must be whole and durable before a later
+    // generation follows it (recovery allows a torn tail only in the last
+    // log): a log that failed for good may end in garbage, so no snapshot
+    // switches away from it; the restart that recovers it is the way out.
+    if (absl::Status s = wal_->health(); !s.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no snapshot: the write-ahead log failed (", s.message(),
+          "); restart the server to recover"));
+    }
+    RETURN_IF_ERROR(wal_->Sync(wal_->size()));
     for (auto& [name, c] : collections_) {
-      paused.push_back(std::make_unique<absl::MutexLock>(&c->write_mu));
+      absl::MutexLock paused(&c->write_mu);
       ASSIGN_OR_RETURN(std::string bytes, c->index->Snapshot());
       contents.collections.push_back({name, c->index->options(), std::move(bytes)});
     }
     // The log continues in a new generation; the snapshot covers the old.
     ASSIGN_OR_RETURN(std::shared_ptr<WalWriter> next,
                      WalWriter::Open(WalPath(data_dir_, generation_ + 1), 0, wal_options_));
-    old_wal = std::exchange(wal_, std::move(next));
+    std::shared_ptr<WalWriter> old_wal = std::exchange(wal_, std::move(next));
+    retired_syncs_.syncs += old_wal->sync_stats().syncs;
+    retired_syncs_.seconds += old_wal->sync_stats().seconds;
     contents.generation = ++generation_;
     dir = data_dir_;
   }
-  // Changes acknowledged before the pause are durable in the old log.
-  RETURN_IF_ERROR(old_wal->Sync(old_wal->size()));
-  {
-    absl::MutexLock lock(&mu_);
-    retired_syncs_.syncs += old_wal->sync_stats().syncs;
-    retired_syncs_.seconds += old_wal->sync_stats().seconds;
-  }
+  // If this fails (a full disk), the new log generation stays: the older
+  // snapshot and every log since it still recover the state.
   SnapshotInfo info{.path = SnapshotPath(dir, contents.generation),
                     .generation = contents.generation};
-  ASSIGN_OR_RETURN(info.bytes, WriteSnapshot(info.path, contents));
+  ASSIGN_OR_RETURN(info.bytes, WriteSnapshot(info.path, contents, wal_options_.env));
   RemoveObsoleteFiles(dir, contents.generation);
   metrics_->ObserveSnapshot(static_cast<double>(info.bytes), SecondsSince(start));
   return info;

@@ -20,6 +20,7 @@
 #define NEGMINE_SERVER_SERVICE_H_
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -88,6 +89,8 @@ struct Collection {
   // the order the changes were applied in.
   absl::Mutex write_mu;
   bool dropped ABSL_GUARDED_BY(write_mu) = false;
+  // A GetLandmarks returned here: later ones only read the set.
+  bool landmarks_chosen ABSL_GUARDED_BY(write_mu) = false;
 };
 
 // What a committed change produced, for the RPC's response.
@@ -96,6 +99,11 @@ struct CommitResult {
   size_t deleted = 0;       // kDelete
   LandmarkSet landmarks;    // kChooseLandmarks
   DriftReport drift;        // kDrift
+  // The index refused the change (nothing changed): the call's answer.
+  absl::Status refused;
+  // Its log record, if one was appended, is cut back off (refused, or it
+  // changed nothing).
+  bool retract = false;
 };
 
 // Every method is registered raw (grpc::ByteBuffer) and parses its messages
@@ -142,11 +150,23 @@ class NegativeMinerService final : public ServiceBase {
   };
   absl::StatusOr<SnapshotInfo> TakeSnapshot();
 
-  // Applies one change, logs it and waits until the log record is durable:
+  // Logs one change, applies it and waits until its log record is durable:
   // the one path of every change of state, for RPCs and for the embedded
-  // default. A change is logged only if it succeeded; a log that fails
-  // makes every later change fail (INTERNAL) until a restart recovers.
+  // default. The record is appended (to the page cache) before the change
+  // is applied, so a change the log refuses is never seen:
+  //   RESOURCE_EXHAUSTED: the log cannot be written (a full disk); the
+  //     record was cut back off and nothing changed. Writes are retried
+  //     with backoff and resume by themselves once the disk has room.
+  //   INTERNAL: the log failed for good (a failed fsync: the change may or
+  //     may not survive a restart); every later change fails the same way
+  //     until a restart recovers.
+  // A change the index refuses is cut back off the log, and its error is
+  // returned. The state is published as negmine_wal_writable, logged at
+  // each transition, and passed to OnWritableChange's callback.
   absl::StatusOr<CommitResult> Commit(const WalEntry& entry);
+  // `callback(writable)` at each change of the log's writability (from the
+  // thread that saw it).
+  void OnWritableChange(std::function<void(bool)> callback);
   // Recovery: applies a logged change again, without logging it.
   absl::Status Replay(const WalEntry& entry);
 
@@ -228,18 +248,27 @@ class NegativeMinerService final : public ServiceBase {
 
   void FillInfo(const Collection& c, v1::CollectionInfo* info) const;
   absl::Status CheckToken(const grpc::CallbackServerContext* ctx) const;
-  // Commit's work: applies `entry`; when `log`, appends its record, sets
-  // *offset to the record's end and *writer to the log.
-  absl::StatusOr<CommitResult> Apply(const WalEntry& entry, bool log, uint64_t* offset,
-                                     std::shared_ptr<WalWriter>* writer);
-  // Appends `entry` to the log, under the lock that orders it; `*writer`
-  // gets the log it went to (for the Sync after the locks are released).
-  absl::Status Append(const WalEntry& entry, uint64_t* offset,
-                      std::shared_ptr<WalWriter>* writer);
+  // Appends the change's log record (a no-op in recovery); Apply calls it
+  // once the change is validated against the registry, just before it
+  // changes anything.
+  using LogStep = std::function<absl::Status()>;
+  // Commit's and Replay's work: applies `entry`, calling `log` first.
+  absl::StatusOr<CommitResult> Apply(const WalEntry& entry, const LogStep& log);
+  // Publishes a change of the log's writability (metric, log line, callback).
+  void NoteWritable(bool writable, const absl::Status& why);
 
-  // The log. Replaced only by TakeSnapshot while it holds mu_ and every
-  // collection's write_mu, so whoever holds one of those for an Append
-  // reads a stable pointer.
+  // Held by Commit across appending a record and applying its change, and
+  // by TakeSnapshot while it switches logs: orders the log, and lets a
+  // refused change's record be cut back off (nothing follows it yet).
+  // Acquired before mu_ and every write_mu.
+  absl::Mutex commit_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  std::atomic<bool> writable_{true};
+  // A leaf lock: NoteWritable runs under commit_mu_, mu_ or a write_mu.
+  absl::Mutex callback_mu_;
+  std::function<void(bool)> on_writable_change_ ABSL_GUARDED_BY(callback_mu_);
+
+  // The log. Replaced only by TakeSnapshot while it holds commit_mu_ and
+  // mu_, so whoever holds commit_mu_ for an Append reads a stable pointer.
   std::string data_dir_;
   uint64_t generation_ = 0;
   std::shared_ptr<WalWriter> wal_;

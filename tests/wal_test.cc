@@ -15,6 +15,7 @@
 #include "core/random.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/fault_env.h"
 #include "tests/test_util.h"
 
 namespace negmine {
@@ -170,6 +171,62 @@ TEST_F(WalTest, ACorruptLastRecordIsDataLossNotATornTail) {
   EXPECT_EQ(c->records.size(), 2u);
   EXPECT_EQ(c->valid_bytes, last);
   EXPECT_EQ(c->torn_bytes, full.size() - 1 - last);
+}
+
+// A write the disk refuses part-way (ENOSPC after a short write) is cut back
+// off the file at once: the log stays whole. Appends are then refused
+// without touching the disk until the backoff ends, and the first one after
+// it tries again and succeeds once there is room.
+TEST_F(WalTest, AFailedAppendIsCutBackAndRetriedAfterItsBackoff) {
+  testing::FaultEnv env;
+  auto append = [](WalWriter& w, const std::string& p) {
+    return w.Append(1, {reinterpret_cast<const uint8_t*>(p.data()), p.size()});
+  };
+  {
+    auto w = WalWriter::Open(path_, 0, {.retry_backoff = absl::Hours(1), .env = &env}).value();
+    ASSERT_THAT(append(*w, "first").status(), IsOk());
+    const uint64_t whole = w->size();
+    env.SetSpaceLeft(7);  // the header of the next record, cut short
+    EXPECT_THAT(append(*w, std::string(100, 'x')).status(),
+                StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("No space left")));
+    EXPECT_EQ(env.short_writes(), 1u);
+    EXPECT_EQ(std::filesystem::file_size(path_), whole) << "the partial record stayed";
+    EXPECT_EQ(w->size(), whole);
+    EXPECT_THAT(w->health(), IsOk()) << "a full disk is not final";
+    EXPECT_THAT(w->write_error(), StatusIs(absl::StatusCode::kResourceExhausted, ::testing::_));
+    // During the backoff: refused at once, the disk untouched.
+    env.Clear();
+    const uint64_t faults = env.faults();
+    EXPECT_THAT(append(*w, "during").status(),
+                StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("tried again in")));
+    EXPECT_EQ(env.faults(), faults);
+    EXPECT_EQ(std::filesystem::file_size(path_), whole);
+  }
+  // With no backoff the next append tries the disk: still full, refused;
+  // then room, and it goes through after the record before the failure.
+  auto c = ReadWal(path_).value();
+  ASSERT_EQ(c.records.size(), 1u);
+  EXPECT_EQ(c.torn_bytes, 0u);
+  auto w = WalWriter::Open(path_, c.valid_bytes,
+                           {.retry_backoff = absl::ZeroDuration(), .env = &env}).value();
+  env.SetSpaceLeft(0);
+  EXPECT_THAT(append(*w, "full").status(), StatusIs(absl::StatusCode::kResourceExhausted, ::testing::_));
+  env.Clear();
+  auto end = append(*w, "second");
+  ASSERT_THAT(end.status(), IsOk());
+  ASSERT_THAT(w->Sync(*end), IsOk());
+  EXPECT_THAT(w->write_error(), IsOk());
+  c = ReadWal(path_).value();
+  ASSERT_EQ(c.records.size(), 2u);
+  EXPECT_EQ(c.records[1].payload, "second");
+  // A failed fsync is final: the kernel may have dropped the pages.
+  env.FailSyncs(EIO);
+  end = append(*w, "third");
+  ASSERT_THAT(end.status(), IsOk());
+  EXPECT_THAT(w->Sync(*end), StatusIs(absl::StatusCode::kUnknown, HasSubstr("Input/output error")));
+  env.Clear();
+  EXPECT_THAT(append(*w, "fourth").status(),
+              StatusIs(absl::StatusCode::kUnknown, HasSubstr("syncing the write-ahead log")));
 }
 
 TEST_F(WalTest, ConcurrentSyncsShareFsyncsAndEveryRecordIsThere) {

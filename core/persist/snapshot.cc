@@ -23,21 +23,33 @@ absl::Status Errno(const std::string& what) {
   return absl::Status(absl::ErrnoToStatusCode(errno), absl::StrCat(what, ": ", std::strerror(errno)));
 }
 
-absl::Status WriteAll(int fd, const std::string& bytes, const std::string& path) {
+absl::Status WriteAll(Env* env, int fd, const std::string& bytes, const std::string& path) {
   for (size_t done = 0; done < bytes.size();) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Errno(absl::StrCat("writing ", path));
+    const ssize_t n = env->Write(fd, bytes.data() + done, bytes.size() - done);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+      continue;
     }
-    done += static_cast<size_t>(n);
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0) errno = ENOSPC;  // no progress: the device takes no more
+    return Errno(absl::StrCat("writing ", path));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::StatusOr<uint64_t> WriteSnapshot(const std::string& path, const SnapshotContents& c) {
+absl::Status SyncDir(const std::string& dir, Env* env) {
+  env = Env::OrDefault(env);
+  const int dfd = env->Open(dir.empty() ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+  absl::Status s;
+  if (dfd < 0 || env->Fsync(dfd) != 0) s = Errno(absl::StrCat("syncing the directory ", dir));
+  if (dfd >= 0) env->Close(dfd);
+  return s;
+}
+
+absl::StatusOr<uint64_t> WriteSnapshot(const std::string& path, const SnapshotContents& c,
+                                       Env* env) {
   ByteWriter w;
   w.bytes().append(kMagic, sizeof(kMagic));
   w.Put<uint32_t>(kFormat);
@@ -51,21 +63,20 @@ absl::StatusOr<uint64_t> WriteSnapshot(const std::string& path, const SnapshotCo
   const std::string& body = w.bytes();
   w.Put<uint32_t>(Crc32c({reinterpret_cast<const uint8_t*>(body.data()), body.size()}));
   const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  env = Env::OrDefault(env);
+  const int fd = env->Open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
   if (fd < 0) return Errno(absl::StrCat("creating ", tmp));
-  absl::Status s = WriteAll(fd, w.bytes(), tmp);
-  if (s.ok() && ::fsync(fd) != 0) s = Errno(absl::StrCat("syncing ", tmp));
-  ::close(fd);
-  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = Errno(absl::StrCat("renaming to ", path));
+  absl::Status s = WriteAll(env, fd, w.bytes(), tmp);
+  if (s.ok() && env->Fsync(fd) != 0) s = Errno(absl::StrCat("syncing ", tmp));
+  env->Close(fd);
+  if (s.ok() && env->Rename(tmp, path) != 0) s = Errno(absl::StrCat("renaming to ", path));
   if (!s.ok()) {
-    ::unlink(tmp.c_str());
+    env->Unlink(tmp);
     return s;
   }
-  const std::string dir = std::filesystem::path(path).parent_path().string();
-  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0 || ::fsync(dfd) != 0) s = Errno(absl::StrCat("syncing the directory of ", path));
-  if (dfd >= 0) ::close(dfd);
-  if (!s.ok()) return s;
+  if (absl::Status d = SyncDir(std::filesystem::path(path).parent_path().string(), env); !d.ok()) {
+    return absl::Status(d.code(), absl::StrCat(d.message(), " (after writing ", path, ")"));
+  }
   return w.bytes().size();
 }
 

@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/index.h"
+#include "core/persist/env.h"
 
 namespace negmine {
 
@@ -34,8 +35,13 @@ struct SnapshotContents {
   std::vector<SnapshotCollection> collections;
 };
 
-// Writes `contents` to `path` atomically; returns the bytes written.
-absl::StatusOr<uint64_t> WriteSnapshot(const std::string& path, const SnapshotContents& contents);
+// Writes `contents` to `path` atomically, through `env` (null: POSIX);
+// returns the bytes written. On failure nothing is left behind (the
+// temporary file is removed) and an older snapshot at `path` stays.
+absl::StatusOr<uint64_t> WriteSnapshot(const std::string& path, const SnapshotContents& contents,
+                                       Env* env = nullptr);
+// fsyncs the directory `dir` (a rename or a new file in it is durable).
+absl::Status SyncDir(const std::string& dir, Env* env = nullptr);
 //   DATA_LOSS: a bad checksum, magic or layout (the message names the file).
 absl::StatusOr<SnapshotContents> ReadSnapshot(const std::string& path);
 

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
@@ -111,21 +112,22 @@ absl::StatusOr<WalContents> ReadWal(const std::string& path) {
 absl::StatusOr<std::unique_ptr<WalWriter>> WalWriter::Open(const std::string& path,
                                                            uint64_t valid_bytes,
                                                            const Options& options) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+  Env* env = Env::OrDefault(options.env);
+  const int fd = env->Open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
   if (fd < 0) return Errno(absl::StrCat("opening the write-ahead log ", path));
-  if (::ftruncate(fd, static_cast<off_t>(valid_bytes)) != 0 ||
-      ::lseek(fd, static_cast<off_t>(valid_bytes), SEEK_SET) < 0 || ::fdatasync(fd) != 0) {
+  if (env->Ftruncate(fd, static_cast<off_t>(valid_bytes)) != 0 ||
+      env->Lseek(fd, static_cast<off_t>(valid_bytes), SEEK_SET) < 0 || env->Fdatasync(fd) != 0) {
     const absl::Status s = Errno(absl::StrCat("preparing the write-ahead log ", path));
-    ::close(fd);
+    env->Close(fd);
     return s;
   }
   return std::unique_ptr<WalWriter>(new WalWriter(fd, valid_bytes, options));
 }
 
 WalWriter::WalWriter(int fd, uint64_t size, const Options& options)
-    : fd_(fd), options_(options), size_(size), synced_(size) {}
+    : fd_(fd), options_(options), env_(Env::OrDefault(options.env)), size_(size), synced_(size) {}
 
-WalWriter::~WalWriter() { ::close(fd_); }
+WalWriter::~WalWriter() { env_->Close(fd_); }
 
 uint64_t WalWriter::size() const {
   absl::MutexLock lock(&mu_);
@@ -140,6 +142,16 @@ WalWriter::SyncStats WalWriter::sync_stats() const {
 absl::Status WalWriter::health() const {
   absl::MutexLock lock(&mu_);
   return error_;
+}
+
+absl::Status WalWriter::write_error() const {
+  absl::MutexLock lock(&mu_);
+  return write_error_;
+}
+
+bool WalWriter::CutBackLocked() {
+  return env_->Ftruncate(fd_, static_cast<off_t>(size_)) == 0 &&
+         env_->Lseek(fd_, static_cast<off_t>(size_), SEEK_SET) == static_cast<off_t>(size_);
 }
 
 absl::StatusOr<uint64_t> WalWriter::Append(uint8_t type, absl::Span<const uint8_t> payload) {
@@ -157,19 +169,58 @@ absl::StatusOr<uint64_t> WalWriter::Append(uint8_t type, absl::Span<const uint8_
   record.append(reinterpret_cast<const char*>(payload.data()), payload.size());
   absl::MutexLock lock(&mu_);
   if (!error_.ok()) return error_;
+  const absl::Time now = absl::Now();
+  if (!write_error_.ok() && now < retry_at_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the write-ahead log cannot be written (", write_error_.message(),
+        "); the change is refused; writes are tried again in ",
+        absl::ToInt64Milliseconds(retry_at_ - now) + 1, " ms: retry after that, with backoff"));
+  }
   for (size_t done = 0; done < record.size();) {
-    const ssize_t n = ::write(fd_, record.data() + done, record.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      // The file may now end in a partial record: later appends would
-      // follow garbage. Fail-stop; recovery cuts it as a torn tail.
-      error_ = Errno("writing the write-ahead log");
+    const ssize_t n = env_->Write(fd_, record.data() + done, record.size() - done);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0) errno = ENOSPC;  // no progress: the device takes no more
+    const absl::Status failed = Errno("writing the write-ahead log");
+    // The file may now end in a partial record: cut it back so that the
+    // log stays whole, and later appends (or a restart) follow good data.
+    if (!CutBackLocked()) {
+      error_ = absl::Status(failed.code(),
+                            absl::StrCat(failed.message(), "; cutting the partial record back "
+                                         "failed too: ", std::strerror(errno)));
       return error_;
     }
-    done += static_cast<size_t>(n);
+    write_error_ = failed;
+    backoff_ = backoff_ == absl::ZeroDuration()
+                   ? options_.retry_backoff
+                   : std::min(2 * backoff_, options_.max_retry_backoff);
+    retry_at_ = now + backoff_;
+    return failed;
   }
   size_ += record.size();
+  write_error_ = absl::OkStatus();
+  backoff_ = absl::ZeroDuration();
   return size_;
+}
+
+absl::Status WalWriter::Retract(uint64_t offset) {
+  absl::MutexLock lock(&mu_);
+  if (!error_.ok()) return error_;
+  if (offset > size_) {
+    return absl::InternalError(absl::StrCat("retracting the write-ahead log to ", offset,
+                                            " past its end ", size_));
+  }
+  const uint64_t was = size_;
+  size_ = offset;
+  if (!CutBackLocked()) {
+    error_ = Errno(absl::StrCat("cutting the write-ahead log back from ", was, " to ", offset));
+    return error_;
+  }
+  synced_ = std::min(synced_, size_);
+  return absl::OkStatus();
 }
 
 absl::Status WalWriter::Sync(uint64_t offset) {
@@ -191,7 +242,7 @@ absl::Status WalWriter::Sync(uint64_t offset) {
   const uint64_t target = size_;
   mu_.Unlock();
   const absl::Time start = absl::Now();
-  const int rc = ::fdatasync(fd_);
+  const int rc = env_->Fdatasync(fd_);
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   mu_.Lock();
   syncing_ = false;

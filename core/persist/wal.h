@@ -1,7 +1,7 @@
 // The write-ahead log: every acknowledged change of the server, in order, so
 // that a restart replays what was acknowledged before a crash.
 //
-// File format (one file, data_dir/wal.log), a sequence of records:
+// File format (one file per log generation), a sequence of records:
 //
 //   offset 0        4      5             9              13
 //          [length ][type ][header crc  ][payload crc  ][payload: length bytes]
@@ -22,7 +22,14 @@
 //
 // Writing (WalWriter): Append writes a record to the file (the page cache)
 // and returns its end offset; Sync(offset) makes everything up to it
-// durable. Concurrent Syncs share one fdatasync (group commit): a Sync that
+// durable. A write that fails or stops short (a full disk) is cut back off
+// the file at once, so the file always ends with a whole record; the writer
+// then refuses appends for a backoff (doubling per failure) and the first
+// append after it tries the disk again: writes resume by themselves once
+// there is room. A failed fsync, or a cut that fails, is final: the kernel
+// may have dropped the pages, so only a restart (recovery reads the file)
+// knows what the log holds. Every file call goes through an Env
+// (core/persist/env.h), so tests inject these faults. Concurrent Syncs share one fdatasync (group commit): a Sync that
 // finds one in progress waits for it, and the next covers every record
 // appended meanwhile. With a group-commit window, a Sync first waits that
 // long for more records to share its fdatasync.
@@ -42,6 +49,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "core/persist/env.h"
 
 namespace negmine {
 
@@ -78,6 +86,13 @@ class WalWriter {
     SyncPolicy sync = SyncPolicy::kAlways;
     // kAlways: wait this long for more records to share an fdatasync.
     absl::Duration group_commit_window = absl::ZeroDuration();
+    // After a failed write (cut back off the file), appends are refused
+    // without touching the disk for retry_backoff, doubled at each further
+    // failure up to max_retry_backoff; the next append then tries again.
+    absl::Duration retry_backoff = absl::Milliseconds(100);
+    absl::Duration max_retry_backoff = absl::Seconds(5);
+    // The file system (null: Env::Default(), POSIX). Not owned.
+    Env* env = nullptr;
   };
 
   // Opens `path` for appending, first cutting it to `valid_bytes` (from
@@ -87,8 +102,16 @@ class WalWriter {
                                                          const Options& options);
   ~WalWriter();
 
-  // Appends one record; returns the offset just past it.
+  // Appends one record; returns the offset just past it. On a failed write
+  // the file is cut back to its size before the call and the error
+  // returned (ENOSPC: RESOURCE_EXHAUSTED); during the backoff that follows,
+  // RESOURCE_EXHAUSTED naming the error and when to retry.
   absl::StatusOr<uint64_t> Append(uint8_t type, absl::Span<const uint8_t> payload);
+  // Cuts the log back to `offset` (a record boundary: size() before an
+  // Append whose change was then refused). The caller holds the lock that
+  // orders its Appends, so that nothing was appended after. A failed cut is
+  // final (health()).
+  absl::Status Retract(uint64_t offset);
   // Returns once every record up to `offset` is durable (per the policy).
   absl::Status Sync(uint64_t offset);
 
@@ -99,21 +122,31 @@ class WalWriter {
     double seconds = 0;
   };
   SyncStats sync_stats() const;
-  // A failed write or sync leaves the log unusable: every later call
-  // returns this error (the server must restart and recover).
+  // A failed sync, or a failed write that could not be cut back, leaves the
+  // log unusable: every later call returns this error (the server must
+  // restart and recover).
   absl::Status health() const;
+  // The last failed write while appends are being refused or retried (OK
+  // once an append succeeds again; see Append).
+  absl::Status write_error() const;
 
  private:
   WalWriter(int fd, uint64_t size, const Options& options);
+  // Cuts the file back to size_ after a failed write (under mu_).
+  bool CutBackLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int fd_;
   const Options options_;
+  Env* const env_;
   mutable absl::Mutex mu_;
   uint64_t size_ ABSL_GUARDED_BY(mu_);
   uint64_t synced_ ABSL_GUARDED_BY(mu_);
   bool syncing_ ABSL_GUARDED_BY(mu_) = false;
   SyncStats sync_stats_ ABSL_GUARDED_BY(mu_);
   absl::Status error_ ABSL_GUARDED_BY(mu_);
+  absl::Status write_error_ ABSL_GUARDED_BY(mu_);
+  absl::Duration backoff_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
+  absl::Time retry_at_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
 };
 
 }  // namespace negmine
