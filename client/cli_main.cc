@@ -527,8 +527,19 @@ absl::Status Upsert(Client& c, const Args& a) {
   CLI_ASSIGN(step, a.Number<int64_t>("model-step", 0));
   CLI_ASSIGN(offset, a.Number<uint64_t>("id-offset", 0));
   // A unary call first: retried while the server recovers, where the
-  // stream, once past gRPC's retry buffer, would not be.
-  CLI_ASSIGN(dim, CollectionDim(c, collection));
+  // stream, once past gRPC's retry buffer, would not be. It also gives the
+  // server's message limit, which the stream's messages must fit.
+  CLI_ASSIGN(info, c.GetIndexInfo(collection));
+  const uint32_t dim = info.info().config().dim();
+  Client* upserter = &c;
+  std::unique_ptr<Client> small_messages;
+  const uint64_t max_message = info.limits().max_message_bytes();
+  if (max_message > 0 && c.options().upsert_chunk_bytes > max_message / 2) {
+    ClientOptions o = c.options();
+    o.upsert_chunk_bytes = std::max<size_t>(1, max_message / 2);
+    small_messages = c.WithOptions(o);
+    upserter = small_messages.get();
+  }
   Array<float> x;
   if (a.Has("npy")) {
     CLI_ASSIGN(loaded, LoadNpyFloat(a.Get("npy")));
@@ -571,7 +582,7 @@ absl::Status Upsert(Client& c, const Args& a) {
   {
     Progress progress(absl::StrCat("upsert '", collection, "'"), x.rows, "targets sent");
     Ticker ticker(progress);  // the time moves on while the server applies the last
-    resp = c.Upsert(collection, ids, x.data, x.cols, step,
+    resp = upserter->Upsert(collection, ids, x.data, x.cols, step,
                     [&](size_t sent, size_t) { progress.Set(sent); });
   }
   if (!resp.ok()) return resp.status();
@@ -790,7 +801,10 @@ absl::Status Mine(Client& c, const Args& a) {
       auto id = session->Send(queries.subspan(sent * q.cols, m * q.cols),
                               static_cast<uint32_t>(q.cols), p,
                               excl.empty() ? excl : excl.subspan(sent, m));
-      if (!id.ok()) return session->Close();  // the stream broke: its status
+      if (!id.ok()) {  // the stream broke: Close() says why
+        absl::Status closed = session->Close();
+        return closed.ok() ? id.status() : closed;
+      }
       in_flight.push_back(sent);
       sent += m;
     }

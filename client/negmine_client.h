@@ -104,6 +104,13 @@ class Client {
   static std::unique_ptr<Client> Connect(const std::string& target,
                                          const ClientOptions& options = {});
 
+  // A Client over this one's channel with other per-call options (chunk
+  // sizes, timeout, token); the channel's own (TLS, message limits,
+  // retries) stay this one's.
+  std::unique_ptr<Client> WithOptions(const ClientOptions& options) const {
+    return std::unique_ptr<Client>(new Client(channel_, options));
+  }
+
   // Waits until the channel is ready, up to `timeout`.
   absl::Status WaitForReady(std::chrono::milliseconds timeout);
 

@@ -203,6 +203,10 @@ nm2 mine --collection default --queries "$tmp/q90.npy" --k 512 --out "$tmp/big51
   || fail "90 x 512 results over a 256 KiB message limit"
 nm2 mine --collection default --queries "$tmp/q600.npy" --k 4 --json > "$tmp/big4.json" \
   || fail "--json over several requests"
+# Upsert messages fit the same limit (20000 x 16 floats is 1.3 MB).
+nm2 create --collection up --dim 16 >/dev/null
+nm2 upsert --collection up --random 20000 --seed 3 | grep -q "upserted 20000" \
+  || fail "upsert over a 256 KiB message limit"
 kill "$pid2"; wait "$pid2" 2>/dev/null || true
 /usr/bin/python3 - "$tmp" <<'PY' || fail "split results differ from brute force"
 import json, sys, numpy as np
