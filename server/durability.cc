@@ -6,11 +6,22 @@
 #include <filesystem>
 #include <vector>
 
+#include <fcntl.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "core/persist/env.h"
 #include "core/persist/snapshot.h"
+#include "core/persist/wal.h"
 #include "core/persist/wal_entry.h"
 #include "core/status.h"
 #include "server/log.h"
@@ -47,6 +58,101 @@ std::string SnapshotPath(const std::string& dir, uint64_t generation) {
   return absl::StrFormat("%s/snapshot-%06d.snap", dir, generation);
 }
 
+std::string ManifestPath(const std::string& dir) { return dir + "/MANIFEST"; }
+
+namespace {
+
+constexpr absl::string_view kManifestMagic = "negmine-manifest 1";
+
+std::string ManifestBody(const Manifest& m) {
+  return absl::StrCat(kManifestMagic, "\nfirst_log ", m.first_log, "\ncurrent_log ",
+                      m.current_log, "\nsnapshots", m.snapshots.empty() ? "" : " ",
+                      absl::StrJoin(m.snapshots, " "), "\n");
+}
+
+uint32_t TextCrc(const std::string& text) {
+  return Crc32c({reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+}
+
+}  // namespace
+
+absl::Status WriteManifest(const std::string& dir, const Manifest& m, Env* env) {
+  env = Env::OrDefault(env);
+  const std::string body = ManifestBody(m);
+  const std::string text = absl::StrCat(body, "crc ", TextCrc(body), "\n");
+  const std::string path = ManifestPath(dir), tmp = path + ".tmp";
+  const int fd = env->Open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  auto fail = [&](const std::string& what) {
+    return absl::Status(absl::ErrnoToStatusCode(errno),
+                        absl::StrCat(what, " ", tmp, ": ", std::strerror(errno)));
+  };
+  if (fd < 0) return fail("creating");
+  absl::Status s;
+  for (size_t done = 0; s.ok() && done < text.size();) {
+    const ssize_t n = env->Write(fd, text.data() + done, text.size() - done);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      if (n == 0) errno = ENOSPC;
+      s = fail("writing");
+    }
+  }
+  if (s.ok() && env->Fsync(fd) != 0) s = fail("syncing");
+  env->Close(fd);
+  if (s.ok() && env->Rename(tmp, path) != 0) s = fail("renaming");
+  if (!s.ok()) {
+    env->Unlink(tmp);
+    return s;
+  }
+  return SyncDir(dir, env);
+}
+
+absl::StatusOr<std::optional<Manifest>> ReadManifest(const std::string& dir) {
+  const std::string path = ManifestPath(dir);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) return std::optional<Manifest>();
+    return absl::DataLossError(absl::StrCat("cannot read ", path));
+  }
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto corrupt = [&](const char* why) {
+    return absl::DataLossError(absl::StrCat("the manifest ", path, " ", why,
+                                            "; the data dir is not loaded"));
+  };
+  const size_t crc_at = text.rfind("crc ");
+  uint32_t crc = 0;
+  if (crc_at == std::string::npos ||
+      !absl::SimpleAtoi(absl::StripAsciiWhitespace(text.substr(crc_at + 4)), &crc)) {
+    return corrupt("has no checksum line");
+  }
+  const std::string body = text.substr(0, crc_at);
+  if (TextCrc(body) != crc) return corrupt("fails its checksum");
+  const std::vector<std::string> lines = absl::StrSplit(body, '\n', absl::SkipEmpty());
+  Manifest m;
+  bool ok = lines.size() == 4 && lines[0] == kManifestMagic;
+  auto number = [&](const std::string& line, absl::string_view key, uint64_t* out) {
+    absl::string_view v = line;
+    return absl::ConsumePrefix(&v, key) && absl::ConsumePrefix(&v, " ") &&
+           absl::SimpleAtoi(v, out);
+  };
+  ok = ok && number(lines[1], "first_log", &m.first_log) &&
+       number(lines[2], "current_log", &m.current_log) && m.first_log <= m.current_log;
+  if (ok) {
+    absl::string_view v = lines[3];
+    ok = absl::ConsumePrefix(&v, "snapshots");
+    for (absl::string_view g : absl::StrSplit(v, ' ', absl::SkipEmpty())) {
+      uint64_t n = 0;
+      ok = ok && absl::SimpleAtoi(g, &n);
+      m.snapshots.push_back(n);
+    }
+  }
+  if (!ok) return corrupt("does not parse");
+  return std::optional<Manifest>(std::move(m));
+}
+
 absl::Status Recover(NegativeMinerService& service, const std::string& dir,
                      const WalWriter::Options& options) {
   const auto start = std::chrono::steady_clock::now();
@@ -55,7 +161,43 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
   for (uint64_t g : Generations(dir, "snapshot-", ".snap.tmp")) {
     std::filesystem::remove(SnapshotPath(dir, g) + ".tmp", ec);
   }
+  std::filesystem::remove(ManifestPath(dir) + ".tmp", ec);
+  ASSIGN_OR_RETURN(std::optional<Manifest> manifest, ReadManifest(dir));
   const std::vector<uint64_t> snapshots = Generations(dir, "snapshot-", ".snap");
+  if (manifest.has_value()) {
+    // Every file the manifest names must be there: a missing one is data
+    // lost, not a smaller data dir.
+    for (uint64_t g = manifest->first_log; g <= manifest->current_log; ++g) {
+      if (!std::filesystem::exists(WalPath(dir, g), ec)) {
+        return absl::DataLossError(absl::StrCat(
+            "the log ", WalPath(dir, g), " is missing: ", ManifestPath(dir),
+            " says the data dir holds the logs of generations ", manifest->first_log, " to ",
+            manifest->current_log, "; the changes it held are lost (restore it, or move the "
+            "data dir aside to start empty)"));
+      }
+    }
+    std::vector<uint64_t> present;
+    for (uint64_t g : manifest->snapshots) {
+      if (std::binary_search(snapshots.begin(), snapshots.end(), g)) {
+        present.push_back(g);
+      } else {
+        Log(LogLevel::kWarning, "a snapshot the manifest names is missing",
+            {{"path", SnapshotPath(dir, g)}});
+      }
+    }
+    // Without any of them, the logs before first_log (deleted after those
+    // snapshots were written) are needed: lost.
+    const bool newer = !snapshots.empty() && snapshots.back() >= manifest->first_log;
+    if (present.empty() && !newer && manifest->first_log > 1) {
+      return absl::DataLossError(absl::StrCat(
+          "the snapshots ", absl::StrJoin(manifest->snapshots, ", "), " named by ",
+          ManifestPath(dir), " are missing, and the logs before generation ",
+          manifest->first_log, " were deleted after them: the state they held is lost"));
+    }
+  } else if (!snapshots.empty() || !Generations(dir, "wal-", ".log").empty()) {
+    Log(LogLevel::kWarning, "the data dir has no manifest (written before it existed); "
+        "recovering from the files it holds and writing one", {{"dir", dir}});
+  }
   uint64_t generation = 1;
   if (!snapshots.empty()) {
     generation = snapshots.back();
@@ -125,10 +267,18 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
   }
   ASSIGN_OR_RETURN(std::unique_ptr<WalWriter> writer,
                    WalWriter::Open(WalPath(dir, generation), valid, options));
-  service.SetDurability(dir, generation, std::move(writer), options);
+  // The manifest of what is there now (and, before a fresh dir takes its
+  // first change, of its first log).
+  Manifest now{.current_log = generation, .snapshots = snapshots};
+  const std::vector<uint64_t> all_logs = Generations(dir, "wal-", ".log");
+  now.first_log = manifest.has_value() ? std::min(manifest->first_log, generation)
+                  : all_logs.empty()   ? generation
+                                       : std::min(all_logs.front(), generation);
+  RETURN_IF_ERROR(WriteManifest(dir, now, options.env));
   // A crash between a snapshot's rename and the pruning after it leaves a
   // third snapshot (and its logs): the newest one just restored, finish it.
-  if (!snapshots.empty()) RemoveObsoleteFiles(dir, snapshots.back());
+  if (!snapshots.empty()) RemoveObsoleteFiles(dir, &now, options.env);
+  service.SetDurability(dir, generation, std::move(writer), options, now);
   Log(LogLevel::kInfo, "recovered",
       {{"snapshot", snapshots.empty() ? "none" : SnapshotPath(dir, snapshots.back())},
        {"log_records", absl::StrCat(records)},
@@ -138,18 +288,23 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
   return absl::OkStatus();
 }
 
-void RemoveObsoleteFiles(const std::string& dir, uint64_t newest) {
-  const std::vector<uint64_t> snapshots = Generations(dir, "snapshot-", ".snap");
-  // Keep the newest two snapshots (up to `newest`) and the logs from the
-  // older of them on; with one snapshot, every log stays.
-  std::vector<uint64_t> kept;
-  for (uint64_t g : snapshots) {
-    if (g <= newest) kept.push_back(g);
+void RemoveObsoleteFiles(const std::string& dir, Manifest* m, Env* env) {
+  // Keep the newest two snapshots and the logs from the older of them on;
+  // with one snapshot, every log stays.
+  if (m->snapshots.size() < 2) return;
+  const uint64_t keep_from = m->snapshots[m->snapshots.size() - 2];
+  Manifest next = *m;
+  next.first_log = std::max(next.first_log, keep_from);
+  next.snapshots.assign(m->snapshots.end() - 2, m->snapshots.end());
+  // Recorded first: the manifest never names a file already deleted.
+  if (absl::Status s = WriteManifest(dir, next, env); !s.ok()) {
+    Log(LogLevel::kWarning, "cannot update the manifest; keeping the obsolete files",
+        {{"error", s.ToString()}});
+    return;
   }
-  if (kept.size() < 2) return;
-  const uint64_t keep_from = kept[kept.size() - 2];
+  *m = next;
   std::error_code ec;
-  for (uint64_t g : snapshots) {
+  for (uint64_t g : Generations(dir, "snapshot-", ".snap")) {
     if (g < keep_from) std::filesystem::remove(SnapshotPath(dir, g), ec);
   }
   for (uint64_t g : Generations(dir, "wal-", ".log")) {

@@ -464,7 +464,12 @@ absl::Status NegativeMinerService::Replay(const WalEntry& entry) {
 
 void NegativeMinerService::SetDurability(std::string data_dir, uint64_t generation,
                                          std::shared_ptr<WalWriter> wal,
-                                         const WalWriter::Options& options) {
+                                         const WalWriter::Options& options,
+                                         const Manifest& manifest) {
+  {
+    absl::MutexLock snapshots(&snapshot_mu_);
+    manifest_ = manifest;
+  }
   {
     absl::MutexLock lock(&mu_);
     data_dir_ = std::move(data_dir);
@@ -518,8 +523,19 @@ absl::StatusOr<NegativeMinerService::SnapshotInfo> NegativeMinerService::TakeSna
       contents.collections.push_back({name, c->index->options(), std::move(bytes)});
     }
     // The log continues in a new generation; the snapshot covers the old.
+    // The manifest names it before it takes a change (a deleted log is then
+    // found missing); if that cannot be written, the log stays where it is.
+    const std::string next_path = WalPath(data_dir_, generation_ + 1);
     ASSIGN_OR_RETURN(std::shared_ptr<WalWriter> next,
-                     WalWriter::Open(WalPath(data_dir_, generation_ + 1), 0, wal_options_));
+                     WalWriter::Open(next_path, 0, wal_options_));
+    Manifest with_next = manifest_;
+    with_next.current_log = generation_ + 1;
+    if (absl::Status s = WriteManifest(data_dir_, with_next, wal_options_.env); !s.ok()) {
+      next.reset();
+      Env::OrDefault(wal_options_.env)->Unlink(next_path);
+      return s;
+    }
+    manifest_ = with_next;
     std::shared_ptr<WalWriter> old_wal = std::exchange(wal_, std::move(next));
     retired_syncs_.syncs += old_wal->sync_stats().syncs;
     retired_syncs_.seconds += old_wal->sync_stats().seconds;
@@ -531,7 +547,14 @@ absl::StatusOr<NegativeMinerService::SnapshotInfo> NegativeMinerService::TakeSna
   SnapshotInfo info{.path = SnapshotPath(dir, contents.generation),
                     .generation = contents.generation};
   ASSIGN_OR_RETURN(info.bytes, WriteSnapshot(info.path, contents, wal_options_.env));
-  RemoveObsoleteFiles(dir, contents.generation);
+  manifest_.snapshots.push_back(contents.generation);
+  RemoveObsoleteFiles(dir, &manifest_, wal_options_.env);
+  if (manifest_.snapshots.size() == 1) {
+    // The first snapshot: recorded now (RemoveObsoleteFiles records two).
+    if (absl::Status s = WriteManifest(dir, manifest_, wal_options_.env); !s.ok()) {
+      Log(LogLevel::kWarning, "cannot update the manifest", {{"error", s.ToString()}});
+    }
+  }
   metrics_->ObserveSnapshot(static_cast<double>(info.bytes), SecondsSince(start));
   return info;
 }

@@ -35,6 +35,7 @@
 #include "negmine/v1/negmine.grpc.pb.h"
 #include "server/batch_jobs.h"
 #include "server/coalescer.h"
+#include "server/durability.h"
 #include "server/metrics.h"
 #include "server/worker_pool.h"
 
@@ -133,8 +134,10 @@ class NegativeMinerService final : public ServiceBase {
 
   // Logs every committed change from now on to `wal`, log generation
   // `generation` in `data_dir` (see server/durability.h). Set before serving.
+  // `manifest` is what the dir holds now (server/durability.h); snapshots
+  // keep it up to date.
   void SetDurability(std::string data_dir, uint64_t generation, std::shared_ptr<WalWriter> wal,
-                     const WalWriter::Options& options);
+                     const WalWriter::Options& options, const Manifest& manifest);
 
   // Recovery: adds a collection from a snapshot.
   absl::Status RestoreCollection(const SnapshotCollection& snapshot);
@@ -275,6 +278,7 @@ class NegativeMinerService final : public ServiceBase {
   WalWriter::Options wal_options_;
   WalWriter::SyncStats retired_syncs_;  // of the log generations before wal_
   absl::Mutex snapshot_mu_;  // one TakeSnapshot at a time
+  Manifest manifest_ ABSL_GUARDED_BY(snapshot_mu_);
 
   const ServiceOptions options_;
   Metrics* metrics_;

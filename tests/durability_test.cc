@@ -31,6 +31,7 @@ namespace {
 using ::negmine::testing::FaultEnv;
 using ::negmine::testing::IsOk;
 using ::negmine::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 constexpr int kDim = 4;
@@ -234,6 +235,65 @@ TEST_F(DurabilityTest, AFailedFsyncIsFinalUntilARestart) {
   for (const auto& [id, want] : acked_) EXPECT_TRUE(Visible(id)) << id;
   EXPECT_FALSE(Visible(20));
   ASSERT_THAT(Upsert(30, 1, 4), IsOk());
+}
+
+// The manifest records the log generations the dir must hold: a deleted
+// log stops the start with DATA_LOSS naming it (the server used to start
+// empty), before and after a snapshot.
+TEST_F(DurabilityTest, ADeletedLogIsDataLossNotAnEmptyStart) {
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ASSERT_THAT(Create(), IsOk());
+  ASSERT_THAT(Upsert(1, 5, 1), IsOk());
+  service_.reset();
+  const std::string log1 = WalPath(dir_, 1);
+  std::filesystem::rename(log1, log1 + ".aside");
+  EXPECT_THAT(Start(nullptr),
+              StatusIs(absl::StatusCode::kDataLoss,
+                       AllOf(HasSubstr("wal-000001.log is missing"), HasSubstr("MANIFEST"))));
+  std::filesystem::rename(log1 + ".aside", log1);
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ExpectAcknowledgedState("with the log back");
+
+  // After a snapshot the log continues in generation 2; deleting it (or
+  // the first log, which the only snapshot still needs) is refused too.
+  ASSERT_THAT(service_->TakeSnapshot().status(), IsOk());
+  ASSERT_THAT(Upsert(10, 3, 2), IsOk());
+  service_.reset();
+  for (uint64_t g : {2, 1}) {
+    const std::string log = WalPath(dir_, g);
+    std::filesystem::rename(log, log + ".aside");
+    EXPECT_THAT(Start(nullptr), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("is missing")))
+        << "log " << g;
+    service_.reset();
+    std::filesystem::rename(log + ".aside", log);
+  }
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ExpectAcknowledgedState("with every log back");
+}
+
+// The documented repair still works: the newest snapshot moved aside, the
+// previous one and the logs since it recover the same state.
+TEST_F(DurabilityTest, TheNewestSnapshotMovedAsideRecoversFromThePreviousOne) {
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ASSERT_THAT(Create(), IsOk());
+  ASSERT_THAT(Upsert(1, 5, 1), IsOk());
+  ASSERT_THAT(service_->TakeSnapshot().status(), IsOk());
+  ASSERT_THAT(Upsert(10, 5, 2), IsOk());
+  const auto second = service_->TakeSnapshot();
+  ASSERT_THAT(second.status(), IsOk());
+  ASSERT_THAT(Upsert(20, 5, 3), IsOk());
+  service_.reset();
+  std::filesystem::rename(second->path, second->path + ".aside");
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ExpectAcknowledgedState("from the previous snapshot");
+  // Both snapshots gone and the first logs pruned: nothing can rebuild it.
+  ASSERT_THAT(service_->TakeSnapshot().status(), IsOk());
+  ASSERT_THAT(service_->TakeSnapshot().status(), IsOk());
+  service_.reset();
+  for (const auto& f : std::filesystem::directory_iterator(dir_)) {
+    if (f.path().extension() == ".snap") std::filesystem::remove(f.path());
+  }
+  EXPECT_THAT(Start(nullptr), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("are missing")));
 }
 
 }  // namespace
