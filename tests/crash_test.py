@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
 """Crash test: a negmine-server is killed with SIGKILL at seeded random
 moments while a client streams upserts, deletes, drift updates and snapshot
-requests to it (so recovery goes through snapshots and logs);
-after every restart, each acknowledged write is present bit-exactly, and the
-one write in flight at the kill is either wholly applied or not at all.
+requests to it (so recovery goes through snapshots and logs), and also
+changes the server refuses (an upsert with a duplicate id, carrying a fresh
+id that nothing else writes); after every restart, each acknowledged write
+is present bit-exactly, no refused write is visible, and the one write in
+flight at the kill is either wholly applied or not at all.
+
+Kill points, in turn: at a random moment of the write stream; just after a
+snapshot request is sent (the snapshot is being written); and during
+recovery itself (the server is killed again before it serves, and must
+still recover).
 
   crash_test.py --server-bin build/server/negmine-server \
-      --proto-python build/proto/python [--iterations 8] [--seed 1]
+      --proto-python build/proto/python [--iterations 8] [--max-seconds 120] [--seed 1]
+  crash_test.py ... --soak --kills 1000     # the long run: prints the totals
 """
 import argparse
 import os
@@ -27,13 +35,17 @@ DIM, IDS = 8, 400
 
 
 class Server:
-    def __init__(self, binary, data_dir, tmp):
+    """A negmine-server on data_dir; waits until it serves (its port file)."""
+
+    def __init__(self, binary, data_dir, tmp, wait=True):
         self.port_file = os.path.join(tmp, "port")
         if os.path.exists(self.port_file):
             os.remove(self.port_file)
         self.proc = subprocess.Popen([
             binary, "--listen=127.0.0.1:0", "--port_file=" + self.port_file,
-            "--data_dir=" + data_dir, "--metrics_listen=", "--log_level=warning"])
+            "--data_dir=" + data_dir, "--metrics_listen=", "--log_level=error"])
+        if not wait:
+            return
         start = time.time()
         while not os.path.exists(self.port_file):
             if self.proc.poll() is not None:
@@ -93,7 +105,21 @@ def observe(client, pb):
         state[i] = (r.vectors.data, r.model_steps[0])
     info = client.call("GetIndexInfo", pb.GetIndexInfoRequest(collection="crash"),
                        pb.GetIndexInfoResponse)
-    return state, info.info.drift
+    return state, info.info.drift, info.info.num_targets
+
+
+def visible(client, pb, ids):
+    """The ids of `ids` that GetTargets finds."""
+    found = []
+    for i in ids:
+        try:
+            client.call("GetTargets", pb.GetTargetsRequest(collection="crash", ids=[i]),
+                        pb.GetTargetsResponse)
+            found.append(i)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+    return found
 
 
 def main():
@@ -101,8 +127,15 @@ def main():
     ap.add_argument("--server-bin", required=True)
     ap.add_argument("--proto-python", required=True)
     ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--max-seconds", type=float, default=0,
+                    help="stop starting iterations after this long (0: no limit)")
+    ap.add_argument("--soak", action="store_true",
+                    help="run until --kills SIGKILLs, print totals, quiet per iteration")
+    ap.add_argument("--kills", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    if args.soak:
+        args.iterations = 1 << 62
     sys.path.insert(0, args.proto_python)
     from negmine.v1 import negmine_pb2 as pb
 
@@ -114,6 +147,11 @@ def main():
     drift_updates = 0      # acknowledged drift updates
     step = 0
     server = None
+    started = time.time()
+    totals = {"kills": 0, "acknowledged": 0, "refused": 0, "lost": 0, "refused_visible": 0,
+              "recovery_kills": 0, "snapshot_kills": 0}
+    refused_ids = set()    # fresh ids only refused writes carried: never visible
+    next_fresh = [100000]
     try:
         server = Server(args.server_bin, data_dir, tmp)
         client = Client(pb, server.address)
@@ -126,16 +164,42 @@ def main():
         acked = apply(acked, ("upsert", ids, x, 0))
 
         for it in range(args.iterations):
+            if args.soak and totals["kills"] >= args.kills:
+                break
+            if args.max_seconds and it > 0 and time.time() - started > args.max_seconds:
+                print("stopping after %d iterations (--max-seconds %g)" % (it, args.max_seconds))
+                break
+            # The kill point of this iteration, in turn.
+            point = ["stream", "snapshot", "recovery"][it % 3]
             pending = [None]   # the op in flight when the kill comes
             stop = threading.Event()
-            done = {"drift": 0}
+            snapshot_sent = threading.Event()
+            done = {"drift": 0, "acknowledged": 0, "refused": 0}
 
             def writer():
                 nonlocal acked, step
                 while not stop.is_set():
-                    kind = rng.choice(["upsert", "upsert", "delete", "drift", "snapshot"])
+                    kinds = ["upsert", "upsert", "delete", "drift", "snapshot", "refused"]
+                    if point == "snapshot" and not snapshot_sent.is_set():
+                        kinds = ["upsert", "snapshot"]
+                    kind = rng.choice(kinds)
                     step += 1
                     try:
+                        if kind == "refused":
+                            # A duplicate id: INVALID_ARGUMENT, never applied.
+                            fresh = next_fresh[0]
+                            next_fresh[0] += 1
+                            refused_ids.add(fresh)
+                            v = nrng.standard_normal((3, DIM)).astype(np.float32)
+                            try:
+                                client.upsert([fresh, 7, 7], v, step)
+                            except grpc.RpcError as e:
+                                if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                                    return  # the server is gone
+                                done["refused"] += 1
+                                continue
+                            print("a refused upsert was acknowledged")
+                            os._exit(1)
                         if kind == "upsert":
                             n = rng.randint(1, 40)
                             op = ("upsert", rng.sample(range(IDS), n),
@@ -151,6 +215,7 @@ def main():
                         elif kind == "snapshot":
                             op = ("snapshot",)
                             pending[0] = op
+                            snapshot_sent.set()
                             client.call("CreateSnapshot", pb.CreateSnapshotRequest(),
                                         pb.CreateSnapshotResponse)
                         else:
@@ -169,29 +234,68 @@ def main():
                     except grpc.RpcError:
                         return  # the server is gone: `pending` was not acknowledged
                     acked = apply(acked, op)
+                    done["acknowledged"] += 1
                     pending[0] = None
 
             t = threading.Thread(target=writer)
             t.start()
-            time.sleep(rng.uniform(0.05, 0.6))
+            if point == "snapshot":
+                # Just after a snapshot request: the snapshot is being copied,
+                # switched to a new log generation or written.
+                snapshot_sent.wait(timeout=10)
+                time.sleep(rng.uniform(0, 0.02))
+                totals["snapshot_kills"] += 1
+            else:
+                time.sleep(rng.uniform(0.05, 0.6))
             server.proc.send_signal(signal.SIGKILL)
             server.proc.wait()
+            totals["kills"] += 1
             stop.set()
             t.join()
             drift_updates += done["drift"]
+            totals["acknowledged"] += done["acknowledged"]
+            totals["refused"] += done["refused"]
+
+            if point == "recovery":
+                # Killed again while it recovers (before it serves).
+                early = Server(args.server_bin, data_dir, tmp, wait=False)
+                time.sleep(rng.uniform(0, 0.05))
+                early.proc.send_signal(signal.SIGKILL)
+                early.proc.wait()
+                totals["kills"] += 1
+                totals["recovery_kills"] += 1
 
             server = Server(args.server_bin, data_dir, tmp)
             client = Client(pb, server.address)
-            state, drift = observe(client, pb)
+            state, drift, num_targets = observe(client, pb)
             allowed = [acked]
             if pending[0] is not None:
                 allowed.append(apply(acked, pending[0]))
             ok = state in allowed
             in_flight = pending[0][0] if pending[0] else "none"
             drift_ok = drift.updates in (drift_updates, drift_updates + (in_flight == "drift"))
-            print("iteration %d: %d targets acknowledged, in flight: %s, drift updates %d "
-                  "(acknowledged %d): %s" % (it, len(acked), in_flight, drift.updates,
-                                             drift_updates, "ok" if ok and drift_ok else "MISMATCH"))
+            # A refused write's fresh id would be a target beyond 0..IDS-1
+            # (counted), and the newest ones are looked up by id.
+            visible_refused = set(visible(client, pb, sorted(refused_ids)[-5:]))
+            if num_targets != len(state):
+                visible_refused.add(-1)
+            if not ok:
+                # Acknowledged rows missing or different, whichever in-flight
+                # outcome is assumed.
+                totals["lost"] += min(
+                    sum(1 for i in a if a[i] != state.get(i)) for a in allowed)
+            totals["refused_visible"] += len(visible_refused)
+            if not args.soak or not (ok and drift_ok and not visible_refused):
+                print("iteration %d (kill point: %s): %d targets acknowledged, in flight: %s, "
+                      "drift updates %d (acknowledged %d): %s"
+                      % (it, point, len(acked), in_flight, drift.updates, drift_updates,
+                         "ok" if ok and drift_ok and not visible_refused else "MISMATCH"))
+            elif totals["kills"] % 100 < (2 if point == "recovery" else 1):
+                print("%d kills, %.0f s: %s" % (totals["kills"], time.time() - started, totals),
+                      flush=True)
+            if visible_refused:
+                print("  refused writes are visible: ids %s" % sorted(visible_refused)[:10])
+                return 1
             if not ok:
                 missing = [i for i in acked if acked[i] != state.get(i)]
                 extra = [i for i in state if i not in acked]
@@ -203,6 +307,11 @@ def main():
             # Whatever the in-flight write did is now the truth.
             acked = state
             drift_updates = drift.updates
+        print("totals: %d SIGKILLs (%d during snapshots, %d during recovery), %d acknowledged "
+              "writes, %d lost; %d refused writes, %d visible; %.0f s"
+              % (totals["kills"], totals["snapshot_kills"], totals["recovery_kills"],
+                 totals["acknowledged"], totals["lost"], totals["refused"],
+                 totals["refused_visible"], time.time() - started), flush=True)
         files = sorted(os.listdir(data_dir))
         snaps = [f for f in files if f.startswith("snapshot-") and f.endswith(".snap")]
         print("data dir: %s" % files)
