@@ -132,10 +132,11 @@ constexpr CommandHelp kCommands[] = {
            --log-z). --out writes ids (n x k uint64, missing entries 2^64-1)
            to R.npy, and R.scores.npy and R.log_q.npy (n x k float32) beside
            it; both may be given.
-           Any number of queries: they go over one MineStream in requests of
-           at most N queries (by default as many as fit the server's
-           max_batch and message limit, read from GetIndexInfo), and the
-           results come back in query order.
+           Any number of queries: one Mine call when they fit one request
+           of N queries (by default as many as fit the server's max_batch
+           and message limit, read from GetIndexInfo), else one MineStream
+           of such requests, two in flight; the results come back in query
+           order.
            --log-z also returns each query's certified log Z interval over
            its eligible targets (R.log_z.npy: n x 2 float64 [lo, hi]),
            tightened to W nats. It costs far more than the draws.
@@ -668,6 +669,57 @@ size_t QueriesPerRequest(const v1::ServerLimits& limits, size_t dim, size_t k,
   return static_cast<size_t>(std::max<uint64_t>(rows, 1));
 }
 
+// Mines q.rows queries over one MineStream in requests of at most
+// `per_request` queries, two in flight (the server works on the next while
+// this side reads the last), and hands each response to `consume` with its
+// first query, in query order.
+absl::Status MineInRequests(
+    Client& c, const std::string& collection, const Array<float>& q, const v1::MineParams& p,
+    const std::vector<std::vector<uint64_t>>& exclude, size_t per_request, bool to_file,
+    const std::function<void(const v1::MineResponse&, size_t)>& consume) {
+  const size_t n = q.rows;
+  // Progress, unless the results themselves go to the terminal.
+  std::optional<Progress> progress;
+  if (to_file || isatty(STDOUT_FILENO) != 1) {
+    progress.emplace(absl::StrCat("mine '", collection, "'"), n, "queries");
+  }
+  std::unique_ptr<MineSession> session = c.OpenMineSession(collection);
+  std::deque<size_t> in_flight;  // first query of each request sent
+  size_t sent = 0, done = 0;
+  const absl::Span<const float> queries(q.data);
+  const absl::Span<const std::vector<uint64_t>> excl(exclude);
+  while (done < n) {
+    while (in_flight.size() < 2 && sent < n) {
+      const size_t m = std::min(per_request, n - sent);
+      auto id = session->Send(queries.subspan(sent * q.cols, m * q.cols),
+                              static_cast<uint32_t>(q.cols), p,
+                              excl.empty() ? excl : excl.subspan(sent, m));
+      if (!id.ok()) {  // the stream broke: Close() says why
+        absl::Status closed = session->Close();
+        return closed.ok() ? id.status() : closed;
+      }
+      in_flight.push_back(sent);
+      sent += m;
+    }
+    const size_t begin = in_flight.front();
+    in_flight.pop_front();
+    const size_t m = std::min(per_request, n - begin);
+    absl::StatusOr<v1::MineResponse> r = session->Receive();
+    if (!r.ok()) {
+      session->Close().IgnoreError();
+      return absl::Status(r.status().code(),
+                          absl::StrCat("queries ", begin, "..", begin + m - 1, " of ", n, ": ",
+                                       r.status().message()));
+    }
+    consume(*r, begin);
+    done += m;
+    if (progress) progress->Set(done);
+  }
+  if (progress) progress->Finish();
+  CLI_CHECK(session->Close());
+  return absl::OkStatus();
+}
+
 absl::Status Mine(Client& c, const Args& a) {
   CLI_ASSIGN(collection, a.Required("collection"));
   CLI_ASSIGN(info, c.GetIndexInfo(collection));
@@ -782,49 +834,13 @@ absl::Status Mine(Client& c, const Args& a) {
       PrintTable(r, begin);
     }
   };
-  // One MineStream, requests of at most `per_request` queries, two in
-  // flight: the server works on the next while this side reads the last.
-  // Progress for more than one request, unless the results themselves go to
-  // the terminal.
-  std::optional<Progress> progress;
-  if (n > per_request && !(out.empty() && isatty(STDOUT_FILENO) == 1)) {
-    progress.emplace(absl::StrCat("mine '", collection, "'"), n, "queries");
+  if (n <= per_request) {
+    // One request: one Mine call.
+    CLI_ASSIGN(r, c.Mine(collection, q.data, static_cast<uint32_t>(q.cols), p, exclude));
+    consume(r, 0);
+  } else {
+    CLI_CHECK(MineInRequests(c, collection, q, p, exclude, per_request, !out.empty(), consume));
   }
-  std::unique_ptr<MineSession> session = c.OpenMineSession(collection);
-  std::deque<size_t> in_flight;  // first query of each request sent
-  size_t sent = 0, done = 0;
-  const absl::Span<const float> queries(q.data);
-  const absl::Span<const std::vector<uint64_t>> excl(exclude);
-  while (done < n) {
-    while (in_flight.size() < 2 && sent < n) {
-      const size_t m = std::min(per_request, n - sent);
-      auto id = session->Send(queries.subspan(sent * q.cols, m * q.cols),
-                              static_cast<uint32_t>(q.cols), p,
-                              excl.empty() ? excl : excl.subspan(sent, m));
-      if (!id.ok()) {  // the stream broke: Close() says why
-        absl::Status closed = session->Close();
-        return closed.ok() ? id.status() : closed;
-      }
-      in_flight.push_back(sent);
-      sent += m;
-    }
-    const size_t begin = in_flight.front();
-    in_flight.pop_front();
-    const size_t m = std::min(per_request, n - begin);
-    absl::StatusOr<v1::MineResponse> r = session->Receive();
-    if (!r.ok()) {
-      session->Close().IgnoreError();
-      return absl::Status(r.status().code(),
-                          n > m ? absl::StrCat("queries ", begin, "..", begin + m - 1, " of ", n,
-                                               ": ", r.status().message())
-                                : r.status().message());
-    }
-    consume(*r, begin);
-    done += m;
-    if (progress) progress->Set(done);
-  }
-  if (progress) progress->Finish();
-  CLI_CHECK(session->Close());
   if (!out.empty()) {
     std::string stem = out;
     if (stem.size() > 4 && stem.substr(stem.size() - 4) == ".npy") stem.resize(stem.size() - 4);
