@@ -174,6 +174,8 @@ constexpr CommandHelp kCommands[] = {
            Runs as a server job (AssignBatches async, polled with
            GetBatchJob), whatever the size; --sync waits on one call instead,
            which the server refuses above its --max_sync_batch_examples.
+           (--async, the old switch for a job, is accepted and changes
+           nothing.)
 )"},
     {"snapshot", R"(  snapshot
            Writes a snapshot of every collection now (they are also taken
