@@ -618,17 +618,17 @@ absl::Status Delete(Client& c, const Args& a) {
   return absl::OkStatus();
 }
 
-void PrintTable(const v1::MineResponse& r, size_t first_query) {
+void PrintTable(const v1::MineResponse& r, size_t first_query, bool log_z) {
   for (int qi = 0; qi < r.results_size(); ++qi) {
     const v1::QueryNegatives& q = r.results(qi);
     std::printf("\nquery %zu", first_query + qi);
-    if (q.log_z_hi() != 0 || q.log_z_lo() != 0) {
-      std::printf("   log Z in [%.4f, %.4f]", q.log_z_lo(), q.log_z_hi());
+    if (log_z) {
+      std::printf("   log Z in [%.6f, %.6f]", q.log_z_lo(), q.log_z_hi());
     }
-    std::printf("\n  %4s  %-8s %12s %9s %10s\n", "rank", "kind", "target id", "score", "log q");
+    std::printf("\n  %4s  %-8s %20s %9s %10s\n", "rank", "kind", "target id", "score", "log q");
     for (int i = 0; i < q.ids_size(); ++i) {
       const bool top = static_cast<uint32_t>(i) < q.num_top();
-      std::printf("  %4d  %-8s %12" PRIu64 " %9.4f %10s\n", i + 1,
+      std::printf("  %4d  %-8s %20" PRIu64 " %9.4f %10s\n", i + 1,
                   top ? "top-k" : "sample", q.ids(i), q.scores(i),
                   top ? "-" : absl::StrCat(absl::SixDigits(q.log_q(i))).c_str());
     }
@@ -833,7 +833,7 @@ absl::Status Mine(Client& c, const Args& a) {
     if (json) {
       PrintJson(r, begin, log_z);
     } else if (out.empty()) {
-      PrintTable(r, begin);
+      PrintTable(r, begin, log_z);
     }
   };
   if (n <= per_request) {
