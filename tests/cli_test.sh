@@ -344,7 +344,9 @@ cmp -s "$tmp/both.npy" "$tmp/r.npy" || fail "--json with --out: not the same ids
 
 # Waiting. A stand-in server answers ListCollections UNAVAILABLE three
 # times ("starting"), then an empty list: the client's retry policy (the
-# channel's service config) gets through it, one attempt per answer.
+# channel's service config) gets through it, one attempt per answer. It
+# answers GetIndexInfo UNAVAILABLE always: the policy gives up after its 5
+# attempts with the server's status.
 /usr/bin/python3 - "$tmp" <<'PY' &
 import sys, grpc
 from concurrent import futures
@@ -356,8 +358,14 @@ def list_collections(request, context):
     if len(calls) <= 3:
         context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting")
     return b""  # an empty ListCollectionsResponse
+info_calls = []
+def get_index_info(request, context):
+    info_calls.append(1)
+    open(tmp + "/fake_info_calls", "w").write(str(len(info_calls)))
+    context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting")
 handler = grpc.method_handlers_generic_handler("negmine.v1.NegativeMiner", {
-    "ListCollections": grpc.unary_unary_rpc_method_handler(list_collections)})
+    "ListCollections": grpc.unary_unary_rpc_method_handler(list_collections),
+    "GetIndexInfo": grpc.unary_unary_rpc_method_handler(get_index_info)})
 server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
 port = server.add_insecure_port("127.0.0.1:0")
 server.start()
@@ -371,6 +379,12 @@ for _ in $(seq 600); do [ -s "$tmp/fake_port" ] && break; sleep 0.05; done
   || fail "no retry through UNAVAILABLE: $(cat "$tmp/fake_out")"
 grep -q "no collections" "$tmp/fake_out" || fail "list: $(cat "$tmp/fake_out")"
 [ "$(cat "$tmp/fake_calls")" = 4 ] || fail "$(cat "$tmp/fake_calls") attempts, not 4"
+set +e
+err=$("$cli" --server "127.0.0.1:$(cat "$tmp/fake_port")" info --collection c 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 1 ] || fail "exit code $rc when the server stays UNAVAILABLE"
+echo "$err" | grep -q "UNAVAILABLE: GetIndexInfo: the server is starting" || fail "message: $err"
+[ "$(cat "$tmp/fake_info_calls")" = 5 ] || fail "$(cat "$tmp/fake_info_calls") attempts, not 5"
 kill "$fake"; wait "$fake" 2>/dev/null || true
 # health --wait: started before the server listens, it waits through the
 # refused connection and the recovery, and says SERVING; with nothing to
