@@ -294,30 +294,26 @@ class Dashboard(unittest.TestCase):
             self.assertEqual(matchers(t["expr"]), want, t["expr"])
 
 
-class KubernetesExample(unittest.TestCase):
-    """The Job of deploy/k8s as shipped: the sidecar's arguments (after the
-    image's ENTRYPOINT) and the trainer's command and environment, run on
-    loopback as the pod's containers would share localhost. Ports and the
-    data dir are local; ROUNDS is cut to 20 (one drift update)."""
+class ShippedExamples(unittest.TestCase):
+    """The Kubernetes Job and the compose services as shipped: the negmine
+    container's arguments (after the image's ENTRYPOINT) and the trainer's
+    command and environment, run on loopback (the pod's containers share
+    localhost; compose's service name becomes 127.0.0.1). Ports and the data
+    dir are local, and ROUNDS is 20 (one drift update)."""
 
     def setUp(self):
         if not (SERVER_BIN and CLI_BIN):
             self.skipTest("needs --server-bin and --cli-bin")
 
-    def test_job_runs_as_shipped(self):
-        (k,) = load_yaml_docs(path("deploy", "k8s", "base", "kustomization.yaml"))
-        (job,) = [d for r in k["resources"] for d in load_yaml_docs(path("deploy", "k8s", "base", r))
-                  if d["kind"] == "Job"]
-        spec = job["spec"]["template"]["spec"]
-        (side,) = spec["initContainers"]
-        (trainer,) = spec["containers"]
+    def run_example(self, server_args, data_mount, trainer_cmd, trainer_env, server_address):
         entry = json.loads(re.search(r"(?m)^ENTRYPOINT (\[.*\])$", read("deploy", "Dockerfile")).group(1))
         self.assertEqual(entry[0], "negmine-server")
-        data_mount = side["volumeMounts"][0]["mountPath"]
-        tmp = tempfile.mkdtemp(prefix="negmine-k8s-")
+        # The image installs deploy/demo-trainer.sh as demo-trainer.
+        self.assertEqual(trainer_cmd, ["demo-trainer"])
+        tmp = tempfile.mkdtemp(prefix="negmine-example-")
         port, metrics = free_port(), free_port()
         args = []
-        for a in entry[1:] + side.get("args", []):
+        for a in entry[1:] + server_args:
             a = a.replace("=" + data_mount, "=" + os.path.join(tmp, "data"))
             a = re.sub(r"^--listen=.*", "--listen=127.0.0.1:%d" % port, a)
             a = re.sub(r"^--metrics_listen=.*", "--metrics_listen=127.0.0.1:%d" % metrics, a)
@@ -325,28 +321,44 @@ class KubernetesExample(unittest.TestCase):
         bindir = os.path.join(tmp, "bin")
         os.makedirs(bindir)
         os.symlink(os.path.abspath(CLI_BIN), os.path.join(bindir, "negmine"))
-        # The image installs deploy/demo-trainer.sh as demo-trainer.
-        self.assertEqual(trainer["command"], ["demo-trainer"])
         os.symlink(os.path.abspath(path("deploy", "demo-trainer.sh")),
                    os.path.join(bindir, "demo-trainer"))
         env = {"PATH": bindir + ":/usr/bin:/bin", "HOME": tmp}
-        for e in trainer.get("env", []):
-            env[e["name"]] = e["value"]
-        self.assertEqual(env["NEGMINE_SERVER"], "127.0.0.1:50051")  # localhost in the pod
+        env.update(trainer_env)
+        self.assertEqual(env["NEGMINE_SERVER"], server_address)
         env["NEGMINE_SERVER"] = "127.0.0.1:%d" % port
         env["ROUNDS"] = "20"
         server = subprocess.Popen([SERVER_BIN] + args + ["--log_level=warning"])
         try:
-            r = subprocess.run(["demo-trainer"], env=env, capture_output=True, text=True,
-                               timeout=600)
+            r = subprocess.run(trainer_cmd, env=env, capture_output=True, text=True, timeout=600)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
             self.assertIn("demo-trainer: 20 rounds done", r.stdout)
             self.assertIn("drift at step 20", r.stdout)
+            return r.stdout
         finally:
             server.terminate()
             server.wait(timeout=60)
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def test_kubernetes_job(self):
+        (k,) = load_yaml_docs(path("deploy", "k8s", "base", "kustomization.yaml"))
+        (job,) = [d for r in k["resources"] for d in load_yaml_docs(path("deploy", "k8s", "base", r))
+                  if d["kind"] == "Job"]
+        spec = job["spec"]["template"]["spec"]
+        (side,) = spec["initContainers"]
+        (trainer,) = spec["containers"]
+        out = self.run_example(side.get("args", []), side["volumeMounts"][0]["mountPath"],
+                               trainer["command"], {e["name"]: e["value"] for e in trainer["env"]},
+                               "127.0.0.1:50051")  # localhost in the pod
+        # The sidecar starts empty: the trainer made the collection it mines.
+        self.assertIn("creating collection default", out)
+
+    def test_compose(self):
+        (c,) = load_yaml_docs(path("docker-compose.yml"))
+        s = c["services"]
+        mount = s["negmine"]["volumes"][0].split(":")[1]
+        self.run_example(s["negmine"]["command"], mount, s["trainer"]["entrypoint"],
+                         dict(s["trainer"]["environment"]), "negmine:50051")
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
