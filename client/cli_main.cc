@@ -57,7 +57,8 @@ global options:
   Every unary call has a 600 s deadline. A call answered UNAVAILABLE (the
   server is starting or recovering) is retried with backoff, 5 attempts in
   all (the waits add up to at most 16.5 s); `negmine health --wait S` first
-  waits longer.
+  waits longer. On a terminal, upserts, drift updates, batch assignment and
+  mines of several requests show a progress line on stderr; piped, nothing.
 )";
 
 struct CommandHelp {
