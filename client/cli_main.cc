@@ -31,7 +31,7 @@
 
 // The project version; CMake passes it (NEGMINE_VERSION = PROJECT_VERSION).
 #ifndef NEGMINE_VERSION
-#define NEGMINE_VERSION "0.1.0"
+#error "NEGMINE_VERSION is set by client/CMakeLists.txt"
 #endif
 
 namespace negmine::client {
