@@ -123,6 +123,27 @@ def evaluate(model: DualEncoder, qrows: np.ndarray, query_target: np.ndarray,
     return {f"recall@{k}": float((r < k).float().mean()) for k in ks}
 
 
+@torch.no_grad()
+def index_staleness(model: DualEncoder, client: Any, coll: str, task: Task) -> Dict[str, float]:
+    """How far the server's view of the targets is from the trained target
+    tower: the mean cosine between each target's fresh encoding and the
+    server's scored (drift-corrected) vector, and its stored vector as sent
+    (no correction); and the curve queries' recall@10 when the current query
+    tower searches each of the three (fresh, scored, stored)."""
+    ids = np.arange(task.num_targets)
+    fresh = model.target.encode_all()
+    out: Dict[str, float] = {}
+    views = {"fresh": fresh}
+    for name, scored in (("scored", True), ("stored", False)):
+        v, _ = client.get(coll, ids, scored=scored)
+        views[name] = torch.nn.functional.normalize(torch.as_tensor(np.asarray(v, np.float32)), dim=1)
+        out[f"cos_fresh_{name}"] = float((views[name] * fresh).sum(1).mean())
+    for name, e in views.items():
+        out[f"curve_recall@10_{name}"] = evaluate(model, task.curve, task.query_target,
+                                                  ks=(10,), targets=e)["recall@10"]
+    return out
+
+
 class Schedule:
     """Batches of training query rows, epoch after epoch; full batches only."""
 
@@ -333,6 +354,11 @@ def train_arm(arm: str, task: Task, cfg: Config, server: Any = None,
     with torch_threads(cfg.threads):
         final = evaluate(model, task.heldout, task.query_target)
     timing["eval_s"] += time.perf_counter() - t0
+    staleness = None
+    if client is not None:
+        with torch_threads(cfg.threads):
+            staleness = index_staleness(model, client, coll, task)
+        log(f"  [{arm}] the server's vectors at the end: {staleness}")
     out: Dict[str, Any] = {
         "arm": arm, "title": ARM_TITLES[arm], "steps": steps_done, "heldout": final,
         "curve": curve, **counts, "timing": timing,
@@ -341,6 +367,8 @@ def train_arm(arm: str, task: Task, cfg: Config, server: Any = None,
         "loss_last": float(np.mean(losses[-10:])) if losses else math.nan,
         "checks": checks, "epochs": sched.epoch, "model": model,
     }
+    if staleness is not None:
+        out["staleness"] = staleness
     if updater is not None:
         out["drift"] = {"updates": updater.updates, "landmark_encodings": updater.landmark_encodings,
                         "reencode_encodings": updater.reencode_encodings,
