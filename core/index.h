@@ -145,6 +145,14 @@ struct SearchParams {
   // search stops with CANCELLED (the caller's client went away or its
   // deadline passed). Empty: never.
   std::function<bool()> cancelled;
+  // Top-k on the CPU: a batch is searched in work units of at most this
+  // many queries, one after the other under the same read lock (so the
+  // whole batch sees one version), and `cancelled` is polled between them:
+  // a cancelled batch stops within one unit, and no unit's scratch grows
+  // with the batch. The results equal one search of the whole batch.
+  // Sampling keeps its batch whole (query i draws from the stream (seed, i)
+  // of the call). 0: the whole batch at once.
+  int work_unit_queries = 256;
 };
 
 // Results for one query, ordered: the top-k part first (by descending score,

@@ -202,9 +202,30 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
   RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
   std::optional<absl::StatusOr<SearchResult>> on_device;
   if (device_) on_device = DeviceSearchLocked(queries, n, exclude, params);
-  absl::StatusOr<SearchResult> result = on_device.has_value()
-                                            ? *std::move(on_device)
-                                            : SearchLocked(queries, n, exclude, params);
+  absl::StatusOr<SearchResult> result = absl::UnknownError("no search ran");
+  const size_t unit = params.work_unit_queries > 0 ? static_cast<size_t>(params.work_unit_queries)
+                                                   : n;
+  if (on_device.has_value()) {
+    result = *std::move(on_device);
+  } else if (params.mode != MineMode::kTopK || n <= unit) {
+    result = SearchLocked(queries, n, exclude, params);
+  } else {
+    // Work units, one after the other under this one read lock: a deadline
+    // stops the batch within a unit, and scratch is that of one unit.
+    SearchResult all;
+    all.index_version = version_;
+    all.queries.reserve(n);
+    for (size_t begin = 0; begin < n; begin += unit) {
+      RETURN_IF_ERROR(CheckCancelled(params));
+      const size_t m = std::min(unit, n - begin);
+      ASSIGN_OR_RETURN(
+          SearchResult part,
+          SearchLocked(queries.subspan(begin * dim, m * dim), m,
+                       exclude.empty() ? exclude : exclude.subspan(begin, m), params));
+      for (QueryResult& q : part.queries) all.queries.push_back(std::move(q));
+    }
+    result = std::move(all);
+  }
   if (!result.ok() || result->queries.size() != n) return result;
   // Under the same lock as the search, so that the count is of its version.
   absl::flat_hash_set<uint64_t> live_excluded;

@@ -70,6 +70,15 @@ ABSL_FLAG(uint32_t, max_batch, 65536, "Most queries in one MineRequest.");
 ABSL_FLAG(uint32_t, max_k, 4096, "Largest k of a MineRequest.");
 ABSL_FLAG(uint64_t, max_queued_requests, 1024,
           "Requests waiting for a worker beyond which new ones get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(uint64_t, bulk_request_bytes, 1 << 20,
+          "Mine/MineStream requests larger than this (bytes) run on a pool of "
+          "worker_threads - 1 threads, so small requests never wait behind them.");
+ABSL_FLAG(uint64_t, max_mine_memory_bytes, uint64_t{2} << 30,
+          "Memory the mining requests in flight may hold together (estimated from rows x dim "
+          "and rows x k); beyond it RESOURCE_EXHAUSTED with a retry hint.");
+ABSL_FLAG(int, work_unit_queries, 256,
+          "Top-k queries per work unit of a CPU search: a deadline stops a batch within one "
+          "unit. 0: whole batches.");
 ABSL_FLAG(uint64_t, max_batch_examples, 2000000,
           "Most training examples in one AssignBatches call.");
 ABSL_FLAG(uint64_t, max_sync_batch_examples, 100000,
@@ -344,6 +353,9 @@ int Run() {
       .max_k = absl::GetFlag(FLAGS_max_k),
       .worker_threads = threads,
       .max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests),
+      .bulk_request_bytes = absl::GetFlag(FLAGS_bulk_request_bytes),
+      .max_mine_memory_bytes = absl::GetFlag(FLAGS_max_mine_memory_bytes),
+      .work_unit_queries = absl::GetFlag(FLAGS_work_unit_queries),
       .max_batch_examples = absl::GetFlag(FLAGS_max_batch_examples),
       .max_sync_batch_examples = absl::GetFlag(FLAGS_max_sync_batch_examples),
       .max_batch_jobs = absl::GetFlag(FLAGS_max_batch_jobs),

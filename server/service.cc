@@ -51,6 +51,7 @@ NegativeMinerService::NegativeMinerService(const ServiceOptions& options,
       batch_jobs_(std::make_unique<BatchJobs>(std::max(1, options.max_batch_jobs),
                                               /*max_kept=*/64,
                                               std::max(1, options.batch_job_threads))),
+      bulk_pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads - 1))),
       pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads))) {
   maintenance_thread_ = std::thread([this] { MaintenanceLoop(); });
 }
@@ -103,6 +104,7 @@ NegativeMinerService::~NegativeMinerService() {
   }
   if (maintenance_thread_.joinable()) maintenance_thread_.join();
   pool_.reset();
+  bulk_pool_.reset();
   batch_jobs_.reset();  // cancels running assignments and waits for them
 }
 
@@ -189,8 +191,9 @@ void SerializeTo(const Msg& message, grpc::ByteBuffer* out) {
   grpc::SerializationTraits<Msg>::Serialize(message, out, &own);
 }
 
-absl::Status NegativeMinerService::Enqueue(std::function<void()> task) {
-  if (pool_->TrySubmit(std::move(task), options_.max_queued_requests)) return absl::OkStatus();
+absl::Status NegativeMinerService::Enqueue(std::function<void()> task, bool bulk) {
+  WorkerPool& pool = bulk ? *bulk_pool_ : *pool_;
+  if (pool.TrySubmit(std::move(task), options_.max_queued_requests)) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrCat(
       "the server is overloaded: ", options_.max_queued_requests,
       " requests are waiting for a worker (--max_queued_requests); retry after ",
@@ -210,7 +213,8 @@ template <typename Req, typename Resp, typename Work>
 grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(grpc::CallbackServerContext* ctx,
                                                          const char* method,
                                                          const grpc::ByteBuffer* in,
-                                                         grpc::ByteBuffer* out, Work work) {
+                                                         grpc::ByteBuffer* out, Work work,
+                                                         bool bulk) {
   auto* call = new UnaryCall<Req, Resp>();
   const Clock::time_point start = Clock::now();
   if (absl::Status auth = Authorize(ctx, method); !auth.ok()) {
@@ -237,10 +241,14 @@ grpc::ServerUnaryReactor* NegativeMinerService::RunUnary(grpc::CallbackServerCon
             if (status.ok()) SerializeTo(call->response, out);
           }
         }
+        if (absl::IsResourceExhausted(status)) {
+          ctx->AddTrailingMetadata("retry-after-ms", absl::StrCat(kRetryAfterMs));
+        }
         const grpc::Status g = ToGrpc(status);
         metrics_->ObserveRequest(method, CodeName(g.error_code()), SecondsSince(start));
         call->Finish(g);
-      });
+      },
+      bulk);
   if (!queued.ok()) {
     ctx->AddTrailingMetadata("retry-after-ms", absl::StrCat(kRetryAfterMs));
     metrics_->ObserveRequest(method, CodeName(grpc::StatusCode::RESOURCE_EXHAUSTED), 0);
@@ -823,6 +831,43 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req, v1::MineRe
         absl::StrCat("params.k = ", req.params().k(),
                      " exceeds the server's max_k = ", options_.max_k));
   }
+  params.work_unit_queries = options_.work_unit_queries;
+  // Refused up front: a response that could not be sent. Per result at most
+  // 18 bytes (an id's varint up to 10, a score and a log q), per query its
+  // framing and counts.
+  const uint64_t k = req.params().k();
+  const uint64_t per_query = 48 + 18 * k;
+  if (64 + n * per_query > options_.max_message_bytes) {
+    const uint64_t fit = (options_.max_message_bytes - 64) / per_query;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the response to queries.rows = ", n, " at params.k = ", k, " could take ",
+        64 + n * per_query, " bytes, over the server's max_message_bytes = ",
+        options_.max_message_bytes, ": split it into requests of at most ", fit,
+        " queries at this k (or lower k)"));
+  }
+  // The memory this request holds while it is served: its decoded queries,
+  // the results and the response (about 56 bytes per result).
+  const uint64_t memory = n * (uint64_t{o.dim} * 8 + 56 * k + 128);
+  if (memory > options_.max_mine_memory_bytes) {
+    const uint64_t fit = options_.max_mine_memory_bytes / (memory / n);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries.rows = ", n, " at dim ", o.dim, " and params.k = ", k, " would hold about ",
+        memory, " bytes, over the server's max_mine_memory_bytes = ",
+        options_.max_mine_memory_bytes, ": split it into requests of at most ", fit,
+        " queries"));
+  }
+  const uint64_t held = mine_memory_.fetch_add(memory) + memory;
+  struct Release {
+    std::atomic<uint64_t>& used;
+    uint64_t bytes;
+    ~Release() { used.fetch_sub(bytes); }
+  } release{mine_memory_, memory};
+  if (held > options_.max_mine_memory_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the server is mining requests that hold ", held - memory, " of its max_mine_memory_bytes = ",
+        options_.max_mine_memory_bytes, " bytes and this one needs ", memory, "; retry after ",
+        kRetryAfterMs, " ms or more, with backoff"));
+  }
   if (params.seed == 0) params.seed = Mix64(Clock::now().time_since_epoch().count());
   std::vector<std::vector<uint64_t>> exclude(req.exclude_size());
   for (int i = 0; i < req.exclude_size(); ++i) {
@@ -861,8 +906,9 @@ grpc::ServerUnaryReactor* NegativeMinerService::Mine(grpc::CallbackServerContext
   return RunUnary<v1::MineRequest, v1::MineResponse>(
       ctx, "Mine", raw_req, raw_resp,
       [this, ctx](const v1::MineRequest* req, v1::MineResponse* resp) -> absl::Status {
-    return DoMine(*req, resp, [ctx] { return ctx->IsCancelled(); });
-  });
+        return DoMine(*req, resp, [ctx] { return ctx->IsCancelled(); });
+      },
+      /*bulk=*/raw_req->Length() > options_.bulk_request_bytes);
 }
 
 // MineStream: each request is parsed and mined on the pool, one at a time per
@@ -895,7 +941,9 @@ class MineStreamReactor final
       }
       task_running_ = true;  // no read starts until Process is done
     }
-    absl::Status queued = service_->Enqueue([this] { Process(absl::OkStatus()); });
+    absl::Status queued =
+        service_->Enqueue([this] { Process(absl::OkStatus()); },
+                          reader_.buffer()->Length() > service_->options().bulk_request_bytes);
     if (!queued.ok()) Process(queued);  // this item fails at once; the stream goes on
   }
 

@@ -51,6 +51,18 @@ struct ServiceOptions {
   // Requests waiting for a worker beyond which new ones are refused with
   // RESOURCE_EXHAUSTED (bounded memory and latency under overload).
   size_t max_queued_requests = 1024;
+  // Mine / MineStream requests larger than this (bytes on the wire) run on
+  // a pool of their own, of worker_threads - 1 threads (at least 1), so
+  // that huge batches never hold every worker and a small request behind
+  // them is answered at once.
+  uint64_t bulk_request_bytes = 1 << 20;
+  // The memory the mining requests being served may hold together (their
+  // queries, results and responses, estimated from rows x dim and rows x
+  // k); past it a request gets RESOURCE_EXHAUSTED with a retry hint, and
+  // one that alone exceeds it INVALID_ARGUMENT saying how to split it.
+  uint64_t max_mine_memory_bytes = uint64_t{2} << 30;
+  // Top-k queries per work unit of a CPU search (SearchParams).
+  int work_unit_queries = 256;
   // AssignBatches: most examples in one assignment; most in a synchronous
   // one (more need `async`); jobs running at once; threads per job.
   uint64_t max_batch_examples = 2000000;
@@ -198,9 +210,10 @@ class NegativeMinerService final : public ServiceBase {
                         v1::UpsertTargetsResponse* response);
 
   WorkerPool& pool() { return *pool_; }
-  // Queues `task` on the pool, or returns the RESOURCE_EXHAUSTED to answer
-  // when max_queued_requests are already waiting.
-  absl::Status Enqueue(std::function<void()> task);
+  // Queues `task` on the pool (`bulk`: the pool of large mining requests),
+  // or returns the RESOURCE_EXHAUSTED to answer when max_queued_requests
+  // are already waiting there.
+  absl::Status Enqueue(std::function<void()> task, bool bulk = false);
   BatchJobs& batch_jobs() { return *batch_jobs_; }
   const ServiceOptions& options() const { return options_; }
   Metrics& metrics() { return *metrics_; }
@@ -247,7 +260,7 @@ class NegativeMinerService final : public ServiceBase {
   template <typename Req, typename Resp, typename Work>
   grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* ctx, const char* method,
                                      const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
-                                     Work work);
+                                     Work work, bool bulk = false);
 
   void FillInfo(const Collection& c, v1::CollectionInfo* info) const;
   absl::Status CheckToken(const grpc::CallbackServerContext* ctx) const;
@@ -293,8 +306,11 @@ class NegativeMinerService final : public ServiceBase {
   absl::Mutex stats_mu_;
   bool stopping_ ABSL_GUARDED_BY(stats_mu_) = false;
   std::thread maintenance_thread_;
-  // Last member: destroyed first, so queued work finishes while the rest of
-  // the service is still alive.
+  // The memory mining requests hold now (see max_mine_memory_bytes).
+  std::atomic<uint64_t> mine_memory_{0};
+  // Last members: destroyed first, so queued work finishes while the rest
+  // of the service is still alive.
+  std::unique_ptr<WorkerPool> bulk_pool_;
   std::unique_ptr<WorkerPool> pool_;
 };
 

@@ -33,6 +33,7 @@ using ::negmine::testing::IsOk;
 using ::negmine::testing::RandomVectors;
 using ::negmine::testing::Softmax;
 using ::negmine::testing::StatusIs;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 constexpr double kScoreTol = 1e-4;
@@ -250,6 +251,28 @@ TEST_F(ServerTest, ShortResultsSayHowManyTargetsWereEligible) {
       EXPECT_EQ(r->results(0).num_eligible(), n);
     }
   }
+}
+
+// A Mine whose response could not be sent (over max_message_bytes) is
+// refused before any work, saying how many queries fit at that k; the
+// largest request that fits runs. (It used to be computed in full, then
+// failed as "Sent message larger than max".)
+TEST_F(ServerTest, AMineWhoseResponseCannotFitIsRefusedUpFront) {
+  const int dim = 4;
+  std::vector<uint64_t> ids;
+  Fill("toolarge", dim, 1000, v1::METRIC_INNER_PRODUCT, &ids);
+  v1::MineParams p;
+  p.set_k(1000);
+  // 64 MiB over (48 + 18 k) bytes a query: 3718 queries fit at k = 1000.
+  auto r = client_->Mine("toolarge", RandomVectors(4096, dim, 9), dim, p);
+  EXPECT_THAT(r.status(), StatusIs(absl::StatusCode::kInvalidArgument,
+                                   AllOf(HasSubstr("max_message_bytes"),
+                                         HasSubstr("at most 3718 queries"))));
+  p.set_k(10);
+  r = client_->Mine("toolarge", RandomVectors(4096, dim, 9), dim, p);
+  ASSERT_THAT(r.status(), IsOk());
+  EXPECT_EQ(r->results_size(), 4096);
+  ExpectStillServing();
 }
 
 TEST_F(ServerTest, AThousandRequestsOnOneStream) {

@@ -270,6 +270,43 @@ class UnaryMetricsAndReflection(unittest.TestCase):
             self.assertEqual(off.stop(), 0)
             shutil.rmtree(os.path.dirname(token_file), ignore_errors=True)
 
+class MiningMemoryBound(unittest.TestCase):
+    """--max_mine_memory_bytes: a request that alone exceeds it says how to split."""
+
+    def test_a_request_over_the_bound_is_refused_with_how_to_split_it(self) -> None:
+        server = Server(["--max_mine_memory_bytes=1000000"])
+        try:
+            channel = grpc.insecure_channel(server.address)
+            unary = lambda m, req, resp: channel.unary_unary(  # noqa: E731
+                SERVICE + m, request_serializer=type(req).SerializeToString,
+                response_deserializer=resp.FromString)(req, timeout=30)
+            unary("CreateCollection", pb.CreateCollectionRequest(config=pb.CollectionConfig(
+                name="m", dim=DIM, metric=pb.METRIC_INNER_PRODUCT)), pb.CreateCollectionResponse)
+            rng = np.random.default_rng(3)
+            channel.stream_unary(
+                SERVICE + "UpsertTargets",
+                request_serializer=pb.UpsertTargetsRequest.SerializeToString,
+                response_deserializer=pb.UpsertTargetsResponse.FromString)(iter([
+                    pb.UpsertTargetsRequest(collection="m", ids=list(range(100)),
+                                            vectors=matrix(rng.standard_normal((100, DIM))))]),
+                    timeout=30)
+            # 2000 queries x (dim 4 x 8 + 56 x k 10 + 128) = 1,440,000 bytes.
+            big = pb.MineRequest(collection="m", queries=matrix(rng.standard_normal((2000, DIM))),
+                                 params=pb.MineParams(k=10))
+            with self.assertRaises(grpc.RpcError) as cm:
+                unary("Mine", big, pb.MineResponse)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT,
+                             cm.exception.details())
+            self.assertIn("max_mine_memory_bytes", cm.exception.details())
+            self.assertIn("at most 1388 queries", cm.exception.details())
+            ok = pb.MineRequest(collection="m", queries=matrix(rng.standard_normal((1388, DIM))),
+                                params=pb.MineParams(k=10))
+            self.assertEqual(len(unary("Mine", ok, pb.MineResponse).results), 1388)
+            channel.close()
+        finally:
+            self.assertEqual(server.stop(), 0)
+
+
 def main() -> None:
     """Parses the flags, imports the generated messages, runs the tests."""
     global ARGS, pb
