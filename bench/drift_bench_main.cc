@@ -16,8 +16,14 @@
 //     MineStream), against the in-process figure.
 // It writes results.json and results.md to --out_dir.
 //
+// The data are the drift-bench generator's (--preset easy or hard), or the
+// caller's own embeddings (--targets and --queries as .npy or .fvecs files),
+// with the truth computed by brute force in the run. On files the drift
+// figures, which need the generator's drifting encoder, are skipped.
+//
 //   negmine-bench --n=1000000 --dim=128 --queries=4096 --k=64 --threads=2
 //       --out_dir=bench/results --server_bin=build/server/negmine-server
+//   negmine-bench --targets=emb.npy --queries=queries.fvecs --k=64
 #include <sys/resource.h>
 
 #include <omp.h>
@@ -41,6 +47,9 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -48,6 +57,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/peers.h"
 #include "client/negmine_client.h"
+#include "client/npy.h"
 #include "core/batches/gcbs.h"
 #include "core/index.h"
 #include "core/random.h"
@@ -55,16 +65,35 @@
 #include "core/tree/tree_index.h"
 #include "tests/server_process.h"
 
-ABSL_FLAG(uint64_t, n, 1000000, "targets");
-ABSL_FLAG(int, dim, 128, "embedding dimension");
-ABSL_FLAG(uint64_t, queries, 4096, "queries per batch");
+ABSL_FLAG(uint64_t, n, 1000000, "targets (the generator; ignored with --targets)");
+ABSL_FLAG(int, dim, 128, "embedding dimension (the generator; ignored with --targets)");
+ABSL_FLAG(std::string, queries, "4096",
+          "queries per batch: a count for the generator, or with --targets a .npy "
+          "(float32/float16) or .fvecs file of queries, one per row");
+ABSL_FLAG(std::string, targets, "",
+          "a .npy (float32/float16, rows x dim) or .fvecs file of target embeddings "
+          "instead of the generator; needs --queries=FILE of the same dim");
+ABSL_FLAG(bool, normalize, false, "L2-normalize the rows of --targets and --queries files");
+ABSL_FLAG(std::string, preset, "easy",
+          "the generator's mixture: easy (well-separated clusters) or hard (overlapping "
+          "clusters; FAISS IVF-Flat with 4 sqrt(N) lists needs nprobe >= 256 for "
+          "recall@64 0.94 at 1M x 128)");
+ABSL_FLAG(int, latent_dim, 0, "override the preset's latent dimension (0: the preset's)");
+ABSL_FLAG(int, num_clusters, 0, "override the preset's number of clusters (0: the preset's)");
+ABSL_FLAG(double, cluster_spread, 0,
+          "override the preset's within-cluster std per latent axis (0: the preset's)");
+ABSL_FLAG(std::string, export_dir, "",
+          "write the generator's step-0 targets and queries to this directory as "
+          "targets.npy, queries.npy (float32), targets_f16.npy, queries_f16.npy (float16) "
+          "and targets.fvecs, queries.fvecs, then exit");
 ABSL_FLAG(int, k, 64, "negatives per query");
 ABSL_FLAG(int, threads, 2, "threads for every index");
 ABSL_FLAG(uint64_t, seed, 1, "drift-bench seed");
 ABSL_FLAG(std::string, peers,
           "negmine-exact,negmine-tree-exact,negmine-tree,faiss-flat,faiss-ivfflat,faiss-hnsw,hnswlib",
           "indexes to measure, comma-separated");
-ABSL_FLAG(int, ivf_nlist, 1024, "FAISS IVF lists");
+ABSL_FLAG(int, ivf_nlist, 1024,
+          "FAISS IVF lists (0: 4 sqrt(N)); nprobe is swept over powers of two up to it");
 ABSL_FLAG(int, hnsw_m, 16, "HNSW M (FAISS and hnswlib)");
 ABSL_FLAG(int, hnsw_ef_construction, 40, "HNSW efConstruction (FAISS and hnswlib; 40 is FAISS's default)");
 ABSL_FLAG(double, update_fraction, 0.01, "fraction of targets re-encoded for the update test");
@@ -198,6 +227,96 @@ std::vector<int64_t> Truth(const float* x, size_t n, int dim, const float* q,
   auto exact = MakeNegmineExact(threads);
   exact->Build(x, n, dim);
   return exact->Search(q, nq, k, 0);
+}
+
+// ------------------------------------------------------------ data
+
+// A row-major float matrix read from a file.
+struct Matrix {
+  size_t rows = 0;
+  int cols = 0;
+  std::vector<float> data;
+};
+
+// Loads `path` (.npy float32/float16/float64, or .fvecs) for `flag`; exits
+// with a message naming the flag and the file on any problem.
+Matrix LoadEmbeddings(const std::string& flag, const std::string& path, bool normalize) {
+  absl::StatusOr<client::Array<float>> a;
+  if (absl::EndsWith(path, ".npy")) {
+    a = client::LoadNpyFloat(path);
+  } else if (absl::EndsWith(path, ".fvecs")) {
+    a = client::LoadFvecs(path);
+  } else {
+    Die(absl::StrCat("--", flag, "=", path, ": want a .npy or .fvecs file"));
+  }
+  if (!a.ok()) Die(absl::StrCat("--", flag, "=", path, ": ", a.status().message()));
+  if (a->rows == 0 || a->cols == 0) {
+    Die(absl::StrCat("--", flag, "=", path, ": empty (", a->rows, " x ", a->cols, ")"));
+  }
+  if (a->cols > (1u << 20)) {
+    Die(absl::StrCat("--", flag, "=", path, ": ", a->cols, " columns is not a dim"));
+  }
+  Matrix m{.rows = a->rows, .cols = static_cast<int>(a->cols), .data = std::move(a->data)};
+  for (size_t i = 0; i < m.rows; ++i) {
+    float* row = &m.data[i * m.cols];
+    double norm2 = 0;
+    for (int j = 0; j < m.cols; ++j) {
+      if (!std::isfinite(row[j])) {
+        Die(absl::StrCat("--", flag, "=", path, ": row ", i, " column ", j,
+                         " is not finite (", row[j], ")"));
+      }
+      norm2 += double{row[j]} * row[j];
+    }
+    if (normalize) {
+      if (norm2 == 0) Die(absl::StrCat("--", flag, "=", path, ": row ", i, " is zero; cannot normalize"));
+      const float inv = static_cast<float>(1 / std::sqrt(norm2));
+      for (int j = 0; j < m.cols; ++j) row[j] *= inv;
+    }
+  }
+  return m;
+}
+
+void WriteOrDie(const std::string& path, const absl::Status& status) {
+  if (!status.ok()) Die(absl::StrCat(path, ": ", status.message()));
+  Log("wrote " + path);
+}
+
+// .fvecs: per row, int32 dim then dim float32.
+absl::Status SaveFvecs(const std::string& path, size_t rows, int cols,
+                       const std::vector<float>& x) {
+  std::ofstream out(path, std::ios::binary);
+  if (!out) return absl::PermissionDeniedError("cannot open for writing");
+  for (size_t i = 0; i < rows; ++i) {
+    const int32_t d = cols;
+    out.write(reinterpret_cast<const char*>(&d), sizeof(d));
+    out.write(reinterpret_cast<const char*>(&x[i * cols]), sizeof(float) * cols);
+  }
+  out.close();
+  return out ? absl::OkStatus() : absl::DataLossError("write failed");
+}
+
+// A version-1 .npy of dtype <f2 (IEEE half, rounded to nearest).
+absl::Status SaveNpyHalf(const std::string& path, size_t rows, int cols,
+                         const std::vector<float>& x) {
+  std::string header = absl::StrCat("{'descr': '<f2', 'fortran_order': False, 'shape': (",
+                                     rows, ", ", cols, "), }");
+  // Magic (6) + version (2) + length (2) + header + '\n', padded to 64.
+  while ((10 + header.size() + 1) % 64 != 0) header += ' ';
+  header += '\n';
+  std::ofstream out(path, std::ios::binary);
+  if (!out) return absl::PermissionDeniedError("cannot open for writing");
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  out.write("\x93NUMPY\x01\x00", 8);
+  out.put(static_cast<char>(len & 0xff));
+  out.put(static_cast<char>(len >> 8));
+  out << header;
+  for (float v : x) {
+    const uint16_t bits = Eigen::numext::bit_cast<uint16_t>(Eigen::half(v));
+    out.put(static_cast<char>(bits & 0xff));
+    out.put(static_cast<char>(bits >> 8));
+  }
+  out.close();
+  return out ? absl::OkStatus() : absl::DataLossError("write failed");
 }
 
 // ------------------------------------------------------------ sampling
@@ -402,25 +521,99 @@ E2eFigures MeasureEndToEnd(const std::string& server_bin,
 }
 
 int Main() {
-  const size_t n = absl::GetFlag(FLAGS_n);
-  const int dim = absl::GetFlag(FLAGS_dim);
-  const size_t nq = absl::GetFlag(FLAGS_queries);
   const int k = absl::GetFlag(FLAGS_k);
   const int threads = absl::GetFlag(FLAGS_threads);
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
+  if (k <= 0) Die(absl::StrCat("--k=", k, ": want k >= 1"));
+  if (threads <= 0) Die(absl::StrCat("--threads=", threads, ": want >= 1"));
   omp_set_num_threads(threads);
-  PeerOptions po{.threads = threads,
-                 .ivf_nlist = absl::GetFlag(FLAGS_ivf_nlist),
-                 .hnsw_m = absl::GetFlag(FLAGS_hnsw_m),
-                 .hnsw_ef_construction = absl::GetFlag(FLAGS_hnsw_ef_construction)};
   const auto bench_start = Clock::now();
 
+  // The data: the caller's files, or the generator.
+  const std::string targets_path = absl::GetFlag(FLAGS_targets);
+  const std::string queries_flag = absl::GetFlag(FLAGS_queries);
+  uint64_t queries_count = 0;
+  const bool queries_is_count = absl::SimpleAtoi(queries_flag, &queries_count);
+  const bool from_files = !targets_path.empty();
+  if (from_files && queries_is_count) {
+    Die("--targets needs --queries=FILE (.npy or .fvecs) too: queries from the same encoder");
+  }
+  if (!from_files && !queries_is_count) {
+    Die(absl::StrCat("--queries=", queries_flag,
+                     " is a file: give the targets with --targets=FILE too (or a count of "
+                     "generated queries)"));
+  }
+  size_t n = 0, nq = 0;
+  int dim = 0;
+  std::vector<float> x0, q_all;
+  std::unique_ptr<DriftBench> gen;
+  std::string data_note;
+  if (from_files) {
+    if (!absl::GetFlag(FLAGS_export_dir).empty()) Die("--export_dir writes the generator's data; drop --targets");
+    Matrix t = LoadEmbeddings("targets", targets_path, absl::GetFlag(FLAGS_normalize));
+    Matrix q = LoadEmbeddings("queries", queries_flag, absl::GetFlag(FLAGS_normalize));
+    if (t.cols != q.cols) {
+      Die(absl::StrCat("dim mismatch: --targets=", targets_path, " has dim ", t.cols, ", --queries=",
+                       queries_flag, " has dim ", q.cols));
+    }
+    if (t.rows < static_cast<size_t>(k)) {
+      Die(absl::StrCat("--targets=", targets_path, ": ", t.rows, " rows, too few for k = ", k,
+                       " (want at least k rows)"));
+    }
+    n = t.rows;
+    dim = t.cols;
+    nq = q.rows;
+    x0 = std::move(t.data);
+    q_all = std::move(q.data);
+    data_note = absl::StrCat("files --targets=", targets_path, " --queries=", queries_flag,
+                             absl::GetFlag(FLAGS_normalize) ? " (rows L2-normalized)" : "");
+    Log(absl::StrCat("data: ", data_note, "; --n, --dim and the generator's flags are not used"));
+  } else {
+    n = absl::GetFlag(FLAGS_n);
+    dim = absl::GetFlag(FLAGS_dim);
+    nq = queries_count;
+    if (n < static_cast<size_t>(k)) Die(absl::StrCat("--n=", n, ": too few targets for k = ", k));
+    if (nq == 0) Die("--queries=0: want at least one query");
+    if (dim <= 0) Die(absl::StrCat("--dim=", dim, ": want >= 1"));
+    absl::StatusOr<DriftBenchPreset> preset = ParseDriftBenchPreset(absl::GetFlag(FLAGS_preset));
+    if (!preset.ok()) Die(absl::StrCat("--preset: ", preset.status().message()));
+    DriftBenchConfig config = DriftBenchPresetConfig(*preset);
+    config.num_targets = n;
+    config.num_queries = std::max<size_t>(nq, absl::GetFlag(FLAGS_drift_queries));
+    config.dim = dim;
+    config.seed = seed;
+    if (absl::GetFlag(FLAGS_latent_dim) > 0) config.latent_dim = absl::GetFlag(FLAGS_latent_dim);
+    if (absl::GetFlag(FLAGS_num_clusters) > 0) config.num_clusters = absl::GetFlag(FLAGS_num_clusters);
+    if (absl::GetFlag(FLAGS_cluster_spread) > 0) config.cluster_spread = absl::GetFlag(FLAGS_cluster_spread);
+    data_note = absl::StrCat("generator, preset ", DriftBenchPresetName(*preset), " (latent_dim ",
+                             config.latent_dim, ", ", config.num_clusters, " clusters, spread ",
+                             config.cluster_spread, ")");
+    Log("data: " + data_note);
+    gen = std::make_unique<DriftBench>(config);
+    x0 = gen->Targets(0);
+    q_all = gen->Queries(0);
+    const std::string export_dir = absl::GetFlag(FLAGS_export_dir);
+    if (!export_dir.empty()) {
+      std::filesystem::create_directories(export_dir);
+      const std::vector<float> qx(q_all.begin(), q_all.begin() + nq * dim);
+      WriteOrDie(export_dir + "/targets.npy", client::SaveNpy(export_dir + "/targets.npy", n, dim, x0));
+      WriteOrDie(export_dir + "/queries.npy", client::SaveNpy(export_dir + "/queries.npy", nq, dim, qx));
+      WriteOrDie(export_dir + "/targets_f16.npy", SaveNpyHalf(export_dir + "/targets_f16.npy", n, dim, x0));
+      WriteOrDie(export_dir + "/queries_f16.npy", SaveNpyHalf(export_dir + "/queries_f16.npy", nq, dim, qx));
+      WriteOrDie(export_dir + "/targets.fvecs", SaveFvecs(export_dir + "/targets.fvecs", n, dim, x0));
+      WriteOrDie(export_dir + "/queries.fvecs", SaveFvecs(export_dir + "/queries.fvecs", nq, dim, qx));
+      return 0;
+    }
+  }
+  int ivf_nlist = absl::GetFlag(FLAGS_ivf_nlist);
+  if (ivf_nlist < 0) Die(absl::StrCat("--ivf_nlist=", ivf_nlist, ": want >= 0"));
+  if (ivf_nlist == 0) ivf_nlist = std::max(1, static_cast<int>(std::lround(4 * std::sqrt(double(n)))));
+  PeerOptions po{.threads = threads,
+                 .ivf_nlist = ivf_nlist,
+                 .hnsw_m = absl::GetFlag(FLAGS_hnsw_m),
+                 .hnsw_ef_construction = absl::GetFlag(FLAGS_hnsw_ef_construction)};
   Log(absl::StrCat("data: n=", n, " dim=", dim, " queries=", nq, " k=", k,
                    " threads=", threads, " seed=", seed));
-  DriftBench gen({.num_targets = n, .num_queries = std::max<size_t>(nq, absl::GetFlag(FLAGS_drift_queries)),
-                  .dim = dim, .seed = seed});
-  const std::vector<float> x0 = gen.Targets(0);
-  const std::vector<float> q_all = gen.Queries(0);
   const std::vector<float> q0(q_all.begin(), q_all.begin() + nq * dim);
   std::vector<int64_t> truth = Truth(x0.data(), n, dim, q0.data(), nq, k, threads);
 
@@ -433,7 +626,30 @@ int Main() {
     for (size_t i = 0; i < n_upd; ++i) std::swap(upd_rows[i], upd_rows[i + rng.Below(n - i)]);
     upd_rows.resize(n_upd);
   }
-  const std::vector<float> x_upd = gen.EncodeTargets(1, upd_rows);
+  // Re-encoded by the generator's encoder one step on; on files, which have
+  // no encoder, a perturbed copy stands in (x + Gaussian noise of 10% of
+  // its norm, rescaled to the row's norm): the cost of absorbing it is the
+  // same, and the recall after it is against the truth over the new rows.
+  std::vector<float> x_upd;
+  if (gen) {
+    x_upd = gen->EncodeTargets(1, upd_rows);
+  } else {
+    Rng noise(seed, 98);
+    x_upd.resize(n_upd * dim);
+    for (size_t i = 0; i < n_upd; ++i) {
+      const float* x = &x0[upd_rows[i] * dim];
+      double norm2 = 0, new2 = 0;
+      for (int j = 0; j < dim; ++j) norm2 += double{x[j]} * x[j];
+      const double sigma = 0.1 * std::sqrt(norm2 / dim);
+      for (int j = 0; j < dim; ++j) {
+        x_upd[i * dim + j] = static_cast<float>(x[j] + sigma * noise.Normal());
+        new2 += double{x_upd[i * dim + j]} * x_upd[i * dim + j];
+      }
+      const double scale = new2 > 0 ? std::sqrt(norm2 / new2) : 1;
+      for (int j = 0; j < dim; ++j) x_upd[i * dim + j] = static_cast<float>(x_upd[i * dim + j] * scale);
+    }
+  }
+  const char* upd_what = gen ? "re-encoded" : "perturbed (10% noise)";
   const std::vector<int64_t> upd_ids(upd_rows.begin(), upd_rows.end());
   std::vector<float> x1 = x0;
   for (size_t i = 0; i < n_upd; ++i) {
@@ -486,7 +702,7 @@ int Main() {
         // number of targets, whose cost is the build time measured above.
         c.update_s = c.build_s;
       }
-      Log(absl::StrCat(name, ": absorbed ", n_upd, " re-encoded targets in ", c.update_s,
+      Log(absl::StrCat(name, ": absorbed ", n_upd, " ", upd_what, " targets in ", c.update_s,
                        " s (", c.update_in_place ? "in place" : "rebuild", "), recall ",
                        c.update_recall_before, " -> ", c.update_recall_after));
       curves.push_back(std::move(c));
@@ -559,7 +775,12 @@ int Main() {
   std::vector<DriftVariant> variants;
   std::vector<DriftPoint> drift;
   const double kl_tau = absl::GetFlag(FLAGS_kl_temperature);
-  if (Enabled("drift")) {
+  const bool run_drift = Enabled("drift") && gen != nullptr;
+  if (Enabled("drift") && !run_drift) {
+    Log("drift: skipped: the data are files, and the drift figures need the generator's "
+        "drifting encoder");
+  }
+  if (run_drift) {
     const size_t dq = std::min<size_t>(absl::GetFlag(FLAGS_drift_queries), q_all.size() / dim);
     const size_t kq = std::min<size_t>(absl::GetFlag(FLAGS_kl_queries), dq);
     const int R = absl::GetFlag(FLAGS_rebuild_every);
@@ -627,7 +848,7 @@ int Main() {
         std::vector<size_t> rows(budget);
         for (size_t i = 0; i < budget; ++i) rows[i] = order[(cursor + i) % n];
         cursor += budget;
-        const std::vector<float> enc = gen.EncodeTargets(t, rows);
+        const std::vector<float> enc = gen->EncodeTargets(t, rows);
         for (DriftVariant& v : variants) {
           if (!v.budget) continue;
           const absl::Status st = v.index->core()->Upsert(
@@ -638,13 +859,13 @@ int Main() {
       const bool eval = t % absl::GetFlag(FLAGS_drift_every) == 0;
       const bool rebuild = t > 0 && t % R == 0;
       if (!eval && !rebuild) continue;
-      const std::vector<float> xt = gen.Targets(t);
+      const std::vector<float> xt = gen->Targets(t);
       if (rebuild) {
         rebuilt->Build(xt.data(), n, dim);
         x_rebuilt = xt;
       }
       if (!eval) continue;
-      const std::vector<float> qt_all = gen.Queries(t);
+      const std::vector<float> qt_all = gen->Queries(t);
       const std::vector<float> qt(qt_all.begin(), qt_all.begin() + dq * dim);
       const auto tt = Truth(xt.data(), n, dim, qt.data(), dq, k, threads);
       DriftPoint pnt{t, Recall(stale->Search(qt.data(), dq, k, 0), tt, dq, k),
@@ -657,7 +878,7 @@ int Main() {
           absl::StatusOr<LandmarkSet> lm = idx.GetLandmarks();
           if (!lm.ok()) Die(lm.status().ToString());
           const std::vector<float> g =
-              gen.EncodeTargets(t, std::vector<size_t>(lm->ids.begin(), lm->ids.end()));
+              gen->EncodeTargets(t, std::vector<size_t>(lm->ids.begin(), lm->ids.end()));
           absl::StatusOr<DriftReport> rep = idx.ApplyDrift(
               {.model_step = t, .landmark_epoch = lm->epoch, .landmark_embeddings = g});
           if (!rep.ok()) Die(rep.status().ToString());
@@ -822,6 +1043,7 @@ int Main() {
               .Num("k", k)
               .Num("threads", threads)
               .Num("seed", seed)
+              .Str("data", data_note)
               .Num("update_fraction", absl::GetFlag(FLAGS_update_fraction))
               .Num("rebuild_every", absl::GetFlag(FLAGS_rebuild_every))
               .Num("reencode_budget", absl::GetFlag(FLAGS_reencode_budget))
@@ -865,7 +1087,8 @@ int Main() {
   // Markdown.
   std::ostringstream md;
   md << "Drift bench: N = " << n << ", d = " << dim << ", " << nq << " queries per batch, k = "
-     << k << ", " << threads << " threads, seed " << seed << ". Build flags: "
+     << k << ", " << threads << " threads, seed " << seed << ". Data: " << data_note
+     << ". Build flags: "
      << absl::GetFlag(FLAGS_flags_note) << ". Total " << static_cast<int>(total_s) << " s.\n\n";
   if (Enabled("curves")) {
     md << "### Recall@" << k << " against queries/s\n\n"
@@ -881,7 +1104,7 @@ int Main() {
     }
     md << "\n### Build, memory and updates\n\n"
        << "| index | build s | bytes/target (own) | bytes/target (RSS) | absorb " << n_upd
-       << " re-encoded s | how | recall before -> after |\n| --- | --- | --- | --- | --- | --- | --- |\n";
+       << " " << upd_what << " s | how | recall before -> after |\n| --- | --- | --- | --- | --- | --- | --- |\n";
     for (const Curve& c : curves) {
       md << "| " << c.index << " | " << absl::StrFormat("%.2f", c.build_s) << " | "
          << absl::StrFormat("%.0f", c.mem_bytes / n) << " | "
@@ -911,7 +1134,11 @@ int Main() {
          << " |\n";
     }
   }
-  if (Enabled("drift")) {
+  if (Enabled("drift") && !run_drift) {
+    md << "\n### Recall@" << k << " and KL under drift\n\nSkipped: the data are files, and "
+       << "these figures need the generator's drifting encoder.\n";
+  }
+  if (run_drift) {
     md << "\n### Recall@" << k << " and KL under drift\n\n"
        << "Exact top-" << k << " against brute force over the step-t targets. negmine's "
        << "tree (cosine) re-encodes only its m landmarks at each evaluated step and "
@@ -993,6 +1220,19 @@ int Main() {
 }  // namespace negmine::bench
 
 int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "the drift bench: negmine against brute force, FAISS and hnswlib on the same data.\n"
+      "  negmine-bench [--preset=easy|hard] [--n=N --dim=D --queries=Q] [flags]\n"
+      "  negmine-bench --targets=X.npy|X.fvecs --queries=Q.npy|Q.fvecs [flags]\n"
+      "Writes results.json and results.md to --out_dir. Flags (--helpfull: also absl's):");
+  absl::FlagsUsageConfig usage;
+  // absl's --help lists the flags of files named after the program; this
+  // one's are in drift_bench_main.cc.
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "drift_bench_main");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
   absl::ParseCommandLine(argc, argv);
   return negmine::bench::Main();
 }

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "core/random.h"
 
 namespace negmine {
@@ -33,6 +35,31 @@ void FillNormal(M& m, double scale, uint64_t seed, uint64_t stream) {
 
 }  // namespace
 
+absl::StatusOr<DriftBenchPreset> ParseDriftBenchPreset(absl::string_view name) {
+  if (name == "easy") return DriftBenchPreset::kEasy;
+  if (name == "hard") return DriftBenchPreset::kHard;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown drift-bench preset '", name, "' (want easy or hard)"));
+}
+
+std::string DriftBenchPresetName(DriftBenchPreset preset) {
+  return preset == DriftBenchPreset::kHard ? "hard" : "easy";
+}
+
+DriftBenchConfig DriftBenchPresetConfig(DriftBenchPreset preset) {
+  DriftBenchConfig c;
+  if (preset == DriftBenchPreset::kHard) {
+    // Calibrated at 1M x 128 (BENCHMARKS.md, "Hard preset and real data"):
+    // FAISS IVF-Flat with 4 sqrt(N) lists needs nprobe >= 256 for
+    // recall@64 0.94.
+    c.latent_dim = 64;
+    c.hidden_dim = 256;
+    c.num_clusters = 1024;
+    c.cluster_spread = 0.6;
+  }
+  return c;
+}
+
 DriftBench::DriftBench(const DriftBenchConfig& c) : config_(c) {
   centers_.resize(c.num_clusters, c.latent_dim);
   FillNormal(centers_, 1.0, c.seed, kCenters);
@@ -43,8 +70,8 @@ DriftBench::DriftBench(const DriftBenchConfig& c) : config_(c) {
   }
   for (double& v : cluster_cdf_) v /= total;
 
-  target_latent_ = SampleLatent(c.num_targets, kTargets);
-  query_latent_ = SampleLatent(c.num_queries, kQueries);
+  target_latent_ = SampleLatent(c.num_targets, kTargets, &target_cluster_);
+  query_latent_ = SampleLatent(c.num_queries, kQueries, &query_cluster_);
 
   w1_.resize(c.hidden_dim, c.latent_dim);
   dw1_.resize(c.hidden_dim, c.latent_dim);
@@ -62,10 +89,11 @@ DriftBench::DriftBench(const DriftBenchConfig& c) : config_(c) {
   FillNormal(dw2_, s2, c.seed, kDw2);
 }
 
-DriftBench::RowMatrix DriftBench::SampleLatent(size_t n,
-                                               uint64_t stream) const {
+DriftBench::RowMatrix DriftBench::SampleLatent(size_t n, uint64_t stream,
+                                               std::vector<int>* cluster) const {
   Rng rng(config_.seed, stream);
   RowMatrix z(n, config_.latent_dim);
+  cluster->resize(n);
   for (size_t i = 0; i < n; ++i) {
     const double u = rng.Uniform();
     const size_t j =
@@ -73,6 +101,7 @@ DriftBench::RowMatrix DriftBench::SampleLatent(size_t n,
                                           cluster_cdf_.end(), u) -
                              cluster_cdf_.begin(),
                          cluster_cdf_.size() - 1);
+    (*cluster)[i] = static_cast<int>(j);
     for (int a = 0; a < config_.latent_dim; ++a) {
       z(i, a) = centers_(j, a) +
                 static_cast<float>(config_.cluster_spread * rng.Normal());

@@ -15,15 +15,26 @@
 //   std::vector<float> targets = bench.Targets(/*step=*/0);   // N x dim
 //   std::vector<float> queries = bench.Queries(/*step=*/0);   // Q x dim
 //
+// Two presets set the mixture: kEasy (the defaults below: 256 well-separated
+// clusters in a 32-dim latent space) and kHard (clusters whose spread is
+// comparable to the distance between their centers, in a 64-dim latent
+// space, so that a coarse quantizer has to probe many cells).
+//
+//   DriftBenchConfig c = DriftBenchPresetConfig(DriftBenchPreset::kHard);
+//   c.num_targets = 1000000;
+//
 // Thread safety: const methods may run concurrently.
 #ifndef NEGMINE_CORE_STORE_DRIFT_BENCH_H_
 #define NEGMINE_CORE_STORE_DRIFT_BENCH_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
 namespace negmine {
@@ -47,6 +58,16 @@ struct DriftBenchConfig {
   uint64_t seed = 1;
 };
 
+enum class DriftBenchPreset { kEasy, kHard };
+
+// "easy" or "hard"; INVALID_ARGUMENT naming the value otherwise.
+absl::StatusOr<DriftBenchPreset> ParseDriftBenchPreset(absl::string_view name);
+std::string DriftBenchPresetName(DriftBenchPreset preset);
+
+// The default config with the preset's mixture (latent_dim, hidden_dim,
+// num_clusters, cluster_spread); sizes, drift and seed keep their defaults.
+DriftBenchConfig DriftBenchPresetConfig(DriftBenchPreset preset);
+
 class DriftBench {
  public:
   explicit DriftBench(const DriftBenchConfig& config);
@@ -61,11 +82,16 @@ class DriftBench {
   // All queries encoded at `step`, num_queries x dim, row-major.
   std::vector<float> Queries(double step) const;
 
+  // The mixture component each target / query was drawn from, in
+  // [0, num_clusters).
+  const std::vector<int>& target_clusters() const { return target_cluster_; }
+  const std::vector<int>& query_clusters() const { return query_cluster_; }
+
  private:
   using RowMatrix =
       Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-  RowMatrix SampleLatent(size_t n, uint64_t stream) const;
+  RowMatrix SampleLatent(size_t n, uint64_t stream, std::vector<int>* cluster) const;
   std::vector<float> Encode(double step, const RowMatrix& latent) const;
 
   DriftBenchConfig config_;
@@ -73,6 +99,7 @@ class DriftBench {
   std::vector<double> cluster_cdf_;
   RowMatrix target_latent_;        // num_targets x latent_dim
   RowMatrix query_latent_;         // num_queries x latent_dim
+  std::vector<int> target_cluster_, query_cluster_;
   // theta_0 and Delta of the encoder.
   RowMatrix w1_, dw1_;             // hidden x latent
   Eigen::RowVectorXf b1_, db1_;    // hidden
