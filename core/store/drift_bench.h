@@ -16,9 +16,10 @@
 //   std::vector<float> queries = bench.Queries(/*step=*/0);   // Q x dim
 //
 // Two presets set the mixture: kEasy (the defaults below: 256 well-separated
-// clusters in a 32-dim latent space) and kHard (clusters whose spread is
-// comparable to the distance between their centers, in a 64-dim latent
-// space, so that a coarse quantizer has to probe many cells).
+// clusters in a 32-dim latent space) and kHard (1024 clusters in a 64-dim
+// latent space, each wider than the distance between two centers: std 1.5
+// per axis against centers of std 1, so that they overlap and a coarse
+// quantizer has to probe many cells).
 //
 //   DriftBenchConfig c = DriftBenchPresetConfig(DriftBenchPreset::kHard);
 //   c.num_targets = 1000000;
