@@ -1,5 +1,6 @@
 #include "server/service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <utility>
@@ -58,6 +59,8 @@ NegativeMinerService::NegativeMinerService(const ServiceOptions& options,
 
 void NegativeMinerService::MaintenanceLoop() {
   auto last_stats = Clock::now(), last_snapshot = Clock::now();
+  auto snapshot_retry_at = Clock::now();
+  std::chrono::seconds snapshot_backoff(0);
   absl::MutexLock lock(&stats_mu_);
   while (!stats_mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(1))) {
     stats_mu_.Unlock();
@@ -83,13 +86,22 @@ void NegativeMinerService::MaintenanceLoop() {
         now - last_snapshot >=
             absl::ToChronoSeconds(absl::Seconds(options_.snapshot_interval_seconds));
     const bool size_due = options_.snapshot_wal_bytes > 0 && wal_bytes >= options_.snapshot_wal_bytes;
-    if (interval_due || size_due) {
+    if ((interval_due || size_due) && now >= snapshot_retry_at) {
       absl::StatusOr<SnapshotInfo> info = TakeSnapshot();
       if (info.ok()) {
         Log(LogLevel::kInfo, "periodic snapshot",
             {{"path", info->path}, {"bytes", absl::StrCat(info->bytes)}});
+        snapshot_backoff = std::chrono::seconds(0);
       } else {
-        Log(LogLevel::kError, "periodic snapshot failed", {{"error", info.status().ToString()}});
+        // A failed attempt (a full disk) may have started a new, empty log
+        // generation: retry with backoff (10 s doubling to 10 min), not at
+        // every tick of the size trigger.
+        snapshot_backoff = std::clamp(2 * snapshot_backoff, std::chrono::seconds(10),
+                                      std::chrono::seconds(600));
+        snapshot_retry_at = now + snapshot_backoff;
+        Log(LogLevel::kError, "periodic snapshot failed",
+            {{"error", info.status().ToString()},
+             {"retry_in_seconds", absl::StrCat(snapshot_backoff.count())}});
       }
       last_snapshot = now;
     }
