@@ -75,7 +75,7 @@ class Config:
     gc_chunk: int = 64            # GradCache chunk size
     eval_every: int = 60          # steps between points of the curve
     curve_queries: int = 1000     # held-out queries scored for the curve
-    max_train_seconds: float = 0  # 0: none; else an arm stops early (reported)
+    max_train_seconds: float = 0.0  # 0: none; else an arm stops early (reported)
     threads: int = 2              # torch threads for bulk work (corpus encodes, brute force)
 
 

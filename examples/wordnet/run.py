@@ -3,7 +3,7 @@
 
     build/venv/bin/python examples/wordnet/run.py \\
         --server-bin build/server/negmine-server --out-dir examples/wordnet/results
-    ... --smoke          # every arm on a small subset, with sanity checks (~2 min)
+    ... --smoke          # every arm on a small subset, with sanity checks (under 2 min)
     ... --export-npy DIR # also write arm 5's target / held-out query embeddings
 
 Writes results.json, results.md (the table) and recall_at_10.png (held-out
