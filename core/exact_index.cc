@@ -66,7 +66,7 @@ absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
       const size_t qi = begin + j;
       result.queries[qi] = MineOne(
           s, exclude.empty() ? absl::Span<const uint64_t>() : exclude[qi],
-          params, qi);
+          params, params.stream_offset + qi);
     }
   }
   return result;

@@ -138,20 +138,27 @@ struct SearchParams {
   // for want_log_z and for the exact sampler's log q. Smaller costs more
   // scoring; 0 refines until exact.
   double log_z_width = 1e-2;
-  // Seed for sampling. Query i of a call uses the stream (seed, i), so a call
-  // with a fixed seed is reproducible.
+  // Seed for sampling. Query i of a call uses the stream
+  // (seed, stream_offset + i), so a call with a fixed seed is reproducible.
   uint64_t seed = 0;
+  // Added to each query's stream number. The work units of one call set it
+  // to their first query's position, so that a batch searched in units draws
+  // what the whole batch would. The device path runs a batch whole and
+  // ignores it.
+  uint64_t stream_offset = 0;
   // Polled between queries (and query chunks); when it returns true the
   // search stops with CANCELLED (the caller's client went away or its
   // deadline passed). Empty: never.
   std::function<bool()> cancelled;
-  // Top-k on the CPU: a batch is searched in work units of at most this
-  // many queries, one after the other under the same read lock (so the
-  // whole batch sees one version), and `cancelled` is polled between them:
-  // a cancelled batch stops within one unit, and no unit's scratch grows
-  // with the batch. The results equal one search of the whole batch.
-  // Sampling keeps its batch whole (query i draws from the stream (seed, i)
-  // of the call). 0: the whole batch at once.
+  // On the CPU, a batch is searched in work units of at most this many
+  // queries, one after the other under the same read lock (so the whole
+  // batch sees one version), and `cancelled` is polled between them: a
+  // cancelled batch stops within one unit, and no unit's scratch grows with
+  // the batch. The results equal one search of the whole batch, samples
+  // included (each unit's stream_offset is its first query's position), up
+  // to the rounding of the matrix products, whose summation order depends on
+  // the batch's shape.
+  // 0: the whole batch at once.
   int work_unit_queries = 256;
 };
 

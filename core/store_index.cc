@@ -207,7 +207,7 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
                                                    : n;
   if (on_device.has_value()) {
     result = *std::move(on_device);
-  } else if (params.mode != MineMode::kTopK || n <= unit) {
+  } else if (n <= unit) {
     result = SearchLocked(queries, n, exclude, params);
   } else {
     // Work units, one after the other under this one read lock: a deadline
@@ -215,13 +215,15 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
     SearchResult all;
     all.index_version = version_;
     all.queries.reserve(n);
+    SearchParams unit_params = params;
     for (size_t begin = 0; begin < n; begin += unit) {
       RETURN_IF_ERROR(CheckCancelled(params));
       const size_t m = std::min(unit, n - begin);
+      unit_params.stream_offset = params.stream_offset + begin;
       ASSIGN_OR_RETURN(
           SearchResult part,
           SearchLocked(queries.subspan(begin * dim, m * dim), m,
-                       exclude.empty() ? exclude : exclude.subspan(begin, m), params));
+                       exclude.empty() ? exclude : exclude.subspan(begin, m), unit_params));
       for (QueryResult& q : part.queries) all.queries.push_back(std::move(q));
     }
     result = std::move(all);

@@ -77,8 +77,8 @@ ABSL_FLAG(uint64_t, max_mine_memory_bytes, uint64_t{2} << 30,
           "Memory the mining requests in flight may hold together (estimated from rows x dim "
           "and rows x k); beyond it RESOURCE_EXHAUSTED with a retry hint.");
 ABSL_FLAG(int, work_unit_queries, 256,
-          "Top-k queries per work unit of a CPU search: a deadline stops a batch within one "
-          "unit. 0: whole batches.");
+          "Queries per work unit of a CPU search (top-k and sampling): a deadline stops a "
+          "batch within one unit. 0: whole batches.");
 ABSL_FLAG(uint64_t, max_batch_examples, 2000000,
           "Most training examples in one AssignBatches call.");
 ABSL_FLAG(uint64_t, max_sync_batch_examples, 100000,

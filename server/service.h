@@ -61,7 +61,7 @@ struct ServiceOptions {
   // k); past it a request gets RESOURCE_EXHAUSTED with a retry hint, and
   // one that alone exceeds it INVALID_ARGUMENT saying how to split it.
   uint64_t max_mine_memory_bytes = uint64_t{2} << 30;
-  // Top-k queries per work unit of a CPU search (SearchParams).
+  // Queries per work unit of a CPU search (SearchParams::work_unit_queries).
   int work_unit_queries = 256;
   // AssignBatches: most examples in one assignment; most in a synchronous
   // one (more need `async`); jobs running at once; threads per job.

@@ -623,11 +623,13 @@ class TreeIndex::Searcher {
   }
 
   // The random numbers of the proposal sampler are counter-based: draw t of
-  // query i (over all rounds) uses KeyUniform(DrawKey(i, t), 0) for its
+  // query i (over all rounds; i counted from the call's stream_offset) uses
+  // KeyUniform(DrawKey(i, t), 0) for its
   // component, (.., 2) for a leaf within a group and (.., 1) for its target,
   // so they do not depend on the order in which the batch is processed.
   uint64_t DrawKey(uint32_t query, size_t t) const {
-    return Mix64(Mix64(p_.seed ^ Mix64(query + 0x632be59bd9b4e019ULL)) + 4 * t);
+    return Mix64(Mix64(p_.seed ^ Mix64(p_.stream_offset + query + 0x632be59bd9b4e019ULL)) +
+                 4 * t);
   }
   static double KeyUniform(uint64_t key, int which) {
     return (static_cast<double>(Mix64(key + which) >> 11) + 0.5) * 0x1p-53;
@@ -1295,7 +1297,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
   } else if (num_samples > 0) {
     for (size_t i = 0; i < n; ++i) {
       RETURN_IF_ERROR(CheckCancelled(p));
-      Rng rng(p.seed, i);
+      Rng rng(p.seed, p.stream_offset + i);
       const size_t eligible = store_.size() - qs[i].excluded.size();
       searcher.SampleExact(qs[i], num_samples, eligible, rng, &result.queries[i]);
     }
