@@ -26,23 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List
 
 import numpy as np
 
 import negmine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_sequential(client: negmine.Client, batches: List[np.ndarray], train_s: float,
@@ -92,15 +82,12 @@ def main() -> int:
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args()
 
-    tmp = tempfile.mkdtemp(prefix="negmine-prefetch-bench-")
-    port = free_port()
-    server = subprocess.Popen([
-        args.server_bin, f"--listen=127.0.0.1:{port}", f"--data_dir={tmp}/data",
-        "--metrics_listen=", "--log_level=warning", f"--worker_threads={args.worker_threads}",
-        f"--default_dim={args.dim}", f"--generate_targets={args.n}",
-        f"--generate_seed={args.seed}"])
+    server = negmine.LocalServer(args.server_bin, [
+        f"--worker_threads={args.worker_threads}", f"--default_dim={args.dim}",
+        f"--generate_targets={args.n}", f"--generate_seed={args.seed}"]).start()
     try:
-        client = negmine.Client(f"127.0.0.1:{port}", timeout=600)
+        server.wait_port(timeout=600)
+        client = negmine.Client(server.address, timeout=600)
         client.wait_ready(timeout=600)
         rng = np.random.default_rng(args.seed)
         batches = [rng.standard_normal((args.batch_size, args.dim)).astype(np.float32)
@@ -143,9 +130,7 @@ def main() -> int:
                           indent=2)
         client.close()
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-        shutil.rmtree(tmp, ignore_errors=True)
+        server.stop(timeout=60)
     return 0
 
 

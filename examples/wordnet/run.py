@@ -17,9 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,33 +39,20 @@ from model import DualEncoder  # noqa: E402
 
 
 class Server:
-    """A negmine server on a free loopback port with a temporary data dir,
-    stopped (SIGTERM, then SIGKILL) on close."""
+    """A negmine server (negmine.LocalServer) with a client on it, and the
+    collections of the experiment."""
 
     def __init__(self, binary: str, dim: int, num_landmarks: int, log_path: str) -> None:
-        if not os.access(binary, os.X_OK):
-            raise FileNotFoundError(f"--server-bin {binary} is not an executable file")
         self.dim, self.num_landmarks = dim, num_landmarks
-        self.dir = tempfile.mkdtemp(prefix="negmine-wordnet-")
-        port_file = os.path.join(self.dir, "port")
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [binary, "--listen=127.0.0.1:0", f"--port_file={port_file}",
-             f"--data_dir={os.path.join(self.dir, 'data')}", "--metrics_listen=",
-             "--wal_sync=never", "--worker_threads=2", "--log_level=warning"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not (os.path.exists(port_file) and os.path.getsize(port_file) > 0):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"negmine-server exited with {self.proc.returncode}; "
-                                   f"see {log_path}")
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("negmine-server did not write its port in 60 s")
-            time.sleep(0.05)
-        port = int(open(port_file).read().strip())
-        self.client = negmine.Client(f"127.0.0.1:{port}", timeout=600.0)
-        self.client.wait_ready(timeout=60.0)
+        self.local = negmine.LocalServer(binary, ["--wal_sync=never", "--worker_threads=2"],
+                                         log_path=log_path)
+        try:
+            self.local.start().wait_port()
+            self.client = negmine.Client(self.local.address, timeout=600.0)
+            self.client.wait_ready(timeout=60.0)
+        except BaseException:
+            self.local.stop()
+            raise
 
     def new_collection(self, name: str) -> str:
         """A fresh cosine tree collection of the experiment's dim."""
@@ -78,19 +62,8 @@ class Server:
 
     def close(self) -> None:
         """Stops the server and removes its data dir."""
-        try:
-            self.client.close()
-        except Exception:  # noqa: BLE001 - closing is best effort
-            pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.client.close()
+        self.local.stop(timeout=20)
 
 
 def build_task(args: argparse.Namespace, cfg: Config, log) -> tuple:

@@ -16,7 +16,6 @@ import argparse
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,51 +48,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """One negmine-server process on a temporary data dir."""
-
-    def __init__(self, port: int = 0, extra: Optional[List[str]] = None) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="negmine-pkg-")
-        self.port_file = os.path.join(self.tmp, "port")
-        self.requested_port = port
-        self.extra = list(extra or [])
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self) -> "Server":
-        self.proc = subprocess.Popen([
-            ARGS.server_bin, f"--listen=127.0.0.1:{self.requested_port}",
-            "--port_file=" + self.port_file, "--data_dir=" + os.path.join(self.tmp, "data"),
-            "--metrics_listen=", "--log_level=warning", "--worker_threads=2",
-            f"--max_message_bytes={MAX_MESSAGE_BYTES}"] + self.extra)
-        return self
-
-    def wait_port(self) -> int:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(self.port_file):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("negmine-server did not start")
-            time.sleep(0.02)
-        with open(self.port_file) as f:
-            return int(f.read())
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+def new_server(port: int = 0, extra: Optional[List[str]] = None) -> negmine.LocalServer:
+    """A server of these tests (2 workers, the small message limit), not started."""
+    return negmine.LocalServer(ARGS.server_bin, ["--worker_threads=2",
+                                                 f"--max_message_bytes={MAX_MESSAGE_BYTES}"]
+                               + list(extra or []), port=port)
 
 
-SERVER: Optional[Server] = None
+SERVER: Optional[negmine.LocalServer] = None
 ADDRESS = ""
 
 
 def setUpModule() -> None:
     global SERVER, ADDRESS
-    SERVER = Server().start()
+    SERVER = new_server().start()
     ADDRESS = f"127.0.0.1:{SERVER.wait_port()}"
 
 
@@ -627,7 +595,7 @@ class ServerLifecycleTest(unittest.TestCase):
         port = free_port()
         # 20k generated targets: the server answers UNAVAILABLE while it
         # loads them, after the port opens.
-        server = Server(port, ["--default_dim=16", "--generate_targets=20000"])
+        server = new_server(port, ["--default_dim=16", "--generate_targets=20000"])
         # The default client, and one without the retry policy: the channel's
         # health gating alone keeps its call waiting through the recovery.
         clients = {"default": negmine.Client(f"127.0.0.1:{port}", timeout=30),
@@ -665,7 +633,7 @@ class ServerLifecycleTest(unittest.TestCase):
         token_file = os.path.join(tmp, "token")
         with open(token_file, "w") as f:
             f.write("s3cret\n")
-        server = Server(port, [f"--auth_token_file={token_file}"])
+        server = new_server(port, [f"--auth_token_file={token_file}"])
         client = negmine.Client(f"127.0.0.1:{port}", token="s3cret", timeout=30)
         anonymous = negmine.Client(f"127.0.0.1:{port}", timeout=30)
         try:

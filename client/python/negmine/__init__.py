@@ -30,6 +30,7 @@ except ModuleNotFoundError as _e:
 
 from negmine.client import DEFAULT_COLLECTION, RETRY_POLICY, Client
 from negmine.drift import DriftUpdater
+from negmine.local_server import LocalServer
 from negmine.errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
                             FailedPrecondition, Internal, InvalidArgument, NegmineError,
                             NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
@@ -42,7 +43,7 @@ from negmine.types import (BatchAssignment, CollectionInfo, DeleteResult, DriftR
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "Prefetcher", "DriftUpdater", "TLSConfig", "DEFAULT_COLLECTION",
+    "Client", "Prefetcher", "DriftUpdater", "LocalServer", "TLSConfig", "DEFAULT_COLLECTION",
     "RETRY_POLICY", "BatchAssignment", "CollectionInfo", "DeleteResult", "DriftResult",
     "Landmarks", "MineResult", "ServerLimits", "SnapshotResult", "UpsertResult",
     "NegmineError", "Aborted", "AlreadyExists", "Cancelled", "DataLoss",
