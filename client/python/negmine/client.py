@@ -21,6 +21,11 @@ Waiting and retries, all in the channel's service config (no loop here):
 Retried writes are idempotent (upserts overwrite, drift steps are checked),
 except delete(allow_missing=False), whose retry after a lost answer can
 report NOT_FOUND. wait_ready() waits for SERVING explicitly.
+
+This file is one class with one method per RPC (and the request and
+response conversions each needs), so it stays whole; what is shared lives
+beside it: array conversion (_arrays), result types (types), errors,
+prefetching and the drift helper.
 """
 from __future__ import annotations
 

@@ -16,6 +16,10 @@ floating-point summation order. The encoders must not mix examples (no
 BatchNorm in training mode, no cross-example attention): the chunked forward must
 equal the full one.
 
+The file holds the loss and the GradCache step that backpropagates it, and
+depends only on torch, so that it can be used (and tested) without the rest of
+the package; that is why it stays one module.
+
 Usage with negmine's mined negatives (``MineResult``: ``ids`` -> the negatives'
 target inputs, ``log_q`` -> ``negative_log_q``, padding ``-1`` -> ``negative_mask``)::
 
