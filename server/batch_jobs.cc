@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "server/wire.h"
 
 namespace negmine::server {
 
@@ -93,21 +94,6 @@ std::shared_ptr<BatchJobs::Job> BatchJobs::Find(const std::string& id) const {
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(id);
   return it == jobs_.end() ? nullptr : it->second;
-}
-
-void ToWireBatches(const BatchAssignment& a, size_t num_examples, double seconds,
-                   v1::AssignBatchesResponse* out) {
-  for (const auto& batch : a.batches) {
-    out->add_batches()->mutable_example_indices()->Add(batch.begin(), batch.end());
-  }
-  out->set_bandwidth_before(static_cast<double>(a.bandwidth_before));
-  out->set_bandwidth_after(static_cast<double>(a.bandwidth_after));
-  out->set_in_batch_similarity_before(a.in_batch_similarity_before);
-  out->set_in_batch_similarity_after(a.in_batch_similarity_after);
-  out->set_num_examples(num_examples);
-  out->set_edges(a.edges);
-  out->set_components(a.components);
-  out->set_seconds(seconds);
 }
 
 }  // namespace negmine::server

@@ -66,10 +66,6 @@ class BatchJobs {
   std::vector<std::pair<std::shared_ptr<Job>, std::thread>> threads_ ABSL_GUARDED_BY(mu_);
 };
 
-// A finished assignment as the wire response.
-void ToWireBatches(const BatchAssignment& a, size_t num_examples, double seconds,
-                   v1::AssignBatchesResponse* out);
-
 }  // namespace negmine::server
 
 #endif  // NEGMINE_SERVER_BATCH_JOBS_H_

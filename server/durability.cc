@@ -156,6 +156,8 @@ absl::StatusOr<std::optional<Manifest>> ReadManifest(const std::string& dir) {
 absl::Status Recover(NegativeMinerService& service, const std::string& dir,
                      const WalWriter::Options& options) {
   const auto start = std::chrono::steady_clock::now();
+  Metrics& metrics = service.metrics();
+  metrics.SetRecovery(RecoveryPhase::kStarting, 0);
   // A snapshot cut short by a crash was never renamed into place: drop it.
   std::error_code ec;
   for (uint64_t g : Generations(dir, "snapshot-", ".snap.tmp")) {
@@ -216,12 +218,26 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
       return absl::DataLossError(absl::StrCat("snapshot ", SnapshotPath(dir, generation),
                                               " says generation ", snap->generation));
     }
-    for (const SnapshotCollection& c : snap->collections) {
+    // Each collection is restored whole (its tree rebuilt): progress counts
+    // the snapshot's bytes restored.
+    ProgressLog progress("recovery: loading the snapshot");
+    uint64_t total = 0, done = 0;
+    for (const SnapshotCollection& c : snap->collections) total += c.index.size();
+    for (size_t i = 0; i < snap->collections.size(); ++i) {
+      const SnapshotCollection& c = snap->collections[i];
+      const double fraction = total > 0 ? static_cast<double>(done) / total : 0;
+      metrics.SetRecovery(RecoveryPhase::kSnapshot, fraction);
+      progress.Update(fraction, {{"path", SnapshotPath(dir, generation)},
+                                 {"collection", c.name},
+                                 {"collections", absl::StrCat(i, "/", snap->collections.size())}});
       if (absl::Status s = service.RestoreCollection(c); !s.ok()) {
         return absl::DataLossError(absl::StrCat("snapshot ", SnapshotPath(dir, generation),
                                                 ", collection '", c.name, "': ", s.message()));
       }
+      done += c.index.size();
     }
+    progress.Done({{"path", SnapshotPath(dir, generation)},
+                   {"collections", absl::StrCat(snap->collections.size())}});
   }
   std::vector<uint64_t> logs = Generations(dir, "wal-", ".log");
   logs.erase(logs.begin(), std::lower_bound(logs.begin(), logs.end(), generation));
@@ -232,6 +248,17 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
   }
   size_t records = 0;
   uint64_t valid = 0;
+  // Progress: the bytes of the logs replayed, of all the logs to replay.
+  uint64_t log_bytes = 0, replayed_bytes = 0;
+  for (uint64_t g : logs) log_bytes += std::filesystem::file_size(WalPath(dir, g), ec);
+  ProgressLog progress("recovery: replaying the write-ahead log");
+  auto report = [&](uint64_t bytes) {
+    const double fraction = log_bytes > 0 ? static_cast<double>(bytes) / log_bytes : 1;
+    metrics.SetRecovery(RecoveryPhase::kLog, fraction);
+    progress.Update(fraction, {{"records", absl::StrCat(records)},
+                               {"bytes", absl::StrCat(bytes, "/", log_bytes)}});
+  };
+  report(0);
   for (size_t i = 0; i < logs.size(); ++i) {
     const std::string path = WalPath(dir, logs[i]);
     if (i > 0 && logs[i] != logs[i - 1] + 1) {
@@ -246,6 +273,8 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
                                               "logs follow it"));
     }
     for (const WalRecord& r : wal.records) {
+      report(replayed_bytes + r.offset);
+      ++records;
       absl::StatusOr<WalEntry> e = DecodeWalEntry(r.type, r.payload);
       absl::Status s = e.ok() ? service.Replay(*e) : e.status();
       if (!s.ok()) {
@@ -254,7 +283,7 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
                                                 " does not replay: ", s.message()));
       }
     }
-    records += wal.records.size();
+    replayed_bytes += std::filesystem::file_size(path, ec);
     if (last) {
       generation = logs[i];
       valid = wal.valid_bytes;
@@ -279,6 +308,8 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
   // third snapshot (and its logs): the newest one just restored, finish it.
   if (!snapshots.empty()) RemoveObsoleteFiles(dir, &now, options.env);
   service.SetDurability(dir, generation, std::move(writer), options, now);
+  progress.Done({{"records", absl::StrCat(records)}, {"bytes", absl::StrCat(log_bytes)}});
+  metrics.SetRecovery(RecoveryPhase::kDone, 1);
   Log(LogLevel::kInfo, "recovered",
       {{"snapshot", snapshots.empty() ? "none" : SnapshotPath(dir, snapshots.back())},
        {"log_records", absl::StrCat(records)},

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdio>
 
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -56,6 +57,10 @@ void SetLogLevel(LogLevel level) { g_level.store(static_cast<int>(level)); }
 
 void Log(LogLevel level, std::string_view msg,
          std::initializer_list<LogField> fields) {
+  Log(level, msg, std::vector<LogField>(fields));
+}
+
+void Log(LogLevel level, std::string_view msg, const std::vector<LogField>& fields) {
   if (static_cast<int>(level) < g_level.load()) return;
   std::string line = "ts=" + absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(),
                                               absl::UTCTimeZone());
@@ -72,6 +77,23 @@ void Log(LogLevel level, std::string_view msg,
   absl::MutexLock lock(&g_mu);
   std::fputs(line.c_str(), stderr);
   std::fflush(stderr);
+}
+
+void ProgressLog::Update(double fraction, std::vector<LogField> fields) {
+  const absl::Time now = absl::Now();
+  if (start_ == absl::InfinitePast()) start_ = now;
+  if (last_ != absl::InfinitePast() && now - last_ < interval_) return;
+  last_ = now;
+  fields.emplace_back("percent", absl::StrFormat("%.1f", 100 * fraction));
+  Log(LogLevel::kInfo, msg_, fields);
+}
+
+void ProgressLog::Done(std::vector<LogField> fields) {
+  const absl::Time now = absl::Now();
+  if (start_ == absl::InfinitePast()) start_ = now;
+  fields.emplace_back("percent", "100.0");
+  fields.emplace_back("seconds", absl::StrFormat("%.3f", absl::ToDoubleSeconds(now - start_)));
+  Log(LogLevel::kInfo, msg_, fields);
 }
 
 }  // namespace negmine::server

@@ -10,6 +10,9 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
+
+#include "absl/time/time.h"
 
 namespace negmine::server {
 
@@ -22,6 +25,28 @@ void SetLogLevel(LogLevel level);
 using LogField = std::pair<std::string_view, std::string>;
 void Log(LogLevel level, std::string_view msg,
          std::initializer_list<LogField> fields = {});
+void Log(LogLevel level, std::string_view msg, const std::vector<LogField>& fields);
+
+// Progress lines of a long operation (recovery, a bulk load, a drift
+// update), at info level: `msg` with the fields passed and "percent", at
+// the first Update, then at most once per `interval`, and at Done.
+//
+// Thread safety: one thread at a time.
+class ProgressLog {
+ public:
+  explicit ProgressLog(std::string msg, absl::Duration interval = absl::Seconds(2))
+      : msg_(std::move(msg)), interval_(interval) {}
+  // `fraction` done (0..1).
+  void Update(double fraction, std::vector<LogField> fields);
+  // The last line: 100%, with "seconds" since the first Update.
+  void Done(std::vector<LogField> fields);
+
+ private:
+  const std::string msg_;
+  const absl::Duration interval_;
+  absl::Time start_ = absl::InfinitePast();
+  absl::Time last_ = absl::InfinitePast();
+};
 
 }  // namespace negmine::server
 

@@ -86,11 +86,13 @@ Metrics::Metrics()
       process_(std::make_shared<ProcessCollector>()),
       requests_(prometheus::BuildCounter()
                     .Name("negmine_requests_total")
-                    .Help("Finished RPCs, by method and gRPC status code.")
+                    .Help("Finished RPCs, by method, gRPC status code, collection and "
+                          "mine mode.")
                     .Register(*registry_)),
       latency_(prometheus::BuildHistogram()
                    .Name("negmine_request_duration_seconds")
-                   .Help("RPC latency, by method and gRPC status code.")
+                   .Help("RPC latency, by method, gRPC status code, collection and mine "
+                         "mode.")
                    .Register(*registry_)),
       negatives_(prometheus::BuildCounter()
                      .Name("negmine_negatives_served_total")
@@ -213,7 +215,32 @@ Metrics::Metrics()
                             .Name("negmine_snapshot_seconds")
                             .Help("Duration of the last snapshot, seconds.")
                             .Register(*registry_)
-                            .Add({})) {
+                            .Add({})),
+      commits_waiting_(prometheus::BuildGauge()
+                           .Name("negmine_commits_waiting")
+                           .Help("Changes waiting for the change before them to be applied "
+                                 "(a drift update holds those behind it).")
+                           .Register(*registry_)
+                           .Add({})),
+      recovery_phase_(prometheus::BuildGauge()
+                          .Name("negmine_recovery_phase")
+                          .Help("1 for the phase the start is in: starting, snapshot (loading "
+                                "it), log (replaying the write-ahead log), done.")
+                          .Register(*registry_)),
+      recovery_progress_(prometheus::BuildGauge()
+                             .Name("negmine_recovery_progress")
+                             .Help("How far recovery is through its current phase (0..1; 1 "
+                                   "when done).")
+                             .Register(*registry_)
+                             .Add({})) {
+  const BuildInfo build = GetBuildInfo();
+  prometheus::BuildGauge()
+      .Name("negmine_build_info")
+      .Help("1, labelled with the version, the git commit and the backends built.")
+      .Register(*registry_)
+      .Add({{"version", build.version}, {"commit", build.commit}, {"backends", build.backends}})
+      .Set(1);
+  SetRecovery(RecoveryPhase::kStarting, 0);
   collection_gauges_ = {&targets_,    &version_,       &memory_,      &device_memory_,
                         &tree_nodes_, &tree_depth_,    &tree_looseness_,
                         &tree_rebuild_seconds_, &tree_rebuild_pending_,
@@ -223,10 +250,37 @@ Metrics::Metrics()
                           &drift_rebases_};
 }
 
+std::string Metrics::CollectionLabel(const std::string& collection) {
+  if (collection.empty()) return collection;
+  absl::MutexLock lock(&label_mu_);
+  if (collection_labels_.contains(collection)) return collection;
+  if (collection_labels_.size() >= kMaxCollectionLabels) return "other";
+  collection_labels_.insert(collection);
+  return collection;
+}
+
 void Metrics::ObserveRequest(const std::string& method, const std::string& code,
-                             double seconds) {
-  requests_.Add({{"method", method}, {"code", code}}).Increment();
-  latency_.Add({{"method", method}, {"code", code}}, LatencyBuckets()).Observe(seconds);
+                             double seconds, const RequestLabels& l) {
+  const prometheus::Labels labels = {{"method", method},
+                                     {"code", code},
+                                     {"collection", CollectionLabel(l.collection)},
+                                     {"mode", l.mode}};
+  requests_.Add(labels).Increment();
+  latency_.Add(labels, LatencyBuckets()).Observe(seconds);
+}
+
+void Metrics::SetCommitsWaiting(int waiting) { commits_waiting_.Set(waiting); }
+
+void Metrics::SetRecovery(RecoveryPhase phase, double progress) {
+  static const std::pair<RecoveryPhase, const char*> kPhases[] = {
+      {RecoveryPhase::kStarting, "starting"},
+      {RecoveryPhase::kSnapshot, "snapshot"},
+      {RecoveryPhase::kLog, "log"},
+      {RecoveryPhase::kDone, "done"}};
+  for (const auto& [p, name] : kPhases) {
+    recovery_phase_.Add({{"phase", name}}).Set(p == phase ? 1 : 0);
+  }
+  recovery_progress_.Set(progress);
 }
 
 void Metrics::ObserveMine(size_t queries, size_t negatives) {

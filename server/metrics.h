@@ -21,10 +21,31 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
 #include "core/index.h"
 
 namespace negmine::server {
+
+// The labels a request carries besides its method and code: the collection
+// it ran on ("" when none, or before it was found; past kMaxCollectionLabels
+// distinct names, "other") and, for mining, its mode ("top_k", "sample",
+// "mixed", with "_log_z" when a certified log Z was asked for).
+struct RequestLabels {
+  std::string collection;
+  std::string mode;
+};
+
+// What the binary was built from, for negmine_build_info.
+struct BuildInfo {
+  std::string version;   // the project version
+  std::string commit;    // git commit at configure time ("unknown" outside git)
+  std::string backends;  // "cpu" or "cpu,cuda"
+};
+BuildInfo GetBuildInfo();
+
+// Recovery's phases, for negmine_recovery_phase.
+enum class RecoveryPhase { kStarting, kSnapshot, kLog, kDone };
 
 class Metrics {
  public:
@@ -36,9 +57,12 @@ class Metrics {
   // process_* metrics, read from /proc at scrape time.
   const std::shared_ptr<prometheus::Collectable>& process() const { return process_; }
 
-  // One finished RPC: its method, canonical code name and latency.
+  // Distinct collection labels before the rest fold into "other".
+  static constexpr size_t kMaxCollectionLabels = 32;
+
+  // One finished RPC: its method, canonical code name, latency and labels.
   void ObserveRequest(const std::string& method, const std::string& code,
-                      double seconds);
+                      double seconds, const RequestLabels& labels = {});
   // One mining request of `queries` queries that returned `negatives`.
   void ObserveMine(size_t queries, size_t negatives);
   // The current size and version of a collection.
@@ -61,6 +85,10 @@ class Metrics {
   // 1 while changes can be logged, 0 while the write-ahead log refuses them
   // (a full disk, retried with backoff; or a failed fsync, until a restart).
   void SetWalWritable(bool writable);
+  // Changes waiting for the change before them (a drift fit holds the rest).
+  void SetCommitsWaiting(int waiting);
+  // Recovery: its phase, and how far it is through it (0..1).
+  void SetRecovery(RecoveryPhase phase, double progress);
 
  private:
   using GaugeFamily = prometheus::Family<prometheus::Gauge>;
@@ -68,6 +96,9 @@ class Metrics {
   // Raises the counter of `family` for `collection` to `value` (a
   // cumulative count kept by the index).
   static void CounterTo(CounterFamily& family, const std::string& collection, double value);
+  // `collection` as a label value: itself for the first
+  // kMaxCollectionLabels names seen, then "other".
+  std::string CollectionLabel(const std::string& collection);
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<prometheus::Collectable> process_;
@@ -100,10 +131,15 @@ class Metrics {
   prometheus::Counter& snapshots_;
   prometheus::Gauge& snapshot_bytes_;
   prometheus::Gauge& snapshot_seconds_;
+  prometheus::Gauge& commits_waiting_;
+  GaugeFamily& recovery_phase_;
+  prometheus::Gauge& recovery_progress_;
   // Per-collection families, for RemoveCollection.
   std::vector<GaugeFamily*> collection_gauges_;
   std::vector<CounterFamily*> collection_counters_;
   absl::Mutex mu_;  // serializes SetIndex / RemoveCollection
+  absl::Mutex label_mu_;
+  absl::flat_hash_set<std::string> collection_labels_ ABSL_GUARDED_BY(label_mu_);
 };
 
 }  // namespace negmine::server

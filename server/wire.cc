@@ -244,6 +244,225 @@ void ToWireDriftInfo(const DriftSummary& d, v1::DriftInfo* out) {
                                           d.staleness_histogram.end());
 }
 
+void ToWireCollectionInfo(const std::string& name, const Index& index,
+                          v1::CollectionInfo* info) {
+  ToWireConfig(name, index.options(), info->mutable_config());
+  const IndexStats stats = index.Stats();
+  info->set_num_targets(stats.num_targets);
+  info->set_index_version(stats.version);
+  info->set_memory_bytes(stats.memory_bytes);
+  info->set_active_backend(index.active_backend() == Backend::kCuda ? v1::BACKEND_CUDA
+                                                                     : v1::BACKEND_CPU);
+  info->set_device_memory_bytes(stats.device_memory_bytes);
+}
+
+absl::StatusOr<WalEntry> FromUpsertRequest(const v1::UpsertTargetsRequest& r,
+                                           const std::string& collection, uint32_t dim) {
+  WalEntry e{.op = WalOp::kUpsert, .collection = collection, .model_step = r.model_step()};
+  absl::StatusOr<std::vector<float>> vectors = DecodeMatrix(r.vectors(), "vectors", dim);
+  if (!vectors.ok()) return vectors.status();
+  e.vectors = *std::move(vectors);
+  if (static_cast<size_t>(r.ids_size()) != r.vectors().rows()) {
+    return absl::InvalidArgumentError(absl::StrCat("ids has ", r.ids_size(),
+                                                   " entries but vectors.rows = ",
+                                                   r.vectors().rows()));
+  }
+  e.ids.assign(r.ids().begin(), r.ids().end());
+  return e;
+}
+
+absl::StatusOr<WalEntry> FromDeleteRequest(const v1::DeleteTargetsRequest& r) {
+  WalEntry e{.op = WalOp::kDelete, .allow_missing = r.allow_missing()};
+  absl::StatusOr<std::string> name = CollectionName(r.collection());
+  if (!name.ok()) return name.status();
+  e.collection = *std::move(name);
+  e.ids.assign(r.ids().begin(), r.ids().end());
+  return e;
+}
+
+absl::StatusOr<WalEntry> FromApplyDriftRequest(const v1::ApplyDriftRequest& r,
+                                               const std::string& collection, uint32_t dim) {
+  WalEntry e{.op = WalOp::kDrift, .collection = collection, .model_step = r.model_step(),
+             .landmark_epoch = r.landmark_epoch()};
+  switch (r.update_case()) {
+    case v1::ApplyDriftRequest::kLandmarkEmbeddings: {
+      absl::StatusOr<std::vector<float>> v =
+          DecodeMatrix(r.landmark_embeddings(), "landmark_embeddings", dim);
+      if (!v.ok()) return v.status();
+      e.vectors = *std::move(v);
+      return e;
+    }
+    case v1::ApplyDriftRequest::kLinearMap: {
+      const v1::LinearMap& map = r.linear_map();
+      absl::StatusOr<std::vector<float>> a = DecodeMatrix(map.a(), "linear_map.a", dim);
+      if (!a.ok()) return a.status();
+      e.linear_a = *std::move(a);
+      if (map.a().rows() != dim) {
+        return absl::InvalidArgumentError(absl::StrCat("linear_map.a has ", map.a().rows(),
+                                                       " rows; it must be dim x dim = ", dim,
+                                                       " x ", dim));
+      }
+      if (map.has_b()) {
+        absl::StatusOr<std::vector<float>> b = DecodeMatrix(map.b(), "linear_map.b", dim);
+        if (!b.ok()) return b.status();
+        e.linear_b = *std::move(b);
+        if (map.b().rows() != 1) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("linear_map.b has ", map.b().rows(), " rows; it must be 1 x dim"));
+        }
+      }
+      return e;
+    }
+    default:
+      return absl::InvalidArgumentError("ApplyDrift needs landmark_embeddings or linear_map");
+  }
+}
+
+void ToWireDriftReport(const DriftReport& report, v1::ApplyDriftResponse* out) {
+  out->set_heldout_residual(report.heldout_residual);
+  out->set_stale_residual(report.stale_residual);
+  out->set_kernel(report.kernel);
+  out->set_lambda(report.lambda);
+  out->set_rebased(report.rebased);
+  out->set_landmark_epoch(report.landmark_epoch);
+  out->set_index_version(report.index_version);
+  out->set_fit_seconds(report.fit_seconds);
+  out->set_apply_seconds(report.apply_seconds);
+}
+
+absl::StatusOr<MineInput> FromMineRequest(const v1::MineRequest& r, uint32_t dim,
+                                          const MineLimits& limits) {
+  MineInput in;
+  absl::StatusOr<std::vector<float>> queries = DecodeMatrix(r.queries(), "queries", dim);
+  if (!queries.ok()) return queries.status();
+  in.queries = *std::move(queries);
+  in.n = r.queries().rows();
+  if (in.n > limits.max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries.rows = ", in.n, " exceeds the server's max_batch = ", limits.max_batch));
+  }
+  if (r.exclude_size() != 0 && static_cast<uint32_t>(r.exclude_size()) != in.n) {
+    return absl::InvalidArgumentError(absl::StrCat("exclude has ", r.exclude_size(),
+                                                   " lists for ", in.n,
+                                                   " queries; send none or one per query"));
+  }
+  absl::StatusOr<SearchParams> params = ToSearchParams(r.params());
+  if (!params.ok()) return params.status();
+  in.params = *std::move(params);
+  if (r.params().k() > limits.max_k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "params.k = ", r.params().k(), " exceeds the server's max_k = ", limits.max_k));
+  }
+  // Refused up front: a response that could not be sent. Per result at most
+  // 18 bytes (an id's varint up to 10, a score and a log q), per query its
+  // framing and counts.
+  const uint64_t k = r.params().k();
+  const uint64_t per_query = 48 + 18 * k;
+  if (64 + in.n * per_query > limits.max_message_bytes) {
+    const uint64_t fit = (limits.max_message_bytes - 64) / per_query;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the response to queries.rows = ", in.n, " at params.k = ", k, " could take ",
+        64 + in.n * per_query, " bytes, over the server's max_message_bytes = ",
+        limits.max_message_bytes, ": split it into requests of at most ", fit,
+        " queries at this k (or lower k)"));
+  }
+  in.exclude.resize(r.exclude_size());
+  for (int i = 0; i < r.exclude_size(); ++i) {
+    in.exclude[i].assign(r.exclude(i).ids().begin(), r.exclude(i).ids().end());
+  }
+  return in;
+}
+
+size_t ToWireMineResponse(SearchResult& result, bool want_log_z, v1::MineResponse* resp) {
+  resp->set_index_version(result.index_version);
+  size_t negatives = 0;
+  for (QueryResult& q : result.queries) {
+    v1::QueryNegatives* out = resp->add_results();
+    out->mutable_ids()->Add(q.ids.begin(), q.ids.end());
+    out->mutable_scores()->Add(q.scores.begin(), q.scores.end());
+    out->mutable_log_q()->Add(q.log_q.begin(), q.log_q.end());
+    out->set_num_top(q.num_top);
+    out->set_num_eligible(q.num_eligible);
+    if (want_log_z) {
+      out->set_log_z_lo(q.log_z_lo);
+      out->set_log_z_hi(q.log_z_hi);
+    }
+    negatives += q.ids.size();
+    q = QueryResult();  // the response holds it now
+  }
+  return negatives;
+}
+
+absl::Status FromAssignBatchesOptions(const v1::AssignBatchesRequest& r, BatchOptions* options,
+                                      bool* async, uint32_t* dim) {
+  if (r.batch_size() == 0) {
+    return absl::InvalidArgumentError("batch_size = 0: set it (>= 1) in the first message");
+  }
+  options->batch_size = static_cast<int>(std::min<uint32_t>(r.batch_size(), 1 << 30));
+  options->seed = r.seed() != 0 ? r.seed() : 1;
+  if (r.params().neighbors() > 0) {
+    options->neighbors = static_cast<int>(std::min<uint32_t>(r.params().neighbors(), 4096));
+  }
+  options->quantile = r.params().quantile();
+  if (r.params().beam_width() > 0) {
+    options->beam_width = static_cast<int>(std::min<uint32_t>(r.params().beam_width(), 1 << 20));
+  }
+  options->shuffle_batches = !r.params().keep_batch_order();
+  *async = r.async();
+  *dim = r.queries().cols();
+  if (*dim == 0 || *dim > IndexOptions::kMaxDim) {
+    return absl::InvalidArgumentError(absl::StrCat("queries.cols = ", *dim, " must be in [1, ",
+                                                   IndexOptions::kMaxDim, "]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AppendExamples(const v1::AssignBatchesRequest& r, uint32_t dim, size_t message,
+                            std::vector<float>* queries, std::vector<float>* positives) {
+  absl::StatusOr<std::vector<float>> q = DecodeMatrix(r.queries(), "queries", dim);
+  if (!q.ok()) return q.status();
+  absl::StatusOr<std::vector<float>> p = DecodeMatrix(r.positives(), "positives", dim);
+  if (!p.ok()) return p.status();
+  if (r.queries().rows() != r.positives().rows()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries.rows = ", r.queries().rows(), " but positives.rows = ", r.positives().rows(),
+        " (message ", message, "); every example needs both"));
+  }
+  queries->insert(queries->end(), q->begin(), q->end());
+  positives->insert(positives->end(), p->begin(), p->end());
+  return absl::OkStatus();
+}
+
+void ToWireBatches(const BatchAssignment& a, size_t num_examples, double seconds,
+                   v1::AssignBatchesResponse* out) {
+  for (const auto& batch : a.batches) {
+    out->add_batches()->mutable_example_indices()->Add(batch.begin(), batch.end());
+  }
+  out->set_bandwidth_before(static_cast<double>(a.bandwidth_before));
+  out->set_bandwidth_after(static_cast<double>(a.bandwidth_after));
+  out->set_in_batch_similarity_before(a.in_batch_similarity_before);
+  out->set_in_batch_similarity_after(a.in_batch_similarity_after);
+  out->set_num_examples(num_examples);
+  out->set_edges(a.edges);
+  out->set_components(a.components);
+  out->set_seconds(seconds);
+}
+
+void ToWireBatchJob(bool done, const absl::Status& status, double progress,
+                    const v1::AssignBatchesResponse& result, v1::GetBatchJobResponse* out) {
+  out->set_progress(progress);
+  if (!done) {
+    out->set_state(v1::JOB_STATE_RUNNING);
+  } else if (status.ok()) {
+    out->set_state(v1::JOB_STATE_DONE);
+    *out->mutable_result() = result;
+  } else {
+    out->set_state(v1::JOB_STATE_FAILED);
+    out->mutable_error()->set_code(static_cast<int>(status.code()));
+    out->mutable_error()->set_message(std::string(status.message()));
+  }
+}
+
 absl::StatusOr<std::string> CollectionName(const std::string& name) {
   if (name.empty()) return std::string("default");
   if (name.size() > 128) {

@@ -23,6 +23,7 @@
 #include "server/metrics.h"
 #include "server/service.h"
 #include "tests/fault_env.h"
+#include "tests/metrics_util.h"
 #include "tests/test_util.h"
 
 namespace negmine::server {
@@ -294,6 +295,37 @@ TEST_F(DurabilityTest, TheNewestSnapshotMovedAsideRecoversFromThePreviousOne) {
     if (f.path().extension() == ".snap") std::filesystem::remove(f.path());
   }
   EXPECT_THAT(Start(nullptr), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("are missing")));
+}
+
+// Recovery says where it is: a progress line for the snapshot load and for
+// the log replay (ending at 100%), and the negmine_recovery_phase and
+// negmine_recovery_progress metrics, which end at "done" and 1.
+TEST_F(DurabilityTest, RecoveryLogsAndPublishesItsProgress) {
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ASSERT_THAT(Create(), IsOk());
+  ASSERT_THAT(Upsert(1, 5, 1), IsOk());
+  ASSERT_THAT(service_->TakeSnapshot().status(), IsOk());
+  ASSERT_THAT(Upsert(10, 5, 2), IsOk());
+  ASSERT_THAT(Upsert(20, 5, 3), IsOk());
+  ::testing::internal::CaptureStderr();
+  const absl::Status started = Start(nullptr);
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  ASSERT_THAT(started, IsOk());
+  EXPECT_THAT(log, HasSubstr("msg=\"recovery: loading the snapshot\""));
+  EXPECT_THAT(log, HasSubstr("msg=\"recovery: replaying the write-ahead log\" records=0"));
+  // The two upserts after the snapshot, replayed; the last line is 100%.
+  EXPECT_THAT(log, HasSubstr("records=2"));
+  EXPECT_THAT(log, HasSubstr("percent=100.0"));
+  using ::negmine::testing::MetricValue;
+  EXPECT_EQ(MetricValue(*metrics_, "negmine_recovery_phase", {{"phase", "done"}}), 1);
+  EXPECT_EQ(MetricValue(*metrics_, "negmine_recovery_phase", {{"phase", "log"}}), 0);
+  EXPECT_EQ(MetricValue(*metrics_, "negmine_recovery_phase", {{"phase", "snapshot"}}), 0);
+  EXPECT_EQ(MetricValue(*metrics_, "negmine_recovery_progress", {}), 1);
+  ExpectAcknowledgedState("after the restart");
+  // A service that has not recovered says so.
+  Metrics fresh;
+  EXPECT_EQ(MetricValue(fresh, "negmine_recovery_phase", {{"phase", "starting"}}), 1);
+  EXPECT_EQ(MetricValue(fresh, "negmine_recovery_progress", {}), 0);
 }
 
 }  // namespace
