@@ -7,7 +7,8 @@
                          temperature=0.05, exclude=positive_ids)
     result.ids, result.scores, result.log_q      # numpy, or torch for torch queries
 
-Public names: Client, Prefetcher, DriftUpdater, the result types
+Public names: Client, ShardedClient (one collection over several servers),
+HashRing, Prefetcher, DriftUpdater, the result types
 (MineResult, CollectionInfo, ...), TLSConfig, and the errors (NegmineError
 and one subclass per gRPC code). `negmine.gradcache` (GradCache and the
 sampled-softmax loss) needs torch and is imported on first use.
@@ -36,6 +37,7 @@ from negmine.errors import (Aborted, AlreadyExists, Cancelled, DataLoss, Deadlin
                             NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
                             Unauthenticated, Unavailable, Unimplemented, Unknown)
 from negmine.prefetch import Prefetcher
+from negmine.sharding import HashRing, ShardedClient, ShardedLandmarks
 from negmine.types import (BatchAssignment, CollectionInfo, DeleteResult, DriftResult,
                            Landmarks, MineResult, ServerLimits, SnapshotResult, TLSConfig,
                            UpsertResult)
@@ -43,7 +45,8 @@ from negmine.types import (BatchAssignment, CollectionInfo, DeleteResult, DriftR
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "Prefetcher", "DriftUpdater", "LocalServer", "TLSConfig", "DEFAULT_COLLECTION",
+    "Client", "ShardedClient", "HashRing", "ShardedLandmarks", "Prefetcher",
+    "DriftUpdater", "LocalServer", "TLSConfig", "DEFAULT_COLLECTION",
     "RETRY_POLICY", "BatchAssignment", "CollectionInfo", "DeleteResult", "DriftResult",
     "Landmarks", "MineResult", "ServerLimits", "SnapshotResult", "UpsertResult",
     "NegmineError", "Aborted", "AlreadyExists", "Cancelled", "DataLoss",
