@@ -330,6 +330,34 @@ grep -q -- "--k K  *default 10" "$tmp/help_mine.txt" || fail "mine --help"
 grep -q -- "--dim D" "$tmp/help_mine.txt" && fail "mine --help shows other commands"
 "$cli" help batches | grep -q -- "--sync  *default off" || fail "help batches"
 "$cli" --version | grep -Eq "^negmine [0-9]+\.[0-9]+\.[0-9]+" || fail "--version"
+# Every command that the help lists has its own help and is dispatched: a
+# stray option is refused by the command itself (exit 2, naming the option
+# and the command), before it writes anything.
+cmds=$(sed -n '/^commands:$/,$ s/^  \([a-z][a-z]*\)\( .*\)*$/\1/p' "$tmp/help.txt" | grep -v '^help$' | sort -u)
+[ "$(echo "$cmds" | wc -l)" = 13 ] || fail "help lists $(echo "$cmds" | wc -l) commands: $cmds"
+for c in $cmds; do
+  "$cli" help "$c" | grep -q "^usage: negmine \[global options\] $c " || fail "help $c"
+  case "$c" in
+    create) args="--collection stray --dim 4" ;;
+    drop | landmarks) args="--collection default" ;;
+    upsert) args="--collection default --random 1" ;;
+    delete) args="--collection default --ids 1" ;;
+    mine) args="--collection default --random-queries 1" ;;
+    drift) args="--collection default --model-step 1 --simulate" ;;
+    batches) args="--queries $tmp/q.npy --positives $tmp/q.npy --out $tmp/stray.npy" ;;
+    generate) args="--dim 4 --targets 1 --out $tmp/stray.npy" ;;
+    *) args= ;;
+  esac
+  set +e
+  # shellcheck disable=SC2086
+  err=$(nm "$c" $args --no-such-option 1 2>&1 >/dev/null); rc=$?
+  set -e
+  [ "$rc" = 2 ] || fail "exit code $rc for '$c --no-such-option': $err"
+  echo "$err" | grep -qF "unknown option --no-such-option for '$c'" || fail "$c: $err"
+done
+nm info --collection default | grep -q "targets=2000" || fail "a refused command wrote"
+nm info --collection stray >/dev/null 2>&1 && fail "a refused create made a collection"
+[ -e "$tmp/stray.npy" ] && fail "a refused command wrote a file"
 # Sampling needs a temperature (the proto requires one): no silent default.
 set +e
 err=$(nm mine --collection default --queries "$tmp/q.npy" --k 4 --mode sample 2>&1 >/dev/null); rc=$?
