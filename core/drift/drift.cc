@@ -4,9 +4,10 @@
 #include <cmath>
 #include <limits>
 
-#include <Eigen/Eigenvalues>
+#include <lapacke.h>
 
 #include "absl/strings/str_cat.h"
+#include "core/parallel.h"
 #include "core/random.h"
 
 namespace negmine {
@@ -76,20 +77,145 @@ RowMatrixF DriftModel::Features(const float* x, size_t n) const {
 void DriftModel::Apply(const float* x, size_t n, bool normalize,
                        float* out) const {
   const int d = static_cast<int>(landmarks.cols());
-  for (size_t b = 0; b < n; b += kApplyBlock) {
-    const size_t rows = std::min(kApplyBlock, n - b);
-    const float* xb = x + b * d;
-    float* ob = out + b * d;
-    if (is_identity()) {
-      if (ob != xb) std::copy_n(xb, rows * d, ob);
-    } else {
-      RowMatrixF moved = Features(xb, rows) * coef;
-      moved += Eigen::Map<const RowMatrixF>(xb, rows, d);
-      std::copy_n(moved.data(), rows * d, ob);
+  const size_t blocks = (n + kApplyBlock - 1) / kApplyBlock;
+  // Blocks are independent: one GEMM pair each, spread over the cores.
+  ParallelFor(blocks, 1, [&](size_t first, size_t last) {
+    for (size_t blk = first; blk < last; ++blk) {
+      const size_t b = blk * kApplyBlock;
+      const size_t rows = std::min(kApplyBlock, n - b);
+      const float* xb = x + b * d;
+      float* ob = out + b * d;
+      if (is_identity()) {
+        if (ob != xb) std::copy_n(xb, rows * d, ob);
+      } else {
+        RowMatrixF moved = Features(xb, rows) * coef;
+        moved += Eigen::Map<const RowMatrixF>(xb, rows, d);
+        std::copy_n(moved.data(), rows * d, ob);
+      }
+      if (normalize) NormalizeRows(ob, rows, d);
     }
-    if (normalize) NormalizeRows(ob, rows, d);
-  }
+  });
 }
+
+namespace {
+
+// The eigenpairs of a kernel matrix that the ridge needs: K = U diag(ev) U^T
+// on the span of U (m x r); when r < m, K is zero on the rest (the linear
+// kernel's rank is at most d).
+struct KernelEigen {
+  MatrixD u;
+  Eigen::VectorXd ev;
+  double mean_diag = 0;
+};
+
+// Symmetric eigendecomposition by LAPACK's divide and conquer (dsyevd).
+bool SymmetricEigen(MatrixD k, KernelEigen* out) {
+  const lapack_int m = static_cast<lapack_int>(k.rows());
+  out->mean_diag = std::max(k.diagonal().mean(), 1e-12);
+  out->ev.resize(m);
+  const lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'L', m, k.data(), m,
+                                         out->ev.data());
+  if (info != 0) return false;
+  out->u = std::move(k);
+  out->ev = out->ev.cwiseMax(0.0);
+  return true;
+}
+
+// The linear kernel E E^T through the d x d Gram matrix E^T E = V S V^T:
+// U = E V S^-1/2 on the eigenvalues above a relative floor. O(m d^2).
+bool LinearEigen(const MatrixD& e, KernelEigen* out) {
+  KernelEigen gram;
+  if (!SymmetricEigen(e.transpose() * e, &gram)) return false;
+  const double floor = 1e-12 * std::max(gram.ev.maxCoeff(), 1e-300);
+  std::vector<Eigen::Index> keep;
+  for (Eigen::Index i = 0; i < gram.ev.size(); ++i) {
+    if (gram.ev[i] > floor) keep.push_back(i);
+  }
+  out->u.resize(e.rows(), keep.size());
+  out->ev.resize(keep.size());
+  for (size_t j = 0; j < keep.size(); ++j) {
+    out->ev[j] = gram.ev[keep[j]];
+    out->u.col(j) = e * gram.u.col(keep[j]) / std::sqrt(gram.ev[keep[j]]);
+  }
+  out->mean_diag = std::max(e.rowwise().squaredNorm().mean(), 1e-12);
+  return true;
+}
+
+struct RidgeChoice {
+  double residual = std::numeric_limits<double>::infinity();
+  double lambda = 0;
+  MatrixD coef;  // (K + lambda I)^-1 D
+};
+
+// Every lambda of the grid from one eigendecomposition, each scored by its
+// exact leave-one-out residual: with H = (K + lambda I)^-1, landmark i
+// predicted from the others is E_i + D_i - (H D)_i / H_ii.
+RidgeChoice ChooseLambda(const KernelEigen& eig, const MatrixD& e,
+                         const MatrixD& disp, const MatrixD& g, double g_norm,
+                         bool normalize, int* candidates) {
+  const Eigen::Index m = e.rows(), d = e.cols();
+  const bool full_rank = eig.u.cols() == m;
+  const MatrixD ut_disp = eig.u.transpose() * disp;
+  const MatrixD u2 = eig.u.cwiseAbs2();
+  RidgeChoice best;
+  RowMatrixF pred(m, d);
+  for (double c : {1e-3, 1e-2, 1e-1, 1.0, 10.0}) {
+    ++*candidates;
+    const double lambda = c * eig.mean_diag;
+    Eigen::VectorXd inv = (eig.ev.array() + lambda).inverse().matrix();
+    MatrixD coef;
+    Eigen::VectorXd h_diag;
+    if (full_rank) {
+      coef = eig.u * (inv.asDiagonal() * ut_disp);
+      h_diag = u2 * inv;
+    } else {
+      // H = U diag(1/(ev + lambda)) U^T + (I - U U^T) / lambda.
+      inv.array() -= 1.0 / lambda;
+      coef = eig.u * (inv.asDiagonal() * ut_disp) + disp / lambda;
+      h_diag = (u2 * inv).array() + 1.0 / lambda;
+    }
+    for (Eigen::Index i = 0; i < m; ++i) {
+      pred.row(i) = (e.row(i) + disp.row(i) - coef.row(i) / h_diag[i]).cast<float>();
+    }
+    if (normalize) NormalizeRows(pred.data(), m, d);
+    const double residual = std::sqrt((pred.cast<double>() - g).squaredNorm() / g_norm);
+    if (residual < best.residual) {
+      best.residual = residual;
+      best.lambda = lambda;
+      best.coef = std::move(coef);
+    }
+  }
+  return best;
+}
+
+// Fits every kernel of `kernels` on the first m rows; `out[i]` is kernel i's
+// best lambda (residual infinity where its eigensolver failed).
+std::vector<RidgeChoice> FitKernels(const std::vector<DriftModel>& kernels,
+                                    const RowMatrixF& frame, Eigen::Index m,
+                                    const MatrixD& e, const MatrixD& disp,
+                                    const MatrixD& g, bool normalize,
+                                    int* candidates) {
+  const double g_norm = std::max(g.squaredNorm(), std::numeric_limits<double>::min());
+  std::vector<RidgeChoice> out(kernels.size());
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    KernelEigen eig;
+    bool ok;
+    if (kernels[i].kernel == DriftKernel::kLinear) {
+      ok = LinearEigen(e, &eig);
+    } else {
+      DriftModel cand = kernels[i];
+      cand.landmarks = frame.topRows(m);
+      MatrixD k = cand.Features(frame.data(), m).cast<double>();
+      k = 0.5 * (k + k.transpose()).eval();
+      ok = SymmetricEigen(std::move(k), &eig);
+    }
+    if (!ok) continue;
+    out[i] = ChooseLambda(eig, e, disp, g, g_norm, normalize, candidates);
+  }
+  return out;
+}
+
+}  // namespace
 
 absl::StatusOr<DriftFit> FitDrift(const RowMatrixF& frame,
                                   const RowMatrixF& current, bool normalize) {
@@ -123,39 +249,38 @@ absl::StatusOr<DriftFit> FitDrift(const RowMatrixF& frame,
         {.kernel = DriftKernel::kExpInner, .width = f * mean_sq, .center = mean_sq});
   }
 
-  for (DriftModel& cand : kernels) {
-    cand.landmarks = frame;
-    MatrixD k = cand.Features(frame.data(), m).cast<double>();
-    k = 0.5 * (k + k.transpose()).eval();
-    Eigen::SelfAdjointEigenSolver<MatrixD> eig(k);
-    if (eig.info() != Eigen::Success) continue;
-    const MatrixD& u = eig.eigenvectors();
-    const Eigen::VectorXd ev = eig.eigenvalues().cwiseMax(0.0);
-    const MatrixD ut_disp = u.transpose() * disp;
-    const MatrixD u2 = u.cwiseAbs2();
-    const double mean_diag = std::max(k.diagonal().mean(), 1e-12);
-    for (double c : {1e-3, 1e-2, 1e-1, 1.0, 10.0}) {
-      ++best.candidates;
-      const double lambda = c * mean_diag;
-      const Eigen::VectorXd inv = (ev.array() + lambda).inverse().matrix();
-      const MatrixD coef = u * (inv.asDiagonal() * ut_disp);  // (K + lambda I)^-1 D
-      const Eigen::VectorXd h_diag = u2 * inv;
-      // Leave-one-out: landmark i predicted from the others.
-      RowMatrixF pred(m, d);
-      for (Eigen::Index i = 0; i < m; ++i) {
-        pred.row(i) = (e.row(i) + disp.row(i) - coef.row(i) / h_diag[i]).cast<float>();
-      }
-      if (normalize) NormalizeRows(pred.data(), m, d);
-      const double residual =
-          std::sqrt((pred.cast<double>() - g).squaredNorm() / g_norm);
-      if (residual < best.heldout_residual) {
-        best.heldout_residual = residual;
-        best.model.kernel = cand.kernel;
-        best.model.width = cand.width;
-        best.model.center = cand.center;
-        best.model.lambda = lambda;
-        best.model.coef = coef.cast<float>();
-      }
+  std::vector<RidgeChoice> fits;
+  if (m <= kScreenLandmarks) {
+    fits = FitKernels(kernels, frame, m, e, disp, g, normalize, &best.candidates);
+  } else {
+    // Screening: every kernel on the first kScreenLandmarks landmarks (a
+    // k-means++ prefix, so spread like the whole set); then the best
+    // non-linear kernel and the linear one (cheap at any m) on all of them.
+    const Eigen::Index ms = kScreenLandmarks;
+    const MatrixD es = e.topRows(ms), ds = disp.topRows(ms), gs = g.topRows(ms);
+    const RowMatrixF fs = frame.topRows(ms);
+    const std::vector<RidgeChoice> screen =
+        FitKernels(kernels, fs, ms, es, ds, gs, normalize, &best.candidates);
+    size_t pick = 1;
+    for (size_t i = 2; i < kernels.size(); ++i) {
+      if (screen[i].residual < screen[pick].residual) pick = i;
+    }
+    const std::vector<DriftModel> finalists = {kernels[0], kernels[pick]};
+    const std::vector<RidgeChoice> full =
+        FitKernels(finalists, frame, m, e, disp, g, normalize, &best.candidates);
+    fits.assign(kernels.size(), RidgeChoice{});
+    fits[0] = full[0];
+    fits[pick] = full[1];
+    best.screened = true;
+  }
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    if (fits[i].residual < best.heldout_residual) {
+      best.heldout_residual = fits[i].residual;
+      best.model.kernel = kernels[i].kernel;
+      best.model.width = kernels[i].width;
+      best.model.center = kernels[i].center;
+      best.model.lambda = fits[i].lambda;
+      best.model.coef = fits[i].coef.cast<float>();
     }
   }
   return best;

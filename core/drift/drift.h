@@ -31,17 +31,23 @@
 // the one with the smallest held-out residual, where every landmark is held
 // out in turn (exact leave-one-out ridge: with (K + lambda I)^-1 = H, the
 // displacement predicted for landmark i from the others is
-// D_i - (H D)_i / H_ii). One eigendecomposition of K per kernel serves every
-// lambda. Leave-one-out over all m landmarks is steadier than one held-out
-// split at small m, and costs the same. lambda = c * mean(diag K),
-// c in {1e-3, 1e-2, 1e-1, 1, 10}.
+// D_i - (H D)_i / H_ii). One eigendecomposition of K per kernel (LAPACK's
+// dsyevd, OpenBLAS) serves every lambda, H_ii and H D in closed form; the
+// linear kernel's comes from the d x d Gram matrix, O(m d^2). Leave-one-out
+// over all m landmarks is steadier than one held-out split at small m, and
+// costs the same. lambda = c * mean(diag K), c in {1e-3, 1e-2, 1e-1, 1, 10}.
+// Above kScreenLandmarks landmarks the six non-linear kernels are screened
+// on the first kScreenLandmarks (a k-means++ prefix) and only the best is
+// decomposed at full m, with the linear one: an m = 2048 dsyevd costs about a
+// second on 2 cores, six of them would not fit a drift update's budget.
 //
 // The residual reported is the relative error of the re-normalized
 // leave-one-out predictions: ||ghat(L) - G(L)||_F / ||G(L)||_F, and the
 // stale residual is the same for ghat = E (no correction).
 //
 // Thread safety: DriftModel is immutable after FitDrift; its const methods
-// may run concurrently. The functions are pure.
+// may run concurrently. Apply splits its rows over the cores (ParallelFor).
+// The functions are pure.
 #ifndef NEGMINE_CORE_DRIFT_DRIFT_H_
 #define NEGMINE_CORE_DRIFT_DRIFT_H_
 
@@ -84,7 +90,13 @@ struct DriftFit {
   double heldout_residual = 0;  // of the chosen model, leave-one-out
   double stale_residual = 0;    // of "no correction"
   int candidates = 0;           // models compared
+  bool screened = false;        // kernels screened on a prefix (m > kScreenLandmarks)
 };
+
+// Above this many landmarks, FitDrift screens the kernels on the first
+// kScreenLandmarks and refits only the best one (and the linear kernel) on
+// all of them.
+inline constexpr int kScreenLandmarks = 512;
 
 // Fits C_t from the landmarks' frame rows `frame` (m x d) and their
 // re-encodings `current` (m x d), both in scoring space; `normalize` for
