@@ -360,6 +360,69 @@ class ShippedExamples(unittest.TestCase):
         self.run_example(s["negmine"]["command"], mount, s["trainer"]["entrypoint"],
                          dict(s["trainer"]["environment"]), "negmine:50051")
 
+
+# ---- Sharded deployments (deploy/k8s/sharded): rendered by kubectl kustomize.
+
+def kustomize(*p):
+    """The documents `kubectl kustomize` renders for deploy/k8s/<p>."""
+    out = subprocess.run(["kubectl", "kustomize", path("deploy", "k8s", *p)],
+                         check=True, capture_output=True, text=True).stdout
+    return {(d["kind"], d["metadata"]["name"]): d
+            for d in yaml.safe_load_all(out) if d is not None}
+
+
+@unittest.skipIf(shutil.which("kubectl") is None,
+                 "kubectl is not installed (Debian: apt-get install kubernetes-client)")
+class ShardedManifests(unittest.TestCase):
+    def test_statefulset_headless_service_and_pdb(self):
+        docs = kustomize("sharded", "statefulset")
+        kinds = {k for k, _ in docs}
+        self.assertEqual(kinds, {"Service", "StatefulSet", "PodDisruptionBudget",
+                                 "NetworkPolicy"})
+        sts = docs[("StatefulSet", "negmine")]
+        svc = docs[("Service", sts["spec"]["serviceName"])]
+        self.assertEqual(svc["spec"]["clusterIP"], "None")  # headless: a name per shard
+        self.assertTrue(svc["spec"]["publishNotReadyAddresses"])
+        pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+        for selector in (svc["spec"]["selector"],
+                         sts["spec"]["selector"]["matchLabels"],
+                         docs[("PodDisruptionBudget", "negmine-shards")]["spec"]["selector"]
+                         ["matchLabels"]):
+            self.assertLessEqual(selector.items(), pod_labels.items())
+        self.assertEqual(docs[("PodDisruptionBudget", "negmine-shards")]["spec"]
+                         ["maxUnavailable"], 1)
+        (c,) = sts["spec"]["template"]["spec"]["containers"]
+        self.assertIn("--listen=0.0.0.0:50051", c["args"])
+        self.assertEqual(c["volumeMounts"][0]["name"],
+                         sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            self.assertEqual(c[probe]["grpc"]["port"], 50051, probe)
+        self.assertEqual(c["image"], "negmine:cpu")
+
+    def test_sidecar_per_rank_layout(self):
+        docs = kustomize("sharded", "sidecars")
+        job = docs[("Job", "trainer")]
+        spec = job["spec"]
+        self.assertEqual(spec["completionMode"], "Indexed")
+        ranks = spec["parallelism"]
+        self.assertEqual(spec["completions"], ranks)
+        pod = spec["template"]["spec"]
+        svc = docs[("Service", pod["subdomain"])]
+        self.assertEqual(svc["spec"]["clusterIP"], "None")
+        self.assertEqual(svc["spec"]["selector"], {"job-name": "trainer"})
+        (side,) = pod["initContainers"]
+        self.assertEqual(side["restartPolicy"], "Always")  # a native sidecar
+        (trainer,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in trainer["env"]}
+        # Shard i is rank i's sidecar, by the Indexed Job's stable pod names.
+        self.assertEqual(env["NEGMINE_SHARDS"].split(","),
+                         [f"trainer-{i}.{pod['subdomain']}:50051" for i in range(ranks)])
+        policy = docs[("NetworkPolicy", "trainer-shards")]["spec"]
+        grpc_rule = [r for r in policy["ingress"]
+                     if any(p["port"] == 50051 for p in r["ports"])]
+        self.assertEqual(grpc_rule[0]["from"][0]["podSelector"]["matchLabels"],
+                         {"job-name": "trainer"})
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", default=".")
