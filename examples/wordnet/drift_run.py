@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     results["seconds"] = time.perf_counter() - t_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f)
     lines = ["| steps after load | " + " | ".join(arms) + " |",
              "| --- |" + " --- |" * len(arms)]
     for pnt in results["checkpoints"]:
