@@ -117,6 +117,19 @@ def mine(self: Any, queries: Any, k: int, *, collection: str = DEFAULT_COLLECTIO
             if s < len(mins):
                 mins[s] = max(mins[s], int(v))
         answered: Dict[int, int] = {}
+        if len(shards) == 1:
+            # One shard is the whole collection: its answer is the answer.
+            only = shards[0]
+            r = self._fan([only], lambda s: self.shards[s].mine(
+                queries, k, collection=collection, mode=mode, temperature=temperature,
+                num_hard=num_hard, exclude=lists, with_replacement=with_replacement,
+                rank_offset=rank_offset, approximate=approximate, beam_width=beam_width,
+                sampler=sampler, seed=int(seed), return_log_z=return_log_z,
+                log_z_width=log_z_width, min_index_version=mins[s],
+                timeout=self._left(dl)), dl)[0][only]
+            r.extra.update(coverage=1.0, missing_shards=[], unresolved=0,
+                           shard_versions=[r.index_version])
+            return to_torch(r, like.device) if _arrays.is_torch(like) else r
 
         def ask(want: int, excl: Optional[List[Any]], rows: Optional[np.ndarray] = None,
                 **opts: Any) -> Dict[int, merge.Part]:
