@@ -4,7 +4,7 @@
 #include <cmath>
 #include <limits>
 
-#include <lapacke.h>
+#include <Eigen/Eigenvalues>
 
 #include "absl/strings/str_cat.h"
 #include "core/parallel.h"
@@ -108,16 +108,16 @@ struct KernelEigen {
   double mean_diag = 0;
 };
 
-// Symmetric eigendecomposition by LAPACK's divide and conquer (dsyevd).
+// Symmetric eigendecomposition (Eigen's tridiagonal QR). LAPACK's dsyevd
+// through OpenBLAS is faster at large m, but OpenBLAS's pthread build starts
+// its threads when the library loads, before the server blocks SIGTERM for
+// its signal thread, so a linked server dies on SIGTERM instead of draining.
 bool SymmetricEigen(MatrixD k, KernelEigen* out) {
-  const lapack_int m = static_cast<lapack_int>(k.rows());
   out->mean_diag = std::max(k.diagonal().mean(), 1e-12);
-  out->ev.resize(m);
-  const lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'L', m, k.data(), m,
-                                         out->ev.data());
-  if (info != 0) return false;
-  out->u = std::move(k);
-  out->ev = out->ev.cwiseMax(0.0);
+  Eigen::SelfAdjointEigenSolver<MatrixD> eig(k);
+  if (eig.info() != Eigen::Success) return false;
+  out->u = eig.eigenvectors();
+  out->ev = eig.eigenvalues().cwiseMax(0.0);
   return true;
 }
 

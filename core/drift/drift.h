@@ -31,15 +31,15 @@
 // the one with the smallest held-out residual, where every landmark is held
 // out in turn (exact leave-one-out ridge: with (K + lambda I)^-1 = H, the
 // displacement predicted for landmark i from the others is
-// D_i - (H D)_i / H_ii). One eigendecomposition of K per kernel (LAPACK's
-// dsyevd, OpenBLAS) serves every lambda, H_ii and H D in closed form; the
+// D_i - (H D)_i / H_ii). One eigendecomposition of K per kernel serves
+// every lambda, H_ii and H D in closed form; the
 // linear kernel's comes from the d x d Gram matrix, O(m d^2). Leave-one-out
 // over all m landmarks is steadier than one held-out split at small m, and
 // costs the same. lambda = c * mean(diag K), c in {1e-3, 1e-2, 1e-1, 1, 10}.
 // Above kScreenLandmarks landmarks the six non-linear kernels are screened
 // on the first kScreenLandmarks (a k-means++ prefix) and only the best is
-// decomposed at full m, with the linear one: an m = 2048 dsyevd costs about a
-// second on 2 cores, six of them would not fit a drift update's budget.
+// decomposed at full m, with the linear one: six full-m eigendecompositions
+// would not fit a drift update's budget.
 //
 // The residual reported is the relative error of the re-normalized
 // leave-one-out predictions: ||ghat(L) - G(L)||_F / ||G(L)||_F, and the
