@@ -16,7 +16,7 @@ DEMO_PORT ?= 50061
 # Debian packages needed to build, test and demo negmine.
 DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
-  libeigen3-dev libabsl-dev prometheus-cpp-dev liblapacke-dev libopenblas-dev \
+  libeigen3-dev libabsl-dev prometheus-cpp-dev \
   libgtest-dev libgmock-dev libbenchmark-dev \
   python3 python3-grpcio python3-protobuf python3-numpy \
   libfaiss-dev libhnswlib-dev prometheus python3-yaml openssl clang \
