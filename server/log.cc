@@ -81,10 +81,13 @@ void Log(LogLevel level, std::string_view msg, const std::vector<LogField>& fiel
 
 void ProgressLog::Update(double fraction, std::vector<LogField> fields) {
   const absl::Time now = absl::Now();
-  if (start_ == absl::InfinitePast()) start_ = now;
+  if (start_ == absl::InfinitePast()) {
+    start_ = now;
+    if (!first_) last_ = now;
+  }
   if (last_ != absl::InfinitePast() && now - last_ < interval_) return;
   last_ = now;
-  fields.emplace_back("percent", absl::StrFormat("%.1f", 100 * fraction));
+  if (fraction >= 0) fields.emplace_back("percent", absl::StrFormat("%.1f", 100 * fraction));
   Log(LogLevel::kInfo, msg_, fields);
 }
 

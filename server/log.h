@@ -29,14 +29,18 @@ void Log(LogLevel level, std::string_view msg, const std::vector<LogField>& fiel
 
 // Progress lines of a long operation (recovery, a bulk load, a drift
 // update), at info level: `msg` with the fields passed and "percent", at
-// the first Update, then at most once per `interval`, and at Done.
+// the first Update (unless `first` is false), then at most once per
+// `interval`, and at Done.
 //
 // Thread safety: one thread at a time.
 class ProgressLog {
  public:
-  explicit ProgressLog(std::string msg, absl::Duration interval = absl::Seconds(2))
-      : msg_(std::move(msg)), interval_(interval) {}
-  // `fraction` done (0..1).
+  // `first`: log at the first Update too (else only once `interval` has
+  // passed since it).
+  explicit ProgressLog(std::string msg, absl::Duration interval = absl::Seconds(2),
+                       bool first = true)
+      : msg_(std::move(msg)), interval_(interval), first_(first) {}
+  // `fraction` done (0..1; negative: not known, no "percent").
   void Update(double fraction, std::vector<LogField> fields);
   // The last line: 100%, with "seconds" since the first Update.
   void Done(std::vector<LogField> fields);
@@ -44,6 +48,7 @@ class ProgressLog {
  private:
   const std::string msg_;
   const absl::Duration interval_;
+  const bool first_;
   absl::Time start_ = absl::InfinitePast();
   absl::Time last_ = absl::InfinitePast();
 };

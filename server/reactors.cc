@@ -53,6 +53,11 @@ class UpsertReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
             return;
           }
           ++messages_;
+          // A bulk load says how far it is, every 10 s while it runs.
+          progress_.Update(-1, {{"collection", stream_collection_.empty() ? "default"
+                                                                        : stream_collection_},
+                               {"messages", absl::StrCat(messages_)},
+                               {"rows", absl::StrCat(resp_.upserted())}});
           StartRead(reader_.buffer());
         },
         NegativeMinerService::Pool::kWrites);
@@ -85,6 +90,9 @@ class UpsertReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   v1::UpsertTargetsRequest request_;
   v1::UpsertTargetsResponse resp_;
   RequestLabels labels_;
+  // The first line comes after the first interval, so short streams log
+  // nothing; no "percent" (a stream's length is not known ahead).
+  ProgressLog progress_{"upsert stream in progress", absl::Seconds(10), /*first=*/false};
   std::string stream_collection_;
   bool first_ = true;
   size_t messages_ = 0;

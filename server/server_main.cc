@@ -234,7 +234,10 @@ absl::Status LoadDefaultCollection(NegativeMinerService& service) {
   const std::vector<float> targets = bench.Targets(0);
   // In chunks, so that no log record is huge (as a client's upsert stream).
   constexpr uint64_t kChunk = 65536;
+  ProgressLog progress("loading the generated default collection");
   for (uint64_t begin = 0; begin < n; begin += kChunk) {
+    progress.Update(static_cast<double>(begin) / n,
+                    {{"targets", absl::StrCat(begin, "/", n)}});
     const uint64_t end = std::min(n, begin + kChunk);
     WalEntry upsert{.op = WalOp::kUpsert, .collection = "default"};
     for (uint64_t i = begin; i < end; ++i) upsert.ids.push_back(i);
