@@ -27,7 +27,7 @@ BENCH_PACKAGES := libopenblas0-pthread python3-matplotlib
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps bench-deps install-missing configure build test demo bench bench-smoke gpu-bundle clean \
-  python wordnet soak
+  python wordnet soak image-test
 
 all: build
 
@@ -118,6 +118,12 @@ bench-smoke: build
 soak: build
 	/usr/bin/python3 tests/crash_test.py --server-bin $(BUILD_DIR)/server/negmine-server \
 	  --proto-python $(BUILD_DIR)/proto/python --soak --kills 1000 --seed 7
+
+# The container image built for real (podman, no daemon) and run from its
+# filesystem in a chroot: health, metrics, the demo trainer. Root; opt-in:
+# 10-30 min on 2 cores, since it compiles the server and the CLI in the image.
+image-test:
+	JOBS=$(JOBS) nice bash deploy/image_test.sh
 
 # The CUDA parity tests and bench, with the abseil libraries they link, in
 # .gpu/ (git-ignored): copy it to a GPU machine and run .gpu/gpu_run.sh.
