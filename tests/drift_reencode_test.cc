@@ -24,39 +24,14 @@
 namespace negmine {
 namespace {
 
+using ::negmine::testing::BruteForceTopK;
 using ::negmine::testing::IsOk;
+using ::negmine::testing::Recall;
 
 std::vector<uint64_t> Iota(size_t n) {
   std::vector<uint64_t> ids(n);
   std::iota(ids.begin(), ids.end(), 0);
   return ids;
-}
-
-std::vector<std::vector<uint64_t>> TopK(const std::vector<float>& targets,
-                                        const std::vector<float>& queries, int dim, int k) {
-  const size_t n = targets.size() / dim, q = queries.size() / dim;
-  Eigen::Map<const RowMatrixF> t(targets.data(), n, dim), qs(queries.data(), q, dim);
-  const RowMatrixF s = qs * t.transpose();
-  std::vector<std::vector<uint64_t>> out(q);
-  std::vector<uint64_t> idx(n);
-  for (size_t i = 0; i < q; ++i) {
-    std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](uint64_t a, uint64_t b) {
-      return s(i, a) > s(i, b) || (s(i, a) == s(i, b) && a < b);
-    });
-    out[i].assign(idx.begin(), idx.begin() + k);
-  }
-  return out;
-}
-
-double Recall(const std::vector<std::vector<uint64_t>>& got,
-              const std::vector<std::vector<uint64_t>>& truth) {
-  double sum = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    absl::flat_hash_set<uint64_t> t(truth[i].begin(), truth[i].end());
-    for (uint64_t id : got[i]) sum += t.contains(id);
-  }
-  return sum / (got.size() * truth[0].size());
 }
 
 std::unique_ptr<Index> MakeExact(int dim, int landmarks) {
@@ -132,14 +107,14 @@ void RunCase(const Case& c) {
     ASSERT_THAT(Update(*both, bench, step), IsOk());
     const std::vector<float> truth = bench.Targets(step);
     const std::vector<float> queries = bench.Queries(step);
-    const auto top = TopK(truth, queries, kDim, kK);
+    const auto top = BruteForceTopK(truth, queries, kDim, kK);
     auto recall = [&](const Index& idx) {
       SearchResult r = idx.Search(queries, {}, {.k = kK}).value();
       std::vector<std::vector<uint64_t>> got;
       for (const QueryResult& q : r.queries) got.push_back(q.ids);
       return Recall(got, top);
     };
-    const double r_stale = Recall(TopK(t0, queries, kDim, kK), top);
+    const double r_stale = Recall(BruteForceTopK(t0, queries, kDim, kK), top);
     const double r_roll = recall(*rolling), r_corr = recall(*corrected), r_both = recall(*both);
     // Targets re-encoded before the last few steps: their sent vectors have
     // gone stale, which the correction should make up for.

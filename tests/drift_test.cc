@@ -23,44 +23,16 @@ namespace negmine {
 namespace {
 
 using ::negmine::testing::ChiSquare;
+using ::negmine::testing::BruteForceTopK;
 using ::negmine::testing::ChiSquareCritical;
 using ::negmine::testing::IsOk;
 using ::negmine::testing::RandomVectors;
+using ::negmine::testing::Recall;
 using ::negmine::testing::Softmax;
 using ::negmine::testing::StatusIs;
 using ::testing::HasSubstr;
 
 using RowMatrix = RowMatrixF;
-
-// Brute-force top-k ids of each query over `targets` (inner product; the
-// drift bench's vectors are unit length).
-std::vector<std::vector<uint64_t>> TopK(const std::vector<float>& targets,
-                                        const std::vector<float>& queries,
-                                        int dim, int k) {
-  const size_t n = targets.size() / dim, q = queries.size() / dim;
-  Eigen::Map<const RowMatrix> t(targets.data(), n, dim), qs(queries.data(), q, dim);
-  const RowMatrix s = qs * t.transpose();
-  std::vector<std::vector<uint64_t>> out(q);
-  std::vector<uint64_t> idx(n);
-  for (size_t i = 0; i < q; ++i) {
-    std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](uint64_t a, uint64_t b) {
-      return s(i, a) > s(i, b) || (s(i, a) == s(i, b) && a < b);
-    });
-    out[i].assign(idx.begin(), idx.begin() + k);
-  }
-  return out;
-}
-
-double Recall(const std::vector<std::vector<uint64_t>>& got,
-              const std::vector<std::vector<uint64_t>>& truth) {
-  double sum = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    absl::flat_hash_set<uint64_t> t(truth[i].begin(), truth[i].end());
-    for (uint64_t id : got[i]) sum += t.contains(id);
-  }
-  return sum / (got.size() * truth[0].size());
-}
 
 std::vector<uint64_t> Iota(size_t n) {
   std::vector<uint64_t> ids(n);
@@ -216,8 +188,8 @@ TEST(DriftRecallTest, CorrectionRecoversLostRecallAndRisesWithM) {
   }
   for (int step : {5, 10, 20}) {
     const std::vector<float> queries = bench.Queries(step);
-    const auto truth = TopK(bench.Targets(step), queries, kDim, kK);
-    const double stale = Recall(TopK(t0, queries, kDim, kK), truth);
+    const auto truth = BruteForceTopK(bench.Targets(step), queries, kDim, kK);
+    const double stale = Recall(BruteForceTopK(t0, queries, kDim, kK), truth);
     std::vector<double> corrected;
     for (auto& index : indexes) {
       ASSERT_THAT(Update(*index, bench, step), IsOk());
@@ -278,7 +250,7 @@ TEST(DriftRecallTest, ReencodingBetweenUpdatesOnlyHelps) {
       }
     }
     const std::vector<float> queries = bench.Queries(step);
-    const auto truth_top = TopK(truth, queries, kDim, kK);
+    const auto truth_top = BruteForceTopK(truth, queries, kDim, kK);
     const double recall_plain = Recall(SearchTopK(*plain, queries, kK), truth_top);
     const double recall_reenc = Recall(SearchTopK(*reenc, queries, kK), truth_top);
     std::printf("step %2d: re-encoded targets' squared error %.5f vs %.5f without; "

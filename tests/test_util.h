@@ -12,6 +12,8 @@
 #include <tuple>
 #include <vector>
 
+#include "Eigen/Dense"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "core/index.h"
 #include "core/random.h"
@@ -57,6 +59,38 @@ inline std::vector<float> RandomVectors(size_t n, int dim, uint64_t seed) {
   std::vector<float> v(n * dim);
   for (float& x : v) x = static_cast<float>(rng.Normal());
   return v;
+}
+
+// Oracle: the top-k ids of each query over `targets` by inner product
+// (ties to the lower id), by brute force.
+inline std::vector<std::vector<uint64_t>> BruteForceTopK(const std::vector<float>& targets,
+                                                         const std::vector<float>& queries,
+                                                         int dim, int k) {
+  const size_t n = targets.size() / dim, q = queries.size() / dim;
+  using Rows = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<const Rows> t(targets.data(), n, dim), qs(queries.data(), q, dim);
+  const Rows s = qs * t.transpose();
+  std::vector<std::vector<uint64_t>> out(q);
+  std::vector<uint64_t> idx(n);
+  for (size_t i = 0; i < q; ++i) {
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](uint64_t a, uint64_t b) {
+      return s(i, a) > s(i, b) || (s(i, a) == s(i, b) && a < b);
+    });
+    out[i].assign(idx.begin(), idx.begin() + k);
+  }
+  return out;
+}
+
+// Mean share of each truth list found in the matching `got` list.
+inline double Recall(const std::vector<std::vector<uint64_t>>& got,
+                     const std::vector<std::vector<uint64_t>>& truth) {
+  double sum = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    absl::flat_hash_set<uint64_t> t(truth[i].begin(), truth[i].end());
+    for (uint64_t id : got[i]) sum += t.contains(id);
+  }
+  return sum / (got.size() * truth[0].size());
 }
 
 // Oracle: double-precision dot product.
