@@ -109,6 +109,39 @@ struct IndexOptions {
   static constexpr int kMaxDim = 65536;
 };
 
+// The knobs of SearchParams that decide what a search returns per query
+// (apart from the queries and their exclusions), comparable: two calls with
+// equal specs may be served as one batch. The seed counts only when sampling.
+struct SearchSpec {
+  MineMode mode = MineMode::kTopK;
+  Sampler sampler = Sampler::kProposal;
+  int k = 10;
+  float temperature = 0.05f;
+  int num_hard = 0;
+  bool with_replacement = false;
+  int rank_offset = 0;
+  bool want_log_z = false;
+  uint64_t seed = 0;  // 0 for kTopK
+  // Tree-only knobs (the exact index ignores them), as SearchParams below.
+  struct Tree {
+    bool approximate = false;
+    int beam_width = 0;
+    double log_z_width = 1e-2;
+    bool operator==(const Tree& o) const {
+      return approximate == o.approximate && beam_width == o.beam_width &&
+             log_z_width == o.log_z_width;
+    }
+  } tree;
+  // Field by field (written out: the CUDA sources build as C++17).
+  bool operator==(const SearchSpec& o) const {
+    return mode == o.mode && sampler == o.sampler && k == o.k &&
+           temperature == o.temperature && num_hard == o.num_hard &&
+           with_replacement == o.with_replacement && rank_offset == o.rank_offset &&
+           want_log_z == o.want_log_z && seed == o.seed && tree == o.tree;
+  }
+  bool operator!=(const SearchSpec& o) const { return !(*this == o); }
+};
+
 // Per-call knobs of Search. Every field has a sane default; only k is usually
 // set by the caller.
 struct SearchParams {
@@ -160,6 +193,17 @@ struct SearchParams {
   // the batch's shape.
   // 0: the whole batch at once.
   int work_unit_queries = 256;
+
+  // The fields that decide the results (not the stream offset, the
+  // cancellation or the work units).
+  SearchSpec Spec() const {
+    return {.mode = mode, .sampler = sampler, .k = k, .temperature = temperature,
+            .num_hard = num_hard, .with_replacement = with_replacement,
+            .rank_offset = rank_offset, .want_log_z = want_log_z,
+            .seed = mode == MineMode::kTopK ? 0 : seed,
+            .tree = {.approximate = approximate, .beam_width = beam_width,
+                     .log_z_width = log_z_width}};
+  }
 };
 
 // Results for one query, ordered: the top-k part first (by descending score,
@@ -289,6 +333,9 @@ class Index {
   // Where searches run: kCpu or kCuda (kAuto resolved at creation).
   virtual Backend active_backend() const { return Backend::kCpu; }
   virtual IndexStats Stats() const = 0;
+  // The version a search started now would see; cheap (no scan, and no wait
+  // for a search running on a device).
+  virtual uint64_t version() const = 0;
   // The tree's shape, for a tree index; O(N) (it measures looseness).
   virtual std::optional<TreeSummary> TreeInfo() const { return std::nullopt; }
 
@@ -338,8 +385,8 @@ class Index {
 
   virtual DriftSummary DriftInfo() const = 0;
 
-  // The whole state (vectors, ids, steps, version, drift state) as bytes
-  // that Restore takes back; the tree is rebuilt by Restore, not saved.
+  // The whole state (vectors, ids, steps, version, drift state, and a tree
+  // index's tree) as bytes that Restore takes back.
   // Consistent: taken between writes.
   virtual absl::StatusOr<std::string> Snapshot() const = 0;
   // Replaces the state with a Snapshot's (of an index with the same dim).

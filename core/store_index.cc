@@ -2,12 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
-#include <climits>
 #include <cmath>
 #include <limits>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "core/linalg.h"
 #include "core/parallel.h"
 #include "core/random.h"
 #include "core/status.h"
@@ -16,7 +16,7 @@
 namespace negmine {
 
 StoreIndex::StoreIndex(const IndexOptions& options)
-    : options_(options), store_(options.dim) {
+    : options_(options), store_(options.dim), drift_(options.dim, options.metric, options.drift) {
   store_.Reserve(options.initial_capacity);
 }
 
@@ -29,16 +29,19 @@ IndexStats StoreIndex::Stats() const {
   }
   return {.num_targets = store_.size(),
           .capacity_rows = store_.num_rows(),
-          .memory_bytes = store_.MemoryBytes() +
-                          (inv_norms_.capacity() + served_.capacity() +
-                           frame_.capacity()) * sizeof(float) +
-                          ExtraMemoryLocked(),
+          .memory_bytes = store_.MemoryBytes() + inv_norms_.capacity() * sizeof(float) +
+                          drift_.MemoryBytes() + ExtraMemoryLocked(),
           .device_memory_bytes = device_bytes,
           .version = version_};
 }
 
+uint64_t StoreIndex::version() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return version_;
+}
+
 PointSource StoreIndex::Points() const {
-  if (drift_active_) return {.data = served_.data(), .dim = options_.dim};
+  if (drift_.active()) return {.data = drift_.served(), .dim = options_.dim};
   return {.data = store_.data(),
           .scale = inv_norms_.empty() ? nullptr : inv_norms_.data(),
           .dim = options_.dim};
@@ -85,10 +88,11 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
     RETURN_IF_ERROR(device_->Reserve(store_.num_rows() + ids.size()));
   }
   // Once drift is active: the new rows' frame and served vectors, and their
-  // offsets (see the header).
-  std::vector<float> frame_rows, served_rows, offset_rows;
-  if (drift_active_) {
-    DriftRows(vectors, inv, model_step, &frame_rows, &served_rows, &offset_rows);
+  // offsets (core/drift/drift_state.h), computed while queries go on.
+  DriftState::NewRows drift_rows;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (drift_.active()) drift_rows = drift_.RowsFor(vectors, inv, model_step);
   }
   absl::WriterMutexLock lock(&mu_);
   std::vector<uint32_t> updated;
@@ -102,24 +106,10 @@ absl::Status StoreIndex::Upsert(absl::Span<const uint64_t> ids,
       inv_norms_[*store_.Row(ids[i])] = inv[i];
     }
   }
-  if (drift_active_) {
-    frame_.resize(store_.num_rows() * dim);
-    served_.resize(store_.num_rows() * dim);
+  if (drift_.active()) {
+    drift_.Resize(store_.num_rows());
     for (size_t i = 0; i < ids.size(); ++i) {
-      const size_t row = *store_.Row(ids[i]);
-      std::copy_n(frame_rows.data() + i * dim, dim, frame_.data() + row * dim);
-      std::copy_n(served_rows.data() + i * dim, dim, served_.data() + row * dim);
-      if (offset_rows.empty()) {
-        offsets_.erase(row);
-      } else {
-        offsets_[row].assign(offset_rows.begin() + i * dim,
-                             offset_rows.begin() + (i + 1) * dim);
-      }
-      if (model_step > LatestStep()) {
-        pending_[row] = model_step;
-      } else {
-        pending_.erase(row);
-      }
+      drift_.PutRow(static_cast<uint32_t>(*store_.Row(ids[i])), i, model_step, drift_rows);
     }
   }
   std::vector<uint32_t> inserted;
@@ -153,8 +143,7 @@ absl::StatusOr<size_t> StoreIndex::Delete(absl::Span<const uint64_t> ids,
     std::optional<size_t> row = store_.Row(id);
     if (row && store_.Delete(id)) {
       rows.push_back(static_cast<uint32_t>(*row));
-      offsets_.erase(*row);
-      pending_.erase(*row);
+      drift_.EraseRow(static_cast<uint32_t>(*row));
     }
   }
   if (!rows.empty()) {
@@ -271,11 +260,6 @@ absl::Status StoreIndex::GetScored(absl::Span<const uint64_t> ids,
   return absl::OkStatus();
 }
 
-int StoreIndex::NumLandmarks() const {
-  return options_.drift.num_landmarks > 0 ? options_.drift.num_landmarks
-                                          : std::max(64, 4 * options_.dim);
-}
-
 std::vector<float> StoreIndex::ScoringCopy() const {
   const int dim = options_.dim;
   std::vector<float> out(store_.num_rows() * dim);
@@ -284,172 +268,29 @@ std::vector<float> StoreIndex::ScoringCopy() const {
   return out;
 }
 
-void StoreIndex::DriftRows(absl::Span<const float> vectors,
-                           absl::Span<const float> inv, int64_t step,
-                           std::vector<float>* frame_rows,
-                           std::vector<float>* served_rows,
-                           std::vector<float>* offset_rows) const {
-  const int dim = options_.dim;
-  const size_t n = vectors.size() / dim, total = vectors.size();
-  frame_rows->assign(vectors.begin(), vectors.end());
-  for (size_t i = 0; i < inv.size(); ++i) {
-    for (int j = 0; j < dim; ++j) (*frame_rows)[i * dim + j] *= inv[i];
-  }
-  // served = x + corr_latest(x) - corr_s(x), offset = -corr_s(x); a step at
-  // or beyond the latest update is served as sent, with offset
-  // -corr_latest(x) (pending if beyond).
-  std::vector<float> corr_latest(total, 0.0f);
-  if (!history_.empty()) {
-    history_.back().second->Apply(frame_rows->data(), n, /*normalize=*/false,
-                                  corr_latest.data());
-    for (size_t i = 0; i < total; ++i) corr_latest[i] -= (*frame_rows)[i];
-  }
-  const bool past = step < LatestStep();
-  std::vector<float> corr_s = corr_latest;
-  if (past) CorrectionAt(step, frame_rows->data(), n, corr_s.data());
-  *served_rows = *frame_rows;
-  offset_rows->resize(total);
-  for (size_t i = 0; i < total; ++i) (*offset_rows)[i] = -corr_s[i];
-  if (past) {
-    for (size_t i = 0; i < total; ++i) (*served_rows)[i] += corr_latest[i] - corr_s[i];
-    if (options_.metric == Metric::kCosine) NormalizeRows(served_rows->data(), n, dim);
-  }
-  if (std::all_of(offset_rows->begin(), offset_rows->end(), [](float v) { return v == 0; })) {
-    offset_rows->clear();
-  }
-}
-
-void StoreIndex::CorrectionAt(int64_t step, const float* x, size_t n,
-                              float* out) const {
-  const size_t total = n * options_.dim;
-  // corr of the i-th anchor: (s_F, 0), then the updates.
-  auto corr = [&](size_t i, float* dst) {
-    if (i == 0) {
-      std::fill_n(dst, total, 0.0f);
-      return;
-    }
-    history_[i - 1].second->Apply(x, n, /*normalize=*/false, dst);
-    for (size_t j = 0; j < total; ++j) dst[j] -= x[j];
-  };
-  auto anchor_step = [&](size_t i) { return i == 0 ? frame_step_ : history_[i - 1].first; };
-  const size_t anchors = history_.size() + 1;
-  size_t a = 0;
-  while (a + 1 < anchors && anchor_step(a + 1) <= step) ++a;
-  corr(a, out);
-  if (a + 1 == anchors || step <= anchor_step(a)) return;
-  const double alpha = static_cast<double>(step - anchor_step(a)) /
-                       static_cast<double>(anchor_step(a + 1) - anchor_step(a));
-  std::vector<float> next(total);
-  corr(a + 1, next.data());
-  for (size_t j = 0; j < total; ++j) {
-    out[j] = static_cast<float>((1 - alpha) * out[j] + alpha * next[j]);
-  }
-}
-
 absl::Status StoreIndex::ChooseLandmarks() {
-  const int dim = options_.dim;
-  absl::ReaderMutexLock lock(&mu_);
-  // Landmarks come from the rows whose frame vector is at the frame's step:
-  // a target re-encoded since then would show only part of the drift.
-  int64_t min_step = std::numeric_limits<int64_t>::max();
-  for (uint32_t r = 0; r < store_.num_rows(); ++r) {
-    if (store_.live(r)) min_step = std::min(min_step, store_.model_step(r));
+  absl::StatusOr<DriftState::LandmarkChoice> choice;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    choice = drift_.ChooseLandmarks(store_, Points());
   }
-  std::vector<uint32_t> live, reencoded;
-  live.reserve(store_.size());
-  for (uint32_t r = 0; r < store_.num_rows(); ++r) {
-    if (!store_.live(r)) continue;
-    const bool at_frame = drift_active_
-                              ? !offsets_.contains(r) && !pending_.contains(r)
-                              : store_.model_step(r) == min_step;
-    (at_frame ? live : reencoded).push_back(r);
-  }
-  if (live.size() + reencoded.size() == 0) {
-    return absl::FailedPreconditionError(
-        "the collection is empty: upsert targets before drift updates");
-  }
-  if (live.size() < size_t(NumLandmarks())) {
-    live.insert(live.end(), reencoded.begin(), reencoded.end());
-  }
-  const int m = static_cast<int>(std::min<size_t>(NumLandmarks(), live.size()));
-  // k-means++ over a uniform sample of 16 candidates per landmark.
-  const uint64_t epoch = landmarks_.epoch + 1;
-  Rng rng(options_.drift.seed, epoch);
-  const size_t sample = std::min(live.size(), std::max<size_t>(16 * size_t(m), 4096));
-  for (size_t i = 0; i < sample; ++i) {
-    std::swap(live[i], live[i + rng.Below(live.size() - i)]);
-  }
-  std::vector<float> x(sample * dim);
-  const PointSource points = Points();
-  for (size_t i = 0; i < sample; ++i) points.Get(live[i], x.data() + i * dim);
-  const std::vector<size_t> chosen =
-      KMeansPlusPlus(x.data(), sample, dim, m, Mix64(options_.drift.seed + epoch));
-  landmarks_.ids.clear();
-  landmark_frame_.resize(m, dim);
-  for (int i = 0; i < m; ++i) {
-    landmarks_.ids.push_back(store_.id(live[chosen[i]]));
-    std::copy_n(x.data() + chosen[i] * dim, dim, landmark_frame_.row(i).data());
-  }
-  landmarks_.epoch = epoch;
+  if (!choice.ok()) return choice.status();
+  absl::WriterMutexLock lock(&mu_);
+  drift_.SetLandmarks(*std::move(choice));
   return absl::OkStatus();
 }
 
 absl::StatusOr<LandmarkSet> StoreIndex::GetLandmarks() {
   absl::MutexLock write_lock(&write_mu_);
-  if (landmarks_.epoch != 0) return landmarks_;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (drift_.landmarks().epoch != 0) return drift_.landmarks();
+  }
   RETURN_IF_ERROR(ChooseLandmarks());
-  absl::WriterMutexLock lock(&mu_);
-  drift_summary_.landmark_epoch = landmarks_.epoch;
-  drift_summary_.num_landmarks = landmarks_.ids.size();
-  LandmarkSet out = landmarks_;
+  absl::ReaderMutexLock lock(&mu_);
+  LandmarkSet out = drift_.landmarks();
   out.chosen = true;
   return out;
-}
-
-std::vector<float> StoreIndex::Materialize(
-    int64_t step, const DriftModel& model,
-    std::vector<std::pair<uint32_t, std::vector<float>>>* resolved) const {
-  const int dim = options_.dim;
-  const size_t rows = frame_.size() / dim;
-  std::vector<float> served(frame_.size());
-  bool done = false;
-  if (device_ && !model.is_identity()) {
-    // The bulk correction, two GEMMs over every row, on the GPU; on any
-    // device failure the host computes the same.
-    const DeviceDriftModel m{.kernel = static_cast<int>(model.kernel),
-                             .width = model.width,
-                             .center = model.center,
-                             .landmarks = model.landmarks.data(),
-                             .coef = model.coef.data(),
-                             .m = static_cast<size_t>(model.landmarks.rows())};
-    absl::MutexLock device_lock(&device_mu_);
-    done = device_->CorrectRows(m, frame_.data(), rows, served.data()).ok();
-  }
-  if (!done) model.Apply(frame_.data(), rows, /*normalize=*/false, served.data());
-  for (const auto& [row, offset] : offsets_) {
-    if (pending_.contains(row)) continue;
-    for (int j = 0; j < dim; ++j) served[size_t{row} * dim + j] += offset[j];
-  }
-  // A pending row at step s, with offset o = -corr_last(x): served
-  // x + (1 - alpha) (corr_t(x) + o), and its new offset -corr_s(x) =
-  // (1 - alpha) o - alpha corr_t(x), alpha = (s - last) / (t - last) <= 1.
-  const int64_t last = LatestStep();
-  std::vector<float> x(dim);
-  for (const auto& [row, s] : pending_) {
-    const double alpha = step > last ? std::min(1.0, double(s - last) / double(step - last)) : 1.0;
-    auto it = offsets_.find(row);
-    std::vector<float> o = it == offsets_.end() ? std::vector<float>(dim, 0.0f) : it->second;
-    float* out = served.data() + size_t{row} * dim;
-    const float* xr = frame_.data() + size_t{row} * dim;
-    for (int j = 0; j < dim; ++j) {
-      const double corr_t = double{out[j]} - xr[j];
-      out[j] = static_cast<float>(xr[j] + (1 - alpha) * (corr_t + o[j]));
-      o[j] = static_cast<float>((1 - alpha) * o[j] - alpha * corr_t);
-    }
-    resolved->emplace_back(row, std::move(o));
-  }
-  if (options_.metric == Metric::kCosine) NormalizeRows(served.data(), rows, dim);
-  return served;
 }
 
 void StoreIndex::InstallServed(std::vector<float> served) {
@@ -458,35 +299,30 @@ void StoreIndex::InstallServed(std::vector<float> served) {
     PrepareDrift({.data = served.data(), .dim = options_.dim});
   }
   absl::WriterMutexLock lock(&mu_);
-  served_.swap(served);
-  drift_active_ = true;
+  drift_.InstallServed(std::move(served));
   OnDriftLocked();
   MarkDeviceAll();
   ++version_;
 }
 
 void StoreIndex::Rebase() {
-  std::vector<float> frame = served_;
+  std::vector<float> frame;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    frame = drift_.ServedCopy();
+  }
   {
     absl::WriterMutexLock lock(&mu_);
-    frame_.swap(frame);
+    drift_.Rebase(std::move(frame));
   }
-  offsets_.clear();
-  history_.clear();
-  frame_step_ = drift_summary_.step;
-  // Rows from beyond the new frame's step stay pending, served as sent.
-  absl::erase_if(pending_, [&](const auto& p) { return p.second <= frame_step_; });
   // Cannot fail: the collection was not empty for the update.
   ChooseLandmarks().IgnoreError();
   OnRebase();
   absl::WriterMutexLock lock(&mu_);
-  ++drift_summary_.rebases;
-  drift_summary_.landmark_epoch = landmarks_.epoch;
-  drift_summary_.num_landmarks = landmarks_.ids.size();
+  drift_.NoteRebase();
 }
 
 absl::StatusOr<DriftReport> StoreIndex::ApplyDrift(const DriftUpdate& update) {
-  const int dim = options_.dim;
   const bool has_landmarks = !update.landmark_embeddings.empty();
   const bool has_map = !update.linear_a.empty() || !update.linear_b.empty();
   if (has_landmarks == has_map) {
@@ -495,114 +331,91 @@ absl::StatusOr<DriftReport> StoreIndex::ApplyDrift(const DriftUpdate& update) {
         "not both and not neither");
   }
   absl::MutexLock write_lock(&write_mu_);
-  if (store_.size() == 0) {
-    return absl::FailedPreconditionError(
-        "the collection is empty: upsert targets before drift updates");
-  }
-  if (drift_active_ && update.model_step < drift_summary_.step) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("model_step ", update.model_step,
-                     " is below the last drift update's step ",
-                     drift_summary_.step, "; steps must not go backwards"));
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (store_.size() == 0) {
+      return absl::FailedPreconditionError(
+          "the collection is empty: upsert targets before drift updates");
+    }
+    RETURN_IF_ERROR(drift_.CheckStep(update.model_step));
   }
   if (has_map) return ApplyLinearMap(update);
 
-  if (landmarks_.epoch == 0) {
-    return absl::FailedPreconditionError(
-        "no landmark set yet: call GetLandmarks and re-encode those targets");
-  }
-  if (update.landmark_epoch != landmarks_.epoch) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "landmark_epoch ", update.landmark_epoch, " is not the current set's (",
-        landmarks_.epoch, "; it changes at every re-base): call GetLandmarks "
-        "again and re-encode those targets"));
-  }
-  const size_t m = landmarks_.ids.size();
-  if (update.landmark_embeddings.size() != m * dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "landmark_embeddings hold ", update.landmark_embeddings.size(),
-        " floats (", update.landmark_embeddings.size() / dim, " rows of dim ", dim,
-        "); the set has ", m, " landmarks, so ", m * dim, " are needed"));
-  }
-  RETURN_IF_ERROR(CheckFinite(update.landmark_embeddings, dim, "landmark_embeddings"));
-  RowMatrixF current =
-      Eigen::Map<const RowMatrixF>(update.landmark_embeddings.data(), m, dim);
-  const bool cosine = options_.metric == Metric::kCosine;
-  if (cosine) {
-    for (size_t i = 0; i < m; ++i) {
-      if (current.row(i).squaredNorm() == 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "landmark_embeddings: row ", i, " (id ", landmarks_.ids[i],
-            ") has zero norm, which a cosine collection cannot score"));
-      }
-    }
-    NormalizeRows(current.data(), m, dim);
-  }
-
   auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(DriftFit fit, FitDrift(landmark_frame_, current, cosine));
+  absl::StatusOr<DriftFit> fit;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(RowMatrixF current, drift_.LandmarkEmbeddings(update));
+    start = std::chrono::steady_clock::now();
+    fit = drift_.Fit(current);
+  }
+  if (!fit.ok()) return fit.status();
   const double fit_seconds = Seconds(start);
   start = std::chrono::steady_clock::now();
-  auto model = std::make_shared<const DriftModel>(std::move(fit.model));
-  if (!drift_active_) {
+  auto model = std::make_shared<const DriftModel>(std::move(fit->model));
+  bool active = false;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    active = drift_.active();
+  }
+  if (!active) {
     // The frame is the stored vectors, at the lowest step among them;
     // targets stored at a later step are pending.
     std::vector<float> frame;
     {
       absl::ReaderMutexLock lock(&mu_);
       frame = ScoringCopy();
-      frame_step_ = update.model_step;
-      for (uint32_t r = 0; r < store_.num_rows(); ++r) {
-        if (store_.live(r)) frame_step_ = std::min(frame_step_, store_.model_step(r));
-      }
-      pending_.clear();
-      for (uint32_t r = 0; r < store_.num_rows(); ++r) {
-        if (store_.live(r) && store_.model_step(r) > frame_step_) {
-          pending_[r] = store_.model_step(r);
-        }
-      }
     }
     absl::WriterMutexLock lock(&mu_);
-    frame_.swap(frame);
+    drift_.Activate(std::move(frame), store_, update.model_step);
   }
-  std::vector<std::pair<uint32_t, std::vector<float>>> resolved;
-  InstallServed(Materialize(update.model_step, *model, &resolved));
-  for (auto& [row, offset] : resolved) {
-    if (pending_[row] <= update.model_step) pending_.erase(row);
-    offsets_[row] = std::move(offset);
+  // The bulk correction, two GEMMs over every row, on the GPU when there is
+  // one; on any device failure the host computes the same.
+  DriftState::BulkCorrect bulk;
+  if (device_) {
+    bulk = [this](const DriftModel& model, const float* x, size_t n, float* out) {
+      const DeviceDriftModel m{.kernel = model.kernel,
+                               .width = model.width,
+                               .center = model.center,
+                               .landmarks = model.landmarks.data(),
+                               .coef = model.coef.data(),
+                               .m = static_cast<size_t>(model.landmarks.rows())};
+      absl::MutexLock device_lock(&device_mu_);
+      return device_->CorrectRows(m, x, n, out).ok();
+    };
   }
-  history_.emplace_back(update.model_step, model);
-  if (history_.size() > kHistory) history_.pop_front();
+  DriftState::Materialized next;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    next = drift_.Materialize(update.model_step, *model, bulk);
+  }
+  InstallServed(std::move(next.served));
+  {
+    absl::WriterMutexLock lock(&mu_);
+    drift_.Resolve(update.model_step, model, std::move(next.resolved));
+  }
   const double apply_seconds = Seconds(start);
 
-  DriftReport report{.heldout_residual = fit.heldout_residual,
-                     .stale_residual = fit.stale_residual,
+  DriftReport report{.heldout_residual = fit->heldout_residual,
+                     .stale_residual = fit->stale_residual,
                      .kernel = DriftKernelName(model->kernel),
                      .lambda = model->lambda,
                      .fit_seconds = fit_seconds,
                      .apply_seconds = apply_seconds};
+  bool rebase = false;
   {
     absl::WriterMutexLock lock(&mu_);
-    DriftSummary& s = drift_summary_;
-    s.active = true;
-    s.step = update.model_step;
-    s.kernel = report.kernel;
-    s.lambda = report.lambda;
-    s.heldout_residual = report.heldout_residual;
-    s.stale_residual = report.stale_residual;
-    ++s.updates;
-    s.last_fit_seconds = fit_seconds;
-    s.last_apply_seconds = apply_seconds;
+    drift_.NoteUpdate(update.model_step, report.kernel, report.lambda,
+                      report.heldout_residual, report.stale_residual, fit_seconds,
+                      apply_seconds);
+    rebase = drift_.WantsRebase(update.model_step, fit->heldout_residual);
   }
-  const IndexOptions::Drift& opt = options_.drift;
-  if ((opt.rebase_residual > 0 && fit.heldout_residual > opt.rebase_residual) ||
-      (opt.rebase_every_steps > 0 &&
-       update.model_step - frame_step_ >= opt.rebase_every_steps)) {
+  if (rebase) {
     Rebase();
     report.rebased = true;
   }
   absl::ReaderMutexLock lock(&mu_);
-  report.landmark_epoch = landmarks_.epoch;
+  report.landmark_epoch = drift_.landmarks().epoch;
   report.index_version = version_;
   return report;
 }
@@ -649,29 +462,24 @@ absl::StatusOr<DriftReport> StoreIndex::ApplyLinearMap(const DriftUpdate& update
   InstallServed(std::move(served));
   {
     absl::WriterMutexLock lock(&mu_);
-    drift_summary_.active = true;
-    drift_summary_.step = update.model_step;
-    drift_summary_.kernel = "linear_map";
-    drift_summary_.lambda = 0;
-    drift_summary_.heldout_residual = 0;
-    drift_summary_.stale_residual = 0;
-    ++drift_summary_.updates;
-    drift_summary_.last_fit_seconds = 0;
+    drift_.NoteUpdate(update.model_step, "linear_map", /*lambda=*/0, /*heldout_residual=*/0,
+                      /*stale_residual=*/0, /*fit_seconds=*/0,
+                      drift_.summary().last_apply_seconds);
   }
   Rebase();
   const double seconds = Seconds(start);
   absl::WriterMutexLock lock(&mu_);
-  drift_summary_.last_apply_seconds = seconds;
+  drift_.NoteApplySeconds(seconds);
   return DriftReport{.kernel = "linear_map",
                      .rebased = true,
-                     .landmark_epoch = landmarks_.epoch,
+                     .landmark_epoch = drift_.landmarks().epoch,
                      .index_version = version_,
                      .apply_seconds = seconds};
 }
 
 DriftSummary StoreIndex::DriftInfo() const {
   absl::ReaderMutexLock lock(&mu_);
-  DriftSummary s = drift_summary_;
+  DriftSummary s = drift_.summary();
   if (s.active) {
     s.staleness_histogram.assign(5, 0);
     for (uint32_t r = 0; r < store_.num_rows(); ++r) {
@@ -693,33 +501,6 @@ namespace {
 
 constexpr uint8_t kSnapshotVersion = 1;
 
-void PutMatrix(const RowMatrixF& m, ByteWriter& w) {
-  w.Put<uint64_t>(m.rows());
-  w.Put<uint64_t>(m.cols());
-  w.PutArray(m.data(), m.size());
-}
-
-bool GetMatrix(ByteReader& r, RowMatrixF* m) {
-  uint64_t rows = 0, cols = 0;
-  std::vector<float> v;
-  if (!r.Get(&rows) || !r.Get(&cols) || !r.GetArray(&v)) return false;
-  const bool fits = rows <= INT32_MAX && cols <= INT32_MAX &&
-                    ((rows == 0 || cols == 0) ? v.empty()
-                                              : rows <= v.size() / cols && rows * cols == v.size());
-  if (!fits) return false;
-  *m = Eigen::Map<const RowMatrixF>(v.data(), rows, cols);
-  return true;
-}
-
-// DriftSummary::kernel points at one of these names.
-const char* KernelNameFromString(const std::string& s) {
-  for (DriftKernel k : {DriftKernel::kNone, DriftKernel::kLinear, DriftKernel::kGaussian,
-                        DriftKernel::kExpInner}) {
-    if (s == DriftKernelName(k)) return DriftKernelName(k);
-  }
-  return s == "linear_map" ? "linear_map" : nullptr;
-}
-
 }  // namespace
 
 absl::StatusOr<std::string> StoreIndex::Snapshot() const {
@@ -730,133 +511,38 @@ absl::StatusOr<std::string> StoreIndex::Snapshot() const {
   store_.Save(w);
   w.PutArray(inv_norms_);
   w.Put<uint64_t>(version_);
-  w.Put<uint8_t>(drift_active_ ? 1 : 0);
-  w.PutArray(served_);
-  w.PutArray(frame_);
-  w.Put<uint64_t>(offsets_.size());
-  for (const auto& [row, offset] : offsets_) {
-    w.Put<uint32_t>(row);
-    w.PutArray(offset);
-  }
-  w.Put<uint64_t>(pending_.size());
-  for (const auto& [row, step] : pending_) {
-    w.Put<uint32_t>(row);
-    w.Put<int64_t>(step);
-  }
-  w.PutArray(landmarks_.ids);
-  w.Put<uint64_t>(landmarks_.epoch);
-  PutMatrix(landmark_frame_, w);
-  w.Put<int64_t>(frame_step_);
-  w.Put<uint64_t>(history_.size());
-  for (const auto& [step, m] : history_) {
-    w.Put<int64_t>(step);
-    w.Put<uint8_t>(static_cast<uint8_t>(m->kernel));
-    w.Put<float>(m->width);
-    w.Put<float>(m->center);
-    w.Put<double>(m->lambda);
-    PutMatrix(m->landmarks, w);
-    PutMatrix(m->coef, w);
-  }
-  const DriftSummary& d = drift_summary_;
-  w.Put<uint8_t>(d.active ? 1 : 0);
-  w.Put<int64_t>(d.step);
-  w.Put<uint64_t>(d.landmark_epoch);
-  w.Put<uint64_t>(d.num_landmarks);
-  w.PutString(d.kernel);
-  w.Put<double>(d.lambda);
-  w.Put<double>(d.heldout_residual);
-  w.Put<double>(d.stale_residual);
-  w.Put<uint64_t>(d.updates);
-  w.Put<uint64_t>(d.rebases);
-  w.Put<double>(d.last_fit_seconds);
-  w.Put<double>(d.last_apply_seconds);
+  drift_.Save(w);
   SaveExtraLocked(w);
   return std::move(w.bytes());
 }
 
 absl::Status StoreIndex::Restore(std::string_view snapshot) {
-  const int dim = options_.dim;
   ByteReader r(snapshot);
-  EmbeddingStore store(dim);
-  std::vector<float> inv_norms, served, frame;
-  uint64_t version = 0, count = 0;
-  uint8_t format = 0, active = 0;
+  EmbeddingStore store(options_.dim);
+  std::vector<float> inv_norms;
+  uint64_t version = 0;
+  uint8_t format = 0;
+  DriftState drift(options_.dim, options_.metric, options_.drift);
   bool ok = r.Get(&format) && format == kSnapshotVersion && store.Load(r) &&
-            r.GetArray(&inv_norms) && r.Get(&version) && r.Get(&active) && active <= 1 &&
-            r.GetArray(&served) && r.GetArray(&frame) && r.Get(&count);
+            r.GetArray(&inv_norms) && r.Get(&version);
   const size_t rows = store.num_rows();
-  ok = ok && (options_.metric == Metric::kCosine ? inv_norms.size() >= store.size()
-                                                 : inv_norms.empty()) &&
-       inv_norms.size() <= rows &&
-       (active ? served.size() == rows * dim && frame.size() == rows * dim
-               : served.empty() && frame.empty());
-  absl::flat_hash_map<uint32_t, std::vector<float>> offsets;
-  for (uint64_t i = 0; ok && i < count; ++i) {
-    uint32_t row = 0;
-    std::vector<float> v;
-    ok = r.Get(&row) && r.GetArray(&v) && row < rows && v.size() == size_t(dim);
-    if (ok) offsets[row] = std::move(v);
-  }
-  absl::flat_hash_map<uint32_t, int64_t> pending;
-  ok = ok && r.Get(&count);
-  for (uint64_t i = 0; ok && i < count; ++i) {
-    uint32_t row = 0;
-    int64_t step = 0;
-    ok = r.Get(&row) && r.Get(&step) && row < rows;
-    if (ok) pending[row] = step;
-  }
-  LandmarkSet landmarks;
-  RowMatrixF landmark_frame;
-  int64_t frame_step = 0;
-  ok = ok && r.GetArray(&landmarks.ids) && r.Get(&landmarks.epoch) &&
-       GetMatrix(r, &landmark_frame) && r.Get(&frame_step) && r.Get(&count) &&
-       (landmarks.ids.empty() || (landmark_frame.rows() == Eigen::Index(landmarks.ids.size()) &&
-                                  landmark_frame.cols() == dim));
-  std::deque<std::pair<int64_t, std::shared_ptr<const DriftModel>>> history;
-  for (uint64_t i = 0; ok && i < count; ++i) {
-    auto m = std::make_shared<DriftModel>();
-    int64_t step = 0;
-    uint8_t kernel = 0;
-    ok = r.Get(&step) && r.Get(&kernel) && kernel <= 3 && r.Get(&m->width) &&
-         r.Get(&m->center) && r.Get(&m->lambda) && GetMatrix(r, &m->landmarks) &&
-         GetMatrix(r, &m->coef) && m->landmarks.cols() == dim &&
-         (kernel == 0 ? m->coef.size() == 0
-                      : m->coef.rows() == m->landmarks.rows() && m->coef.cols() == dim);
-    m->kernel = static_cast<DriftKernel>(kernel);
-    history.emplace_back(step, std::move(m));
-  }
-  DriftSummary d;
-  uint8_t summary_active = 0;
-  std::string kernel;
-  ok = ok && r.Get(&summary_active) && r.Get(&d.step) && r.Get(&d.landmark_epoch) &&
-       r.Get(&d.num_landmarks) && r.GetString(&kernel) && r.Get(&d.lambda) &&
-       r.Get(&d.heldout_residual) && r.Get(&d.stale_residual) && r.Get(&d.updates) &&
-       r.Get(&d.rebases) && r.Get(&d.last_fit_seconds) && r.Get(&d.last_apply_seconds) &&
-       (d.kernel = KernelNameFromString(kernel)) != nullptr;
-  d.active = summary_active != 0;
+  ok = ok && drift.Load(r, rows) &&
+       (options_.metric == Metric::kCosine ? inv_norms.size() >= store.size()
+                                           : inv_norms.empty()) &&
+       inv_norms.size() <= rows;
   if (!ok) {
     return absl::DataLossError(absl::StrCat(
         "an index snapshot of ", snapshot.size(),
-        " bytes does not parse or is inconsistent with the collection (dim ", dim, ")"));
+        " bytes does not parse or is inconsistent with the collection (dim ", options_.dim,
+        ")"));
   }
   absl::MutexLock write_lock(&write_mu_);
   absl::WriterMutexLock lock(&mu_);
-  uint8_t was_active = drift_active_ ? 1 : 0;
-  auto swap_all = [&] {
+  auto swap_all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::swap(store_, store);
     std::swap(inv_norms_, inv_norms);
     std::swap(version_, version);
-    std::swap(was_active, active);
-    drift_active_ = was_active != 0;
-    std::swap(served_, served);
-    std::swap(frame_, frame);
-    std::swap(offsets_, offsets);
-    std::swap(pending_, pending);
-    std::swap(landmarks_, landmarks);
-    std::swap(landmark_frame_, landmark_frame);
-    std::swap(frame_step_, frame_step);
-    std::swap(history_, history);
-    std::swap(drift_summary_, d);
+    std::swap(drift_, drift);
   };
   swap_all();
   if (!RestoreExtraLocked(r)) {

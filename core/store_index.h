@@ -4,38 +4,10 @@
 // state. A subclass adds its structure through hooks that run under the
 // writer lock.
 //
-// Drift (core/drift/drift.h). Until the first ApplyDrift the index scores
-// the stored vectors. From then on it scores `served_`, one corrected vector
-// per row, materialized by one pass over the targets per update:
-//   served(y) = normalize?( E(y) + corr_t(E(y)) + o(y) ),
-// with E = `frame_` (the frame of the last re-base, at step s_F),
-// corr_t(x) = k(x, L) C_t the current model's correction, and o(y) an offset
-// for targets re-encoded since the re-base.
-//
-// Re-encoded targets. A target upserted at model step s carries the drift
-// up to s already; it must receive only the drift after s. Let corr_s be the
-// correction "as of step s": 0 at s_F, the update's own at each update step,
-// linear in the step between two updates (the drift is taken to accrue
-// evenly between updates). Then E(y) = g_s(y) and o(y) = -corr_s(g_s(y)),
-// so at t = s the target is served exactly as sent and later it receives
-// corr_t - corr_s. When s lies beyond the last update, corr_s is not known
-// yet: the target is served as sent and stays "pending" until the next
-// update t, which interpolates between the last update and t. This is the
-// "virtual base" E(y) + o(y) of the issue, kept as a sparse offset so that
-// the kernel is still evaluated at the real embedding. The models of the
-// last kHistory updates are kept for late upserts (steps older than those
-// interpolate from s_F to the oldest kept).
-//
-// At the first update the frame is the stored vectors, s_F is the lowest
-// model_step among them, and the targets stored at a later step are
-// pending. A re-base makes the served vectors the new frame at the update's
-// step, drops the offsets, chooses new landmarks (k-means++ on a sample)
-// and bumps the landmark epoch; a tree index rebuilds in the background
-// (OnRebase). It happens after a linear map, when a fit's
-// held-out residual exceeds IndexOptions::Drift::rebase_residual, or every
-// rebase_every_steps.
-// Memory: once drift is active, frame_ and served_ add 2 x dim floats per
-// row to the stored vectors.
+// Drift: a DriftState (core/drift/drift_state.h) holds the frame, the
+// corrected ("served") vectors, the offsets, pending steps, history and
+// landmarks; once active, the index scores its served vectors. A tree index
+// rebuilds in the background after a re-base (OnRebase).
 //
 // Backend kCuda: a DeviceMirror (core/cuda/device_mirror.h) holds a copy of
 // the scoring vectors on the GPU (and, for a tree, its leaf level). Writes
@@ -50,11 +22,11 @@
 //
 // Thread safety: as the Index contract. Writers (Upsert, Delete, GetLandmarks,
 // ApplyDrift, a subclass installing a rebuild) first take `write_mu_`, so they
-// run one at a time; state only writers read (frame_, offsets_, the drift
-// models) is guarded by it. `mu_` is a reader-writer lock: a writer holds it
-// exclusively only to install its change, Search and Get hold it shared. The
-// slow part of ApplyDrift runs under write_mu_ and mu_ shared, so queries go
-// on meanwhile.
+// run one at a time. `mu_` is a reader-writer lock over the store and the
+// drift state: a writer holds it exclusively only to install its change,
+// Search and Get hold it shared. The slow parts of ApplyDrift (the fit, the
+// bulk correction) run under write_mu_ and mu_ shared, so queries go on
+// meanwhile.
 #ifndef NEGMINE_CORE_STORE_INDEX_H_
 #define NEGMINE_CORE_STORE_INDEX_H_
 
@@ -66,7 +38,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "core/cuda/device_mirror.h"
-#include "core/drift/drift.h"
+#include "core/drift/drift_state.h"
 #include "core/index.h"
 #include "core/store/embedding_store.h"
 #include "core/tree/tree.h"
@@ -79,6 +51,7 @@ class StoreIndex : public Index {
 
   const IndexOptions& options() const override { return options_; }
   IndexStats Stats() const override;
+  uint64_t version() const override;
   absl::Status Upsert(absl::Span<const uint64_t> ids,
                       absl::Span<const float> vectors,
                       int64_t model_step) override;
@@ -192,61 +165,19 @@ class StoreIndex : public Index {
       absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
-  static constexpr size_t kHistory = 64;
-
-  // The landmarks' count for this collection and size.
-  int NumLandmarks() const;
-  // The stored vectors in scoring space (cosine: unit rows), num_rows x dim.
-  std::vector<float> ScoringCopy() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Chooses a new landmark set from the current frame.
+  // Chooses a new landmark set from the current frame and installs it.
   absl::Status ChooseLandmarks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
-  // The served vectors of every row for the update (`step`, `model`), from
-  // the frame and the offsets; the new offsets of the pending rows go to
-  // `resolved` (row, offset).
-  std::vector<float> Materialize(
-      int64_t step, const DriftModel& model,
-      std::vector<std::pair<uint32_t, std::vector<float>>>* resolved) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
-  // Installs `served` (and the frame, on first activation), moves the
-  // index, bumps the version.
-  void InstallServed(std::vector<float> served)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // Serves `served` from now on: the subclass moves its structure, the
+  // version goes up.
+  void InstallServed(std::vector<float> served) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
+  // Makes the served vectors the frame and chooses new landmarks.
   void Rebase() ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   absl::StatusOr<DriftReport> ApplyLinearMap(const DriftUpdate& update)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
-  // For an upsert of `vectors` (inverse norms `inv` for cosine) at `step`
-  // under drift: their frame rows, served rows and offsets (empty: none).
-  void DriftRows(absl::Span<const float> vectors, absl::Span<const float> inv,
-                 int64_t step, std::vector<float>* frame_rows,
-                 std::vector<float>* served_rows,
-                 std::vector<float>* offset_rows) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
-  // corr_s(x) (see above) for the n rows of x, into out (n x dim), for a
-  // step s at or before the last update.
-  void CorrectionAt(int64_t step, const float* x, size_t n, float* out) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
-  // The step of the last update since the re-base, or s_F.
-  int64_t LatestStep() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_) {
-    return history_.empty() ? frame_step_ : history_.back().first;
-  }
+  // The stored vectors in scoring space (cosine: unit rows), num_rows x dim.
+  std::vector<float> ScoringCopy() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
-  // Drift state. Writers read it under write_mu_. What readers see (the
-  // flag, the served and frame vectors, the summary) is written under both
-  // write_mu_ and mu_.
-  bool drift_active_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<float> served_ ABSL_GUARDED_BY(mu_);  // num_rows x dim
-  std::vector<float> frame_ ABSL_GUARDED_BY(mu_);   // num_rows x dim
-  absl::flat_hash_map<uint32_t, std::vector<float>> offsets_
-      ABSL_GUARDED_BY(write_mu_);
-  LandmarkSet landmarks_ ABSL_GUARDED_BY(write_mu_);
-  RowMatrixF landmark_frame_ ABSL_GUARDED_BY(write_mu_);
-  int64_t frame_step_ ABSL_GUARDED_BY(write_mu_) = 0;  // s_F
-  // Rows upserted at a step beyond the last update: row -> step.
-  absl::flat_hash_map<uint32_t, int64_t> pending_ ABSL_GUARDED_BY(write_mu_);
-  // (step, model) of the updates since the re-base, oldest first.
-  std::deque<std::pair<int64_t, std::shared_ptr<const DriftModel>>> history_
-      ABSL_GUARDED_BY(write_mu_);
-  DriftSummary drift_summary_ ABSL_GUARDED_BY(mu_);
+  DriftState drift_ ABSL_GUARDED_BY(mu_);
 
   std::unique_ptr<DeviceMirror> device_;
   mutable std::vector<uint32_t> device_dirty_ ABSL_GUARDED_BY(device_mu_);

@@ -1073,17 +1073,17 @@ __global__ void GatherIdsKernel(const Cand* c, size_t count, const uint64_t* ids
 
 // Drift features in place: f (rows x m, row-major) from <x_i, l_j> to the
 // kernel's value (Gaussian needs the squared norms xn, ln).
-__global__ void DriftFeaturesKernel(float* f, size_t rows, int m, int kernel, float inv_w,
-                                    float center, const float* xn, const float* ln) {
+__global__ void DriftFeaturesKernel(float* f, size_t rows, int m, DriftKernel kernel,
+                                    float inv_w, float center, const float* xn, const float* ln) {
   const size_t total = rows * m;
   for (size_t e = blockIdx.x * size_t{blockDim.x} + threadIdx.x; e < total;
        e += size_t{gridDim.x} * blockDim.x) {
     const size_t i = e / m;
     const int j = static_cast<int>(e % m);
     const float dot = f[e];
-    if (kernel == 2) {
+    if (kernel == DriftKernel::kGaussian) {
       f[e] = expf(-fmaxf(xn[i] + ln[j] - 2.0f * dot, 0.0f) * inv_w);
-    } else if (kernel == 3) {
+    } else if (kernel == DriftKernel::kExpInner) {
       f[e] = expf(fminf((dot - center) * inv_w, 60.0f));
     }
   }
@@ -1712,7 +1712,7 @@ class Mirror final : public DeviceMirror {
     DeviceScope scope(device_);
     const int d = dim_;
     const int m = static_cast<int>(md.m);
-    if (md.kernel == 0 || m == 0) {
+    if (md.kernel == DriftKernel::kNone || m == 0) {
       std::copy_n(x, n * d, out);
       return absl::OkStatus();
     }
@@ -1739,7 +1739,7 @@ class Mirror final : public DeviceMirror {
       // Row-major f (rows x m) = x L^T: column-major m x rows = L^T' x'.
       CUBLAS_RETURN_IF_ERROR(Blas().sgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, m, rows, d, &one,
                                          dl.as<float>(), d, xs, d, &zero, df.as<float>(), m));
-      if (md.kernel != 1) {
+      if (md.kernel != DriftKernel::kLinear) {
         SquaredNormsKernel<<<GridFor(rows), kThreads, 0, stream_>>>(xs, rows, d,
                                                                     dxn.as<float>());
         DriftFeaturesKernel<<<GridFor(size_t(rows) * m), kThreads, 0, stream_>>>(

@@ -81,6 +81,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/drift/drift.h"
 #include "core/index.h"
 
 namespace negmine {
@@ -97,10 +98,10 @@ struct DeviceHit {
 };
 
 // A fitted drift correction x -> x + k(x, L) C (core/drift/drift.h), as
-// plain arrays: kernel 1 linear <x, l>, 2 Gaussian exp(-||x - l||^2 / width),
-// 3 exp-inner exp(min((<x, l> - center) / width, 60)).
+// plain arrays: kernel kLinear <x, l>, kGaussian exp(-||x - l||^2 / width),
+// kExpInner exp(min((<x, l> - center) / width, 60)).
 struct DeviceDriftModel {
-  int kernel = 0;
+  DriftKernel kernel = DriftKernel::kNone;
   float width = 1, center = 0;
   const float* landmarks = nullptr;  // m x dim
   const float* coef = nullptr;       // m x dim
