@@ -333,9 +333,10 @@ class Index {
   // Where searches run: kCpu or kCuda (kAuto resolved at creation).
   virtual Backend active_backend() const { return Backend::kCpu; }
   virtual IndexStats Stats() const = 0;
-  // The version a search started now would see; cheap (no scan, and no wait
-  // for a search running on a device).
-  virtual uint64_t version() const = 0;
+  // The version a search started now would see. The indexes of this
+  // library answer it cheaply (no scan, and no wait for a search running on
+  // a device); a wrapper that does not override it pays for Stats().
+  virtual uint64_t version() const { return Stats().version; }
   // The tree's shape, for a tree index; O(N) (it measures looseness).
   virtual std::optional<TreeSummary> TreeInfo() const { return std::nullopt; }
 
