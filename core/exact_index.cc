@@ -35,15 +35,10 @@ std::vector<Hit> TopRows(const float* scores, size_t num_rows,
 
 }  // namespace
 
-absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
-    absl::Span<const float> queries, size_t n,
-    absl::Span<const std::vector<uint64_t>> exclude,
-    const SearchParams& params) const {
+absl::Status ExactIndex::ForEachScored(absl::Span<const float> queries, size_t n,
+                                       const SearchParams* params,
+                                       const std::function<void(size_t, float*)>& visit) const {
   const int dim = options_.dim;
-  SearchResult result;
-  result.index_version = version_;
-  result.queries.resize(n);
-
   const size_t num_rows = store_.num_rows();
   const size_t chunk =
       std::clamp<size_t>(kMaxScoreBlockFloats / std::max<size_t>(num_rows, 1),
@@ -53,7 +48,7 @@ absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
   RowMatrix q;
   Eigen::MatrixXf scores;  // column-major: column j holds query j's scores
   for (size_t begin = 0; begin < n; begin += chunk) {
-    RETURN_IF_ERROR(CheckCancelled(params));
+    if (params != nullptr) RETURN_IF_ERROR(CheckCancelled(*params));
     const size_t c = std::min(chunk, n - begin);
     q = Eigen::Map<const RowMatrix>(queries.data() + begin * dim, c, dim);
     if (options_.metric == Metric::kCosine) q.rowwise().normalize();
@@ -63,25 +58,50 @@ absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
       if (points.scale != nullptr) {
         for (size_t row = 0; row < num_rows; ++row) s[row] *= points.scale[row];
       }
-      const size_t qi = begin + j;
-      result.queries[qi] = MineOne(
-          s, exclude.empty() ? absl::Span<const uint64_t>() : exclude[qi],
-          params, params.stream_offset + qi);
+      visit(begin + j, s);
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SearchResult> ExactIndex::SearchLocked(absl::Span<const float> queries, size_t n,
+                                                      absl::Span<const QueryPlan> plans,
+                                                      const SearchParams& params) const {
+  SearchResult result;
+  result.index_version = version_;
+  result.queries.resize(n);
+  RETURN_IF_ERROR(ForEachScored(queries, n, &params, [&](size_t qi, float* s) {
+    result.queries[qi] = MineOne(s, plans[qi], params, params.stream_offset + qi);
+  }));
   return result;
 }
 
-QueryResult ExactIndex::MineOne(float* s, absl::Span<const uint64_t> exclude,
-                                const SearchParams& params,
+void ExactIndex::CountAboveLocked(absl::Span<const float> queries,
+                                  absl::Span<const QueryPlan> plans,
+                                  std::vector<std::vector<size_t>>* above) const {
+  const size_t num_rows = store_.num_rows();
+  above->assign(plans.size(), {});
+  ForEachScored(queries, plans.size(), nullptr, [&](size_t qi, float* s) {
+    const QueryPlan& plan = plans[qi];
+    if (plan.count_above.empty()) return;
+    for (uint32_t row : plan.excluded) s[row] = kNegInf;
+    std::vector<size_t>& out = (*above)[qi];
+    out.assign(plan.count_above.size(), 0);
+    for (size_t row = 0; row < num_rows; ++row) {
+      if (!store_.live(row) || s[row] == kNegInf) continue;
+      for (size_t t = 0; t < out.size(); ++t) out[t] += s[row] > plan.count_above[t];
+    }
+  }).IgnoreError();  // no cancellation without params
+}
+
+QueryResult ExactIndex::MineOne(float* s, const QueryPlan& plan, const SearchParams& params,
                                 uint64_t stream) const {
   const size_t num_rows = store_.num_rows();
+  const bool window = plan.window();
   for (size_t row = 0; row < num_rows; ++row) {
-    if (!store_.live(row)) s[row] = kNegInf;
+    if (!store_.live(row) || (window && !plan.Eligible(s[row]))) s[row] = kNegInf;
   }
-  for (uint64_t id : exclude) {
-    if (std::optional<size_t> row = store_.Row(id)) s[*row] = kNegInf;
-  }
+  for (uint32_t row : plan.excluded) s[row] = kNegInf;
 
   QueryResult out;
   const size_t num_hard = params.mode == MineMode::kTopK   ? params.k

@@ -12,6 +12,7 @@
 #ifndef NEGMINE_CORE_EXACT_INDEX_H_
 #define NEGMINE_CORE_EXACT_INDEX_H_
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -23,18 +24,26 @@ class ExactIndex final : public StoreIndex {
  public:
   explicit ExactIndex(const IndexOptions& options) : StoreIndex(options) {}
 
-  absl::StatusOr<SearchResult> SearchLocked(
-      absl::Span<const float> queries, size_t n,
-      absl::Span<const std::vector<uint64_t>> exclude,
-      const SearchParams& params) const override
+  absl::StatusOr<SearchResult> SearchLocked(absl::Span<const float> queries, size_t n,
+                                            absl::Span<const QueryPlan> plans,
+                                            const SearchParams& params) const override
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void CountAboveLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
+                        std::vector<std::vector<size_t>>* above) const override
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
-  // Mines one query whose scores against every row are in `scores`
-  // (num_rows entries, modified in place).
-  QueryResult MineOne(float* scores, absl::Span<const uint64_t> exclude,
-                      const SearchParams& params, uint64_t stream) const
+  // Calls visit(i, scores) for each of the n queries, scores holding its
+  // score against every row (num_rows entries, which visit may modify),
+  // scored in chunks of queries by one matrix product each.
+  absl::Status ForEachScored(absl::Span<const float> queries, size_t n,
+                             const SearchParams* params,
+                             const std::function<void(size_t, float*)>& visit) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Mines one query whose scores against every row are in `scores`
+  // (modified in place).
+  QueryResult MineOne(float* scores, const QueryPlan& plan, const SearchParams& params,
+                      uint64_t stream) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 };
 
 }  // namespace negmine

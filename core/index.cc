@@ -6,6 +6,7 @@
 #include "core/status.h"
 #include "core/cuda/device.h"
 #include "core/exact_index.h"
+#include "core/mine_plan.h"
 #include "core/tree/tree_index.h"
 
 namespace negmine {
@@ -74,7 +75,7 @@ absl::Status ValidateSearchParams(const SearchParams& p, size_t num_targets) {
     return absl::InvalidArgumentError(
         absl::StrCat("params.beam_width = ", p.beam_width, " must be >= 0"));
   }
-  return absl::OkStatus();
+  return ValidateFilters(p);
 }
 
 absl::Status CheckFinite(absl::Span<const float> values, int dim,

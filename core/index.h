@@ -109,6 +109,52 @@ struct IndexOptions {
   static constexpr int kMaxDim = 65536;
 };
 
+// Controls against false negatives (SearchParams::filters), for every mode.
+// A target a filter removes is not eligible: kTopK returns the best eligible
+// targets, sampling draws from the distribution restricted to them, log Z is
+// over them. The margins use s_pos, the query's lowest positive score
+// (SearchParams::positives), and need positives. Every control is off by
+// default.
+struct MineFilters {
+  static constexpr float kInf = std::numeric_limits<float>::infinity();
+  float min_score = -kInf;  // drop s < min_score
+  float max_score = kInf;   // drop s > max_score
+  // >= 0: drop s > s_pos - absolute_margin. NaN: off.
+  float absolute_margin = std::numeric_limits<float>::quiet_NaN();
+  // >= 0: drop s > s_pos - |s_pos| relative_margin. NaN: off.
+  float relative_margin = std::numeric_limits<float>::quiet_NaN();
+  // In (0, 1]: drop a candidate whose cosine to one of the query's positives,
+  // or to a negative already taken for it, is >= dedupe_cosine. 0: off.
+  float dedupe_cosine = 0;
+
+  bool margins() const { return absolute_margin == absolute_margin || relative_margin == relative_margin; }
+  // Written out (NaN == NaN here: both off).
+  bool operator==(const MineFilters& o) const {
+    auto same = [](float a, float b) { return a == b || (a != a && b != b); };
+    return min_score == o.min_score && max_score == o.max_score &&
+           same(absolute_margin, o.absolute_margin) &&
+           same(relative_margin, o.relative_margin) && dedupe_cosine == o.dedupe_cosine;
+  }
+};
+
+// What kSample and kMixed draw from.
+enum class SampleDistribution {
+  kSoftmax,  // softmax(s / temperature) over the eligible targets
+  // SimANS (Zhou et al. 2022): weights exp(-a (s - s_pos - b)^2) over the
+  // `candidates` highest-scoring eligible targets (after the rank window and
+  // MIXED's top part); needs positives. log q is exact.
+  kSimans,
+};
+
+struct SimansParams {
+  float a = 0.5f;
+  float b = 0;
+  int candidates = 100;  // K >= k
+  bool operator==(const SimansParams& o) const {
+    return a == o.a && b == o.b && candidates == o.candidates;
+  }
+};
+
 // The knobs of SearchParams that decide what a search returns per query
 // (apart from the queries and their exclusions), comparable: two calls with
 // equal specs may be served as one batch. The seed counts only when sampling.
@@ -122,6 +168,9 @@ struct SearchSpec {
   int rank_offset = 0;
   bool want_log_z = false;
   uint64_t seed = 0;  // 0 for kTopK
+  MineFilters filters;
+  SampleDistribution distribution = SampleDistribution::kSoftmax;
+  SimansParams simans;
   // Tree-only knobs (the exact index ignores them), as SearchParams below.
   struct Tree {
     bool approximate = false;
@@ -137,7 +186,8 @@ struct SearchSpec {
     return mode == o.mode && sampler == o.sampler && k == o.k &&
            temperature == o.temperature && num_hard == o.num_hard &&
            with_replacement == o.with_replacement && rank_offset == o.rank_offset &&
-           want_log_z == o.want_log_z && seed == o.seed && tree == o.tree;
+           want_log_z == o.want_log_z && seed == o.seed && filters == o.filters &&
+           distribution == o.distribution && simans == o.simans && tree == o.tree;
   }
   bool operator!=(const SearchSpec& o) const { return !(*this == o); }
 };
@@ -160,6 +210,14 @@ struct SearchParams {
   // skipped by every mode (they are likely false negatives). Sampling is then
   // from the softmax restricted to the remaining targets.
   int rank_offset = 0;
+  // Controls against false negatives (MineFilters above).
+  MineFilters filters;
+  // Either empty, or one list per query: its positives (ids in the
+  // collection; NOT_FOUND otherwise). They are always excluded, scored
+  // (QueryResult::positive_scores), and give s_pos to the margins and SimANS.
+  absl::Span<const std::vector<uint64_t>> positives;
+  SampleDistribution distribution = SampleDistribution::kSoftmax;
+  SimansParams simans;  // distribution kSimans only
   // Top-k only: allow approximate search (ignored by the exact index).
   bool approximate = false;
   // Leaves an approximate search scores per query (0: the index's default,
@@ -194,15 +252,34 @@ struct SearchParams {
   // 0: the whole batch at once.
   int work_unit_queries = 256;
 
-  // The fields that decide the results (not the stream offset, the
-  // cancellation or the work units).
+  // The fields that decide the results, apart from the per-query lists
+  // (not the stream offset, the cancellation or the work units).
   SearchSpec Spec() const {
     return {.mode = mode, .sampler = sampler, .k = k, .temperature = temperature,
             .num_hard = num_hard, .with_replacement = with_replacement,
             .rank_offset = rank_offset, .want_log_z = want_log_z,
             .seed = mode == MineMode::kTopK ? 0 : seed,
+            .filters = filters, .distribution = distribution, .simans = simans,
             .tree = {.approximate = approximate, .beam_width = beam_width,
                      .log_z_width = log_z_width}};
+  }
+};
+
+// Why targets were not eligible for one query. With num_eligible they add
+// up to the live targets: excluded + positives + max_score + min_score +
+// absolute_margin + relative_margin + num_eligible. A target several score
+// filters remove counts once, under the first of max_score, min_score,
+// absolute_margin, relative_margin. rank_offset and dedupe count eligible
+// targets the rank window skipped and the dedupe dropped.
+struct FilterCounts {
+  size_t excluded = 0;  // live, in the exclude list, not a positive
+  size_t positives = 0;
+  size_t max_score = 0, min_score = 0, absolute_margin = 0, relative_margin = 0;
+  size_t rank_offset = 0, dedupe = 0;
+  void Add(const FilterCounts& o) {
+    excluded += o.excluded, positives += o.positives, max_score += o.max_score;
+    min_score += o.min_score, absolute_margin += o.absolute_margin;
+    relative_margin += o.relative_margin, rank_offset += o.rank_offset, dedupe += o.dedupe;
   }
 };
 
@@ -218,10 +295,16 @@ struct QueryResult {
   std::vector<float> log_q;
   // How many leading results are top-k (the rest are samples).
   int num_top = 0;
-  // Live targets not excluded for this query, at the searched version
-  // (before the rank window). Fewer than rank_offset + k results come back
-  // only when this is smaller.
+  // Live targets this query could get, at the searched version: not
+  // excluded, not a positive, inside the filters' score window (before the
+  // rank window and the dedupe). Fewer than k results come back only when
+  // num_eligible - removed.rank_offset - removed.dedupe < k.
   size_t num_eligible = 0;
+  FilterCounts removed;
+  // The query's positives' scores, in the order given.
+  std::vector<float> positive_scores;
+  // Set when fewer than k results came back: why, in words.
+  std::string shortfall;
   // A certified interval for log Z = log sum_y exp(s(q, y) / tau) over the
   // eligible targets, when SearchParams::want_log_z. lo == hi when exact.
   double log_z_lo = std::numeric_limits<double>::quiet_NaN();

@@ -170,68 +170,6 @@ absl::Status StoreIndex::Get(absl::Span<const uint64_t> ids,
   return absl::OkStatus();
 }
 
-absl::StatusOr<SearchResult> StoreIndex::Search(
-    absl::Span<const float> queries,
-    absl::Span<const std::vector<uint64_t>> exclude,
-    const SearchParams& params) const {
-  const int dim = options_.dim;
-  if (queries.empty() || queries.size() % dim != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("queries hold ", queries.size(),
-                     " floats, not a positive multiple of dim ", dim));
-  }
-  const size_t n = queries.size() / dim;
-  if (!exclude.empty() && exclude.size() != n) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("exclude has ", exclude.size(), " lists for ", n,
-                     " queries; send none or one per query"));
-  }
-  RETURN_IF_ERROR(CheckFinite(queries, dim, "queries"));
-  absl::ReaderMutexLock lock(&mu_);
-  RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
-  std::optional<absl::StatusOr<SearchResult>> on_device;
-  if (device_) on_device = DeviceSearchLocked(queries, n, exclude, params);
-  absl::StatusOr<SearchResult> result = absl::UnknownError("no search ran");
-  const size_t unit = params.work_unit_queries > 0 ? static_cast<size_t>(params.work_unit_queries)
-                                                   : n;
-  if (on_device.has_value()) {
-    result = *std::move(on_device);
-  } else if (n <= unit) {
-    result = SearchLocked(queries, n, exclude, params);
-  } else {
-    // Work units, one after the other under this one read lock: a deadline
-    // stops the batch within a unit, and scratch is that of one unit.
-    SearchResult all;
-    all.index_version = version_;
-    all.queries.reserve(n);
-    SearchParams unit_params = params;
-    for (size_t begin = 0; begin < n; begin += unit) {
-      RETURN_IF_ERROR(CheckCancelled(params));
-      const size_t m = std::min(unit, n - begin);
-      unit_params.stream_offset = params.stream_offset + begin;
-      ASSIGN_OR_RETURN(
-          SearchResult part,
-          SearchLocked(queries.subspan(begin * dim, m * dim), m,
-                       exclude.empty() ? exclude : exclude.subspan(begin, m), unit_params));
-      for (QueryResult& q : part.queries) all.queries.push_back(std::move(q));
-    }
-    result = std::move(all);
-  }
-  if (!result.ok() || result->queries.size() != n) return result;
-  // Under the same lock as the search, so that the count is of its version.
-  absl::flat_hash_set<uint64_t> live_excluded;
-  for (size_t i = 0; i < n; ++i) {
-    live_excluded.clear();
-    if (!exclude.empty()) {
-      for (uint64_t id : exclude[i]) {
-        if (store_.Row(id).has_value()) live_excluded.insert(id);
-      }
-    }
-    result->queries[i].num_eligible = store_.size() - live_excluded.size();
-  }
-  return result;
-}
-
 }  // namespace negmine
 
 // ------------------------------------------------------------------ drift

@@ -40,6 +40,7 @@
 #include "core/cuda/device_mirror.h"
 #include "core/drift/drift_state.h"
 #include "core/index.h"
+#include "core/mine_plan.h"
 #include "core/store/embedding_store.h"
 #include "core/tree/tree.h"
 
@@ -82,12 +83,20 @@ class StoreIndex : public Index {
       const SearchParams& params) const final;
 
  protected:
-  // The search proper, on validated input: `n` queries (n x dim), `exclude`
-  // empty or n lists, params valid for the collection (which is not empty).
+  // The search proper, on validated input: `n` queries (n x dim), one plan
+  // each (core/mine_plan.h: the excluded rows and the score window), params
+  // valid for the collection (which is not empty). It leaves the counts
+  // (num_eligible, removed, shortfall) to Search. It ignores params'
+  // positives, dedupe and distribution (Search runs those above it).
   virtual absl::StatusOr<SearchResult> SearchLocked(
-      absl::Span<const float> queries, size_t n,
-      absl::Span<const std::vector<uint64_t>> exclude,
+      absl::Span<const float> queries, size_t n, absl::Span<const QueryPlan> plans,
       const SearchParams& params) const ABSL_SHARED_LOCKS_REQUIRED(mu_) = 0;
+  // For each query i, (*above)[i][j] = the live targets not in
+  // plans[i].excluded whose score exceeds plans[i].count_above[j].
+  virtual void CountAboveLocked(absl::Span<const float> queries,
+                                absl::Span<const QueryPlan> plans,
+                                std::vector<std::vector<size_t>>* above) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) = 0;
 
   // After the store took new rows (`inserted`) and overwrote others
   // (`updated`).
@@ -163,6 +172,32 @@ class StoreIndex : public Index {
   std::optional<absl::StatusOr<SearchResult>> DeviceSearchLocked(
       absl::Span<const float> queries, size_t n,
       absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  // Search's parts (core/store_search.cc). The plan of every query: its
+  // excluded rows, its positives (scored) and its score window.
+  absl::StatusOr<std::vector<QueryPlan>> PlanLocked(
+      absl::Span<const float> queries, size_t n,
+      absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // SearchLocked in work units (SearchParams::work_unit_queries).
+  absl::StatusOr<SearchResult> UnitsLocked(absl::Span<const float> queries,
+                                           absl::Span<const QueryPlan> plans,
+                                           const SearchParams& params) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Query i alone, with its own stream (for a refill).
+  absl::StatusOr<QueryResult> OneLocked(absl::Span<const float> queries, size_t i,
+                                        const QueryPlan& plan, const SearchParams& params) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The mining controls above the backends (the dedupe, SimANS): a top list,
+  // then draws, each walked in order.
+  absl::StatusOr<SearchResult> StagedLocked(absl::Span<const float> queries, size_t n,
+                                            absl::Span<const QueryPlan> plans,
+                                            const SearchParams& params) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Fills each result's counts, positive scores and shortfall.
+  void CountLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
+                   const SearchParams& params, bool staged, SearchResult* result) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   // Chooses a new landmark set from the current frame and installs it.

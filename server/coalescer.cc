@@ -16,11 +16,7 @@ struct SearchCoalescer::Pending {
 };
 
 bool SearchCoalescer::Compatible(const SearchParams& a, const SearchParams& b) {
-  return a.mode == b.mode && a.sampler == b.sampler && a.k == b.k &&
-         a.temperature == b.temperature && a.num_hard == b.num_hard &&
-         a.with_replacement == b.with_replacement && a.rank_offset == b.rank_offset &&
-         a.approximate == b.approximate && a.beam_width == b.beam_width &&
-         a.want_log_z == b.want_log_z && a.log_z_width == b.log_z_width;
+  return a.Spec() == b.Spec();
 }
 
 absl::StatusOr<SearchResult> SearchCoalescer::Search(
@@ -29,6 +25,7 @@ absl::StatusOr<SearchResult> SearchCoalescer::Search(
   const int dim = index_->options().dim;
   const size_t n = queries.size() / dim;
   if (options_.max_queries == 0 || params.mode != MineMode::kTopK || n == 0 ||
+      !params.positives.empty() ||
       n >= options_.max_queries || queries.size() % dim != 0 ||
       (!exclude.empty() && exclude.size() != n) || !CheckFinite(queries, dim, "queries").ok()) {
     // Alone: not mergeable, big enough, or bad (the index names the error).

@@ -12,8 +12,9 @@
 // leads: it waits up to `max_delay` (the latency budget) for more, or until
 // `max_queries` are queued, then runs the merged search and hands every
 // request its own slice. Requests that arrive while a batch runs queue for
-// the next one. Requests merge only when their SearchParams are equal (the
-// seed and cancellation aside) and their mode is top-k, whose results do not
+// the next one. Requests merge only when their specs are equal
+// (SearchParams::Spec), they name no positives, and their mode is top-k,
+// whose results do not
 // depend on the batch (scores to float rounding: a GEMM's summation order
 // follows the batch's shape); sampling results depend on each query's position in
 // its call (the seed's stream), so sampling requests run alone.

@@ -99,6 +99,18 @@ Metrics::Metrics()
                      .Help("Negatives returned by Mine and MineStream.")
                      .Register(*registry_)
                      .Add({})),
+      filtered_(prometheus::BuildCounter()
+                    .Name("negmine_filtered_targets_total")
+                    .Help("Targets a mining query could not get, summed over queries, by "
+                          "filter: excluded, positives, max_score, min_score, "
+                          "absolute_margin, relative_margin (not eligible), rank_offset, "
+                          "dedupe (eligible, skipped or dropped).")
+                    .Register(*registry_)),
+      short_queries_(prometheus::BuildCounter()
+                         .Name("negmine_short_results_total")
+                         .Help("Mining queries answered with fewer than k results.")
+                         .Register(*registry_)
+                         .Add({})),
       batch_queries_(prometheus::BuildHistogram()
                          .Name("negmine_mine_batch_queries")
                          .Help("Queries per mining request.")
@@ -286,6 +298,22 @@ void Metrics::SetRecovery(RecoveryPhase phase, double progress) {
 void Metrics::ObserveMine(size_t queries, size_t negatives) {
   batch_queries_.Observe(static_cast<double>(queries));
   negatives_.Increment(static_cast<double>(negatives));
+}
+
+void Metrics::ObserveFiltered(const FilterCounts& removed, size_t short_queries) {
+  const std::pair<const char*, size_t> counts[] = {
+      {"excluded", removed.excluded},
+      {"positives", removed.positives},
+      {"max_score", removed.max_score},
+      {"min_score", removed.min_score},
+      {"absolute_margin", removed.absolute_margin},
+      {"relative_margin", removed.relative_margin},
+      {"rank_offset", removed.rank_offset},
+      {"dedupe", removed.dedupe}};
+  for (const auto& [filter, n] : counts) {
+    if (n > 0) filtered_.Add({{"filter", filter}}).Increment(static_cast<double>(n));
+  }
+  if (short_queries > 0) short_queries_.Increment(static_cast<double>(short_queries));
 }
 
 void Metrics::SetCollection(const std::string& collection, double targets,

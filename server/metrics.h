@@ -65,6 +65,9 @@ class Metrics {
                       double seconds, const RequestLabels& labels = {});
   // One mining request of `queries` queries that returned `negatives`.
   void ObserveMine(size_t queries, size_t negatives);
+  // One mining request's queries: the targets each filter removed (summed
+  // over its queries), and the queries that got fewer than k results.
+  void ObserveFiltered(const FilterCounts& removed, size_t short_queries);
   // The current size and version of a collection.
   void SetCollection(const std::string& collection, double targets,
                      double version);
@@ -105,6 +108,8 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& latency_;
   prometheus::Counter& negatives_;
+  prometheus::Family<prometheus::Counter>& filtered_;
+  prometheus::Counter& short_queries_;
   prometheus::Histogram& batch_queries_;
   GaugeFamily& targets_;
   GaugeFamily& version_;

@@ -287,6 +287,13 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req, v1::MineRe
         absl::StrCat("min_index_version = ", req.min_index_version(),
                      " is ahead of the index (version ", result.index_version, ")"));
   }
+  FilterCounts removed;
+  size_t short_queries = 0;
+  for (const QueryResult& q : result.queries) {
+    removed.Add(q.removed);
+    short_queries += !q.shortfall.empty();
+  }
+  metrics_->ObserveFiltered(removed, short_queries);
   const size_t negatives = ToWireMineResponse(result, in.params.want_log_z, resp);
   metrics_->ObserveMine(n, negatives);
   return absl::OkStatus();

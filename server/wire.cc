@@ -115,6 +115,30 @@ absl::StatusOr<SearchParams> ToSearchParams(const v1::MineParams& p) {
         "params.log_z_width = ", p.log_z_width(), " must be finite and >= 0"));
   }
   if (p.log_z_width() > 0) s.log_z_width = p.log_z_width();
+  const v1::MineFilters& f = p.filters();
+  if (f.has_min_score()) s.filters.min_score = f.min_score();
+  if (f.has_max_score()) s.filters.max_score = f.max_score();
+  if (f.has_absolute_margin()) s.filters.absolute_margin = f.absolute_margin();
+  if (f.has_relative_margin()) s.filters.relative_margin = f.relative_margin();
+  if (f.has_dedupe_cosine()) {
+    if (!(f.dedupe_cosine() > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "params.filters.dedupe_cosine = ", f.dedupe_cosine(), " must be in (0, 1] when set"));
+    }
+    s.filters.dedupe_cosine = f.dedupe_cosine();
+  }
+  switch (p.distribution()) {
+    case v1::SAMPLE_DISTRIBUTION_UNSPECIFIED:
+    case v1::SAMPLE_DISTRIBUTION_SOFTMAX: s.distribution = SampleDistribution::kSoftmax; break;
+    case v1::SAMPLE_DISTRIBUTION_SIMANS: s.distribution = SampleDistribution::kSimans; break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "params.distribution = ", p.distribution(), " is not a SampleDistribution"));
+  }
+  if (p.simans().has_a()) s.simans.a = p.simans().a();
+  if (p.simans().has_b()) s.simans.b = p.simans().b();
+  s.simans.candidates = p.simans().candidates() > 0 ? to_int(p.simans().candidates())
+                                                     : std::max(s.k, 100);
   return s;
 }
 
@@ -346,6 +370,11 @@ absl::StatusOr<MineInput> FromMineRequest(const v1::MineRequest& r, uint32_t dim
                                                    " lists for ", in.n,
                                                    " queries; send none or one per query"));
   }
+  if (r.positives_size() != 0 && static_cast<uint32_t>(r.positives_size()) != in.n) {
+    return absl::InvalidArgumentError(absl::StrCat("positives has ", r.positives_size(),
+                                                   " lists for ", in.n,
+                                                   " queries; send none or one per query"));
+  }
   absl::StatusOr<SearchParams> params = ToSearchParams(r.params());
   if (!params.ok()) return params.status();
   in.params = *std::move(params);
@@ -355,9 +384,13 @@ absl::StatusOr<MineInput> FromMineRequest(const v1::MineRequest& r, uint32_t dim
   }
   // Refused up front: a response that could not be sent. Per result at most
   // 18 bytes (an id's varint up to 10, a score and a log q), per query its
-  // framing and counts.
+  // framing, counts, shortfall text and positives' scores.
   const uint64_t k = r.params().k();
-  const uint64_t per_query = 48 + 18 * k;
+  size_t max_positives = 0;
+  for (const v1::IdList& p : r.positives()) {
+    max_positives = std::max<size_t>(max_positives, p.ids_size());
+  }
+  const uint64_t per_query = 400 + 18 * k + 5 * max_positives;
   if (64 + in.n * per_query > limits.max_message_bytes) {
     const uint64_t fit = (limits.max_message_bytes - 64) / per_query;
     return absl::InvalidArgumentError(absl::StrCat(
@@ -370,6 +403,11 @@ absl::StatusOr<MineInput> FromMineRequest(const v1::MineRequest& r, uint32_t dim
   for (int i = 0; i < r.exclude_size(); ++i) {
     in.exclude[i].assign(r.exclude(i).ids().begin(), r.exclude(i).ids().end());
   }
+  in.positives.resize(r.positives_size());
+  for (int i = 0; i < r.positives_size(); ++i) {
+    in.positives[i].assign(r.positives(i).ids().begin(), r.positives(i).ids().end());
+  }
+  in.params.positives = in.positives;
   return in;
 }
 
@@ -383,6 +421,17 @@ size_t ToWireMineResponse(SearchResult& result, bool want_log_z, v1::MineRespons
     out->mutable_log_q()->Add(q.log_q.begin(), q.log_q.end());
     out->set_num_top(q.num_top);
     out->set_num_eligible(q.num_eligible);
+    out->mutable_positive_scores()->Add(q.positive_scores.begin(), q.positive_scores.end());
+    v1::FilterCounts* removed = out->mutable_removed();
+    removed->set_excluded(q.removed.excluded);
+    removed->set_positives(q.removed.positives);
+    removed->set_max_score(q.removed.max_score);
+    removed->set_min_score(q.removed.min_score);
+    removed->set_absolute_margin(q.removed.absolute_margin);
+    removed->set_relative_margin(q.removed.relative_margin);
+    removed->set_rank_offset(q.removed.rank_offset);
+    removed->set_dedupe(q.removed.dedupe);
+    out->set_shortfall(std::move(q.shortfall));
     if (want_log_z) {
       out->set_log_z_lo(q.log_z_lo);
       out->set_log_z_hi(q.log_z_hi);

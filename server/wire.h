@@ -80,10 +80,12 @@ struct MineInput {
   std::vector<float> queries;
   uint32_t n = 0;
   std::vector<std::vector<uint64_t>> exclude;
+  // params.positives points into it.
+  std::vector<std::vector<uint64_t>> positives;
   SearchParams params;
 };
-//   INVALID_ARGUMENT: a bad matrix, too many queries, exclude lists that do
-//     not match the queries, a bad param, k over max_k, or a response that
+//   INVALID_ARGUMENT: a bad matrix, too many queries, exclude or positives
+//     lists that do not match the queries, a bad param, k over max_k, or a response that
 //     could not fit in max_message_bytes (the message says how to split).
 absl::StatusOr<MineInput> FromMineRequest(const v1::MineRequest& r, uint32_t dim,
                                           const MineLimits& limits);

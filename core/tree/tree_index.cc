@@ -192,6 +192,11 @@ struct TreeIndex::Query {
   std::vector<float> q;  // scoring space: normalized for cosine
   float norm = 0;
   absl::flat_hash_set<uint32_t> excluded;  // store rows
+  // The score window (QueryPlan): eligible when lo <= s <= hi.
+  float lo = -std::numeric_limits<float>::infinity();
+  float hi = std::numeric_limits<float>::infinity();
+  bool window = false;
+  bool Eligible(float s) const { return !window || (s >= lo && s <= hi); }
 };
 
 // The algorithms, over one consistent tree (the caller holds mu_ shared).
@@ -356,6 +361,7 @@ class TreeIndex::Searcher {
         const float* row = s.row(i).data();
         for (size_t j = 0; j < rows.size(); ++j) {
           if (heap.full() && row[j] < heap.threshold()) continue;
+          if (!q.Eligible(row[j])) continue;
           if (!q.excluded.empty() && q.excluded.contains(rows[j])) continue;
           heap.Push({row[j], ids[j], rows[j]});
         }
@@ -384,7 +390,8 @@ class TreeIndex::Searcher {
            c < tree_.first_child(f) + tree_.num_children(f); ++c) {
         if (tree_.count(c) == 0) continue;
         const float hi = Dot(q.q.data(), tree_.center(c), dim_) + tree_.radius(c) * q.norm;
-        if (hi + Slack(hi) >= threshold) stack.push_back(c);
+        // (Below the window: nothing eligible.)
+        if (hi + Slack(hi) >= std::max(threshold, q.lo)) stack.push_back(c);
       }
     }
   }
@@ -432,16 +439,19 @@ class TreeIndex::Searcher {
     // log n_f and spread_f per leaf and coarse group (writes change them
     // without a change of structure, so they are read per call).
     const NodeStats leaf_stats(tree_, r.leaves), group_stats(tree_, r.coarse_groups);
-    DrawRounds rounds(n, p_.with_replacement);
+    // Without replacement, each round draws from the proposal restricted to
+    // the targets not taken yet (their mass removed), so no query is short.
+    DrawRounds rounds(n, p_.with_replacement, /*removes_mass=*/true);
     std::vector<ProposalDraw> draws;
     while (!rounds.active().empty()) {
       RETURN_IF_ERROR(StoreIndex::CheckCancelled(p_));
       draws.clear();
       RETURN_IF_ERROR(DrawLeaves(queries, count, leaf_stats, group_stats, rounds, &draws));
-      RETURN_IF_ERROR(DrawWithinLeaves(queries, &draws));
+      RETURN_IF_ERROR(DrawWithinLeaves(queries, rounds, &draws));
       // The draws in order, per query (they were appended query by query).
       for (const ProposalDraw& x : draws) {
         if (!rounds.Take(x.query, x.row)) continue;
+        if (rounds.removes_mass()) rounds.Took(x.query, x.leaf, std::exp(x.log_q - x.log_q_leaf));
         QueryResult& out = (*results)[x.query];
         out.ids.push_back(store_.id(x.row));
         out.scores.push_back(x.score);
@@ -497,8 +507,10 @@ class TreeIndex::Searcher {
     RowMatrix qm, dots;
     Eigen::ArrayXf glw, w;
     Eigen::VectorXf leaf_dots;
-    std::vector<float> comp_lw, within;
-    std::vector<int32_t> comp;  // component -> leaf index, or ~group
+    std::vector<float> comp_lw, comp_draw, within;
+    std::vector<double> within_draw;
+    std::vector<int32_t> comp;        // component -> leaf index, or ~group
+    std::vector<size_t> comp_first;   // group -> its first component
     std::vector<uint8_t> expanded;
     std::vector<double> block_cdf;
     std::vector<std::pair<float, int32_t>> best;
@@ -560,7 +572,9 @@ class TreeIndex::Searcher {
         for (const auto& [unused, g] : best) expanded[g] = 1;
         comp_lw.clear();
         comp.clear();
+        comp_first.resize(num_groups);
         for (size_t g = 0; g < num_groups; ++g) {
+          comp_first[g] = comp.size();
           if (!expanded[g]) {
             comp_lw.push_back(glw[g]);
             comp.push_back(~static_cast<int32_t>(g));
@@ -572,22 +586,69 @@ class TreeIndex::Searcher {
             comp.push_back(r.coarse_begin[g] + static_cast<int32_t>(j));
           }
         }
+        // Without replacement, the draws come from the proposal restricted
+        // to the targets not taken yet: a component's weight times the share
+        // of its mass left (a group's from its leaves'); log q stays the
+        // proposal's own.
+        const DrawRounds::LeafMass& taken = rounds.taken_leaves(qi);
+        const auto left = [&](int32_t pos) {
+          auto t = taken.find(static_cast<uint32_t>(pos));
+          if (t == taken.end()) return 1.0;
+          auto x = leaf_excluded.find(pos);
+          const uint32_t n_eff =
+              tree_.count(r.leaves[pos]) - (x == leaf_excluded.end() ? 0 : x->second);
+          return t->second.count >= n_eff ? 0.0 : std::max(1.0 - t->second.mass, 1e-300);
+        };
+        // Group g's leaves' weights for drawing, into within_draw (after
+        // leaf_weights(g)); returns the share of g's mass left.
+        const auto leaves_left = [&](int32_t g) {
+          const double lse = LogSumExp(std::vector<double>(within.begin(), within.end()));
+          within_draw.resize(within.size());
+          double kept = 0;
+          for (size_t l = 0; l < within.size(); ++l) {
+            const double share = left(r.coarse_begin[g] + static_cast<int32_t>(l));
+            within_draw[l] = share > 0 ? within[l] + std::log(share) : kNegInfD;
+            kept += std::exp(within[l] - lse) * share;
+          }
+          return kept;
+        };
+        comp_draw = comp_lw;
+        absl::flat_hash_set<int32_t> taken_groups;
+        for (const auto& [pos, unused] : taken) {
+          const int32_t g = r.coarse_of[pos];
+          if (expanded[g]) {
+            comp_draw[comp_first[g] + (pos - r.coarse_begin[g])] +=
+                static_cast<float>(std::log(left(static_cast<int32_t>(pos))));
+          } else if (taken_groups.insert(g).second) {
+            leaf_weights(g);
+            comp_draw[comp_first[g]] += static_cast<float>(std::log(leaves_left(g)));
+          }
+        }
         // In float, for speed: a query whose weights overflow float (scores
         // far beyond the temperature) is refused.
         const size_t m = comp_lw.size();
-        const Eigen::Map<const Eigen::ArrayXf> lw(comp_lw.data(), m);
+        const Eigen::Map<const Eigen::ArrayXf> lw(comp_lw.data(), m), lw_draw(comp_draw.data(), m);
         const float top = lw.maxCoeff();
         if (!std::isfinite(top)) return Overflow(qi);
-        w = (lw - top).exp();
         const size_t num_blocks = (m + kBlock - 1) / kBlock;
         block_cdf.resize(num_blocks);
-        double total = 0;
-        for (size_t k = 0; k < num_blocks; ++k) {
-          total += w.segment(k * kBlock, std::min(kBlock, m - k * kBlock)).sum();
-          block_cdf[k] = total;
-        }
+        const auto block_sums = [&]() {
+          double total = 0;
+          for (size_t k = 0; k < num_blocks; ++k) {
+            total += w.segment(k * kBlock, std::min(kBlock, m - k * kBlock)).sum();
+            block_cdf[k] = total;
+          }
+          return total;
+        };
+        w = (lw - top).exp();
+        double total = block_sums();
         const double log_total = top + std::log(total);
         if (!std::isfinite(log_total)) return Overflow(qi);
+        if (!taken.empty()) {
+          w = (lw_draw - top).exp();
+          total = block_sums();
+          if (!(total > 0)) continue;  // every eligible target taken (rounding)
+        }
         for (size_t t = 0; t < need; ++t) {
           const uint64_t key = DrawKey(qi, rounds.attempts(qi) + t);
           double u = KeyUniform(key, 0) * total;
@@ -609,7 +670,13 @@ class TreeIndex::Searcher {
             const int32_t g = ~pos;
             leaf_weights(g);
             const Categorical leaf(std::vector<double>(within.begin(), within.end()));
-            const size_t l = leaf.DrawAt(KeyUniform(key, 2));
+            size_t l;
+            if (taken_groups.contains(g)) {
+              leaves_left(g);
+              l = Categorical(within_draw).DrawAt(KeyUniform(key, 2));
+            } else {
+              l = leaf.DrawAt(KeyUniform(key, 2));
+            }
             pos = r.coarse_begin[g] + static_cast<int32_t>(l);
             log_q += double{within[l]} - leaf.log_total();
           }
@@ -638,7 +705,9 @@ class TreeIndex::Searcher {
   // Each draw's target, from the exact softmax over its leaf's eligible
   // targets: the drawn leaves scored grouped by leaf (ScoreLeaf), a query's
   // draws in a leaf made together.
-  absl::Status DrawWithinLeaves(const std::vector<Query>& queries,
+  // Without replacement the draw is among the targets the query has not
+  // taken (log q stays the leaf's whole softmax).
+  absl::Status DrawWithinLeaves(const std::vector<Query>& queries, const DrawRounds& rounds,
                                 std::vector<ProposalDraw>* draws) {
     const Routing& r = routing_;
     // Draw indices sorted by leaf (stable: by query, then in draw order).
@@ -676,9 +745,24 @@ class TreeIndex::Searcher {
         const double log_z = target.log_total();
         // (A drawn leaf has an eligible target.)
         if (target.empty() || !std::isfinite(log_z)) return Overflow(qids[i]);
+        // Without replacement: the targets taken in earlier rounds out.
+        std::optional<Categorical> untaken;
+        if (rounds.removes_mass() && !rounds.first_round()) {
+          std::vector<double> lw = logw;
+          bool any = false;
+          for (size_t e = 0; e < eligible.size(); ++e) {
+            if (rounds.taken(qids[i], rows[eligible[e]])) {
+              lw[e] = kNegInfD;
+              any = true;
+            }
+          }
+          if (any) untaken.emplace(lw);
+          if (untaken && untaken->empty()) return Overflow(qids[i]);
+        }
+        const Categorical& pick = untaken ? *untaken : target;
         for (; k < begin[f + 1] && (*draws)[order[k]].query == qids[i]; ++k) {
           ProposalDraw& d = (*draws)[order[k]];
-          const uint32_t j = eligible[target.DrawAt(KeyUniform(d.key, 1))];
+          const uint32_t j = eligible[pick.DrawAt(KeyUniform(d.key, 1))];
           d.row = rows[j];
           d.score = score[j];
           d.log_q = d.log_q_leaf + score[j] * inv_tau_ - log_z;
@@ -718,9 +802,20 @@ class TreeIndex::Searcher {
     e.hi = d + tree_.radius(f) * q.norm;
     e.hi += Slack(e.hi);
     const float lo = d - tree_.radius(f) * q.norm - Slack(e.hi);
+    // A window: the subtree's eligible targets score at most q.hi, and only
+    // a subtree wholly inside it has a lower bound above zero.
+    bool inside = true;
+    if (q.window) {
+      if (e.hi < q.lo || lo > q.hi) {
+        e.log_draw = e.log_u = e.log_l = kNegInfD;
+        return e;
+      }
+      inside = lo >= q.lo && e.hi <= q.hi;
+      e.hi = std::min(e.hi, q.hi);
+    }
     e.log_draw = std::log(double(n)) + e.hi * inv_tau_;
     e.log_u = n_eff == 0 ? kNegInfD : std::log(double(n_eff)) + e.hi * inv_tau_;
-    e.log_l = n_eff == 0 ? kNegInfD : std::log(double(n_eff)) + lo * inv_tau_;
+    e.log_l = n_eff == 0 || !inside ? kNegInfD : std::log(double(n_eff)) + lo * inv_tau_;
     return e;
   }
 
@@ -729,20 +824,17 @@ class TreeIndex::Searcher {
     e->exact = true;
     for (uint32_t row : tree_.members(e->node)) {
       if (q.excluded.contains(row)) continue;
+      const float s = Score(q, row);
+      if (!q.Eligible(s)) continue;
       e->rows.push_back(row);
-      e->logw.push_back(Score(q, row) * inv_tau_);
+      e->logw.push_back(s * inv_tau_);
     }
     e->log_draw = e->log_u = e->log_l = LogSumExp(e->logw);
   }
 
   class Frontier {
    public:
-    Frontier(Searcher* s, const Query& q) : s_(s), q_(q) {
-      for (uint32_t row : q.excluded) {
-        for (int32_t f = s->tree_.leaf_of(row); f != Tree::kNone; f = s->tree_.parent(f)) {
-          ++excluded_below_[f];
-        }
-      }
+    Frontier(Searcher* s, const Query& q) : s_(s), q_(q), excluded_below_(s->ExcludedBelow(q)) {
       if (s->tree_.count(0) > 0) Add(0);
     }
 
@@ -753,7 +845,8 @@ class TreeIndex::Searcher {
     bool Refine(double width, size_t budget) {
       size_t until_check = 0;
       for (size_t b = 0; b < budget; ++b) {
-        if (until_check == 0) {
+        // (Width 0 is reached only with every entry exact: no check.)
+        if (until_check == 0 && width > 0) {
           const auto [lo, hi] = Interval();
           if (hi - lo <= width) return true;
           until_check = std::max<size_t>(1, entries_.size() / 16);
@@ -825,11 +918,13 @@ class TreeIndex::Searcher {
     size_t misses = 0;
     bool all_exact = false;
     // Without replacement, the last of k ~ eligible targets can be very
-    // unlikely; the attempts are capped and fewer results come back.
+    // unlikely under rejection: once the frontier is exact (or the attempts
+    // run out), the rest are drawn by Complete, which does not reject.
     const size_t max_attempts = 1000 * want + 100000;
     const size_t before = out->ids.size();
     size_t a = 0;
     for (; a < max_attempts && out->ids.size() - out->num_top < want; ++a) {
+      if (all_exact && !p_.with_replacement) break;
       if (misses > 64 && !all_exact) {
         // Acceptance is low: refine more (doubling the frontier) and go on.
         // Each accepted draw is exact for the proposal it came from.
@@ -859,11 +954,12 @@ class TreeIndex::Searcher {
         }
         auto m = tree_.members(f);
         row = m[rng.Below(m.size())];
-        if (q.excluded.contains(row)) {
+        const float s = Score(q, row);
+        if (q.excluded.contains(row) || !q.Eligible(s)) {
           ++misses;
           continue;
         }
-        logw = Score(q, row) * inv_tau_;
+        logw = s * inv_tau_;
         if (std::log(rng.Uniform()) > logw - e.hi * inv_tau_) {
           ++misses;
           continue;
@@ -881,6 +977,88 @@ class TreeIndex::Searcher {
     }
     proposals_ += a;
     accepted_ += out->ids.size() - before;
+    if (!p_.with_replacement && out->ids.size() - out->num_top < want) {
+      Complete(frontier, taken, want - (out->ids.size() - out->num_top), log_z, rng, out);
+    }
+  }
+
+  // The rest of a sequential draw without replacement from the softmax:
+  // the frontier refined until exact, the targets not taken ordered by
+  // s / tau + Gumbel (Gumbel-top-k), whose first `count` are distributed as
+  // `count` further sequential draws. Fewer only when fewer are eligible.
+  void Complete(Frontier& frontier, const absl::flat_hash_set<uint32_t>& taken,
+                size_t count, double log_z, Rng& rng, QueryResult* out) {
+    frontier.Refine(0, std::numeric_limits<size_t>::max());
+    std::vector<std::pair<double, size_t>> keys;  // (key, position in rows)
+    std::vector<uint32_t> rows;
+    std::vector<double> logw;
+    for (const Entry& e : frontier.entries()) {
+      if (!e.exact) continue;
+      for (size_t j = 0; j < e.rows.size(); ++j) {
+        if (taken.contains(e.rows[j])) continue;
+        keys.push_back({e.logw[j] + rng.Gumbel(), rows.size()});
+        rows.push_back(e.rows[j]);
+        logw.push_back(e.logw[j]);
+      }
+    }
+    const size_t m = std::min(count, keys.size());
+    std::partial_sort(keys.begin(), keys.begin() + m, keys.end(),
+                      [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (size_t t = 0; t < m; ++t) {
+      const size_t j = keys[t].second;
+      out->ids.push_back(store_.id(rows[j]));
+      out->scores.push_back(static_cast<float>(logw[j] / inv_tau_));
+      out->log_q.push_back(static_cast<float>(logw[j] - log_z));
+    }
+  }
+
+  // For each threshold t[j], the live targets not excluded with
+  // s > t[j], added to out[j]: a subtree wholly above a threshold counts at
+  // once, one wholly below is skipped, and only leaves across one are
+  // scored. `mask` holds the thresholds still undecided at f.
+  void CountAbove(const Query& q, int32_t f, uint32_t mask, const std::vector<float>& t,
+                  const absl::flat_hash_map<int32_t, uint32_t>& excluded_below,
+                  std::vector<size_t>* out) {
+    auto it = excluded_below.find(f);
+    const uint32_t n_eff = tree_.count(f) - (it == excluded_below.end() ? 0 : it->second);
+    if (n_eff == 0) return;
+    ++visits_;
+    const float d = Dot(q.q.data(), tree_.center(f), dim_);
+    const float hi = d + tree_.radius(f) * q.norm, lo = d - tree_.radius(f) * q.norm;
+    const float slack = Slack(std::max(std::abs(hi), std::abs(lo)));
+    uint32_t rest = 0;
+    for (size_t j = 0; j < t.size(); ++j) {
+      if (!(mask >> j & 1)) continue;
+      if (lo - slack > t[j]) {
+        (*out)[j] += n_eff;
+      } else if (hi + slack > t[j]) {
+        rest |= uint32_t{1} << j;
+      }
+    }
+    if (rest == 0) return;
+    if (tree_.is_leaf(f)) {
+      for (uint32_t row : tree_.members(f)) {
+        if (q.excluded.contains(row)) continue;
+        const float s = Score(q, row);
+        for (size_t j = 0; j < t.size(); ++j) {
+          if (rest >> j & 1) (*out)[j] += s > t[j];
+        }
+      }
+      return;
+    }
+    for (int32_t c = tree_.first_child(f); c < tree_.first_child(f) + tree_.num_children(f); ++c) {
+      if (tree_.count(c) > 0) CountAbove(q, c, rest, t, excluded_below, out);
+    }
+  }
+
+  // excluded_below for CountAbove and the frontier: per node, the excluded
+  // rows in its subtree.
+  absl::flat_hash_map<int32_t, uint32_t> ExcludedBelow(const Query& q) const {
+    absl::flat_hash_map<int32_t, uint32_t> below;
+    for (uint32_t row : q.excluded) {
+      for (int32_t f = tree_.leaf_of(row); f != Tree::kNone; f = tree_.parent(f)) ++below[f];
+    }
+    return below;
   }
 
   std::pair<double, double> LogZ(const Query& q) {
@@ -1240,10 +1418,8 @@ std::optional<TreeSummary> TreeIndex::TreeInfo() const {
   return s;
 }
 
-absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
-    absl::Span<const float> queries, size_t n,
-    absl::Span<const std::vector<uint64_t>> exclude,
-    const SearchParams& params) const {
+std::vector<TreeIndex::Query> TreeIndex::MakeQueries(absl::Span<const float> queries, size_t n,
+                                                     absl::Span<const QueryPlan> plans) const {
   const int dim = options_.dim;
   std::vector<Query> qs(n);
   for (size_t i = 0; i < n; ++i) {
@@ -1256,12 +1432,38 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
       for (float& v : q.q) v /= q.norm;
       q.norm = 1;
     }
-    if (!exclude.empty()) {
-      for (uint64_t id : exclude[i]) {
-        if (std::optional<size_t> row = store_.Row(id)) q.excluded.insert(*row);
-      }
-    }
+    q.excluded.insert(plans[i].excluded.begin(), plans[i].excluded.end());
+    q.window = plans[i].window();
+    q.lo = plans[i].lo;
+    q.hi = plans[i].hi;
   }
+  return qs;
+}
+
+void TreeIndex::CountAboveLocked(absl::Span<const float> queries,
+                                 absl::Span<const QueryPlan> plans,
+                                 std::vector<std::vector<size_t>>* above) const {
+  const std::vector<Query> qs = MakeQueries(queries, plans.size(), plans);
+  SearchParams p;
+  p.temperature = 1;
+  const std::shared_ptr<const Routing> routing = RoutingLocked();
+  Searcher searcher(*tree_, *routing, store_, Points(), p);
+  above->assign(plans.size(), {});
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const std::vector<float>& t = plans[i].count_above;
+    (*above)[i].assign(t.size(), 0);
+    if (t.empty() || tree_->num_nodes() == 0 || tree_->count(0) == 0) continue;
+    searcher.CountAbove(qs[i], 0, (uint32_t{1} << t.size()) - 1, t, searcher.ExcludedBelow(qs[i]),
+                        &(*above)[i]);
+  }
+}
+
+absl::StatusOr<SearchResult> TreeIndex::SearchLocked(absl::Span<const float> queries, size_t n,
+                                                     absl::Span<const QueryPlan> plans,
+                                                     const SearchParams& params) const {
+  std::vector<Query> qs = MakeQueries(queries, n, plans);
+  bool window = false;
+  for (const Query& q : qs) window = window || q.window;
   // The parameters as the searcher uses them (temperature 1 when unused).
   SearchParams p = params;
   if (!(p.temperature > 0)) p.temperature = 1;
@@ -1292,7 +1494,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
     }
   }
   const int num_samples = p.mode == MineMode::kTopK ? 0 : p.k - static_cast<int>(num_hard);
-  if (num_samples > 0 && p.sampler == Sampler::kProposal) {
+  if (num_samples > 0 && p.sampler == Sampler::kProposal && !window) {
     RETURN_IF_ERROR(searcher.SampleProposalBatch(qs, num_samples, &result.queries));
   } else if (num_samples > 0) {
     for (size_t i = 0; i < n; ++i) {

@@ -83,10 +83,17 @@ class TreeIndex final : public StoreIndex {
   explicit TreeIndex(const IndexOptions& options);
   ~TreeIndex() override;
 
-  absl::StatusOr<SearchResult> SearchLocked(
-      absl::Span<const float> queries, size_t n,
-      absl::Span<const std::vector<uint64_t>> exclude,
-      const SearchParams& params) const override
+  // A score window (filters) makes sampling use the exact sampler, which
+  // draws from the restricted softmax by rejection; the proposal's leaf
+  // weights cannot see which targets a window removes.
+  absl::StatusOr<SearchResult> SearchLocked(absl::Span<const float> queries, size_t n,
+                                            absl::Span<const QueryPlan> plans,
+                                            const SearchParams& params) const override
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // By the tree's bounds: a subtree wholly above or below a threshold counts
+  // at once; only the leaves across it are scored.
+  void CountAboveLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
+                        std::vector<std::vector<size_t>>* above) const override
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   // The tree's invariants (Tree::CheckInvariants) and that it holds exactly
@@ -132,6 +139,10 @@ class TreeIndex final : public StoreIndex {
 
  private:
   struct Query;
+  // The queries as the searcher takes them.
+  std::vector<Query> MakeQueries(absl::Span<const float> queries, size_t n,
+                                 absl::Span<const QueryPlan> plans) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   struct Routing;
   class Searcher;
 

@@ -1,0 +1,407 @@
+// StoreIndex's search: each query's plan (core/mine_plan.h), the work units,
+// the mining controls that run above the backends (the dedupe and SimANS),
+// and the per-query counts.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "core/status.h"
+#include "core/store_index.h"
+
+namespace negmine {
+namespace {
+
+float Dot(const float* a, const float* b, int dim) {
+  double s = 0;
+  for (int j = 0; j < dim; ++j) s += double{a[j]} * b[j];
+  return static_cast<float>(s);
+}
+
+// The near-duplicate check of one query: the unit vectors it holds (its
+// positives and the negatives taken), and a candidate's cosine to them.
+class Deduper {
+ public:
+  Deduper(const PointSource& points, float threshold)
+      : points_(points), threshold_(threshold), x_(points.dim) {}
+  bool on() const { return threshold_ > 0; }
+  void Add(uint32_t row) {
+    if (!on()) return;
+    Unit(row);
+    held_.insert(held_.end(), x_.begin(), x_.end());
+  }
+  bool Duplicate(uint32_t row) {
+    if (!on()) return false;
+    Unit(row);
+    const int dim = points_.dim;
+    for (size_t h = 0; h < held_.size(); h += dim) {
+      if (Dot(held_.data() + h, x_.data(), dim) >= threshold_) return true;
+    }
+    return false;
+  }
+
+ private:
+  void Unit(uint32_t row) {
+    points_.Get(row, x_.data());
+    const float norm = std::sqrt(Dot(x_.data(), x_.data(), points_.dim));
+    if (norm > 0) {
+      for (float& v : x_) v /= norm;
+    }
+  }
+
+  PointSource points_;
+  float threshold_;
+  std::vector<float> x_, held_;
+};
+
+void AddResult(QueryResult* r, uint64_t id, float score, float log_q) {
+  r->ids.push_back(id);
+  r->scores.push_back(score);
+  r->log_q.push_back(log_q);
+}
+
+}  // namespace
+
+absl::StatusOr<SearchResult> StoreIndex::Search(
+    absl::Span<const float> queries,
+    absl::Span<const std::vector<uint64_t>> exclude,
+    const SearchParams& params) const {
+  const int dim = options_.dim;
+  if (queries.empty() || queries.size() % dim != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("queries hold ", queries.size(),
+                     " floats, not a positive multiple of dim ", dim));
+  }
+  const size_t n = queries.size() / dim;
+  if (!exclude.empty() && exclude.size() != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("exclude has ", exclude.size(), " lists for ", n,
+                     " queries; send none or one per query"));
+  }
+  if (!params.positives.empty() && params.positives.size() != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("positives has ", params.positives.size(), " lists for ", n,
+                     " queries; send none or one per query"));
+  }
+  RETURN_IF_ERROR(CheckFinite(queries, dim, "queries"));
+  absl::ReaderMutexLock lock(&mu_);
+  RETURN_IF_ERROR(ValidateSearchParams(params, store_.size()));
+  ASSIGN_OR_RETURN(std::vector<QueryPlan> plans, PlanLocked(queries, n, exclude, params));
+  const bool staged = params.filters.dedupe_cosine > 0 ||
+                      (params.mode != MineMode::kTopK &&
+                       params.distribution == SampleDistribution::kSimans);
+  bool window = false;
+  for (const QueryPlan& plan : plans) window = window || plan.window();
+  std::optional<absl::StatusOr<SearchResult>> on_device;
+  if (device_ && !staged && !window && params.positives.empty()) {
+    on_device = DeviceSearchLocked(queries, n, exclude, params);
+  }
+  absl::StatusOr<SearchResult> result =
+      on_device.has_value() ? *std::move(on_device)
+      : staged              ? StagedLocked(queries, n, plans, params)
+                            : UnitsLocked(queries, plans, params);
+  if (!result.ok() || result->queries.size() != n) return result;
+  // Under the same lock as the search, so that the counts are of its version.
+  CountLocked(queries, plans, params, staged, &*result);
+  return result;
+}
+
+absl::StatusOr<std::vector<QueryPlan>> StoreIndex::PlanLocked(
+    absl::Span<const float> queries, size_t n,
+    absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const {
+  const int dim = options_.dim;
+  const PointSource points = Points();
+  const bool need_s_pos =
+      params.filters.margins() || params.distribution == SampleDistribution::kSimans;
+  std::vector<QueryPlan> plans(n);
+  std::vector<float> q(dim), x(dim);
+  for (size_t i = 0; i < n; ++i) {
+    QueryPlan& plan = plans[i];
+    if (!exclude.empty()) {
+      for (uint64_t id : exclude[i]) {
+        if (std::optional<size_t> row = store_.Row(id)) plan.excluded.push_back(*row);
+      }
+    }
+    if (!params.positives.empty()) {
+      const std::vector<uint64_t>& pos = params.positives[i];
+      if (pos.empty() && need_s_pos) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "positives[", i, "] is empty; the margins and SIMANS need the query's positives"));
+      }
+      std::copy_n(queries.data() + i * dim, dim, q.begin());
+      if (options_.metric == Metric::kCosine) {
+        const float norm = std::sqrt(Dot(q.data(), q.data(), dim));
+        for (float& v : q) v /= norm;
+      }
+      for (size_t j = 0; j < pos.size(); ++j) {
+        std::optional<size_t> row = store_.Row(pos[j]);
+        if (!row) {
+          return absl::NotFoundError(absl::StrCat("positives[", i, "][", j, "] = ", pos[j],
+                                                  " is not in the collection"));
+        }
+        points.Get(static_cast<uint32_t>(*row), x.data());
+        plan.positive_rows.push_back(static_cast<uint32_t>(*row));
+        plan.positive_scores.push_back(Dot(q.data(), x.data(), dim));
+        plan.s_pos = std::min(plan.s_pos, plan.positive_scores.back());
+      }
+    }
+    std::sort(plan.excluded.begin(), plan.excluded.end());
+    plan.excluded.erase(std::unique(plan.excluded.begin(), plan.excluded.end()),
+                        plan.excluded.end());
+    std::vector<uint32_t> pos_rows = plan.positive_rows;
+    std::sort(pos_rows.begin(), pos_rows.end());
+    pos_rows.erase(std::unique(pos_rows.begin(), pos_rows.end()), pos_rows.end());
+    plan.num_positives = pos_rows.size();
+    std::vector<uint32_t> merged;
+    std::set_union(plan.excluded.begin(), plan.excluded.end(), pos_rows.begin(), pos_rows.end(),
+                   std::back_inserter(merged));
+    plan.num_excluded = merged.size() - plan.num_positives;
+    plan.excluded = std::move(merged);
+    SetWindow(params.filters, plan.s_pos, &plan);
+  }
+  return plans;
+}
+
+absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const float> queries,
+                                                     absl::Span<const QueryPlan> plans,
+                                                     const SearchParams& params) const {
+  const int dim = options_.dim;
+  const size_t n = plans.size();
+  const size_t unit = params.work_unit_queries > 0
+                          ? static_cast<size_t>(params.work_unit_queries)
+                          : n;
+  if (n <= unit) return SearchLocked(queries, n, plans, params);
+  // Work units, one after the other under the caller's read lock: a
+  // deadline stops the batch within a unit, and scratch is that of one unit.
+  SearchResult all;
+  all.index_version = version_;
+  all.queries.reserve(n);
+  SearchParams unit_params = params;
+  for (size_t begin = 0; begin < n; begin += unit) {
+    RETURN_IF_ERROR(CheckCancelled(params));
+    const size_t m = std::min(unit, n - begin);
+    unit_params.stream_offset = params.stream_offset + begin;
+    ASSIGN_OR_RETURN(SearchResult part,
+                     SearchLocked(queries.subspan(begin * dim, m * dim), m,
+                                  plans.subspan(begin, m), unit_params));
+    for (QueryResult& q : part.queries) all.queries.push_back(std::move(q));
+  }
+  return all;
+}
+
+absl::StatusOr<QueryResult> StoreIndex::OneLocked(absl::Span<const float> queries, size_t i,
+                                                  const QueryPlan& plan,
+                                                  const SearchParams& params) const {
+  const int dim = options_.dim;
+  SearchParams one = params;
+  one.stream_offset = params.stream_offset + i;
+  ASSIGN_OR_RETURN(SearchResult r, SearchLocked(queries.subspan(i * dim, dim), 1,
+                                                absl::MakeConstSpan(&plan, 1), one));
+  return std::move(r.queries[0]);
+}
+
+// The staged path. A top list (the rank window, the top part, SimANS's pool)
+// comes from a top-k search of the eligible targets; it is walked in order:
+// the rank window is skipped, then the dedupe drops what near-duplicates a
+// positive or a result already taken. The draws come after: SimANS from the
+// pool, or softmax draws (a search in mode kSample, excluding every target
+// the walk went past) walked the same way. A list that runs out before the
+// query has its results while more targets remain is fetched again, for that
+// query alone, twice as long: both lists are prefixes of one ordering (top-k
+// by score; the draws of a fixed stream), so this only extends the walk.
+absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> queries, size_t n,
+                                                      absl::Span<const QueryPlan> plans,
+                                                      const SearchParams& params) const {
+  const PointSource points = Points();
+  const size_t size = store_.size();
+  const bool simans = params.mode != MineMode::kTopK &&
+                      params.distribution == SampleDistribution::kSimans;
+  const bool dedupe = params.filters.dedupe_cosine > 0;
+  const size_t k = params.k;
+  const size_t num_top = params.mode == MineMode::kTopK   ? k
+                         : params.mode == MineMode::kMixed ? params.num_hard
+                                                           : 0;
+  const size_t num_draws = k - num_top;
+  const size_t skip = params.rank_offset;
+  SearchResult out;
+  out.index_version = version_;
+  out.queries.resize(n);
+
+  // The top list.
+  const bool need_top = num_top > 0 || simans || skip > 0;
+  size_t top_len = skip + (simans ? std::max<size_t>(params.simans.candidates, num_top) : num_top);
+  if (dedupe && !simans) top_len += num_top + 16;
+  top_len = std::min(top_len, size);
+  SearchParams tp = params;
+  tp.mode = MineMode::kTopK;
+  tp.k = static_cast<int>(std::max<size_t>(top_len, 1));
+  tp.rank_offset = 0;
+  tp.num_hard = 0;
+  tp.want_log_z = false;
+  SearchResult tops;
+  if (need_top) {
+    ASSIGN_OR_RETURN(tops, UnitsLocked(queries, plans, tp));
+  }
+  // Per query: the rows the walk went past (excluded from the draws), and
+  // SimANS's pool.
+  std::vector<std::vector<uint32_t>> passed(n);
+  std::vector<Deduper> dedupers;
+  dedupers.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    dedupers.emplace_back(points, params.filters.dedupe_cosine);
+    for (uint32_t row : plans[i].positive_rows) dedupers[i].Add(row);
+  }
+  std::vector<size_t> pool_start(n, 0);
+  for (size_t i = 0; i < n && need_top; ++i) {
+    QueryResult& r = out.queries[i];
+    QueryResult* list = &tops.queries[i];
+    std::optional<QueryResult> longer;
+    size_t len = tp.k;
+    while (true) {
+      // Walk the list from the start (a longer list repeats the walk).
+      r = QueryResult();
+      r.removed.rank_offset = std::min(skip, list->ids.size());
+      passed[i].clear();
+      Deduper dd(points, params.filters.dedupe_cosine);
+      for (uint32_t row : plans[i].positive_rows) dd.Add(row);
+      size_t at = 0;
+      for (; at < r.removed.rank_offset; ++at) passed[i].push_back(*store_.Row(list->ids[at]));
+      for (; at < list->ids.size() && r.ids.size() < num_top; ++at) {
+        const uint32_t row = static_cast<uint32_t>(*store_.Row(list->ids[at]));
+        passed[i].push_back(row);
+        if (dd.Duplicate(row)) {
+          ++r.removed.dedupe;
+          continue;
+        }
+        dd.Add(row);
+        AddResult(&r, list->ids[at], list->scores[at], 0.0f);
+      }
+      pool_start[i] = at;
+      const bool exhausted = list->ids.size() < len || len >= size;
+      if (r.ids.size() >= num_top || exhausted || !dedupe || simans) {
+        dedupers[i] = std::move(dd);
+        break;
+      }
+      len = std::min(2 * len, size);
+      SearchParams more = tp;
+      more.k = static_cast<int>(len);
+      ASSIGN_OR_RETURN(longer, OneLocked(queries, i, plans[i], more));
+      list = &*longer;
+    }
+    r.num_top = static_cast<int>(r.ids.size());
+    if (simans && num_draws > 0) {
+      // The pool: the top simans.candidates eligible after the rank window,
+      // less the top part (and what the dedupe dropped from it).
+      const size_t end = std::min(list->ids.size(), skip + params.simans.candidates);
+      const size_t begin = std::min(pool_start[i], end);
+      const absl::Span<const float> pool =
+          absl::MakeConstSpan(list->scores).subspan(begin, end - begin);
+      const size_t want = dedupe ? pool.size() : num_draws;
+      const PoolDraws draws = SimansDraws(pool, plans[i].s_pos, params.simans, want,
+                                          params.with_replacement, params.seed,
+                                          params.stream_offset + i);
+      size_t taken = 0;
+      for (size_t t = 0; t < draws.index.size() && taken < num_draws; ++t) {
+        const size_t at = begin + draws.index[t];
+        const uint32_t row = static_cast<uint32_t>(*store_.Row(list->ids[at]));
+        if (dedupers[i].Duplicate(row)) {
+          ++r.removed.dedupe;
+          continue;
+        }
+        dedupers[i].Add(row);
+        AddResult(&r, list->ids[at], list->scores[at], draws.log_q[t]);
+        ++taken;
+      }
+    }
+  }
+  if (num_draws > 0 && !simans) {
+    // Softmax draws, excluding what the walk went past.
+    std::vector<QueryPlan> rest(plans.begin(), plans.end());
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<uint32_t> rows = passed[i];
+      std::sort(rows.begin(), rows.end());
+      std::vector<uint32_t> merged;
+      std::set_union(rest[i].excluded.begin(), rest[i].excluded.end(), rows.begin(), rows.end(),
+                     std::back_inserter(merged));
+      rest[i].excluded = std::move(merged);
+    }
+    SearchParams sp = params;
+    sp.mode = MineMode::kSample;
+    sp.num_hard = 0;
+    sp.rank_offset = 0;  // the walk skipped the rank window
+    sp.want_log_z = false;
+    sp.k = static_cast<int>(std::min(dedupe ? 2 * num_draws + 8 : num_draws, size));
+    ASSIGN_OR_RETURN(SearchResult drawn, UnitsLocked(queries, rest, sp));
+    for (size_t i = 0; i < n; ++i) {
+      QueryResult& r = out.queries[i];
+      const size_t head = r.ids.size(), head_dedupe = r.removed.dedupe;
+      QueryResult* list = &drawn.queries[i];
+      std::optional<QueryResult> longer;
+      size_t len = sp.k;
+      Deduper base = dedupers[i];
+      while (true) {
+        r.ids.resize(head);
+        r.scores.resize(head);
+        r.log_q.resize(head);
+        r.removed.dedupe = head_dedupe;
+        Deduper dd = base;
+        for (size_t t = 0; t < list->ids.size() && r.ids.size() < k; ++t) {
+          const uint32_t row = static_cast<uint32_t>(*store_.Row(list->ids[t]));
+          if (dd.Duplicate(row)) {
+            ++r.removed.dedupe;
+            continue;
+          }
+          dd.Add(row);
+          AddResult(&r, list->ids[t], list->scores[t], list->log_q[t]);
+        }
+        const bool exhausted = list->ids.size() < len || len >= size;
+        if (r.ids.size() >= k || exhausted || !dedupe) break;
+        len = std::min(2 * len, size);
+        SearchParams more = sp;
+        more.k = static_cast<int>(len);
+        ASSIGN_OR_RETURN(longer, OneLocked(queries, i, rest[i], more));
+        list = &*longer;
+      }
+    }
+  }
+  if (params.want_log_z) {
+    // log Z over the eligible targets: the rank window out, the top part in.
+    SearchParams zp = params;
+    zp.mode = MineMode::kTopK;
+    zp.k = 1;
+    zp.num_hard = 0;
+    ASSIGN_OR_RETURN(SearchResult z, UnitsLocked(queries, plans, zp));
+    for (size_t i = 0; i < n; ++i) {
+      out.queries[i].log_z_lo = z.queries[i].log_z_lo;
+      out.queries[i].log_z_hi = z.queries[i].log_z_hi;
+    }
+  }
+  return out;
+}
+
+void StoreIndex::CountLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
+                             const SearchParams& params, bool staged,
+                             SearchResult* result) const {
+  const size_t n = plans.size();
+  bool any = false;
+  for (const QueryPlan& plan : plans) any = any || !plan.count_above.empty();
+  std::vector<std::vector<size_t>> above(n);
+  if (any) CountAboveLocked(queries, plans, &above);
+  for (size_t i = 0; i < n; ++i) {
+    QueryResult& r = result->queries[i];
+    const QueryPlan& plan = plans[i];
+    const size_t candidates = store_.size() - plan.excluded.size();
+    r.removed.excluded = plan.num_excluded;
+    r.removed.positives = plan.num_positives;
+    r.num_eligible = plan.count_above.empty()
+                         ? candidates
+                         : AttributeRemoved(params.filters, plan.s_pos, plan, above[i],
+                                            candidates, &r.removed);
+    // (The staged path counted what its walk skipped.)
+    if (!staged) r.removed.rank_offset = std::min<size_t>(params.rank_offset, r.num_eligible);
+    r.positive_scores = plan.positive_scores;
+    r.shortfall = Shortfall(r, params);
+  }
+}
+
+}  // namespace negmine
