@@ -263,15 +263,80 @@ TEST_F(ServerTest, AMineWhoseResponseCannotFitIsRefusedUpFront) {
   Fill("toolarge", dim, 1000, v1::METRIC_INNER_PRODUCT, &ids);
   v1::MineParams p;
   p.set_k(1000);
-  // 64 MiB over (48 + 18 k) bytes a query: 3718 queries fit at k = 1000.
+  // 64 MiB over (400 + 18 k) bytes a query: 3647 queries fit at k = 1000.
   auto r = client_->Mine("toolarge", RandomVectors(4096, dim, 9), dim, p);
   EXPECT_THAT(r.status(), StatusIs(absl::StatusCode::kInvalidArgument,
                                    AllOf(HasSubstr("max_message_bytes"),
-                                         HasSubstr("at most 3718 queries"))));
+                                         HasSubstr("at most 3647 queries"))));
   p.set_k(10);
   r = client_->Mine("toolarge", RandomVectors(4096, dim, 9), dim, p);
   ASSERT_THAT(r.status(), IsOk());
   EXPECT_EQ(r->results_size(), 4096);
+  ExpectStillServing();
+}
+
+// The mining controls over the wire: positives are scored and excluded, the
+// relative margin uses the lower of two positive scores, the counts add up,
+// and bad values name the field.
+TEST_F(ServerTest, PositivesAndFiltersOverTheWire) {
+  const int dim = 8;
+  std::vector<uint64_t> ids;
+  const std::vector<float> x = Fill("filters", dim, 2000, v1::METRIC_INNER_PRODUCT, &ids);
+  const std::vector<float> q = RandomVectors(3, dim, 77);
+  v1::MineRequest req;
+  req.set_collection("filters");
+  req.mutable_queries()->set_rows(3);
+  req.mutable_queries()->set_cols(dim);
+  req.mutable_queries()->set_dtype(v1::DTYPE_FLOAT32);
+  req.mutable_queries()->set_data(q.data(), q.size() * sizeof(float));
+  std::vector<std::vector<Hit>> oracle;
+  for (int i = 0; i < 3; ++i) {
+    oracle.push_back(BruteForce(x, ids, q.data() + i * dim, dim, {}));
+    v1::IdList* pos = req.add_positives();
+    pos->add_ids(oracle[i][0].id);
+    pos->add_ids(oracle[i][9].id);
+  }
+  req.mutable_params()->set_k(10);
+  req.mutable_params()->mutable_filters()->set_relative_margin(0.1f);
+  auto r = client_->Mine(req);
+  ASSERT_THAT(r.status(), IsOk());
+  for (int i = 0; i < 3; ++i) {
+    const v1::QueryNegatives& got = r->results(i);
+    ASSERT_EQ(got.positive_scores_size(), 2);
+    EXPECT_NEAR(got.positive_scores(0), oracle[i][0].score, 1e-4);
+    EXPECT_NEAR(got.positive_scores(1), oracle[i][9].score, 1e-4);
+    const double s_pos = oracle[i][9].score;
+    const double hi = s_pos - std::abs(s_pos) * 0.1;
+    std::vector<uint64_t> want;
+    size_t margin = 0;
+    for (size_t j = 0; j < oracle[i].size(); ++j) {
+      if (j == 0 || j == 9) continue;
+      if (oracle[i][j].score > hi) {
+        ++margin;
+      } else if (want.size() < 10) {
+        want.push_back(oracle[i][j].id);
+      }
+    }
+    EXPECT_EQ(std::vector<uint64_t>(got.ids().begin(), got.ids().end()), want);
+    EXPECT_EQ(got.removed().positives(), 2u);
+    EXPECT_EQ(got.removed().relative_margin(), margin);
+    EXPECT_EQ(got.removed().positives() + got.removed().relative_margin() + got.num_eligible(),
+              2000u);
+    EXPECT_EQ(got.shortfall(), "");
+  }
+  // A positive not in the collection, and a bad dedupe threshold.
+  v1::MineRequest bad = req;
+  bad.mutable_positives(1)->set_ids(0, 5);
+  EXPECT_THAT(client_->Mine(bad).status(),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("positives[1][0] = 5")));
+  bad = req;
+  bad.mutable_params()->mutable_filters()->set_dedupe_cosine(0);
+  EXPECT_THAT(client_->Mine(bad).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dedupe_cosine")));
+  bad = req;
+  bad.clear_positives();
+  EXPECT_THAT(client_->Mine(bad).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("positives")));
   ExpectStillServing();
 }
 
