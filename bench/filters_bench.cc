@@ -5,8 +5,9 @@
 // overlapping clusters), or the caller's own embeddings (--targets and
 // --queries, .npy). Each query's positive is its nearest target (found
 // first, outside the timings), as for a trainer whose pairs are close.
-// Every row mines the whole query batch --repeats times and reports the
-// median; the ratio is against the plain row of the same mode.
+// Every row mines the whole query batch once per round, the rows
+// interleaved, for --repeats rounds; the median is reported, and the ratio
+// is against the plain row of the same mode.
 //
 //   negmine-filters-bench --n=1000000 --dim=128 --queries=1024 --k=64
 #include <algorithm>
@@ -124,29 +125,37 @@ int Main() {
   std::printf("negmine-filters-bench: %zu targets x %d (%s), %zu queries, k = %d, tree index, "
               "cosine; median of %d runs\n\n",
               n, dim, data.c_str(), nq, k, absl::GetFlag(FLAGS_repeats));
+  // The rows interleaved, round after round, so that a change in the
+  // machine's load falls on every row alike.
+  std::vector<SearchParams> params(rows.size());
+  for (size_t r = 0; r < rows.size(); ++r) {
+    SearchParams& p = params[r];
+    p = SearchParams{.mode = rows[r].mode, .k = k, .temperature = 0.05f,
+                     .num_hard = rows[r].mode == MineMode::kMixed ? k / 4 : 0, .seed = 7};
+    p.simans.candidates = std::max(100, k);
+    if (rows[r].set) {
+      p.positives = positives;
+      rows[r].set(&p);
+    }
+  }
+  std::vector<std::vector<double>> times(rows.size());
+  for (int round = -1; round < absl::GetFlag(FLAGS_repeats); ++round) {  // -1: warm-up
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      absl::StatusOr<SearchResult> result = index->Search(queries, {}, params[r]);
+      times[r].push_back(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      if (!result.ok()) Die(absl::StrCat(rows[r].name, ": ", result.status().message()));
+      if (round < 0) times[r].clear();
+    }
+  }
   std::printf("| mining | seconds | queries/s | vs plain |\n|---|---:|---:|---:|\n");
   double plain = 0;
-  for (const Row& row : rows) {
-    SearchParams p{.mode = row.mode, .k = k, .temperature = 0.05f,
-                   .num_hard = row.mode == MineMode::kMixed ? k / 4 : 0, .seed = 7};
-    p.simans.candidates = std::max(100, k);
-    if (row.set) {
-      p.positives = positives;
-      row.set(&p);
-    }
-    std::vector<double> times;
-    for (int r = 0; r < absl::GetFlag(FLAGS_repeats); ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      absl::StatusOr<SearchResult> result = index->Search(queries, {}, p);
-      times.push_back(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-      if (!result.ok()) Die(absl::StrCat(row.name, ": ", result.status().message()));
-    }
-    std::sort(times.begin(), times.end());
-    const double t = times[times.size() / 2];
-    if (!row.set) plain = t;
-    std::printf("| %s | %.3f | %.0f | %.2fx |\n", row.name.c_str(), t, nq / t, t / plain);
-    std::fflush(stdout);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    std::sort(times[r].begin(), times[r].end());
+    const double t = times[r][times[r].size() / 2];
+    if (!rows[r].set) plain = t;
+    std::printf("| %s | %.3f | %.0f | %.2fx |\n", rows[r].name.c_str(), t, nq / t, t / plain);
   }
   return 0;
 }

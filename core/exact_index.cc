@@ -36,7 +36,7 @@ std::vector<Hit> TopRows(const float* scores, size_t num_rows,
 }  // namespace
 
 absl::Status ExactIndex::ForEachScored(absl::Span<const float> queries, size_t n,
-                                       const SearchParams* params,
+                                       const SearchParams& params,
                                        const std::function<void(size_t, float*)>& visit) const {
   const int dim = options_.dim;
   const size_t num_rows = store_.num_rows();
@@ -48,7 +48,7 @@ absl::Status ExactIndex::ForEachScored(absl::Span<const float> queries, size_t n
   RowMatrix q;
   Eigen::MatrixXf scores;  // column-major: column j holds query j's scores
   for (size_t begin = 0; begin < n; begin += chunk) {
-    if (params != nullptr) RETURN_IF_ERROR(CheckCancelled(*params));
+    RETURN_IF_ERROR(CheckCancelled(params));
     const size_t c = std::min(chunk, n - begin);
     q = Eigen::Map<const RowMatrix>(queries.data() + begin * dim, c, dim);
     if (options_.metric == Metric::kCosine) q.rowwise().normalize();
@@ -64,34 +64,28 @@ absl::Status ExactIndex::ForEachScored(absl::Span<const float> queries, size_t n
   return absl::OkStatus();
 }
 
-absl::StatusOr<SearchResult> ExactIndex::SearchLocked(absl::Span<const float> queries, size_t n,
-                                                      absl::Span<const QueryPlan> plans,
-                                                      const SearchParams& params) const {
+absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
+    absl::Span<const float> queries, size_t n, absl::Span<const QueryPlan> plans,
+    const SearchParams& params, std::vector<std::vector<size_t>>* above) const {
   SearchResult result;
   result.index_version = version_;
   result.queries.resize(n);
-  RETURN_IF_ERROR(ForEachScored(queries, n, &params, [&](size_t qi, float* s) {
-    result.queries[qi] = MineOne(s, plans[qi], params, params.stream_offset + qi);
+  const size_t num_rows = store_.num_rows();
+  RETURN_IF_ERROR(ForEachScored(queries, n, params, [&](size_t qi, float* s) {
+    const QueryPlan& plan = plans[qi];
+    if (above != nullptr && !plan.count_above.empty()) {
+      std::vector<size_t>& out = (*above)[qi];
+      out.assign(plan.count_above.size(), 0);
+      size_t e = 0;  // plan.excluded is sorted
+      for (size_t row = 0; row < num_rows; ++row) {
+        while (e < plan.excluded.size() && plan.excluded[e] < row) ++e;
+        if (!store_.live(row) || (e < plan.excluded.size() && plan.excluded[e] == row)) continue;
+        for (size_t t = 0; t < out.size(); ++t) out[t] += s[row] > plan.count_above[t];
+      }
+    }
+    result.queries[qi] = MineOne(s, plan, params, params.stream_offset + qi);
   }));
   return result;
-}
-
-void ExactIndex::CountAboveLocked(absl::Span<const float> queries,
-                                  absl::Span<const QueryPlan> plans,
-                                  std::vector<std::vector<size_t>>* above) const {
-  const size_t num_rows = store_.num_rows();
-  above->assign(plans.size(), {});
-  ForEachScored(queries, plans.size(), nullptr, [&](size_t qi, float* s) {
-    const QueryPlan& plan = plans[qi];
-    if (plan.count_above.empty()) return;
-    for (uint32_t row : plan.excluded) s[row] = kNegInf;
-    std::vector<size_t>& out = (*above)[qi];
-    out.assign(plan.count_above.size(), 0);
-    for (size_t row = 0; row < num_rows; ++row) {
-      if (!store_.live(row) || s[row] == kNegInf) continue;
-      for (size_t t = 0; t < out.size(); ++t) out[t] += s[row] > plan.count_above[t];
-    }
-  }).IgnoreError();  // no cancellation without params
 }
 
 QueryResult ExactIndex::MineOne(float* s, const QueryPlan& plan, const SearchParams& params,

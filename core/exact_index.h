@@ -26,10 +26,8 @@ class ExactIndex final : public StoreIndex {
 
   absl::StatusOr<SearchResult> SearchLocked(absl::Span<const float> queries, size_t n,
                                             absl::Span<const QueryPlan> plans,
-                                            const SearchParams& params) const override
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  void CountAboveLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
-                        std::vector<std::vector<size_t>>* above) const override
+                                            const SearchParams& params,
+                                            std::vector<std::vector<size_t>>* above) const override
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
@@ -37,7 +35,7 @@ class ExactIndex final : public StoreIndex {
   // score against every row (num_rows entries, which visit may modify),
   // scored in chunks of queries by one matrix product each.
   absl::Status ForEachScored(absl::Span<const float> queries, size_t n,
-                             const SearchParams* params,
+                             const SearchParams& params,
                              const std::function<void(size_t, float*)>& visit) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Mines one query whose scores against every row are in `scores`

@@ -85,17 +85,14 @@ class StoreIndex : public Index {
  protected:
   // The search proper, on validated input: `n` queries (n x dim), one plan
   // each (core/mine_plan.h: the excluded rows and the score window), params
-  // valid for the collection (which is not empty). It leaves the counts
-  // (num_eligible, removed, shortfall) to Search. It ignores params'
-  // positives, dedupe and distribution (Search runs those above it).
+  // valid for the collection (which is not empty). It ignores params'
+  // positives, dedupe and distribution (Search runs those above it) and
+  // leaves the counts to Search, except that with `above` non-null it sets
+  // (*above)[i][j] = the live targets not in plans[i].excluded whose score
+  // exceeds plans[i].count_above[j] (above has n entries).
   virtual absl::StatusOr<SearchResult> SearchLocked(
       absl::Span<const float> queries, size_t n, absl::Span<const QueryPlan> plans,
-      const SearchParams& params) const ABSL_SHARED_LOCKS_REQUIRED(mu_) = 0;
-  // For each query i, (*above)[i][j] = the live targets not in
-  // plans[i].excluded whose score exceeds plans[i].count_above[j].
-  virtual void CountAboveLocked(absl::Span<const float> queries,
-                                absl::Span<const QueryPlan> plans,
-                                std::vector<std::vector<size_t>>* above) const
+      const SearchParams& params, std::vector<std::vector<size_t>>* above) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_) = 0;
 
   // After the store took new rows (`inserted`) and overwrote others
@@ -183,7 +180,8 @@ class StoreIndex : public Index {
   // SearchLocked in work units (SearchParams::work_unit_queries).
   absl::StatusOr<SearchResult> UnitsLocked(absl::Span<const float> queries,
                                            absl::Span<const QueryPlan> plans,
-                                           const SearchParams& params) const
+                                           const SearchParams& params,
+                                           std::vector<std::vector<size_t>>* above = nullptr) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Query i alone, with its own stream (for a refill).
   absl::StatusOr<QueryResult> OneLocked(absl::Span<const float> queries, size_t i,
@@ -193,11 +191,13 @@ class StoreIndex : public Index {
   // then draws, each walked in order.
   absl::StatusOr<SearchResult> StagedLocked(absl::Span<const float> queries, size_t n,
                                             absl::Span<const QueryPlan> plans,
-                                            const SearchParams& params) const
+                                            const SearchParams& params,
+                                            std::vector<std::vector<size_t>>* above) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Fills each result's counts, positive scores and shortfall.
-  void CountLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
-                   const SearchParams& params, bool staged, SearchResult* result) const
+  // Fills each result's counts (from `above`, SearchLocked's), positive
+  // scores and shortfall.
+  void CountLocked(absl::Span<const QueryPlan> plans, const SearchParams& params, bool staged,
+                   const std::vector<std::vector<size_t>>& above, SearchResult* result) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   // Chooses a new landmark set from the current frame and installs it.

@@ -96,13 +96,16 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
   if (device_ && !staged && !window && params.positives.empty()) {
     on_device = DeviceSearchLocked(queries, n, exclude, params);
   }
+  // The backend counts for the filters' attribution as it searches, under
+  // the same lock, so that the counts are of the version searched.
+  std::vector<std::vector<size_t>> above(n);
+  std::vector<std::vector<size_t>>* count = window ? &above : nullptr;
   absl::StatusOr<SearchResult> result =
       on_device.has_value() ? *std::move(on_device)
-      : staged              ? StagedLocked(queries, n, plans, params)
-                            : UnitsLocked(queries, plans, params);
+      : staged              ? StagedLocked(queries, n, plans, params, count)
+                            : UnitsLocked(queries, plans, params, count);
   if (!result.ok() || result->queries.size() != n) return result;
-  // Under the same lock as the search, so that the counts are of its version.
-  CountLocked(queries, plans, params, staged, &*result);
+  CountLocked(plans, params, staged, above, &*result);
   return result;
 }
 
@@ -164,13 +167,15 @@ absl::StatusOr<std::vector<QueryPlan>> StoreIndex::PlanLocked(
 
 absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const float> queries,
                                                      absl::Span<const QueryPlan> plans,
-                                                     const SearchParams& params) const {
+                                                     const SearchParams& params,
+                                                     std::vector<std::vector<size_t>>* above) const {
   const int dim = options_.dim;
   const size_t n = plans.size();
   const size_t unit = params.work_unit_queries > 0
                           ? static_cast<size_t>(params.work_unit_queries)
                           : n;
-  if (n <= unit) return SearchLocked(queries, n, plans, params);
+  if (n <= unit) return SearchLocked(queries, n, plans, params, above);
+  std::vector<std::vector<size_t>> unit_above;
   // Work units, one after the other under the caller's read lock: a
   // deadline stops the batch within a unit, and scratch is that of one unit.
   SearchResult all;
@@ -181,10 +186,13 @@ absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const float> que
     RETURN_IF_ERROR(CheckCancelled(params));
     const size_t m = std::min(unit, n - begin);
     unit_params.stream_offset = params.stream_offset + begin;
+    unit_above.assign(m, {});
     ASSIGN_OR_RETURN(SearchResult part,
                      SearchLocked(queries.subspan(begin * dim, m * dim), m,
-                                  plans.subspan(begin, m), unit_params));
+                                  plans.subspan(begin, m), unit_params,
+                                  above ? &unit_above : nullptr));
     for (QueryResult& q : part.queries) all.queries.push_back(std::move(q));
+    if (above) std::move(unit_above.begin(), unit_above.end(), above->begin() + begin);
   }
   return all;
 }
@@ -196,7 +204,7 @@ absl::StatusOr<QueryResult> StoreIndex::OneLocked(absl::Span<const float> querie
   SearchParams one = params;
   one.stream_offset = params.stream_offset + i;
   ASSIGN_OR_RETURN(SearchResult r, SearchLocked(queries.subspan(i * dim, dim), 1,
-                                                absl::MakeConstSpan(&plan, 1), one));
+                                                absl::MakeConstSpan(&plan, 1), one, nullptr));
   return std::move(r.queries[0]);
 }
 
@@ -211,7 +219,8 @@ absl::StatusOr<QueryResult> StoreIndex::OneLocked(absl::Span<const float> querie
 // by score; the draws of a fixed stream), so this only extends the walk.
 absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> queries, size_t n,
                                                       absl::Span<const QueryPlan> plans,
-                                                      const SearchParams& params) const {
+                                                      const SearchParams& params,
+                                                      std::vector<std::vector<size_t>>* above) const {
   const PointSource points = Points();
   const size_t size = store_.size();
   const bool simans = params.mode != MineMode::kTopK &&
@@ -240,7 +249,7 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
   tp.want_log_z = false;
   SearchResult tops;
   if (need_top) {
-    ASSIGN_OR_RETURN(tops, UnitsLocked(queries, plans, tp));
+    ASSIGN_OR_RETURN(tops, UnitsLocked(queries, plans, tp, above));
   }
   // Per query: the rows the walk went past (excluded from the draws), and
   // SimANS's pool.
@@ -331,7 +340,14 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
     sp.rank_offset = 0;  // the walk skipped the rank window
     sp.want_log_z = false;
     sp.k = static_cast<int>(std::min(dedupe ? 2 * num_draws + 8 : num_draws, size));
-    ASSIGN_OR_RETURN(SearchResult drawn, UnitsLocked(queries, rest, sp));
+    // (The counts come with the first backend call, over the plans as given.)
+    std::vector<std::vector<size_t>> rest_above(n);
+    ASSIGN_OR_RETURN(SearchResult drawn,
+                     UnitsLocked(queries, rest, sp, need_top || !above ? nullptr : &rest_above));
+    if (!need_top && above) {
+      // The walk's exclusions are empty here (no top list), so rest == plans.
+      *above = std::move(rest_above);
+    }
     for (size_t i = 0; i < n; ++i) {
       QueryResult& r = out.queries[i];
       const size_t head = r.ids.size(), head_dedupe = r.removed.dedupe;
@@ -379,14 +395,10 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
   return out;
 }
 
-void StoreIndex::CountLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
-                             const SearchParams& params, bool staged,
+void StoreIndex::CountLocked(absl::Span<const QueryPlan> plans, const SearchParams& params,
+                             bool staged, const std::vector<std::vector<size_t>>& above,
                              SearchResult* result) const {
   const size_t n = plans.size();
-  bool any = false;
-  for (const QueryPlan& plan : plans) any = any || !plan.count_above.empty();
-  std::vector<std::vector<size_t>> above(n);
-  if (any) CountAboveLocked(queries, plans, &above);
   for (size_t i = 0; i < n; ++i) {
     QueryResult& r = result->queries[i];
     const QueryPlan& plan = plans[i];

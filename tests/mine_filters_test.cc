@@ -155,8 +155,10 @@ TEST_P(FilterTest, TopKHonoursEveryFilterAndCountsAddUp) {
   }
 }
 
-// SAMPLE with replacement under a margin: draws follow the softmax restricted
-// to the eligible targets (chi-square), and log q is that distribution's.
+// SAMPLE with replacement under a margin: exact draws follow the softmax
+// restricted to the eligible targets (chi-square), and log q is that
+// distribution's; the tree's proposal draws only eligible targets and
+// follows its own log q.
 TEST_P(FilterTest, SamplesFollowTheRestrictedSoftmax) {
   const auto [kind, metric] = GetParam();
   Fixture f = Make(kind, metric, 400, 11);
@@ -167,40 +169,55 @@ TEST_P(FilterTest, SamplesFollowTheRestrictedSoftmax) {
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return s[a] > s[b]; });
   const std::vector<std::vector<uint64_t>> positives = {{f.ids[order[5]]}};
   const double tau = metric == Metric::kCosine ? 0.1 : 1.0;
-  SearchParams p{.mode = MineMode::kSample, .k = 300, .temperature = static_cast<float>(tau),
-                 .with_replacement = true};
-  p.filters.relative_margin = 0.05f;
-  p.positives = positives;
-  const Window w = Of(p.filters, s[order[5]]);
-  std::vector<double> logits(s.size(), -1e300);
-  double max_logit = -1e300;
-  for (size_t t = 0; t < s.size(); ++t) {
-    if (t != order[5] && w.In(s[t])) max_logit = std::max(max_logit, logits[t] = s[t] / tau);
-  }
-  std::vector<double> prob(s.size());
-  double z = 0;
-  for (size_t t = 0; t < s.size(); ++t) z += prob[t] = std::exp(logits[t] - max_logit);
-  for (double& v : prob) v /= z;
-  const double log_z = max_logit + std::log(z);
-  std::vector<int64_t> counts(s.size(), 0);
-  int64_t draws = 0;
-  for (uint64_t seed = 1; seed <= 40; ++seed) {
-    p.seed = seed;
-    absl::StatusOr<SearchResult> r = f.index->Search(q, {}, p);
-    ASSERT_TRUE(r.ok()) << r.status();
-    const QueryResult& got = r->queries[0];
-    ASSERT_EQ(got.ids.size(), 300u);
-    for (size_t j = 0; j < got.ids.size(); ++j) {
-      const size_t t = got.ids[j] - 1000;
-      ASSERT_TRUE(w.In(got.scores[j]) || std::abs(got.scores[j] - w.hi) < kEdge) << got.scores[j];
-      ASSERT_NE(t, order[5]);
-      EXPECT_NEAR(got.log_q[j], s[t] / tau - log_z, 2e-2);
-      ++counts[t];
-      ++draws;
+  for (Sampler sampler : {Sampler::kExact, Sampler::kProposal}) {
+    SCOPED_TRACE(sampler == Sampler::kExact ? "exact sampler" : "proposal sampler");
+    SearchParams p{.mode = MineMode::kSample, .sampler = sampler, .k = 300,
+                   .temperature = static_cast<float>(tau), .with_replacement = true};
+    p.filters.relative_margin = 0.05f;
+    p.positives = positives;
+    const Window w = Of(p.filters, s[order[5]]);
+    std::vector<double> logits(s.size(), -1e300);
+    double max_logit = -1e300;
+    for (size_t t = 0; t < s.size(); ++t) {
+      if (t != order[5] && w.In(s[t])) max_logit = std::max(max_logit, logits[t] = s[t] / tau);
+    }
+    std::vector<double> prob(s.size());
+    double z = 0;
+    for (size_t t = 0; t < s.size(); ++t) z += prob[t] = std::exp(logits[t] - max_logit);
+    for (double& v : prob) v /= z;
+    const double log_z = max_logit + std::log(z);
+    // The exact index draws exactly whatever the sampler; the tree's
+    // proposal has its own log q.
+    const bool softmax = sampler == Sampler::kExact || kind == IndexKind::kExact;
+    std::vector<int64_t> counts(s.size(), 0);
+    std::vector<QueryResult> all;
+    int64_t draws = 0;
+    for (uint64_t seed = 1; seed <= 40; ++seed) {
+      p.seed = seed;
+      absl::StatusOr<SearchResult> r = f.index->Search(q, {}, p);
+      ASSERT_TRUE(r.ok()) << r.status();
+      const QueryResult& got = r->queries[0];
+      ASSERT_EQ(got.ids.size(), 300u);
+      for (size_t j = 0; j < got.ids.size(); ++j) {
+        const size_t t = got.ids[j] - 1000;
+        ASSERT_TRUE(w.In(s[t]) || std::abs(s[t] - w.hi) < kEdge) << s[t];
+        ASSERT_NE(t, order[5]);
+        if (softmax) EXPECT_NEAR(got.log_q[j], s[t] / tau - log_z, 2e-2);
+        ++counts[t];
+        ++draws;
+      }
+      all.push_back(got);
+    }
+    if (softmax) {
+      const auto [stat, df] = ChiSquare(counts, prob, draws);
+      EXPECT_LT(stat, ChiSquareCritical(df)) << "df " << df;
+    } else {
+      const testing::LogQFrequencies lq = testing::LogQFrequencyTest(all, 1e-4);
+      EXPECT_EQ(lq.inconsistent, 0u);
+      EXPECT_LE(lq.seen_mass, 1.0 + 1e-3);
+      EXPECT_LT(lq.stat, ChiSquareCritical(lq.df)) << "df " << lq.df;
     }
   }
-  const auto [stat, df] = ChiSquare(counts, prob, draws);
-  EXPECT_LT(stat, ChiSquareCritical(df)) << "df " << df;
 }
 
 // SimANS: draws from exp(-a (s - s_pos - b)^2) over the top K eligible, with

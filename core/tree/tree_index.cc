@@ -208,6 +208,16 @@ class TreeIndex::Searcher {
         dim_(points.dim), inv_tau_(1.0 / params.temperature) {}
 
   size_t visits() const { return visits_; }
+
+  // Counting fused into an exact top-k (Fuse): per query, thresholds at or
+  // above its window's hi, and the targets not excluded scoring above each.
+  // ScoreLeavesBatched counts every leaf it scores, and an exact top-k
+  // scores every leaf holding a target above hi.
+  struct Fused {
+    std::vector<float> t;  // ascending
+    std::vector<size_t> n;
+  };
+  void Fuse(std::vector<Fused>* fused) { fused_ = fused; }
   // Exact sampler: draws proposed and accepted, over this searcher's life.
   size_t proposals() const { return proposals_; }
   size_t accepted() const { return accepted_; }
@@ -354,6 +364,17 @@ class TreeIndex::Searcher {
       row_max = s.rowwise().maxCoeff();
       visits_ += nq;
       for (size_t i = 0; i < nq; ++i) {
+        if (fused_ != nullptr) {
+          Fused& c = (*fused_)[qids[q0 + i]];
+          if (!c.t.empty() && row_max[i] > c.t.front()) {
+            const Query& q = queries[qids[q0 + i]];
+            const float* row = s.row(i).data();
+            for (size_t j = 0; j < rows.size(); ++j) {
+              if (!(row[j] > c.t.front()) || q.excluded.contains(rows[j])) continue;
+              for (size_t t = 0; t < c.t.size(); ++t) c.n[t] += row[j] > c.t[t];
+            }
+          }
+        }
         TopHeap& heap = (*heaps)[qids[q0 + i]];
         // Most leaves hold nothing for a query whose heap is full.
         if (heap.full() && row_max[i] < heap.threshold()) continue;
@@ -1012,42 +1033,105 @@ class TreeIndex::Searcher {
     }
   }
 
-  // For each threshold t[j], the live targets not excluded with
-  // s > t[j], added to out[j]: a subtree wholly above a threshold counts at
-  // once, one wholly below is skipped, and only leaves across one are
-  // scored. `mask` holds the thresholds still undecided at f.
-  void CountAbove(const Query& q, int32_t f, uint32_t mask, const std::vector<float>& t,
-                  const absl::flat_hash_map<int32_t, uint32_t>& excluded_below,
-                  std::vector<size_t>* out) {
-    auto it = excluded_below.find(f);
-    const uint32_t n_eff = tree_.count(f) - (it == excluded_below.end() ? 0 : it->second);
-    if (n_eff == 0) return;
-    ++visits_;
-    const float d = Dot(q.q.data(), tree_.center(f), dim_);
-    const float hi = d + tree_.radius(f) * q.norm, lo = d - tree_.radius(f) * q.norm;
-    const float slack = Slack(std::max(std::abs(hi), std::abs(lo)));
-    uint32_t rest = 0;
-    for (size_t j = 0; j < t.size(); ++j) {
-      if (!(mask >> j & 1)) continue;
-      if (lo - slack > t[j]) {
-        (*out)[j] += n_eff;
-      } else if (hi + slack > t[j]) {
-        rest |= uint32_t{1} << j;
+  // For each query i and threshold t[i][j], (*out)[i][j] += the live
+  // targets not excluded with s > t[i][j]. By the tree's bounds first, per
+  // query: a subtree wholly above a threshold counts at once, one wholly
+  // below is skipped, and the leaves across one are listed; then the listed
+  // leaves are scored grouped by leaf (ScoreLeaf), as ScoreLeavesBatched.
+  //
+  // With `collect`, (*collect)[i] also receives the rows (not excluded) that
+  // score above query i's window hi, which must then be one of t[i].
+  void CountAbove(const std::vector<Query>& queries, const std::vector<std::vector<float>>& t,
+                  std::vector<std::vector<size_t>>* out,
+                  std::vector<std::vector<uint32_t>>* collect = nullptr) {
+    struct Across {
+      int32_t leaf;
+      uint32_t query, mask;
+    };
+    std::vector<Across> across;
+    std::vector<std::pair<int32_t, uint32_t>> stack;
+    for (uint32_t qi = 0; qi < queries.size(); ++qi) {
+      const std::vector<float>& ts = t[qi];
+      if (ts.empty() || tree_.num_nodes() == 0 || tree_.count(0) == 0) continue;
+      const Query& q = queries[qi];
+      const absl::flat_hash_map<int32_t, uint32_t> excluded_below = ExcludedBelow(q);
+      const size_t j_hi = collect ? std::find(ts.begin(), ts.end(), q.hi) - ts.begin() : ts.size();
+      stack.assign(1, {0, (uint32_t{1} << ts.size()) - 1});
+      while (!stack.empty()) {
+        const auto [f, mask] = stack.back();
+        stack.pop_back();
+        auto it = excluded_below.find(f);
+        const uint32_t n_eff = tree_.count(f) - (it == excluded_below.end() ? 0 : it->second);
+        if (n_eff == 0) continue;
+        ++visits_;
+        const float d = Dot(q.q.data(), tree_.center(f), dim_);
+        const float hi = d + tree_.radius(f) * q.norm, lo = d - tree_.radius(f) * q.norm;
+        const float slack = Slack(std::max(std::abs(hi), std::abs(lo)));
+        uint32_t rest = 0;
+        for (size_t j = 0; j < ts.size(); ++j) {
+          if (!(mask >> j & 1)) continue;
+          if (lo - slack > ts[j]) {
+            (*out)[qi][j] += n_eff;
+            if (j == j_hi) CollectAll(q, f, &(*collect)[qi]);
+          } else if (hi + slack > ts[j]) {
+            rest |= uint32_t{1} << j;
+          }
+        }
+        if (rest == 0) continue;
+        if (tree_.is_leaf(f)) {
+          across.push_back({f, qi, rest});
+          continue;
+        }
+        for (int32_t c = tree_.first_child(f); c < tree_.first_child(f) + tree_.num_children(f);
+             ++c) {
+          if (tree_.count(c) > 0) stack.push_back({c, rest});
+        }
       }
     }
-    if (rest == 0) return;
+    std::sort(across.begin(), across.end(), [](const Across& a, const Across& b) {
+      return a.leaf < b.leaf || (a.leaf == b.leaf && a.query < b.query);
+    });
+    std::vector<uint32_t> qids;
+    RowMatrix s;
+    for (size_t b = 0; b < across.size();) {
+      size_t e = b;
+      qids.clear();
+      for (; e < across.size() && across[e].leaf == across[b].leaf; ++e) {
+        qids.push_back(across[e].query);
+      }
+      const absl::Span<const uint32_t> rows = tree_.members(across[b].leaf);
+      ScoreLeaf(rows, queries, qids.data(), qids.size(), &s);
+      for (size_t i = 0; i < qids.size(); ++i) {
+        const Query& q = queries[qids[i]];
+        const std::vector<float>& ts = t[qids[i]];
+        const uint32_t mask = across[b + i].mask;
+        std::vector<size_t>& o = (*out)[qids[i]];
+        // (A leaf decided for hi was listed whole above, or holds nothing.)
+        const size_t j_hi =
+            collect ? std::find(ts.begin(), ts.end(), q.hi) - ts.begin() : ts.size();
+        const bool take = j_hi < ts.size() && (mask >> j_hi & 1);
+        for (size_t j = 0; j < rows.size(); ++j) {
+          if (q.excluded.contains(rows[j])) continue;
+          for (size_t k = 0; k < ts.size(); ++k) {
+            if (mask >> k & 1) o[k] += s(i, j) > ts[k];
+          }
+          if (take && s(i, j) > q.hi) (*collect)[qids[i]].push_back(rows[j]);
+        }
+      }
+      b = e;
+    }
+  }
+
+  // The rows of f's subtree not excluded for q, into `out`.
+  void CollectAll(const Query& q, int32_t f, std::vector<uint32_t>* out) const {
     if (tree_.is_leaf(f)) {
       for (uint32_t row : tree_.members(f)) {
-        if (q.excluded.contains(row)) continue;
-        const float s = Score(q, row);
-        for (size_t j = 0; j < t.size(); ++j) {
-          if (rest >> j & 1) (*out)[j] += s > t[j];
-        }
+        if (!q.excluded.contains(row)) out->push_back(row);
       }
       return;
     }
     for (int32_t c = tree_.first_child(f); c < tree_.first_child(f) + tree_.num_children(f); ++c) {
-      if (tree_.count(c) > 0) CountAbove(q, c, rest, t, excluded_below, out);
+      if (tree_.count(c) > 0) CollectAll(q, c, out);
     }
   }
 
@@ -1077,6 +1161,7 @@ class TreeIndex::Searcher {
   const double inv_tau_;
   size_t visits_ = 0;
   size_t proposals_ = 0, accepted_ = 0;
+  std::vector<Fused>* fused_ = nullptr;
   RowMatrix gathered_, query_rows_;  // ScoreLeaf's scratch
 };
 
@@ -1440,27 +1525,9 @@ std::vector<TreeIndex::Query> TreeIndex::MakeQueries(absl::Span<const float> que
   return qs;
 }
 
-void TreeIndex::CountAboveLocked(absl::Span<const float> queries,
-                                 absl::Span<const QueryPlan> plans,
-                                 std::vector<std::vector<size_t>>* above) const {
-  const std::vector<Query> qs = MakeQueries(queries, plans.size(), plans);
-  SearchParams p;
-  p.temperature = 1;
-  const std::shared_ptr<const Routing> routing = RoutingLocked();
-  Searcher searcher(*tree_, *routing, store_, Points(), p);
-  above->assign(plans.size(), {});
-  for (size_t i = 0; i < plans.size(); ++i) {
-    const std::vector<float>& t = plans[i].count_above;
-    (*above)[i].assign(t.size(), 0);
-    if (t.empty() || tree_->num_nodes() == 0 || tree_->count(0) == 0) continue;
-    searcher.CountAbove(qs[i], 0, (uint32_t{1} << t.size()) - 1, t, searcher.ExcludedBelow(qs[i]),
-                        &(*above)[i]);
-  }
-}
-
-absl::StatusOr<SearchResult> TreeIndex::SearchLocked(absl::Span<const float> queries, size_t n,
-                                                     absl::Span<const QueryPlan> plans,
-                                                     const SearchParams& params) const {
+absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
+    absl::Span<const float> queries, size_t n, absl::Span<const QueryPlan> plans,
+    const SearchParams& params, std::vector<std::vector<size_t>>* above) const {
   std::vector<Query> qs = MakeQueries(queries, n, plans);
   bool window = false;
   for (const Query& q : qs) window = window || q.window;
@@ -1477,9 +1544,61 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(absl::Span<const float> que
                           : p.mode == MineMode::kMixed ? p.num_hard
                                                         : 0;
   const size_t m = p.rank_offset + num_hard;
+  // The thresholds an exact top-k counts as it goes (those >= hi).
+  std::vector<Searcher::Fused> fused(above ? n : 0);
+  const bool fuse = above != nullptr && m > 0 && !p.approximate;
+  if (fuse) {
+    for (size_t i = 0; i < n; ++i) {
+      for (float t : plans[i].count_above) {
+        if (t >= qs[i].hi) fused[i].t.push_back(t);
+      }
+      fused[i].n.assign(fused[i].t.size(), 0);
+    }
+    searcher.Fuse(&fused);
+  }
+  // Proposal sampling under a window with no lower end (the margins,
+  // max_score): the targets above hi are found by the tree's bounds and
+  // excluded, after which the proposal runs as with exclusions, exactly.
+  // (Under min_score the sampling uses the exact sampler: the targets below
+  // it are too many to list.)
+  const int num_samples = p.mode == MineMode::kTopK ? 0 : p.k - static_cast<int>(num_hard);
+  const bool upper_only = window && p.filters.min_score == -MineFilters::kInf;
+  const bool collect = num_samples > 0 && p.sampler == Sampler::kProposal && upper_only;
+  std::vector<std::vector<uint32_t>> above_hi(collect ? n : 0);
+  if (above != nullptr || collect) {
+    // Counts by the tree's bounds (the thresholds a top-k does not count),
+    // before the top part joins the exclusions: they are over the plan's.
+    std::vector<std::vector<float>> rest(n);
+    std::vector<std::vector<size_t>> counted(n);
+    for (size_t i = 0; i < n; ++i) {
+      for (float t : plans[i].count_above) {
+        if (above != nullptr && (!fuse || t < qs[i].hi)) rest[i].push_back(t);
+      }
+      if (collect && qs[i].window && std::find(rest[i].begin(), rest[i].end(), qs[i].hi) == rest[i].end()) {
+        rest[i].insert(std::upper_bound(rest[i].begin(), rest[i].end(), qs[i].hi), qs[i].hi);
+      }
+      counted[i].assign(rest[i].size(), 0);
+    }
+    searcher.CountAbove(qs, rest, &counted, collect ? &above_hi : nullptr);
+    for (size_t i = 0; above != nullptr && i < n; ++i) {
+      const std::vector<float>& all = plans[i].count_above;
+      (*above)[i].assign(all.size(), 0);
+      for (size_t j = 0; j < all.size(); ++j) {
+        const auto it = std::find(rest[i].begin(), rest[i].end(), all[j]);
+        if (it != rest[i].end()) (*above)[i][j] = counted[i][it - rest[i].begin()];
+      }
+    }
+  }
   if (m > 0) {
     RETURN_IF_ERROR(CheckCancelled(p));
     std::vector<std::vector<Hit>> top = searcher.TopBatch(qs, m);
+    searcher.Fuse(nullptr);
+    for (size_t i = 0; fuse && i < n; ++i) {
+      const std::vector<float>& all = plans[i].count_above;
+      for (size_t j = 0, r = 0; j < all.size(); ++j) {
+        if (r < fused[i].t.size() && all[j] == fused[i].t[r]) (*above)[i][j] = fused[i].n[r++];
+      }
+    }
     for (size_t i = 0; i < n; ++i) {
       QueryResult& out = result.queries[i];
       for (size_t r = 0; r < top[i].size(); ++r) {
@@ -1493,8 +1612,13 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(absl::Span<const float> que
       out.num_top = static_cast<int>(out.ids.size());
     }
   }
-  const int num_samples = p.mode == MineMode::kTopK ? 0 : p.k - static_cast<int>(num_hard);
-  if (num_samples > 0 && p.sampler == Sampler::kProposal && !window) {
+  if (collect) {
+    for (size_t i = 0; i < n; ++i) {
+      qs[i].excluded.insert(above_hi[i].begin(), above_hi[i].end());
+      qs[i].window = false;  // what the window removes is excluded now
+    }
+  }
+  if (num_samples > 0 && p.sampler == Sampler::kProposal && (!window || collect)) {
     RETURN_IF_ERROR(searcher.SampleProposalBatch(qs, num_samples, &result.queries));
   } else if (num_samples > 0) {
     for (size_t i = 0; i < n; ++i) {

@@ -86,14 +86,17 @@ class TreeIndex final : public StoreIndex {
   // A score window (filters) makes sampling use the exact sampler, which
   // draws from the restricted softmax by rejection; the proposal's leaf
   // weights cannot see which targets a window removes.
+  //
+  // The counts (`above`): an exact top-k scores every target above the
+  // window's hi (they lie in leaves whose bound beats the k-th eligible
+  // score), so it counts those as it goes; a threshold below hi, or a search
+  // without an exact top-k, is counted by the tree's bounds (a subtree
+  // wholly above or below a threshold counts at once; only the leaves
+  // across it are scored).
   absl::StatusOr<SearchResult> SearchLocked(absl::Span<const float> queries, size_t n,
                                             absl::Span<const QueryPlan> plans,
-                                            const SearchParams& params) const override
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // By the tree's bounds: a subtree wholly above or below a threshold counts
-  // at once; only the leaves across it are scored.
-  void CountAboveLocked(absl::Span<const float> queries, absl::Span<const QueryPlan> plans,
-                        std::vector<std::vector<size_t>>* above) const override
+                                            const SearchParams& params,
+                                            std::vector<std::vector<size_t>>* above) const override
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   // The tree's invariants (Tree::CheckInvariants) and that it holds exactly
