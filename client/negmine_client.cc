@@ -28,11 +28,15 @@ void BuildMineRequest(const std::string& collection,
                       absl::Span<const float> queries, uint32_t dim,
                       const v1::MineParams& params,
                       absl::Span<const std::vector<uint64_t>> exclude,
-                      v1::MineRequest* request) {
+                      v1::MineRequest* request,
+                      absl::Span<const std::vector<uint64_t>> positives) {
   request->set_collection(collection);
   EncodeMatrix(queries, dim, request->mutable_queries());
   for (const std::vector<uint64_t>& ids : exclude) {
     request->add_exclude()->mutable_ids()->Add(ids.begin(), ids.end());
+  }
+  for (const std::vector<uint64_t>& ids : positives) {
+    request->add_positives()->mutable_ids()->Add(ids.begin(), ids.end());
   }
   *request->mutable_params() = params;
 }
@@ -340,9 +344,10 @@ absl::StatusOr<v1::ApplyDriftResponse> Client::CallApplyDrift(
 absl::StatusOr<v1::MineResponse> Client::Mine(
     const std::string& collection, absl::Span<const float> queries,
     uint32_t dim, const v1::MineParams& params,
-    absl::Span<const std::vector<uint64_t>> exclude) {
+    absl::Span<const std::vector<uint64_t>> exclude,
+    absl::Span<const std::vector<uint64_t>> positives) {
   v1::MineRequest req;
-  BuildMineRequest(collection, queries, dim, params, exclude, &req);
+  BuildMineRequest(collection, queries, dim, params, exclude, &req, positives);
   return Mine(req);
 }
 
@@ -389,9 +394,10 @@ MineSession::~MineSession() {
 
 absl::StatusOr<std::string> MineSession::Send(
     absl::Span<const float> queries, uint32_t dim, const v1::MineParams& params,
-    absl::Span<const std::vector<uint64_t>> exclude) {
+    absl::Span<const std::vector<uint64_t>> exclude,
+    absl::Span<const std::vector<uint64_t>> positives) {
   v1::MineRequest req;
-  BuildMineRequest(collection_, queries, dim, params, exclude, &req);
+  BuildMineRequest(collection_, queries, dim, params, exclude, &req, positives);
   req.set_request_id(std::to_string(next_id_));
   std::string id = req.request_id();
   absl::Status s = Send(std::move(req));

@@ -12,6 +12,16 @@
 //   params.set_temperature(0.05f);
 //   ASSIGN_OR_RETURN(v1::MineResponse r, client->Mine("docs", queries, 128, params));
 //
+// Controls against false negatives are MineParams too (filters,
+// distribution, simans), with each query's positives beside the queries:
+//
+//   params.mutable_filters()->set_relative_margin(0.05f);  // unset: off
+//   std::vector<std::vector<uint64_t>> positives = {{17}, {4, 9}};  // per query
+//   ASSIGN_OR_RETURN(r, client->Mine("docs", queries, 128, params, /*exclude=*/{},
+//                                    positives));
+//   // r.results(i): positive_scores (request order), removed (FilterCounts:
+//   // why targets were not eligible), shortfall (why fewer than k came back).
+//
 // From a training loop, a MineSession keeps one stream open and pipelines:
 //
 //   auto session = client->OpenMineSession("docs");
@@ -83,13 +93,16 @@ std::string RetryServiceConfig(const ClientOptions& options);
 // grpc::Status -> absl::Status, with `rpc` prefixed to the message.
 absl::Status FromGrpc(const grpc::Status& status, const char* rpc);
 
-// Fills a MineRequest: queries are n x dim float32 (row-major); `exclude` is
-// empty or one id list per query.
+// Fills a MineRequest: queries are n x dim float32 (row-major); `exclude`
+// and `positives` are each empty or one id list per query. Positives are
+// always excluded, scored and returned (QueryNegatives.positive_scores); the
+// margins and SimANS use each query's lowest positive score.
 void BuildMineRequest(const std::string& collection,
                       absl::Span<const float> queries, uint32_t dim,
                       const v1::MineParams& params,
                       absl::Span<const std::vector<uint64_t>> exclude,
-                      v1::MineRequest* request);
+                      v1::MineRequest* request,
+                      absl::Span<const std::vector<uint64_t>> positives = {});
 
 class MineSession;
 
@@ -154,10 +167,16 @@ class Client {
       const std::string& collection, int64_t model_step, absl::Span<const float> a,
       absl::Span<const float> b, uint32_t dim);
 
+  // Mines n = queries.size() / dim queries; `exclude` and `positives` as in
+  // BuildMineRequest. Each result carries its positives' scores, the
+  // FilterCounts of the targets that were not eligible, and a shortfall
+  // text when it holds fewer than params.k() results. An unknown positive
+  // id is NOT_FOUND.
   absl::StatusOr<v1::MineResponse> Mine(
       const std::string& collection, absl::Span<const float> queries,
       uint32_t dim, const v1::MineParams& params,
-      absl::Span<const std::vector<uint64_t>> exclude = {});
+      absl::Span<const std::vector<uint64_t>> exclude = {},
+      absl::Span<const std::vector<uint64_t>> positives = {});
   absl::StatusOr<v1::MineResponse> Mine(const v1::MineRequest& request);
 
   // GCBS: streams n examples (queries and positives, n x dim each) in chunks
@@ -206,7 +225,8 @@ class MineSession {
   // in order) so that responses can be matched if wanted.
   absl::StatusOr<std::string> Send(absl::Span<const float> queries, uint32_t dim,
                                    const v1::MineParams& params,
-                                   absl::Span<const std::vector<uint64_t>> exclude = {});
+                                   absl::Span<const std::vector<uint64_t>> exclude = {},
+                                   absl::Span<const std::vector<uint64_t>> positives = {});
   // Sends a prepared request as is (its collection is overwritten).
   absl::Status Send(v1::MineRequest request);
 
