@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The negmine CLI end to end against a real server: generate, create, upsert
 # from .npy (with ids) and .fvecs, mine as a table, as JSON and into .npy, and
-# a clear error with exit code 2 on bad input.
+# a clear error with exit code 2 on bad input; positives, filters and the
+# trainer formats (jsonl, tevatron, st-ntuple, st-triplet).
 # usage: cli_test.sh NEGMINE_SERVER_BIN NEGMINE_CLI_BIN
 set -euo pipefail
 server_bin=$1
@@ -137,6 +138,104 @@ for i, r in enumerate(rows):
     row = r["ids"][0] - (2**63 + 12345)
     assert abs(r["log_q"][0] - (s[i, row] - truth[i])) < 1e-4, (r, s[i, row] - truth[i])
 PY
+
+# Inner product is the default metric (what the API's METRIC_UNSPECIFIED
+# means); cosine is asked for.
+nm create --collection fmt --dim 8 --index exact | grep -q "metric=inner_product" \
+  || fail "create's default metric"
+nm create --collection fmtcos --dim 8 --metric cosine | grep -q "metric=cosine" \
+  || fail "--metric cosine"
+
+# Positives, filters and the trainer formats. 5 queries, 2 positives each
+# (one row padded with -1); the ids of every format equal the jsonl run's,
+# whose scores obey the margin and whose positive scores are q . p.
+/usr/bin/python3 -c "
+import numpy as np
+rng = np.random.default_rng(9)
+x = rng.standard_normal((300, 8))
+pos = np.array([[3, 7], [10, -1], [20, 21], [30, 31], [40, 41]], np.int64)
+# Each query near the sum of its positives: s_pos > 0.
+q = np.stack([x[r[r >= 0]].sum(0) * (2 if (r < 0).any() else 1) for r in pos])
+q += 0.3 * rng.standard_normal(q.shape)
+np.save('$tmp/fx.npy', x.astype(np.float32))
+np.save('$tmp/fq.npy', q.astype(np.float32))
+np.save('$tmp/fpos.npy', pos)"
+nm upsert --collection fmt --npy "$tmp/fx.npy" | grep -q "upserted 300" || fail "upsert fmt"
+fmine() { nm mine --collection fmt --queries "$tmp/fq.npy" --k 4 --positives "$tmp/fpos.npy" \
+  --relative-margin 0.2 "$@"; }
+fmine --format jsonl > "$tmp/f.jsonl"
+fmine --format tevatron > "$tmp/f.tev"
+fmine --format st-ntuple > "$tmp/f.ntuple"
+fmine --format st-triplet > "$tmp/f.triplet"
+fmine > "$tmp/f.table"
+grep -q "positive scores" "$tmp/f.table" || fail "table without positive scores"
+/usr/bin/python3 - "$tmp" <<'PY' || fail "trainer formats"
+import json, sys, numpy as np
+tmp = sys.argv[1]
+x = np.load(tmp + "/fx.npy").astype(np.float64)
+q = np.load(tmp + "/fq.npy").astype(np.float64)
+pos = [[int(i) for i in r if i >= 0] for r in np.load(tmp + "/fpos.npy")]
+s = q @ x.T
+rows = [json.loads(l) for l in open(tmp + "/f.jsonl")]
+assert [r["query"] for r in rows] == list(range(5)), rows
+keys = {"query", "positive_ids", "positive_scores", "ids", "scores", "log_q", "num_top", "count",
+        "num_eligible", "removed", "shortfall", "index_version"}
+for i, r in enumerate(rows):
+    assert set(r) == keys, set(r) ^ keys
+    assert r["positive_ids"] == pos[i], r
+    assert np.allclose(r["positive_scores"], s[i, pos[i]], atol=1e-4), (r, s[i, pos[i]])
+    s_pos = min(s[i, pos[i]])
+    assert s_pos > 0, s_pos
+    assert len(r["ids"]) == r["count"] == 4 and r["shortfall"] == "", r
+    assert not set(r["ids"]) & set(pos[i]), r
+    assert all(v <= s_pos - abs(s_pos) * 0.2 + 1e-4 for v in r["scores"]), (r, s_pos)
+    assert np.allclose(r["scores"], s[i, r["ids"]], atol=1e-4), r
+    assert r["removed"]["positives"] == len(pos[i]), r
+    assert r["removed"]["relative_margin"] + r["num_eligible"] + len(pos[i]) == 300, r
+tev = [json.loads(l) for l in open(tmp + "/f.tev")]
+assert len(tev) == 5, tev
+for i, (t, r) in enumerate(zip(tev, rows)):
+    assert set(t) == {"query_id", "query", "positive_passages", "negative_passages"}, t
+    assert t["query_id"] == str(i)
+    assert [p["docid"] for p in t["positive_passages"]] == [str(p) for p in pos[i]], t
+    assert [p["docid"] for p in t["negative_passages"]] == [str(n) for n in r["ids"]], t
+    assert all(set(p) == {"docid", "title", "text"} for p in t["positive_passages"] + t["negative_passages"])
+nt = [json.loads(l) for l in open(tmp + "/f.ntuple")]
+assert len(nt) == sum(len(p) for p in pos), nt
+want = [(i, p) for i in range(5) for p in pos[i]]
+assert [(r["anchor"], r["positive"]) for r in nt] == want, nt
+for r in nt:
+    assert set(r) == {"anchor", "positive", "negative_1", "negative_2", "negative_3", "negative_4"}, r
+    assert [r["negative_%d" % j] for j in range(1, 5)] == rows[r["anchor"]]["ids"], r
+tr = [json.loads(l) for l in open(tmp + "/f.triplet")]
+assert len(tr) == 4 * len(want), len(tr)
+assert [(r["anchor"], r["positive"], r["negative"]) for r in tr] == \
+    [(i, p, n) for i, p in want for n in rows[i]["ids"]], tr
+assert all(set(r) == {"anchor", "positive", "negative"} for r in tr)
+PY
+# A query with fewer than k negatives: jsonl says why; st-ntuple leaves it out.
+fmine --format jsonl --k 295 > "$tmp/fs.jsonl"
+fmine --format st-ntuple --k 295 > "$tmp/fs.ntuple" 2> "$tmp/fs.err"
+/usr/bin/python3 - "$tmp" <<'PY' || fail "shortfall"
+import json, sys
+tmp = sys.argv[1]
+rows = [json.loads(l) for l in open(tmp + "/fs.jsonl")]
+short = [r["query"] for r in rows if r["count"] < 295]
+assert short and all(rows[i]["shortfall"] for i in short), rows
+assert all(r["count"] == r["num_eligible"] for r in rows if r["query"] in short)
+nt = [json.loads(l) for l in open(tmp + "/fs.ntuple")]
+assert not {r["anchor"] for r in nt} & set(short), nt
+PY
+grep -q "st-ntuple: left out" "$tmp/fs.err" || fail "no note on left-out rows"
+set +e
+err=$(nm mine --collection fmt --queries "$tmp/fq.npy" --k 4 --format st-triplet 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 2 ] || fail "exit code $rc for st-triplet without --positives"
+echo "$err" | grep -q -- "needs --positives" || fail "message: $err"
+set +e
+err=$(nm mine --collection fmt --queries "$tmp/fq.npy" --k 4 --format csv 2>&1 >/dev/null); rc=$?
+set -e
+[ "$rc" = 2 ] || fail "exit code $rc for --format csv"
 
 # A new collection from .npy with explicit ids, and from .fvecs.
 nm create --collection mine2 --dim 4 --metric inner_product >/dev/null
@@ -319,7 +418,9 @@ echo "$err" | grep -q "RESOURCE_EXHAUSTED.*max_sync_batch_examples" || fail "mes
 nm help > "$tmp/help.txt"
 for want in "--k K  *default 10" "--num-hard H  *default k/2" "--mode topk|sample|mixed  *default topk" \
     "--temperature T  *required for sample and mixed" "--sample-seed S  *default 0" \
-    "--metric cosine|inner_product  *default cosine" "--index tree|exact  *default tree" \
+    "--metric inner_product|cosine  *default inner_product" "--index tree|exact  *default tree" \
+    "--format table|json|jsonl|tevatron|st-ntuple|st-triplet" "--positives P.npy  *default none" \
+    "--relative-margin M  *default off" "--distribution softmax|simans  *default softmax" \
     "--leaf-size L  *default 64" "--timeout-seconds T  *default 5" "--neighbors K  *default 0" \
     "--model-step T  *default 0" "--log-z \[--log-z-width W\]  *default off; W default 0.01" \
     "float32, float16 or float64"; do

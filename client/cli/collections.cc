@@ -36,7 +36,8 @@ absl::Status Create(Client& c, const Args& a) {
   v1::CollectionConfig config;
   config.set_name(name);
   config.set_dim(dim);
-  const std::string metric = a.Get("metric", "cosine");
+  // Inner product by default, as the wire's METRIC_UNSPECIFIED means.
+  const std::string metric = a.Get("metric", "inner_product");
   if (metric == "cosine") {
     config.set_metric(v1::METRIC_COSINE);
   } else if (metric == "inner_product" || metric == "ip") {

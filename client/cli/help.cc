@@ -35,7 +35,9 @@ struct CommandHelp {
 constexpr CommandHelp kCommands[] = {
     {"create", R"(  create   --collection C --dim D [options]
            Creates a collection (an index).
-           --metric cosine|inner_product       default cosine
+           --metric inner_product|cosine       default inner_product (what
+                                               the API's METRIC_UNSPECIFIED
+                                               means; ip is accepted too)
            --index tree|exact                  default tree
            --backend auto|cpu|cuda             default auto (CUDA when built
                                                and a GPU is visible)
@@ -85,7 +87,18 @@ constexpr CommandHelp kCommands[] = {
                                                a GPU)
            --log-z [--log-z-width W]           default off; W default 0.01
            --exclude E.npy                     default none
-           --json                              default: a readable table
+           --positives P.npy                   default none
+           --min-score S, --max-score S        default off
+           --absolute-margin M                 default off (needs positives)
+           --relative-margin M                 default off (needs positives)
+           --dedupe-cosine C                   default off; C in (0, 1]
+           --distribution softmax|simans       default softmax (sample, mixed)
+           --simans-a A                        default 0.5 (the server's)
+           --simans-b B                        default 0
+           --simans-candidates K               default 0: max(k, 100)
+           --format table|json|jsonl|tevatron|st-ntuple|st-triplet
+                                               default table
+           --json                              the same as --format json
            --out R.npy                         default: none
            --queries-per-request N             default: as many as fit
            --seed S                            default 1 (--random-queries)
@@ -93,12 +106,46 @@ constexpr CommandHelp kCommands[] = {
            targets were generated with (the server's --generate_seed).
            E.npy is an n x m integer array of ids to exclude per query:
            uint64 (every id, 2^63 and above too; 2^64-1 is padding) or
-           int64 / int32 (negative entries are padding).
-           --json prints one object per query per line (query, ids, scores,
-           log_q, num_top, index_version; log_z_lo and log_z_hi with
-           --log-z). --out writes ids (n x k uint64, missing entries 2^64-1)
+           int64 / int32 (negative entries are padding). P.npy, each
+           query's positives, has the same form: they are excluded, scored
+           (positive scores) and give s_pos, the query's lowest positive
+           score, to the margins and SimANS. An unknown positive id fails
+           the call (NOT_FOUND).
+           Filters remove targets from every mode (top-k takes the best
+           that are left, sampling and log Z are over them): --min-score
+           and --max-score drop s < S and s > S; --absolute-margin M drops
+           s > s_pos - M; --relative-margin M drops s > s_pos - |s_pos| M;
+           --dedupe-cosine C drops a candidate whose cosine to a positive
+           or to a negative already taken is >= C. --distribution simans
+           draws with weights exp(-a (s - s_pos - b)^2) from the K best
+           eligible targets (needs --positives).
+           Formats (stdout, one line per record):
+             table       the readable table (positive scores and the
+                         shortfall, when there are any)
+             json        per query: query, ids, scores, log_q, num_top,
+                         index_version; log_z_lo and log_z_hi with --log-z
+             jsonl       per query: query (its row), positive_ids,
+                         positive_scores, ids, scores, log_q, num_top,
+                         count, num_eligible, removed (the filter counts:
+                         excluded, positives, max_score, min_score,
+                         absolute_margin, relative_margin, rank_offset,
+                         dedupe), shortfall, index_version
+             tevatron    Tevatron's training JSONL: query_id (the row),
+                         query "", positive_passages and negative_passages
+                         as {docid, title "", text ""}; join the texts by
+                         docid
+             st-ntuple   sentence-transformers' n-tuple as ids: anchor (the
+                         row), positive, negative_1 .. negative_k, one row
+                         per (query, positive); a query with fewer than k
+                         negatives is left out (stderr counts them)
+             st-triplet  sentence-transformers' triplet as ids: anchor,
+                         positive, negative, one row per (query, positive,
+                         negative)
+           tevatron, st-ntuple and st-triplet need --positives.
+           --out writes ids (n x k uint64, missing entries 2^64-1)
            to R.npy, and R.scores.npy and R.log_q.npy (n x k float32) beside
-           it; both may be given.
+           it; it may be given with any format (table: then nothing is
+           printed).
            Any number of queries: one Mine call when they fit one request
            of N queries (by default as many as fit the server's max_batch
            and message limit, read from GetIndexInfo), else one MineStream
