@@ -118,11 +118,12 @@ def as_ids(ids: Any, what: str = "ids") -> np.ndarray:
     return a.astype(np.uint64, copy=False)
 
 
-def exclude_lists(exclude: Any, rows: int) -> Optional[List[Sequence[int]]]:
-    """exclude as one list of ids per query: None, a sequence of `rows`
-    iterables of ids (lists, arrays, tensors), a 2-D integer array / tensor
-    [rows, m], or a 1-D one [rows] (one id per query). Negative entries are
-    padding, everywhere."""
+def exclude_lists(exclude: Any, rows: int,
+                  what: str = "exclude") -> Optional[List[Sequence[int]]]:
+    """exclude (or positives, named by `what`) as one list of ids per query:
+    None, a sequence of `rows` iterables of ids (lists, arrays, tensors), a
+    2-D integer array / tensor [rows, m], or a 1-D one [rows] (one id per
+    query). Negative entries are padding, everywhere."""
     if exclude is None:
         return None
     if is_torch(exclude):
@@ -134,7 +135,7 @@ def exclude_lists(exclude: Any, rows: int) -> Optional[List[Sequence[int]]]:
             if len(exclude) != rows:
                 raise InvalidArgument(
                     InvalidArgument.code,
-                    f"exclude has {len(exclude)} rows; there are {rows} queries")
+                    f"{what} has {len(exclude)} rows; there are {rows} queries")
             return [row[row >= 0].astype(np.uint64).tolist() for row in exclude]
     lists = []
     for e in exclude:
@@ -145,7 +146,7 @@ def exclude_lists(exclude: Any, rows: int) -> Optional[List[Sequence[int]]]:
         lists.append(a[a >= 0].astype(np.uint64).tolist())
     if len(lists) != rows:
         raise InvalidArgument(InvalidArgument.code,
-                              f"exclude has {len(lists)} lists; there are {rows} queries")
+                              f"{what} has {len(lists)} lists; there are {rows} queries")
     return lists
 
 

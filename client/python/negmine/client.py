@@ -46,8 +46,8 @@ from negmine.errors import (DeadlineExceeded, InvalidArgument, NegmineError,
                             ResourceExhausted, error_from_item_status, error_from_rpc,
                             error_from_status)
 from negmine.types import (BatchAssignment, CollectionInfo, DeleteResult, DriftResult,
-                           Landmarks, MineResult, ServerLimits, SnapshotResult,
-                           TLSConfig, UpsertResult)
+                           FilterCounts, Landmarks, MineResult, ServerLimits,
+                           SnapshotResult, TLSConfig, UpsertResult)
 from negmine.v1 import negmine_pb2 as pb
 from negmine.v1 import negmine_pb2_grpc as pb_grpc
 
@@ -84,11 +84,16 @@ _DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16,
 _MODES = {"topk": pb.MINE_MODE_TOP_K, "top_k": pb.MINE_MODE_TOP_K,
           "sample": pb.MINE_MODE_SAMPLE, "mixed": pb.MINE_MODE_MIXED}
 _SAMPLERS = {"proposal": pb.SAMPLER_PROPOSAL, "exact": pb.SAMPLER_EXACT}
+_DISTRIBUTIONS = {"softmax": pb.SAMPLE_DISTRIBUTION_SOFTMAX,
+                  "simans": pb.SAMPLE_DISTRIBUTION_SIMANS}
+# MineFilters fields, each an optional float (None: the filter is off).
+_FILTER_NAMES = ("min_score", "max_score", "absolute_margin", "relative_margin",
+                 "dedupe_cosine")
 
 # QueryNegatives / MineResponse fields this client maps by name; any other
 # field (one the proto gains later) lands in MineResult.extra.
 _KNOWN_RESULT_FIELDS = {"ids", "scores", "log_q", "num_top", "log_z_lo", "log_z_hi",
-                        "num_eligible"}
+                        "num_eligible", "positive_scores", "removed", "shortfall"}
 _HAS_NUM_ELIGIBLE = "num_eligible" in pb.QueryNegatives.DESCRIPTOR.fields_by_name
 _KNOWN_RESPONSE_FIELDS = {"request_id", "index_version", "results", "status"}
 
@@ -187,33 +192,59 @@ def collection_info_from_proto(info: "pb.CollectionInfo",
 def _mine_params(k: int, mode: str, temperature: Optional[float], num_hard: int,
                  with_replacement: bool, rank_offset: int, approximate: bool,
                  beam_width: int, sampler: str, seed: int, return_log_z: bool,
-                 log_z_width: float) -> "pb.MineParams":
+                 log_z_width: float, min_score: Optional[float] = None,
+                 max_score: Optional[float] = None,
+                 absolute_margin: Optional[float] = None,
+                 relative_margin: Optional[float] = None,
+                 dedupe_cosine: Optional[float] = None, distribution: str = "softmax",
+                 simans_a: Optional[float] = None, simans_b: Optional[float] = None,
+                 simans_candidates: int = 0) -> "pb.MineParams":
     mode_value = _choice(_MODES, mode, "mode")
     if mode_value != pb.MINE_MODE_TOP_K and temperature is None:
         raise InvalidArgument(InvalidArgument.code,
                               f"mode = {mode!r} needs a temperature")
-    return pb.MineParams(
+    params = pb.MineParams(
         mode=mode_value, sampler=_choice(_SAMPLERS, sampler, "sampler"), k=int(k),
         temperature=float(temperature or 0.0), num_hard=int(num_hard),
         with_replacement=bool(with_replacement), rank_offset=int(rank_offset),
         approximate=bool(approximate), beam_width=int(beam_width), seed=int(seed),
-        return_log_z=bool(return_log_z), log_z_width=float(log_z_width))
+        return_log_z=bool(return_log_z), log_z_width=float(log_z_width),
+        distribution=_choice(_DISTRIBUTIONS, distribution, "distribution"))
+    values = dict(min_score=min_score, max_score=max_score,
+                  absolute_margin=absolute_margin, relative_margin=relative_margin,
+                  dedupe_cosine=dedupe_cosine)
+    for name in _FILTER_NAMES:
+        if values[name] is not None:  # presence is the switch: set only what was given
+            setattr(params.filters, name, float(values[name]))
+    if simans_a is not None:
+        params.simans.a = float(simans_a)
+    if simans_b is not None:
+        params.simans.b = float(simans_b)
+    params.simans.candidates = int(simans_candidates)
+    return params
 
 
 MINE_OPTION_NAMES = ("mode", "temperature", "num_hard", "with_replacement",
                      "rank_offset", "approximate", "beam_width", "sampler", "seed",
-                     "return_log_z", "log_z_width")
+                     "return_log_z", "log_z_width") + _FILTER_NAMES + (
+                         "distribution", "simans_a", "simans_b", "simans_candidates")
 MINE_DEFAULTS: Dict[str, Any] = dict(mode="topk", temperature=None, num_hard=0,
                                      with_replacement=False, rank_offset=0,
                                      approximate=False, beam_width=0, sampler="proposal",
-                                     seed=0, return_log_z=False, log_z_width=0.0)
+                                     seed=0, return_log_z=False, log_z_width=0.0,
+                                     min_score=None, max_score=None, absolute_margin=None,
+                                     relative_margin=None, dedupe_cosine=None,
+                                     distribution="softmax", simans_a=None, simans_b=None,
+                                     simans_candidates=0)
 
 
 def build_mine_request(queries: Any, k: int, collection: str = DEFAULT_COLLECTION,
                        exclude: Any = None, min_index_version: int = 0,
-                       request_id: str = "", **options: Any) -> "pb.MineRequest":
+                       request_id: str = "", positives: Any = None,
+                       **options: Any) -> "pb.MineRequest":
     """A MineRequest for one batch of queries (no splitting). `options` are
-    Client.mine's keyword options (mode, temperature, ...)."""
+    Client.mine's keyword options (mode, temperature, filters, ...);
+    `positives` takes the forms `exclude` takes."""
     unknown = set(options) - set(MINE_OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown mine options: {sorted(unknown)}")
@@ -226,6 +257,10 @@ def build_mine_request(queries: Any, k: int, collection: str = DEFAULT_COLLECTIO
     if lists is not None:
         for ex in lists:
             req.exclude.add(ids=ex)
+    pos_lists = _arrays.exclude_lists(positives, host.shape[0], "positives")
+    if pos_lists is not None:
+        for pos in pos_lists:
+            req.positives.add(ids=pos)
     return req
 
 
@@ -279,13 +314,23 @@ def parse_mine_responses(responses: Sequence["pb.MineResponse"], k: int,
     num_eligible = None
     if _HAS_NUM_ELIGIBLE:
         num_eligible = np.fromiter((r.num_eligible for r in results), dtype=np.int64, count=q)
+    num_pos = max([0] + [len(r.positive_scores) for r in results])
+    positive_scores = np.full((q, num_pos), np.nan, dtype=np.float32)
+    for i, r in enumerate(results):
+        if len(r.positive_scores):
+            positive_scores[i, :len(r.positive_scores)] = np.fromiter(
+                r.positive_scores, dtype=np.float32, count=len(r.positive_scores))
+    removed = FilterCounts(**{
+        name: np.fromiter((getattr(r.removed, name) for r in results), dtype=np.int64, count=q)
+        for name in FilterCounts.NAMES})
     extra: Dict[str, Any] = {}
     if responses:
         extra = _response_extra(responses[-1], results)
     out = MineResult(ids=ids, scores=scores, log_q=log_q, num_top=num_top, counts=counts,
                      index_version=min(r.index_version for r in responses) if responses else 0,
                      log_z_lo=log_z_lo, log_z_hi=log_z_hi, num_eligible=num_eligible,
-                     extra=extra)
+                     positive_scores=positive_scores, removed=removed,
+                     shortfall=[r.shortfall for r in results], extra=extra)
     if like is not None and _arrays.is_torch(like):
         out = to_torch(out, like.device)
     return out
@@ -305,7 +350,9 @@ def to_torch(r: MineResult, device: Any) -> MineResult:
     return MineResult(ids=t(r.ids), scores=t(r.scores), log_q=t(r.log_q),
                       num_top=t(r.num_top), counts=t(r.counts),
                       index_version=r.index_version, log_z_lo=t(r.log_z_lo),
-                      log_z_hi=t(r.log_z_hi), num_eligible=t(r.num_eligible), extra=extra)
+                      log_z_hi=t(r.log_z_hi), num_eligible=t(r.num_eligible),
+                      positive_scores=t(r.positive_scores), removed=r.removed,
+                      shortfall=r.shortfall, extra=extra)
 
 
 class Client:
@@ -474,7 +521,7 @@ class Client:
 
     # --------------------------------------------------------- collections
 
-    def create_collection(self, name: str, dim: int, metric: str = "cosine",
+    def create_collection(self, name: str, dim: int, metric: str = "ip",
                           index: str = "tree", backend: str = "auto",
                           leaf_size: Optional[int] = None, branching: Optional[int] = None,
                           num_landmarks: Optional[int] = None, exist_ok: bool = False,
@@ -488,7 +535,8 @@ class Client:
         Args:
             name: [A-Za-z0-9_.-]{1,128}.
             dim: components per vector.
-            metric: "cosine" or "ip" (inner product).
+            metric: "ip" (inner product, the default everywhere: what the
+                wire's METRIC_UNSPECIFIED means) or "cosine".
             index: "tree" (the dynamic ball tree) or "exact" (brute force).
             backend: "auto", "cpu" or "cuda".
             leaf_size, branching: tree parameters (None: the server's default).
@@ -649,29 +697,42 @@ class Client:
     # --------------------------------------------------------------- mining
 
     def _split_rows(self, collection: str, rows: int, cols: int, elem: int, k: int,
-                    exclude: Optional[List[Sequence[int]]]) -> List[Tuple[int, int]]:
+                    exclude: Optional[List[Sequence[int]]],
+                    positives: Optional[List[Sequence[int]]] = None) -> List[Tuple[int, int]]:
         """Row ranges whose requests and answers fit the server's limits."""
         limits = self.limits(collection)
         budget = int(limits.max_message_bytes * 0.8)
-        answer_row = 24 * max(1, k) + 48  # ids (<= 10 B), score, log q, framing
+        # ids (<= 10 B), score, log q, framing; the filter counts and shortfall.
+        answer_row = 24 * max(1, k) + 160
         ranges, start, req_bytes, resp_bytes = [], 0, 0, 0
         for i in range(rows):
             row_req = cols * elem + (11 * len(exclude[i]) + 4 if exclude else 0)
+            if positives:
+                row_req += 11 * len(positives[i]) + 4
+                answer_row_i = answer_row + 5 * len(positives[i])
+            else:
+                answer_row_i = answer_row
             if i > start and (i - start >= limits.max_batch or req_bytes + row_req > budget
-                              or resp_bytes + answer_row > budget):
+                              or resp_bytes + answer_row_i > budget):
                 ranges.append((start, i))
                 start, req_bytes, resp_bytes = i, 0, 0
             req_bytes += row_req
-            resp_bytes += answer_row
+            resp_bytes += answer_row_i
         ranges.append((start, rows))
         return ranges
 
     def mine(self, queries: Any, k: int, *, collection: str = DEFAULT_COLLECTION,
              mode: str = "topk", temperature: Optional[float] = None, num_hard: int = 0,
-             exclude: Any = None, with_replacement: bool = False, rank_offset: int = 0,
-             approximate: bool = False, beam_width: int = 0, sampler: str = "proposal",
-             seed: int = 0, return_log_z: bool = False, log_z_width: float = 0.0,
-             min_index_version: int = 0, timeout: Optional[float] = None) -> MineResult:
+             exclude: Any = None, positives: Any = None, with_replacement: bool = False,
+             rank_offset: int = 0, approximate: bool = False, beam_width: int = 0,
+             sampler: str = "proposal", seed: int = 0, return_log_z: bool = False,
+             log_z_width: float = 0.0, min_score: Optional[float] = None,
+             max_score: Optional[float] = None, absolute_margin: Optional[float] = None,
+             relative_margin: Optional[float] = None,
+             dedupe_cosine: Optional[float] = None, distribution: str = "softmax",
+             simans_a: Optional[float] = None, simans_b: Optional[float] = None,
+             simans_candidates: int = 0, min_index_version: int = 0,
+             timeout: Optional[float] = None) -> MineResult:
         """Mines k negatives per query.
 
         Args:
@@ -688,6 +749,10 @@ class Client:
                 each query: one iterable of ids per query, or a [Q, m]
                 integer array whose negative entries are padding (a [Q]
                 array: one id per query, e.g. its positive).
+            positives: each query's positives, in the forms `exclude` takes.
+                Always excluded; their scores come back (positive_scores);
+                the margins and SimANS use each query's lowest positive
+                score s_pos. An id not in the collection raises NotFound.
             with_replacement: sampling: may a target repeat.
             rank_offset: skip the rank_offset best eligible targets (likely
                 false negatives) in every mode.
@@ -697,6 +762,23 @@ class Client:
             seed: sampling seed (0: fresh randomness); query i uses the
                 stream (seed, i).
             return_log_z, log_z_width: a certified log Z interval per query.
+            min_score, max_score: drop targets scoring below / above.
+            absolute_margin: >= 0; drop s > s_pos - absolute_margin (needs
+                positives).
+            relative_margin: >= 0; drop s > s_pos - |s_pos| * relative_margin
+                (needs positives).
+            dedupe_cosine: in (0, 1]; drop a candidate whose cosine to a
+                positive or to a negative already taken is >= dedupe_cosine.
+                A filter left at None is off. Removed targets are not
+                eligible in any mode (top-k skips them, sampling and log Z
+                are over the rest).
+            distribution: "sample" and "mixed": "softmax" (softmax(s /
+                temperature)) or "simans" (weights exp(-a (s - s_pos - b)^2)
+                over the simans_candidates best eligible targets; needs
+                positives).
+            simans_a, simans_b: SimANS's a (>= 0; None: the server's 0.5) and
+                b (None: 0).
+            simans_candidates: SimANS's pool K >= k (0: max(k, 100)).
             min_index_version: fail with FailedPrecondition unless the index
                 has reached this version (read your writes).
             timeout: this call's deadline in seconds.
@@ -707,22 +789,30 @@ class Client:
         Returns:
             MineResult: ids [Q, k] (-1 padding), scores, log_q (nan for top-k
             entries and padding), num_top, counts, log_z_lo / log_z_hi,
+            positive_scores, removed (FilterCounts), shortfall,
             index_version, as numpy arrays, or torch tensors on the queries'
             device when `queries` is a torch tensor.
         """
         options = dict(mode=mode, temperature=temperature, num_hard=num_hard,
                        with_replacement=with_replacement, rank_offset=rank_offset,
                        approximate=approximate, beam_width=beam_width, sampler=sampler,
-                       seed=seed, return_log_z=return_log_z, log_z_width=log_z_width)
+                       seed=seed, return_log_z=return_log_z, log_z_width=log_z_width,
+                       min_score=min_score, max_score=max_score,
+                       absolute_margin=absolute_margin, relative_margin=relative_margin,
+                       dedupe_cosine=dedupe_cosine, distribution=distribution,
+                       simans_a=simans_a, simans_b=simans_b,
+                       simans_candidates=simans_candidates)
         rows, cols, elem = _arrays.num_rows_cols(queries, "queries")
         lists = _arrays.exclude_lists(exclude, rows)
-        ranges = self._split_rows(collection, rows, cols, elem, int(k), lists)
+        pos_lists = _arrays.exclude_lists(positives, rows, "positives")
+        ranges = self._split_rows(collection, rows, cols, elem, int(k), lists, pos_lists)
         responses = []
         for c, (start, stop) in enumerate(ranges):
             opts = dict(options, seed=_chunk_seed(int(seed), c))
             req = build_mine_request(
                 queries[start:stop] if len(ranges) > 1 else queries, k, collection,
                 exclude=None if lists is None else lists[start:stop],
+                positives=None if pos_lists is None else pos_lists[start:stop],
                 min_index_version=min_index_version, **opts)
             responses.append(self._call(self._stub.Mine, req, timeout))
         return parse_mine_responses(responses, int(k), bool(return_log_z), like=queries)

@@ -74,7 +74,7 @@ class Prefetcher:
                  timeout: Optional[float] = None, **mine_kwargs: Any) -> None:
         if depth < 1:
             raise ValueError(f"depth = {depth}; must be >= 1")
-        allowed = set(MINE_OPTION_NAMES) | {"exclude", "min_index_version"}
+        allowed = set(MINE_OPTION_NAMES) | {"exclude", "positives", "min_index_version"}
         unknown = set(mine_kwargs) - allowed
         if unknown:
             raise TypeError(f"unknown mine options: {sorted(unknown)}")

@@ -8,7 +8,7 @@ import numpy as np
 
 __all__ = [
     "TLSConfig", "ServerLimits", "CollectionInfo", "UpsertResult", "DeleteResult",
-    "MineResult", "Landmarks", "DriftResult", "BatchAssignment", "SnapshotResult",
+    "FilterCounts", "MineResult", "Landmarks", "DriftResult", "BatchAssignment", "SnapshotResult",
 ]
 
 
@@ -95,6 +95,43 @@ class DeleteResult:
 
 
 @dataclass
+class FilterCounts:
+    """Per query, why targets were not eligible (the server's FilterCounts).
+
+    Each field is a [Q] int64 array. With MineResult.num_eligible they add
+    up to the live targets: excluded + positives + max_score + min_score +
+    absolute_margin + relative_margin + num_eligible; a target two filters
+    remove counts once, under the first of that order. rank_offset and
+    dedupe count eligible targets the rank window skipped and the dedupe
+    dropped.
+
+    Attributes:
+        excluded: in the exclude list (and not a positive).
+        positives: the query's positives.
+        max_score, min_score, absolute_margin, relative_margin: removed by
+            that filter.
+        rank_offset: eligible targets skipped by rank_offset.
+        dedupe: candidates dropped by dedupe_cosine.
+    """
+
+    NAMES = ("excluded", "positives", "max_score", "min_score", "absolute_margin",
+             "relative_margin", "rank_offset", "dedupe")
+
+    excluded: Any
+    positives: Any
+    max_score: Any
+    min_score: Any
+    absolute_margin: Any
+    relative_margin: Any
+    rank_offset: Any
+    dedupe: Any
+
+    def row(self, i: int) -> Dict[str, int]:
+        """Query i's counts as a dict of ints."""
+        return {name: int(getattr(self, name)[i]) for name in self.NAMES}
+
+
+@dataclass
 class MineResult:
     """Negatives for a batch of Q queries, k per query.
 
@@ -111,9 +148,17 @@ class MineResult:
         log_z_lo, log_z_hi: [Q] float64 bounds on log Z (return_log_z), else None.
         index_version: the index version the results came from.
         num_eligible: [Q] int64, the live targets each query could get
-            (its exclusions left out, before rank_offset): a query has fewer
-            than k results only when num_eligible - rank_offset < k. None
-            when the server's proto has no such field.
+            (not excluded, not a positive, inside the filters' score window;
+            before rank_offset and the dedupe): a query has fewer than k
+            results only when num_eligible - rank_offset - removed.dedupe <
+            k. None when the server's proto has no such field.
+        positive_scores: [Q, P] float32, each query's positives' scores in
+            the order given (P the most positives of any query; nan pads
+            shorter rows; P = 0 without positives).
+        removed: FilterCounts, per query, of the targets that were not
+            eligible and why.
+        shortfall: Q strings; set (non-empty) where a query got fewer than
+            k results, saying why.
         extra: per-query fields of the server's response that this client
             does not know by name (added to the proto later), by field
             name: a [Q] array for a scalar field, a list of Q arrays for a
@@ -129,6 +174,9 @@ class MineResult:
     log_z_lo: Any = None
     log_z_hi: Any = None
     num_eligible: Any = None
+    positive_scores: Any = None
+    removed: Optional[FilterCounts] = None
+    shortfall: Optional[List[str]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
