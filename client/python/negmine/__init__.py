@@ -8,7 +8,8 @@
     result.ids, result.scores, result.log_q      # numpy, or torch for torch queries
 
 Public names: Client, ShardedClient (one collection over several servers),
-HashRing, Prefetcher, DriftUpdater, the result types
+HashRing, Prefetcher, DriftUpdater, mine_hard_negatives (sentence-transformers'
+function, backed by a server), the result types
 (MineResult, CollectionInfo, ...), TLSConfig, and the errors (NegmineError
 and one subclass per gRPC code). `negmine.gradcache` (GradCache and the
 sampled-softmax loss) needs torch and is imported on first use.
@@ -38,8 +39,9 @@ from negmine.errors import (Aborted, AlreadyExists, Cancelled, DataLoss, Deadlin
                             Unauthenticated, Unavailable, Unimplemented, Unknown)
 from negmine.prefetch import Prefetcher
 from negmine.sharding import HashRing, ShardedClient, ShardedLandmarks
+from negmine.hard_negatives import mine_hard_negatives
 from negmine.types import (BatchAssignment, CollectionInfo, DeleteResult, DriftResult,
-                           Landmarks, MineResult, ServerLimits, SnapshotResult, TLSConfig,
+                           FilterCounts, Landmarks, MineResult, ServerLimits, SnapshotResult, TLSConfig,
                            UpsertResult)
 
 __version__ = "0.1.0"
@@ -48,11 +50,11 @@ __all__ = [
     "Client", "ShardedClient", "HashRing", "ShardedLandmarks", "Prefetcher",
     "DriftUpdater", "LocalServer", "TLSConfig", "DEFAULT_COLLECTION",
     "RETRY_POLICY", "BatchAssignment", "CollectionInfo", "DeleteResult", "DriftResult",
-    "Landmarks", "MineResult", "ServerLimits", "SnapshotResult", "UpsertResult",
+    "FilterCounts", "Landmarks", "MineResult", "ServerLimits", "SnapshotResult", "UpsertResult",
     "NegmineError", "Aborted", "AlreadyExists", "Cancelled", "DataLoss",
     "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument", "NotFound",
     "OutOfRange", "PermissionDenied", "ResourceExhausted", "Unauthenticated",
-    "Unavailable", "Unimplemented", "Unknown", "gradcache",
+    "Unavailable", "Unimplemented", "Unknown", "gradcache", "mine_hard_negatives",
 ]
 
 
