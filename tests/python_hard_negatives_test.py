@@ -23,7 +23,7 @@ import numpy as np
 import negmine
 
 ARGS: Optional[argparse.Namespace] = None
-GAP = 1e-4        # the smallest distance of any score from a decision boundary
+GAP = 5e-6        # the smallest distance of any score from a decision boundary
 SCORE_TOL = 1e-5  # float32 scores against float64 ones
 
 
@@ -31,7 +31,7 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_data(seed: int, n: int = 400, q: int = 24, dim: int = 16, noise: float = 0.6):
+def make_data(seed: int, n: int = 400, q: int = 24, dim: int = 16, noise: float = 0.25):
     rng = np.random.default_rng(seed)
     corpus = unit(rng.standard_normal((n, dim)))
     pos = rng.choice(n, size=q, replace=False)
@@ -42,7 +42,7 @@ def make_data(seed: int, n: int = 400, q: int = 24, dim: int = 16, noise: float 
 def oracle_eligible(queries, corpus, positives: List[List[int]], relative_margin=None,
                     max_score=None):
     """Per query: (eligible ids sorted by score desc then id, the scores of
-    all targets, s_pos, the threshold used)."""
+    all targets, s_pos, the threshold used, the positives)."""
     s = unit(queries.astype(np.float64)) @ unit(corpus.astype(np.float64)).T
     out = []
     for i, pos in enumerate(positives):
@@ -57,7 +57,7 @@ def oracle_eligible(queries, corpus, positives: List[List[int]], relative_margin
         keep &= s[i] <= threshold
         ids = np.nonzero(keep)[0]
         order = sorted(ids.tolist(), key=lambda j: (-s[i, j], j))
-        out.append((order, s[i], s_pos, threshold))
+        out.append((order, s[i], s_pos, threshold, pos))
     return out
 
 
@@ -81,9 +81,11 @@ class HardNegativesTest(unittest.TestCase):
         """The precondition of exact id comparisons: no score near a
         threshold, nor near the boundary between rank offset + k - 1 and
         offset + k (and offset - 1 / offset)."""
-        for order, s, _, threshold in oracle:
+        for order, s, _, threshold, pos in oracle:
             if np.isfinite(threshold):
-                self.assertGreater(np.min(np.abs(s - threshold)), GAP, "seed: a score at the margin")
+                others = np.delete(s, pos)  # a positive is excluded whatever its score
+                self.assertGreater(np.min(np.abs(others - threshold)), GAP,
+                                   "seed: a score at the margin")
             for b in (offset, offset + k):
                 if 0 < b < len(order):
                     self.assertGreater(s[order[b - 1]] - s[order[b]], GAP, "seed: a tie at rank")
@@ -100,7 +102,7 @@ class HardNegativesTest(unittest.TestCase):
             output_format="n-tuple", output_scores=True)
         self.assertEqual(len(rows), len(queries))
         for i, row in enumerate(rows):
-            order, s, s_pos, _ = oracle[i]
+            order, s, s_pos, _, _ = oracle[i]
             self.assertGreater(s_pos, 0)
             got = [row[f"negative_{j}"] for j in range(1, k + 1)]
             self.assertEqual(got, order[:k], f"query {i}")
@@ -231,7 +233,7 @@ class HardNegativesTest(unittest.TestCase):
         self.client.upsert("counts", ids=np.arange(len(corpus)), vectors=corpus)
         r = self.client.mine(queries, k, collection="counts", positives=positives,
                              relative_margin=m)
-        for i, (order, s, s_pos, threshold) in enumerate(oracle):
+        for i, (order, s, s_pos, threshold, _) in enumerate(oracle):
             self.assertAlmostEqual(float(r.positive_scores[i, 0]), s_pos, delta=SCORE_TOL)
             self.assertEqual(r.ids[i].tolist(), order[:k])
             self.assertEqual(r.removed.positives[i], 1)
