@@ -351,7 +351,9 @@ def to_torch(r: MineResult, device: Any) -> MineResult:
                       num_top=t(r.num_top), counts=t(r.counts),
                       index_version=r.index_version, log_z_lo=t(r.log_z_lo),
                       log_z_hi=t(r.log_z_hi), num_eligible=t(r.num_eligible),
-                      positive_scores=t(r.positive_scores), removed=r.removed,
+                      positive_scores=t(r.positive_scores),
+                      removed=None if r.removed is None else FilterCounts(
+                          **{name: t(getattr(r.removed, name)) for name in FilterCounts.NAMES}),
                       shortfall=r.shortfall, extra=extra)
 
 

@@ -293,6 +293,11 @@ def mine_hard_negatives(
                        simans_b=simans_b, temperature=1.0 if temperature is None else temperature,
                        simans_candidates=0 if range_max is None else range_max - range_min)
 
+    # The server takes k up to the collection's size; fewer eligible targets
+    # come back as a shortfall either way.
+    k = min(k, len(c_emb))
+    if options.get("simans_candidates"):
+        options["simans_candidates"] = min(options["simans_candidates"], len(c_emb))
     client, done = _connect(server, server_bin)
     name = collection or f"hard-negatives-{uuid.uuid4().hex[:12]}"
     try:
