@@ -190,7 +190,10 @@ def mine_hard_negatives(
         eligible ranks [range_min, range_max) (a top-k of range_max -
         range_min after rank_offset = range_min, then a choice on this side
         with numpy's generator seeded by `seed`; 0: fresh entropy), sorted
-        by score as sentence-transformers sorts them. range_max None:
+        by score as sentence-transformers sorts them. The window counts
+        eligible targets; sentence-transformers' counts raw ranks and then
+        drops the filtered ones, so with filters on its window holds fewer
+        candidates than this one. range_max None:
         range_min + 10 * num_negatives when a margin or max_score is set,
         else range_min + num_negatives (sentence-transformers' default
         without its + max positives term: the positives are never in the
