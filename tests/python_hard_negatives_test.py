@@ -196,6 +196,30 @@ class HardNegativesTest(unittest.TestCase):
         # Uniform over 18 ranks, 24 x 4 draws: ranks past the top k do come up.
         self.assertGreater(max(seen), k)
 
+    def test_sampling_strategies_respect_the_filters(self) -> None:
+        queries, corpus, pos = make_data(seed=21)
+        m, k, pool = 0.1, 4, 30
+        positives = [[int(p)] for p in pos]
+        oracle = oracle_eligible(queries, corpus, positives, relative_margin=m)
+        self.assert_gaps(oracle, pool)
+        common = dict(query_embeddings=queries, corpus_embeddings=corpus, positive_ids=pos,
+                      server=self.client, relative_margin=m, num_negatives=k,
+                      output_format="n-tuple", output_scores=True, seed=3)
+        softmax = negmine.mine_hard_negatives(sampling_strategy="softmax", temperature=0.05,
+                                              **common)
+        simans = negmine.mine_hard_negatives(sampling_strategy="simans", range_max=pool,
+                                             **common)
+        for name, rows, allowed in (("softmax", softmax, None), ("simans", simans, pool)):
+            self.assertEqual(len(rows), len(queries), name)
+            for row in rows:
+                order, s, _, threshold, _ = oracle[row["anchor"]]
+                got = [row[f"negative_{j}"] for j in range(1, k + 1)]
+                self.assertEqual(len(set(got)), k, name)
+                self.assertTrue(set(got) <= set(order[:allowed]), (name, got))
+                for j, neg in enumerate(got):
+                    self.assertLessEqual(s[neg], threshold, name)
+                    self.assertAlmostEqual(row["scores"][1 + j], s[neg], delta=SCORE_TOL)
+
     def test_texts_and_an_encoder(self) -> None:
         queries, corpus, pos = make_data(seed=16, n=60, q=8)
         table = {f"doc {j}": corpus[j] for j in range(len(corpus))}
