@@ -437,7 +437,10 @@ grep -q -- "--dim D" "$tmp/help_mine.txt" && fail "mine --help shows other comma
 cmds=$(sed -n '/^commands:$/,$ s/^  \([a-z][a-z]*\)\( .*\)*$/\1/p' "$tmp/help.txt" | grep -v '^help$' | sort -u)
 [ "$(echo "$cmds" | wc -l)" = 13 ] || fail "help lists $(echo "$cmds" | wc -l) commands: $cmds"
 for c in $cmds; do
-  "$cli" help "$c" | grep -q "^usage: negmine \[global options\] $c " || fail "help $c"
+  # Through a file: grep -q on a pipe would stop reading at its match, and a
+  # help text longer than one pipe write would then end the CLI by SIGPIPE.
+  "$cli" help "$c" > "$tmp/help_$c.txt" || fail "help $c: exit code"
+  grep -q "^usage: negmine \[global options\] $c " "$tmp/help_$c.txt" || fail "help $c"
   case "$c" in
     create) args="--collection stray --dim 4" ;;
     drop | landmarks) args="--collection default" ;;
