@@ -16,14 +16,33 @@ void PublishCollection(Metrics& metrics, const Collection& c) {
 
 absl::StatusOr<CommitResult> CommitPath::Apply(const WalEntry& e, const LogStep& log) {
   CommitResult out;
+  // Only changes (Commit, under commit_mu_; recovery, before serving) add
+  // or remove collections, so the name checked here is still free (or
+  // still taken) after the log step. That step fsyncs, and runs outside the
+  // registry's lock so that it does not stall every lookup.
+  const auto none = [] { return absl::OkStatus(); };
   if (e.op == WalOp::kCreateCollection) {
     ASSIGN_OR_RETURN(out.collection, registry_->Make(e.collection, e.options));
-    RETURN_IF_ERROR(registry_->Insert(out.collection, log));
+    if (registry_->Find(out.collection->name).ok()) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("collection '", out.collection->name, "' already exists"));
+    }
+    RETURN_IF_ERROR(log());
+    if (absl::Status s = registry_->Insert(out.collection, none); !s.ok()) {
+      out.refused = s;
+      out.retract = true;
+    }
     return out;
   }
   if (e.op == WalOp::kDropCollection) {
+    ASSIGN_OR_RETURN(out.collection, registry_->Find(e.collection));
+    RETURN_IF_ERROR(log());
     // In-flight reads that already hold the collection finish on it.
-    ASSIGN_OR_RETURN(out.collection, registry_->Erase(e.collection, log));
+    absl::StatusOr<std::shared_ptr<Collection>> erased = registry_->Erase(e.collection, none);
+    if (!erased.ok()) {
+      out.refused = erased.status();
+      out.retract = true;
+    }
     return out;
   }
   return ApplyToCollection(e, log);
@@ -44,10 +63,10 @@ absl::StatusOr<CommitResult> CommitPath::ApplyToCollection(const WalEntry& e,
     ASSIGN_OR_RETURN(out.landmarks, c.index->GetLandmarks());
     return out;
   }
-  // The record is appended first and the change applied only if that
-  // succeeded, so a change the log refused (a full disk) is never seen. A
-  // change that the index then refuses (a bad id, a stale epoch) is cut
-  // back off the log.
+  // The record is appended and made durable first, and the change applied
+  // only if both succeeded, so a change the log refused (a full disk, a
+  // failed fsync) is never seen. A change that the index then refuses (a
+  // bad id, a stale epoch) is cut back off the log.
   RETURN_IF_ERROR(log());
   absl::Status applied;
   switch (e.op) {
@@ -103,7 +122,7 @@ absl::StatusOr<CommitResult> CommitPath::ApplyToCollection(const WalEntry& e,
 
 absl::StatusOr<CommitResult> CommitPath::Commit(const WalEntry& entry) {
   std::shared_ptr<WalWriter> used;
-  uint64_t start = 0, end = 0;
+  uint64_t start = 0;
   absl::StatusOr<CommitResult> out;
   {
     // Appends and applies in one order: the log's order is the order the
@@ -122,6 +141,11 @@ absl::StatusOr<CommitResult> CommitPath::Commit(const WalEntry& entry) {
       }
     }
     const std::string payload = wal != nullptr ? EncodeWalEntry(entry) : std::string();
+    // Appends the record and waits until it is durable, before the change
+    // is applied: a change whose fsync failed is never seen, and the log
+    // cuts its record off (core/persist/wal.h), so a restart does not bring
+    // it back either. The fsync runs under commit_mu_, so changes do not
+    // share fsyncs; the order is what lets a refused change be cut back.
     LogStep log = [&]() -> absl::Status {
       if (wal == nullptr) return absl::OkStatus();
       start = wal->size();
@@ -132,8 +156,14 @@ absl::StatusOr<CommitResult> CommitPath::Commit(const WalEntry& entry) {
         NoteWritable(false, appended.status());
         return appended.status();
       }
+      if (absl::Status s = wal->Sync(*appended); !s.ok()) {
+        NoteWritable(false, s);
+        return absl::InternalError(absl::StrCat(
+            "the write-ahead log could not be synced (", s.message(),
+            "): this change was not applied; no change is accepted until the server restarts "
+            "and recovers"));
+      }
       used = wal;
-      end = *appended;
       return absl::OkStatus();
     };
     out = Apply(entry, log);
@@ -148,16 +178,7 @@ absl::StatusOr<CommitResult> CommitPath::Commit(const WalEntry& entry) {
   }
   if (!out.ok()) return out.status();
   if (!out->refused.ok()) return out->refused;
-  if (used != nullptr) {
-    if (absl::Status s = used->Sync(end); !s.ok()) {
-      NoteWritable(false, s);
-      return absl::InternalError(absl::StrCat(
-          "the write-ahead log could not be synced (", s.message(),
-          "): this change may or may not survive a restart; no change is accepted until the "
-          "server restarts and recovers"));
-    }
-    NoteWritable(true, absl::OkStatus());
-  }
+  if (used != nullptr) NoteWritable(true, absl::OkStatus());
   if (entry.op == WalOp::kDropCollection) {
     metrics_->RemoveCollection(entry.collection);
   } else {

@@ -2,17 +2,18 @@
 // embedded default collection, recovery), its write-ahead log, and the
 // snapshots that let the log be cut.
 //
-//   Commit(entry): log the record (page cache), apply it, fsync, answer.
+//   Commit(entry): log the record, fsync it, apply the change, answer.
 //   Replay(entry): apply a logged record again, in recovery.
 //   TakeSnapshot: copy every index, continue the log in a new generation.
 //
 // Lock order: snapshot_mu_, commit_mu_, the registry's lock, a collection's
 // write_mu, wal_mu_ (a leaf), callback_mu_ (a leaf).
 //
-// Thread safety: every method may be called from any thread. A slow change
-// (a drift fit) holds commit_mu_ while it runs, so the changes behind it
-// wait; reads never take commit_mu_, and the metrics read the log under
-// wal_mu_ only.
+// Thread safety: every method may be called from any thread. A change
+// holds commit_mu_ across its fsync and its application, so the changes
+// behind it wait (a drift fit for seconds; concurrent changes do not share
+// an fsync); reads never take commit_mu_, and the metrics read the log
+// under wal_mu_ only.
 #ifndef NEGMINE_SERVER_COMMIT_H_
 #define NEGMINE_SERVER_COMMIT_H_
 
@@ -62,15 +63,17 @@ class CommitPath {
   void SetDurability(std::string data_dir, uint64_t generation, std::shared_ptr<WalWriter> wal,
                      const WalWriter::Options& options, const Manifest& manifest);
 
-  // Logs one change, applies it and waits until its log record is durable.
-  // The record is appended (to the page cache) before the change is
-  // applied, so a change the log refuses is never seen:
+  // Logs one change, waits until its log record is durable, then applies
+  // it. A change is applied only once its record is durable, so a change
+  // the log refuses is never seen:
   //   RESOURCE_EXHAUSTED: the log cannot be written (a full disk); the
   //     record was cut back off and nothing changed. Writes are retried
   //     with backoff and resume by themselves once the disk has room.
-  //   INTERNAL: the log failed for good (a failed fsync: the change may or
-  //     may not survive a restart); every later change fails the same way
-  //     until a restart recovers.
+  //   INTERNAL: the log failed for good (a failed fsync): the change was
+  //     not applied, and its record was cut off the log, so a restart of
+  //     the server does not replay it (unless the message says the cut
+  //     failed too; see core/persist/wal.h for a crash of the machine).
+  //     Every later change fails the same way until a restart recovers.
   // A change the index refuses is cut back off the log, and its error is
   // returned. The state is published as negmine_wal_writable, logged at
   // each transition, and passed to OnWritableChange's callback.
@@ -121,9 +124,9 @@ class CommitPath {
 
   absl::Mutex snapshot_mu_ ABSL_ACQUIRED_BEFORE(commit_mu_);  // one TakeSnapshot at a time
   Manifest manifest_ ABSL_GUARDED_BY(snapshot_mu_);
-  // Held by Commit across appending a record and applying its change, and
-  // by TakeSnapshot while it switches logs: orders the log, and lets a
-  // refused change's record be cut back off (nothing follows it yet).
+  // Held by Commit across appending a record, its fsync and applying its
+  // change, and by TakeSnapshot while it switches logs: orders the log, and
+  // lets a refused change's record be cut back off (nothing follows it yet).
   absl::Mutex commit_mu_;
   uint64_t generation_ ABSL_GUARDED_BY(commit_mu_) = 0;
   std::atomic<int> waiting_{0};

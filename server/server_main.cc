@@ -98,11 +98,12 @@ ABSL_FLAG(std::string, reflection, "auto",
           "set, open otherwise), on (open, also with a token), off. A refused reflection "
           "call ends CANCELLED.");
 ABSL_FLAG(std::string, wal_sync, "always",
-          "always: every acknowledged change is fsynced first (concurrent ones share an "
-          "fsync); never: the OS writes the log back (survives a server crash, not a "
-          "machine crash)");
+          "always: every change is fsynced before it is applied and acknowledged (one "
+          "fsync per change); never: the OS writes the log back (survives a server crash, "
+          "not a machine crash)");
 ABSL_FLAG(int, wal_group_commit_ms, 0,
-          "with --wal_sync=always: wait this long for more changes to share an fsync");
+          "Ignored (a warning when set): each change is fsynced before it is applied, so "
+          "changes do not share an fsync.");
 ABSL_FLAG(double, snapshot_interval_seconds, 3600,
           "Take a snapshot this often when the log is not empty (0: only on request).");
 ABSL_FLAG(uint64_t, snapshot_wal_bytes, uint64_t{1} << 30,
@@ -262,7 +263,12 @@ absl::StatusOr<WalWriter::Options> WalOptions() {
   } else if (sync != "always") {
     return absl::InvalidArgumentError(absl::StrCat("--wal_sync=", sync, ": use always or never"));
   }
-  options.group_commit_window = absl::Milliseconds(absl::GetFlag(FLAGS_wal_group_commit_ms));
+  // Each change is fsynced before it is applied, under the commit order, so
+  // no other change can join its fsync: a window would only delay it.
+  if (absl::GetFlag(FLAGS_wal_group_commit_ms) != 0) {
+    Log(LogLevel::kWarning, "--wal_group_commit_ms is ignored: changes do not share fsyncs",
+        {{"value", absl::StrCat(absl::GetFlag(FLAGS_wal_group_commit_ms))}});
+  }
   return options;
 }
 

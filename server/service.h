@@ -56,8 +56,10 @@ struct ServiceOptions {
   // Threads that run request work (reads: Mine, GetTargets, ...).
   int worker_threads = 2;
   // Threads that run changes (upserts, deletes, drift updates, ...). Changes
-  // apply one at a time (the log's order), but their fsyncs are shared, so
-  // more than one thread lets concurrent writers share an fsync.
+  // are fsynced and applied one at a time, in the log's order (each is
+  // fsynced before it is applied, so they do not share fsyncs); more than
+  // one thread lets the changes behind one wait at the commit order, with
+  // their requests already read.
   int write_threads = 4;
   // Requests waiting for a worker beyond which new ones are refused with
   // RESOURCE_EXHAUSTED (bounded memory and latency under overload).

@@ -210,32 +210,87 @@ TEST_F(DurabilityTest, ARefusedChangeLeavesNoRecord) {
   ExpectAcknowledgedState("after the restart");
 }
 
-// A failed fsync is final: the kernel may have dropped the pages, so the
-// change's outcome is unknown (INTERNAL says so), every later change and
-// snapshot is refused until a restart, and the restart recovers a state
-// that holds every acknowledged change.
-TEST_F(DurabilityTest, AFailedFsyncIsFinalUntilARestart) {
+// A failed fsync is final, and the change it was for is never visible: not
+// after its INTERNAL answer (it used to be applied before the fsync), and
+// not after a restart (its record used to stay in the file, in the page
+// cache, and be replayed). Every later change and snapshot is refused until
+// a restart, which recovers exactly the acknowledged changes. The same for
+// a delete and a collection's creation.
+TEST_F(DurabilityTest, AChangeWhoseFsyncFailedIsNeverVisibleNorReplayed) {
   FaultEnv env;
   ASSERT_THAT(Start(&env), IsOk());
   ASSERT_THAT(Create(), IsOk());
   ASSERT_THAT(Upsert(1, 5, 1), IsOk());
+  const uint64_t durable = LogBytes();
   env.FailSyncs(EIO);
   EXPECT_THAT(Upsert(10, 2, 2), StatusIs(absl::StatusCode::kInternal,
-                                         HasSubstr("may or may not survive a restart")));
+                                         AllOf(HasSubstr("Input/output error"),
+                                               HasSubstr("was not applied"))));
+  EXPECT_FALSE(Visible(10)) << "a change whose fsync failed is visible";
+  EXPECT_FALSE(Visible(11)) << "a change whose fsync failed is visible";
+  EXPECT_EQ(LogBytes(), durable) << "the failed change's record stays in the log";
   env.Clear();
   EXPECT_THAT(Upsert(20, 2, 3), StatusIs(absl::StatusCode::kInternal,
                                          HasSubstr("until the server restarts")));
+  EXPECT_FALSE(Visible(20));
   EXPECT_THAT(service_->TakeSnapshot().status(),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("restart")));
-  ASSERT_THAT(Start(nullptr), IsOk());
-  // The unknown one may be there (it reached the file) or not; every
-  // acknowledged row is, bit-exactly.
-  const size_t n = service_->Find("c").value()->index->Stats().num_targets;
-  EXPECT_TRUE(n == acked_.size() || n == acked_.size() + 2) << n;
-  EXPECT_EQ(Visible(10), n == acked_.size() + 2);
-  for (const auto& [id, want] : acked_) EXPECT_TRUE(Visible(id)) << id;
-  EXPECT_FALSE(Visible(20));
+  ExpectAcknowledgedState("after the failed fsync");
+  ASSERT_THAT(Start(&env), IsOk());
+  ExpectAcknowledgedState("after the restart");
+  EXPECT_FALSE(Visible(10)) << "the restart replayed a change whose fsync failed";
+
+  // A delete whose fsync failed: the row stays, also after a restart.
+  env.FailSyncs(EIO);
+  EXPECT_THAT(Delete({1}, false), StatusIs(absl::StatusCode::kInternal,
+                                           HasSubstr("was not applied")));
+  EXPECT_TRUE(Visible(1)) << "a delete whose fsync failed took effect";
+  env.Clear();
+  ASSERT_THAT(Start(&env), IsOk());
+  ExpectAcknowledgedState("after the failed delete and a restart");
+
+  // A collection whose creation's fsync failed does not exist.
+  env.FailSyncs(EIO);
+  WalEntry create{.op = WalOp::kCreateCollection, .collection = "d"};
+  create.options.dim = kDim;
+  create.options.kind = IndexKind::kExact;
+  create.options.backend = Backend::kCpu;
+  EXPECT_THAT(service_->Commit(create).status(),
+              StatusIs(absl::StatusCode::kInternal, HasSubstr("was not applied")));
+  EXPECT_THAT(service_->Find("d").status(), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
+  env.Clear();
+  ASSERT_THAT(Start(&env), IsOk());
+  EXPECT_THAT(service_->Find("d").status(), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
+  ExpectAcknowledgedState("after the failed creation and a restart");
   ASSERT_THAT(Upsert(30, 1, 4), IsOk());
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ExpectAcknowledgedState("after a last restart");
+}
+
+// A change the index refuses after its record was made durable is cut
+// back off, and the cut is fsynced too (a crash of the machine could
+// otherwise bring the record back): with the cut's fsync failing, the
+// refusal is still the answer and the log turns final; a restart recovers
+// without the refused record.
+TEST_F(DurabilityTest, ARefusedChangesCutIsSynced) {
+  FaultEnv env;
+  ASSERT_THAT(Start(&env), IsOk());
+  ASSERT_THAT(Create(), IsOk());
+  ASSERT_THAT(Upsert(1, 5, 1), IsOk());
+  const uint64_t before = LogBytes();
+  EXPECT_THAT(Delete({99}, false), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
+  EXPECT_EQ(LogBytes(), before);
+  ASSERT_THAT(Upsert(10, 1, 2), IsOk()) << "a synced cut leaves the log usable";
+  // The record's fsync works, the cut's fails.
+  env.FailSyncsAfter(1, EIO);
+  EXPECT_THAT(Delete({98}, false), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
+  EXPECT_EQ(env.faults(), 1u) << "the cut back was not fsynced";
+  env.Clear();
+  EXPECT_THAT(Upsert(20, 1, 3), StatusIs(absl::StatusCode::kInternal,
+                                         HasSubstr("until the server restarts")));
+  ExpectAcknowledgedState("after the refused changes");
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ExpectAcknowledgedState("after the restart");
 }
 
 // The manifest records the log generations the dir must hold: a deleted

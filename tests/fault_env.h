@@ -6,6 +6,7 @@
 //   env.SetSpaceLeft(100);   // the next 100 bytes written fit, then ENOSPC
 //                            // (a write crossing the limit stops short)
 //   env.FailSyncs(EIO);      // every fsync / fdatasync fails
+//   env.FailSyncsAfter(1, EIO);  // the next one works, then they fail
 //   env.Clear();             // a healthy disk again
 //
 // Thread safety: every method may be called from any thread.
@@ -31,8 +32,12 @@ class FaultEnv final : public Env {
     space_left_ = bytes;
   }
   // Every fsync and fdatasync fails with `error` (0: they work).
-  void FailSyncs(int error) {
+  void FailSyncs(int error) { FailSyncsAfter(0, error); }
+  // The next `passing` fsyncs and fdatasyncs work, then every one fails
+  // with `error`.
+  void FailSyncsAfter(uint64_t passing, int error) {
     absl::MutexLock lock(&mu_);
+    syncs_passing_ = passing;
     sync_error_ = error;
   }
   // Every write fails with `error` at once, nothing written (0: they work).
@@ -90,6 +95,10 @@ class FaultEnv final : public Env {
   bool SyncFault() {
     absl::MutexLock lock(&mu_);
     if (sync_error_ == 0) return false;
+    if (syncs_passing_ > 0) {
+      --syncs_passing_;
+      return false;
+    }
     ++faults_;
     errno = sync_error_;
     return true;
@@ -98,6 +107,7 @@ class FaultEnv final : public Env {
   mutable absl::Mutex mu_;
   uint64_t space_left_ ABSL_GUARDED_BY(mu_) = std::numeric_limits<uint64_t>::max();
   int sync_error_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t syncs_passing_ ABSL_GUARDED_BY(mu_) = 0;
   int write_error_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t faults_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t short_writes_ ABSL_GUARDED_BY(mu_) = 0;

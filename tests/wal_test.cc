@@ -223,10 +223,20 @@ TEST_F(WalTest, AFailedAppendIsCutBackAndRetriedAfterItsBackoff) {
   env.FailSyncs(EIO);
   end = append(*w, "third");
   ASSERT_THAT(end.status(), IsOk());
-  EXPECT_THAT(w->Sync(*end), StatusIs(absl::StatusCode::kUnknown, HasSubstr("Input/output error")));
+  EXPECT_THAT(w->Sync(*end), StatusIs(absl::StatusCode::kUnknown,
+                                      AllOf(HasSubstr("Input/output error"),
+                                            HasSubstr("were cut off"))));
   env.Clear();
   EXPECT_THAT(append(*w, "fourth").status(),
               StatusIs(absl::StatusCode::kUnknown, HasSubstr("syncing the write-ahead log")));
+  // The record whose fsync failed is cut off the file (it stayed there, in
+  // the page cache, for a restart to replay): it ends at the last durable
+  // record.
+  c = ReadWal(path_).value();
+  ASSERT_EQ(c.records.size(), 2u);
+  EXPECT_EQ(c.records[1].payload, "second");
+  EXPECT_EQ(c.torn_bytes, 0u);
+  EXPECT_EQ(w->size(), c.valid_bytes);
 }
 
 TEST_F(WalTest, ConcurrentSyncsShareFsyncsAndEveryRecordIsThere) {

@@ -219,7 +219,16 @@ absl::Status WalWriter::Retract(uint64_t offset) {
     error_ = Errno(absl::StrCat("cutting the write-ahead log back from ", was, " to ", offset));
     return error_;
   }
-  synced_ = std::min(synced_, size_);
+  if (offset < synced_) {
+    // The cut removes a durable record: make the new size durable too, or a
+    // crash of the machine could bring the retracted record back.
+    synced_ = offset;
+    if (options_.sync == SyncPolicy::kAlways && env_->Fdatasync(fd_) != 0) {
+      error_ = Errno(absl::StrCat("syncing the write-ahead log cut back from ", was, " to ",
+                                  offset));
+      return error_;
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -249,7 +258,29 @@ absl::Status WalWriter::Sync(uint64_t offset) {
   ++sync_stats_.syncs;
   sync_stats_.seconds += seconds;
   if (rc != 0) {
-    error_ = Errno("syncing the write-ahead log");
+    const int sync_errno = errno;
+    // Every record past synced_ belongs to a change whose Sync now fails, so
+    // its caller answers that it failed; the kernel may keep its pages in
+    // the page cache (marked clean), where a restart would read and replay
+    // it. Cut them off, so that the file ends at the last durable record.
+    std::string cut;
+    if (size_ > synced_) {
+      const uint64_t was = size_;
+      size_ = synced_;
+      if (CutBackLocked()) {
+        // Best effort: the disk that failed the fsync may take this one.
+        env_->Fdatasync(fd_);
+        cut = absl::StrCat("; the ", was - synced_,
+                           " bytes after the last durable record were cut off");
+      } else {
+        cut = absl::StrCat("; cutting the ", was - synced_,
+                           " bytes after the last durable record off failed too: ",
+                           std::strerror(errno));
+      }
+    }
+    error_ = absl::Status(absl::ErrnoToStatusCode(sync_errno),
+                          absl::StrCat("syncing the write-ahead log: ",
+                                       std::strerror(sync_errno), cut));
     return error_;
   }
   synced_ = std::max(synced_, target);

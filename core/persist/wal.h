@@ -27,12 +27,20 @@
 // then refuses appends for a backoff (doubling per failure) and the first
 // append after it tries the disk again: writes resume by themselves once
 // there is room. A failed fsync, or a cut that fails, is final: the kernel
-// may have dropped the pages, so only a restart (recovery reads the file)
-// knows what the log holds. Every file call goes through an Env
-// (core/persist/env.h), so tests inject these faults. Concurrent Syncs share one fdatasync (group commit): a Sync that
-// finds one in progress waits for it, and the next covers every record
-// appended meanwhile. With a group-commit window, a Sync first waits that
-// long for more records to share its fdatasync.
+// may have dropped the pages, so the log takes nothing more until a
+// restart. A failed fsync fails every Sync not yet covered, and cuts the
+// file back to the end of the last durable record: the records after it
+// belong to changes answered as failed, and a restart (recovery reads the
+// file) must not replay them, although the kernel may still hold their
+// pages. If that cut fails too, the error says so, and those records may
+// be replayed. After a crash of the machine (not only of the server)
+// following a failed fsync, what the disk holds past the last durable
+// record is not known: a record that reached it whole would be replayed.
+// Every file call goes through an Env (core/persist/env.h), so tests
+// inject these faults. Concurrent Syncs share one fdatasync (group
+// commit): a Sync that finds one in progress waits for it, and the next
+// covers every record appended meanwhile. With a group-commit window, a
+// Sync first waits that long for more records to share its fdatasync.
 //
 // Thread safety: WalWriter's methods may be called from any thread; Append
 // calls are serialized (callers that need an order between two records hold
@@ -109,8 +117,10 @@ class WalWriter {
   absl::StatusOr<uint64_t> Append(uint8_t type, absl::Span<const uint8_t> payload);
   // Cuts the log back to `offset` (a record boundary: size() before an
   // Append whose change was then refused). The caller holds the lock that
-  // orders its Appends, so that nothing was appended after. A failed cut is
-  // final (health()).
+  // orders its Appends, so that nothing was appended after. A cut below
+  // the durable end is fdatasynced (SyncPolicy::kAlways), so that a crash
+  // does not bring the record back. A failed cut, or a failed sync of it,
+  // is final (health()).
   absl::Status Retract(uint64_t offset);
   // Returns once every record up to `offset` is durable (per the policy).
   absl::Status Sync(uint64_t offset);
