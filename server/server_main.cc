@@ -21,6 +21,7 @@
 #include <string>
 #include <thread>
 
+#include <grpc/grpc.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -96,7 +97,7 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(std::string, reflection, "auto",
           "gRPC server reflection: auto (needs the bearer token when --auth_token_file is "
           "set, open otherwise), on (open, also with a token), off. A refused reflection "
-          "call ends CANCELLED.");
+          "call ends UNAUTHENTICATED; off: UNIMPLEMENTED.");
 ABSL_FLAG(std::string, wal_sync, "always",
           "always: every change is fsynced before it is applied and acknowledged (one "
           "fsync per change); never: the OS writes the log back (survives a server crash, "
@@ -130,47 +131,54 @@ namespace negmine::server {
 namespace {
 
 // Server reflection (grpc.reflection.*) is a plugin that the gRPC library
-// registers by itself, outside the service's token check. This interceptor
-// cancels its calls before they run unless the policy allows them: kOpen,
-// kToken (the same bearer token as every negmine call), kNever. A refused
-// call ends CANCELLED (an interceptor cannot choose the status).
+// registers by itself (at static initialization, whenever it is linked),
+// outside the service's token check. This interceptor, installed with
+// --reflection=off or with a token under --reflection=auto, ends its calls
+// before they run: with a token, unless they carry it (UNAUTHENTICATED,
+// with the message of the service's own token check); off, always
+// (UNIMPLEMENTED). ServerContext::TryCancel would end them CANCELLED: the
+// status is set by cancelling the core call with it, which on the server
+// sends it as the call's trailing status (the handler then sees a
+// cancelled call, and its own status is not sent).
 class ReflectionGuard final : public grpc::experimental::Interceptor {
  public:
-  enum Policy { kOpen, kToken, kNever };
-  ReflectionGuard(grpc::experimental::ServerRpcInfo* info, Policy policy,
-                  const std::string& token)
-      : info_(info), policy_(policy), token_(token) {}
+  // `token` empty: reflection is off.
+  ReflectionGuard(grpc::experimental::ServerRpcInfo* info, const std::string& token)
+      : info_(info), token_(token) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(
             grpc::experimental::InterceptionHookPoints::POST_RECV_INITIAL_METADATA) &&
         absl::StartsWith(info_->method(), "/grpc.reflection.")) {
-      const bool allowed =
-          policy_ == kOpen ||
-          (policy_ == kToken && CheckBearerToken(*methods->GetRecvInitialMetadata(), token_).ok());
-      if (!allowed) info_->server_context()->TryCancel();
+      const absl::Status refused =
+          token_.empty()
+              ? absl::UnimplementedError("server reflection is off on this server (--reflection)")
+              : CheckBearerToken(*methods->GetRecvInitialMetadata(), token_);
+      if (!refused.ok()) {
+        const std::string message(refused.message());
+        grpc_call_cancel_with_status(info_->server_context()->c_call(),
+                                     static_cast<grpc_status_code>(refused.code()),
+                                     message.c_str(), nullptr);
+      }
     }
     methods->Proceed();
   }
 
  private:
   grpc::experimental::ServerRpcInfo* const info_;
-  const Policy policy_;
   const std::string& token_;
 };
 
 class ReflectionGuardFactory final
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  ReflectionGuardFactory(ReflectionGuard::Policy policy, std::string token)
-      : policy_(policy), token_(std::move(token)) {}
+  explicit ReflectionGuardFactory(std::string token) : token_(std::move(token)) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new ReflectionGuard(info, policy_, token_);
+    return new ReflectionGuard(info, token_);
   }
 
  private:
-  const ReflectionGuard::Policy policy_;
   const std::string token_;
 };
 
@@ -401,13 +409,12 @@ int Run() {
   builder.SetMaxSendMessageSize(max_bytes);
   builder.RegisterService(&service);
   // The reflection service sits outside NegativeMinerService's checks.
-  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> guards;
-  guards.push_back(std::make_unique<ReflectionGuardFactory>(
-      reflection == "off" ? ReflectionGuard::kNever
-      : reflection == "on" || token.empty() ? ReflectionGuard::kOpen
-                                            : ReflectionGuard::kToken,
-      token));
-  builder.experimental().SetInterceptorCreators(std::move(guards));
+  if (reflection == "off" || (reflection == "auto" && !token.empty())) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> guards;
+    guards.push_back(
+        std::make_unique<ReflectionGuardFactory>(reflection == "off" ? std::string() : token));
+    builder.experimental().SetInterceptorCreators(std::move(guards));
+  }
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     Log(LogLevel::kError, "cannot listen", {{"address", listen}});

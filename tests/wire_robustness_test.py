@@ -8,7 +8,8 @@ INVALID_ARGUMENT naming the message, and that nothing after it is applied
 or answered (UpsertTargets, MineStream, AssignBatches); that a unary request
 that does not parse is INVALID_ARGUMENT with a message; that the metrics
 port serves exactly /metrics; and that server reflection needs the bearer
-token when one is required (unless --reflection=on), and --reflection=off.
+token when one is required (UNAUTHENTICATED without it, unless
+--reflection=on), and --reflection=off (UNIMPLEMENTED).
 
 Run by ctest with Debian's python3 (python3-grpcio, python3-protobuf,
 python3-numpy):
@@ -247,11 +248,15 @@ class UnaryMetricsAndReflection(unittest.TestCase):
         guarded = Server(["--auth_token_file=" + token_file])
         try:
             # With a token, reflection needs it too: refused without it or
-            # with a wrong one (CANCELLED, see --reflection), served with it.
-            for metadata in [None, [("authorization", "Bearer wrong!")]]:
+            # with a wrong one (UNAUTHENTICATED, saying what to send; it
+            # used to end CANCELLED), served with it.
+            for metadata, says in [(None, "requires a bearer token"),
+                                   ([("authorization", "Bearer wrong!")], "invalid bearer token")]:
                 with self.assertRaises(grpc.RpcError) as cm:
                     self.reflect(guarded, metadata=metadata)
-                self.assertEqual(cm.exception.code(), grpc.StatusCode.CANCELLED)
+                self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED,
+                                 cm.exception.details())
+                self.assertIn(says, cm.exception.details())
             self.assertIn(b"negmine.v1.NegativeMiner",
                           self.reflect(guarded, metadata=[("authorization", "Bearer s3cret")]))
         finally:
@@ -265,7 +270,9 @@ class UnaryMetricsAndReflection(unittest.TestCase):
         try:
             with self.assertRaises(grpc.RpcError) as cm:
                 self.reflect(off)
-            self.assertEqual(cm.exception.code(), grpc.StatusCode.CANCELLED)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED,
+                             cm.exception.details())
+            self.assertIn("--reflection", cm.exception.details())
         finally:
             self.assertEqual(off.stop(), 0)
             shutil.rmtree(os.path.dirname(token_file), ignore_errors=True)
