@@ -205,10 +205,13 @@ void CommitPath::OnWritableChange(std::function<void(bool)> callback) {
   on_writable_change_ = std::move(callback);
 }
 
-absl::Status CommitPath::Replay(const WalEntry& entry) {
+absl::Status CommitPath::Replay(const WalEntry& entry, bool* refused) {
   LogStep none = [] { return absl::OkStatus(); };
   ASSIGN_OR_RETURN(CommitResult out, Apply(entry, none));
-  if (!out.refused.ok()) return out.refused;
+  if (!out.refused.ok()) {
+    if (refused != nullptr) *refused = true;
+    return out.refused;
+  }
   if (entry.op != WalOp::kDropCollection) PublishCollection(*metrics_, *out.collection);
   return absl::OkStatus();
 }

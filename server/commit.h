@@ -78,8 +78,11 @@ class CommitPath {
   // returned. The state is published as negmine_wal_writable, logged at
   // each transition, and passed to OnWritableChange's callback.
   absl::StatusOr<CommitResult> Commit(const WalEntry& entry);
-  // Recovery: applies a logged change again, without logging it.
-  absl::Status Replay(const WalEntry& entry);
+  // Recovery: applies a logged change again, without logging it. When the
+  // index refuses it (nothing changed: a change that Commit cut back off
+  // the log, where the server stopped before the cut), sets *refused (if
+  // given) and returns the refusal.
+  absl::Status Replay(const WalEntry& entry, bool* refused = nullptr);
   // Recovery: adds a collection from a snapshot.
   absl::Status Restore(const SnapshotCollection& snapshot);
 

@@ -272,11 +272,26 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
                                               " bytes at its end do not parse, and later "
                                               "logs follow it"));
     }
+    uint64_t end = wal.valid_bytes;
     for (const WalRecord& r : wal.records) {
       report(replayed_bytes + r.offset);
       ++records;
       absl::StatusOr<WalEntry> e = DecodeWalEntry(r.type, r.payload);
-      absl::Status s = e.ok() ? service.Replay(*e) : e.status();
+      bool refused = false;
+      absl::Status s = e.ok() ? service.Replay(*e, &refused) : e.status();
+      if (!s.ok() && refused && last && &r == &wal.records.back()) {
+        // A change is fsynced before the index sees it, and cut back off
+        // the log if the index refuses it, before any later record: a
+        // server stopped between the two leaves the refused record last.
+        // It changed nothing and was never acknowledged: cut it here too.
+        Log(LogLevel::kWarning,
+            "cutting a change the index refuses off the end of the write-ahead log (the "
+            "server stopped before cutting it back)",
+            {{"path", path}, {"offset", absl::StrCat(r.offset)}, {"error", s.ToString()}});
+        end = r.offset;
+        --records;
+        break;
+      }
       if (!s.ok()) {
         return absl::DataLossError(absl::StrCat("write-ahead log ", path,
                                                 ": the record at offset ", r.offset,
@@ -286,7 +301,7 @@ absl::Status Recover(NegativeMinerService& service, const std::string& dir,
     replayed_bytes += std::filesystem::file_size(path, ec);
     if (last) {
       generation = logs[i];
-      valid = wal.valid_bytes;
+      valid = end;
       if (wal.torn_bytes > 0) {
         Log(LogLevel::kWarning, "cutting a torn write at the end of the write-ahead log",
             {{"path", path}, {"offset", absl::StrCat(wal.valid_bytes)},

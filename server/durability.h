@@ -20,7 +20,10 @@
 //
 // Recovery loads the newest snapshot, then replays the logs from its
 // generation on, in order (a torn tail is allowed, and cut, only at the end
-// of the last one). With no snapshot it replays every log from generation 1.
+// of the last one; so is a last record that the index refuses: a change is
+// fsynced before it is applied and cut back off when refused, so a server
+// stopped between the two leaves it there, unacknowledged). With no
+// snapshot it replays every log from generation 1.
 // A damaged snapshot or log stops the start with DATA_LOSS naming the file;
 // nothing is skipped silently. After a new snapshot, the files the snapshot
 // before it does not need are deleted: the two newest snapshots and the logs

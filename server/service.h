@@ -146,7 +146,9 @@ class NegativeMinerService final : public ServiceBase {
   using SnapshotInfo = CommitPath::SnapshotInfo;
   absl::StatusOr<SnapshotInfo> TakeSnapshot() { return commits_.TakeSnapshot(); }
   absl::StatusOr<CommitResult> Commit(const WalEntry& entry) { return commits_.Commit(entry); }
-  absl::Status Replay(const WalEntry& entry) { return commits_.Replay(entry); }
+  absl::Status Replay(const WalEntry& entry, bool* refused = nullptr) {
+    return commits_.Replay(entry, refused);
+  }
   void OnWritableChange(std::function<void(bool)> callback) {
     commits_.OnWritableChange(std::move(callback));
   }

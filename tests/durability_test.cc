@@ -130,6 +130,20 @@ class DurabilityTest : public ::testing::Test {
     return service_->Find("c").value()->index->Get(ids, &got, &steps).ok();
   }
 
+  // Appends `e` to the end of log generation 1, fsynced, as Commit does
+  // before the index sees the change (the service is stopped).
+  void AppendRecord(const WalEntry& e) {
+    const std::string path = WalPath(dir_, 1);
+    const uint64_t valid = ReadWal(path).value().valid_bytes;
+    std::unique_ptr<WalWriter> w = WalWriter::Open(path, valid, {}).value();
+    const std::string payload = EncodeWalEntry(e);
+    absl::StatusOr<uint64_t> end =
+        w->Append(static_cast<uint8_t>(e.op),
+                  {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()});
+    ASSERT_THAT(end.status(), IsOk());
+    ASSERT_THAT(w->Sync(*end), IsOk());
+  }
+
   uint64_t LogBytes() {
     uint64_t total = 0;
     for (const auto& f : std::filesystem::directory_iterator(dir_)) {
@@ -291,6 +305,36 @@ TEST_F(DurabilityTest, ARefusedChangesCutIsSynced) {
   ExpectAcknowledgedState("after the refused changes");
   ASSERT_THAT(Start(nullptr), IsOk());
   ExpectAcknowledgedState("after the restart");
+}
+
+// A server stopped after a refused change's record was fsynced, before it
+// was cut back, leaves that record last in the log: the restart cuts it (it
+// changed nothing and was never acknowledged) instead of refusing to start
+// with DATA_LOSS. A refused record with another after it is still
+// DATA_LOSS: only the last record can be in that window.
+TEST_F(DurabilityTest, ARefusedRecordLeftLastByAStopIsCutAtTheRestart) {
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ASSERT_THAT(Create(), IsOk());
+  ASSERT_THAT(Upsert(1, 5, 1), IsOk());
+  service_.reset();
+  const uint64_t before = LogBytes();
+  const WalEntry dup{.op = WalOp::kUpsert, .collection = "c", .ids = {7, 7},
+                     .vectors = std::vector<float>(2 * kDim, 1.0f)};
+  AppendRecord(dup);
+  ASSERT_GT(LogBytes(), before);
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ExpectAcknowledgedState("after the restart");
+  EXPECT_FALSE(Visible(7));
+  EXPECT_EQ(LogBytes(), before) << "the refused record was not cut off";
+  ASSERT_THAT(Upsert(20, 2, 2), IsOk());
+  ASSERT_THAT(Start(nullptr), IsOk());
+  ExpectAcknowledgedState("after a second restart");
+
+  service_.reset();
+  AppendRecord(dup);
+  AppendRecord({.op = WalOp::kDelete, .collection = "c", .ids = {1}});
+  EXPECT_THAT(Start(nullptr),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("does not replay")));
 }
 
 // The manifest records the log generations the dir must hold: a deleted
