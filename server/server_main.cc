@@ -113,7 +113,7 @@ ABSL_FLAG(double, stats_interval_seconds, 15,
           "How often the tree and drift metrics are refreshed (O(N) each); 0: never.");
 ABSL_FLAG(uint32_t, default_dim, 0,
           "If > 0, create the collection \"default\" with this dim at start.");
-ABSL_FLAG(std::string, default_metric, "cosine",
+ABSL_FLAG(std::string, default_metric, "inner_product",
           "Metric of the default collection: cosine | inner_product.");
 ABSL_FLAG(std::string, default_index, "tree",
           "Index of the default collection: tree | exact.");
