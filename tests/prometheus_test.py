@@ -101,6 +101,8 @@ def main():
             "negmine_recovery_progress": lambda v: v == [1.0],
             "negmine_commits_waiting": lambda v: v == [0.0],
             "negmine_negatives_served_total": lambda v: v and v[0] > 0,
+            # Targets below min_score, counted by filter.
+            'negmine_filtered_targets_total{filter="min_score"}': lambda v: v and v[0] > 0,
             "sum(negmine_mine_batch_queries_count)": lambda v: v and v[0] > 0,
             'negmine_collection_targets{collection="default"}': lambda v: v == [5000.0],
             'negmine_index_version{collection="default"}': lambda v: v and v[0] >= 2,
@@ -130,6 +132,8 @@ def main():
         last = {}
         while failing and time.time() - start < DEADLINE_S:
             cli("mine", "--collection", "default", "--random-queries", "8", "--k", "10")
+            cli("mine", "--collection", "default", "--random-queries", "4", "--k", "10",
+                "--min-score", "0.5")
             cli("mine", "--collection", "default", "--random-queries", "2", "--k", "4",
                 "--mode", "sample", "--sampler", "exact", "--temperature", "0.5")
             for expr, ok in list(failing.items()):
