@@ -36,6 +36,7 @@ ABSL_FLAG(std::string, query_file, "", "a .npy of queries, with --targets");
 ABSL_FLAG(int, k, 64, "negatives per query");
 ABSL_FLAG(int, repeats, 3, "timed runs per row (the median is reported)");
 ABSL_FLAG(uint64_t, seed, 1, "generator seed");
+ABSL_FLAG(std::string, only, "", "run only the rows whose name contains this (and their plain rows)");
 
 namespace negmine {
 namespace {
@@ -99,7 +100,7 @@ int Main() {
   std::vector<std::vector<uint64_t>> positives(nq);
   for (size_t i = 0; i < nq; ++i) positives[i] = {nearest->queries[i].ids[0]};
 
-  const std::vector<Row> rows = {
+  std::vector<Row> rows = {
       {"top_k", MineMode::kTopK, nullptr},
       {"top_k + positives (excluded)", MineMode::kTopK, [](SearchParams*) {}},
       {"top_k + relative_margin 0.05", MineMode::kTopK,
@@ -125,6 +126,13 @@ int Main() {
   std::printf("negmine-filters-bench: %zu targets x %d (%s), %zu queries, k = %d, tree index, "
               "cosine; median of %d runs\n\n",
               n, dim, data.c_str(), nq, k, absl::GetFlag(FLAGS_repeats));
+  std::vector<Row> kept;
+  for (const Row& row : rows) {
+    if (!row.set || row.name.find(absl::GetFlag(FLAGS_only)) != std::string::npos) {
+      kept.push_back(row);
+    }
+  }
+  rows = std::move(kept);
   // The rows interleaved, round after round, so that a change in the
   // machine's load falls on every row alike.
   std::vector<SearchParams> params(rows.size());
