@@ -15,10 +15,6 @@ struct SearchCoalescer::Pending {
   std::optional<absl::StatusOr<SearchResult>> result;
 };
 
-bool SearchCoalescer::Compatible(const SearchParams& a, const SearchParams& b) {
-  return a.Spec() == b.Spec();
-}
-
 absl::StatusOr<SearchResult> SearchCoalescer::Search(
     absl::Span<const float> queries, absl::Span<const std::vector<uint64_t>> exclude,
     const SearchParams& params) {
@@ -71,7 +67,7 @@ absl::StatusOr<SearchResult> SearchCoalescer::Search(
     const SearchParams& first = *queue_.front()->params;
     for (auto it = queue_.begin(); it != queue_.end();) {
       Pending* p = *it;
-      if (Compatible(*p->params, first) &&
+      if (p->params->Spec() == first.Spec() &&
           (members.empty() || total + p->n <= options_.max_queries)) {
         members.push_back(p);
         total += p->n;

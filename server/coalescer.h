@@ -65,8 +65,6 @@ class SearchCoalescer {
  private:
   struct Pending;
 
-  // True when a and b may share one Search call.
-  static bool Compatible(const SearchParams& a, const SearchParams& b);
   // Runs the batch `members` (popped from the queue), outside mu_; one
   // result per member.
   std::vector<absl::StatusOr<SearchResult>> RunBatch(const std::vector<Pending*>& members);
