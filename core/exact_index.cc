@@ -35,10 +35,11 @@ std::vector<Hit> TopRows(const float* scores, size_t num_rows,
 
 }  // namespace
 
-absl::Status ExactIndex::ForEachScored(absl::Span<const float> queries, size_t n,
+absl::Status ExactIndex::ForEachScored(absl::Span<const QueryPlan> plans,
                                        const SearchParams& params,
                                        const std::function<void(size_t, float*)>& visit) const {
   const int dim = options_.dim;
+  const size_t n = plans.size();
   const size_t num_rows = store_.num_rows();
   const size_t chunk =
       std::clamp<size_t>(kMaxScoreBlockFloats / std::max<size_t>(num_rows, 1),
@@ -50,8 +51,8 @@ absl::Status ExactIndex::ForEachScored(absl::Span<const float> queries, size_t n
   for (size_t begin = 0; begin < n; begin += chunk) {
     RETURN_IF_ERROR(CheckCancelled(params));
     const size_t c = std::min(chunk, n - begin);
-    q = Eigen::Map<const RowMatrix>(queries.data() + begin * dim, c, dim);
-    if (options_.metric == Metric::kCosine) q.rowwise().normalize();
+    q.resize(c, dim);
+    for (size_t j = 0; j < c; ++j) std::copy_n(plans[begin + j].query.data(), dim, q.row(j).data());
     scores.noalias() = targets * q.transpose();
     for (size_t j = 0; j < c; ++j) {
       float* s = scores.col(j).data();
@@ -65,13 +66,13 @@ absl::Status ExactIndex::ForEachScored(absl::Span<const float> queries, size_t n
 }
 
 absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
-    absl::Span<const float> queries, size_t n, absl::Span<const QueryPlan> plans,
-    const SearchParams& params, std::vector<std::vector<size_t>>* above) const {
+    absl::Span<const QueryPlan> plans, const SearchParams& params,
+    std::vector<std::vector<size_t>>* above) const {
   SearchResult result;
   result.index_version = version_;
-  result.queries.resize(n);
+  result.queries.resize(plans.size());
   const size_t num_rows = store_.num_rows();
-  RETURN_IF_ERROR(ForEachScored(queries, n, params, [&](size_t qi, float* s) {
+  RETURN_IF_ERROR(ForEachScored(plans, params, [&](size_t qi, float* s) {
     const QueryPlan& plan = plans[qi];
     if (above != nullptr && !plan.count_above.empty()) {
       std::vector<size_t>& out = (*above)[qi];
@@ -98,9 +99,7 @@ QueryResult ExactIndex::MineOne(float* s, const QueryPlan& plan, const SearchPar
   for (uint32_t row : plan.excluded) s[row] = kNegInf;
 
   QueryResult out;
-  const size_t num_hard = params.mode == MineMode::kTopK   ? params.k
-                          : params.mode == MineMode::kMixed ? params.num_hard
-                                                            : 0;
+  const size_t num_hard = params.num_top();
   std::vector<Hit> top =
       TopRows(s, num_rows, store_, params.rank_offset + num_hard);
   // The rank window: the best rank_offset targets are not eligible at all.
@@ -128,8 +127,7 @@ QueryResult ExactIndex::MineOne(float* s, const QueryPlan& plan, const SearchPar
   }
   out.num_top = static_cast<int>(out.ids.size());
 
-  const size_t num_samples =
-      params.mode == MineMode::kTopK ? 0 : params.k - num_hard;
+  const size_t num_samples = params.num_samples();
   if (num_samples == 0) return out;
   const double log_z = log_sum_exp();
   if (!std::isfinite(log_z)) return out;  // nothing eligible is left

@@ -24,17 +24,16 @@ class ExactIndex final : public StoreIndex {
  public:
   explicit ExactIndex(const IndexOptions& options) : StoreIndex(options) {}
 
-  absl::StatusOr<SearchResult> SearchLocked(absl::Span<const float> queries, size_t n,
-                                            absl::Span<const QueryPlan> plans,
+  absl::StatusOr<SearchResult> SearchLocked(absl::Span<const QueryPlan> plans,
                                             const SearchParams& params,
                                             std::vector<std::vector<size_t>>* above) const override
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
-  // Calls visit(i, scores) for each of the n queries, scores holding its
+  // Calls visit(i, scores) for each query (plans[i].query), scores holding its
   // score against every row (num_rows entries, which visit may modify),
   // scored in chunks of queries by one matrix product each.
-  absl::Status ForEachScored(absl::Span<const float> queries, size_t n,
+  absl::Status ForEachScored(absl::Span<const QueryPlan> plans,
                              const SearchParams& params,
                              const std::function<void(size_t, float*)>& visit) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);

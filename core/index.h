@@ -252,6 +252,13 @@ struct SearchParams {
   // 0: the whole batch at once.
   int work_unit_queries = 256;
 
+  // How the k results of a query split: the top part (k for kTopK,
+  // num_hard for kMixed, 0 for kSample), then the samples.
+  int num_top() const {
+    return mode == MineMode::kTopK ? k : mode == MineMode::kMixed ? num_hard : 0;
+  }
+  int num_samples() const { return k - num_top(); }
+
   // The fields that decide the results, apart from the per-query lists
   // (not the stream offset, the cancellation or the work units).
   SearchSpec Spec() const {

@@ -1,6 +1,6 @@
-// MinePlan: what one search needs per query beyond its vector, resolved once
-// by StoreIndex::Search (under the reader lock) and read by every backend:
-// the excluded rows (the exclude list and the positives), the positives'
+// MinePlan: what one search needs per query, resolved once by
+// StoreIndex::Search (under the reader lock) and read by every backend: the
+// query in scoring space, the excluded rows (the exclude list and the positives), the positives'
 // scores and the score window the filters leave (core/index.h, MineFilters).
 // The pure parts of the mining controls live here too: the window from the
 // filters, the attribution of removed targets to filters, SimANS draws and
@@ -22,6 +22,11 @@ namespace negmine {
 
 struct QueryPlan {
   static constexpr float kInf = std::numeric_limits<float>::infinity();
+  // The query in scoring space (unit length for cosine: divided by its
+  // norm, the one normalization every backend scores with), and its norm
+  // there (1 for cosine).
+  std::vector<float> query;
+  float norm = 0;
   // Store rows never returned nor counted: the live excluded ids and the
   // positives, sorted, without repeats.
   std::vector<uint32_t> excluded;

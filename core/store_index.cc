@@ -542,10 +542,8 @@ std::optional<absl::StatusOr<SearchResult>> StoreIndex::DeviceSearchLocked(
   const bool proposal = sampling && tree && params.sampler == Sampler::kProposal;
   if (sampling && params.with_replacement && !proposal) return std::nullopt;  // host only
   const bool beam = !sampling && params.approximate && tree;
-  const size_t num_hard = params.mode == MineMode::kTopK    ? params.k
-                          : params.mode == MineMode::kMixed ? params.num_hard
-                                                            : 0;
-  const size_t num_samples = sampling ? params.k - num_hard : 0;
+  const size_t num_hard = params.num_top();
+  const size_t num_samples = params.num_samples();
   size_t max_exclude = 0;
   for (const auto& e : exclude) max_exclude = std::max(max_exclude, e.size());
   const size_t num_top = params.rank_offset + num_hard;

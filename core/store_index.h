@@ -83,16 +83,16 @@ class StoreIndex : public Index {
       const SearchParams& params) const final;
 
  protected:
-  // The search proper, on validated input: `n` queries (n x dim), one plan
-  // each (core/mine_plan.h: the excluded rows and the score window), params
+  // The search proper, on validated input: one plan per query
+  // (core/mine_plan.h: the query, its excluded rows and score window), params
   // valid for the collection (which is not empty). It ignores params'
   // positives, dedupe and distribution (Search runs those above it) and
   // leaves the counts to Search, except that with `above` non-null it sets
   // (*above)[i][j] = the live targets not in plans[i].excluded whose score
-  // exceeds plans[i].count_above[j] (above has n entries).
+  // exceeds plans[i].count_above[j] (above has one entry per plan).
   virtual absl::StatusOr<SearchResult> SearchLocked(
-      absl::Span<const float> queries, size_t n, absl::Span<const QueryPlan> plans,
-      const SearchParams& params, std::vector<std::vector<size_t>>* above) const
+      absl::Span<const QueryPlan> plans, const SearchParams& params,
+      std::vector<std::vector<size_t>>* above) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_) = 0;
 
   // After the store took new rows (`inserted`) and overwrote others
@@ -178,19 +178,17 @@ class StoreIndex : public Index {
       absl::Span<const std::vector<uint64_t>> exclude, const SearchParams& params) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // SearchLocked in work units (SearchParams::work_unit_queries).
-  absl::StatusOr<SearchResult> UnitsLocked(absl::Span<const float> queries,
-                                           absl::Span<const QueryPlan> plans,
+  absl::StatusOr<SearchResult> UnitsLocked(absl::Span<const QueryPlan> plans,
                                            const SearchParams& params,
                                            std::vector<std::vector<size_t>>* above = nullptr) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Query i alone, with its own stream (for a refill).
-  absl::StatusOr<QueryResult> OneLocked(absl::Span<const float> queries, size_t i,
-                                        const QueryPlan& plan, const SearchParams& params) const
+  absl::StatusOr<QueryResult> OneLocked(size_t i, const QueryPlan& plan,
+                                        const SearchParams& params) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The mining controls above the backends (the dedupe, SimANS): a top list,
   // then draws, each walked in order.
-  absl::StatusOr<SearchResult> StagedLocked(absl::Span<const float> queries, size_t n,
-                                            absl::Span<const QueryPlan> plans,
+  absl::StatusOr<SearchResult> StagedLocked(absl::Span<const QueryPlan> plans,
                                             const SearchParams& params,
                                             std::vector<std::vector<size_t>>* above) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);

@@ -102,8 +102,8 @@ absl::StatusOr<SearchResult> StoreIndex::Search(
   std::vector<std::vector<size_t>>* count = window ? &above : nullptr;
   absl::StatusOr<SearchResult> result =
       on_device.has_value() ? *std::move(on_device)
-      : staged              ? StagedLocked(queries, n, plans, params, count)
-                            : UnitsLocked(queries, plans, params, count);
+      : staged              ? StagedLocked(plans, params, count)
+                            : UnitsLocked(plans, params, count);
   if (!result.ok() || result->queries.size() != n) return result;
   CountLocked(plans, params, staged, above, &*result);
   return result;
@@ -117,9 +117,17 @@ absl::StatusOr<std::vector<QueryPlan>> StoreIndex::PlanLocked(
   const bool need_s_pos =
       params.filters.margins() || params.distribution == SampleDistribution::kSimans;
   std::vector<QueryPlan> plans(n);
-  std::vector<float> q(dim), x(dim);
+  std::vector<float> x(dim);
   for (size_t i = 0; i < n; ++i) {
     QueryPlan& plan = plans[i];
+    plan.query.assign(queries.begin() + i * dim, queries.begin() + (i + 1) * dim);
+    double sq = 0;
+    for (float v : plan.query) sq += double{v} * v;
+    plan.norm = static_cast<float>(std::sqrt(sq));
+    if (options_.metric == Metric::kCosine && plan.norm > 0) {
+      for (float& v : plan.query) v /= plan.norm;
+      plan.norm = 1;
+    }
     if (!exclude.empty()) {
       for (uint64_t id : exclude[i]) {
         if (std::optional<size_t> row = store_.Row(id)) plan.excluded.push_back(*row);
@@ -131,11 +139,6 @@ absl::StatusOr<std::vector<QueryPlan>> StoreIndex::PlanLocked(
         return absl::InvalidArgumentError(absl::StrCat(
             "positives[", i, "] is empty; the margins and SIMANS need the query's positives"));
       }
-      std::copy_n(queries.data() + i * dim, dim, q.begin());
-      if (options_.metric == Metric::kCosine) {
-        const float norm = std::sqrt(Dot(q.data(), q.data(), dim));
-        for (float& v : q) v /= norm;
-      }
       for (size_t j = 0; j < pos.size(); ++j) {
         std::optional<size_t> row = store_.Row(pos[j]);
         if (!row) {
@@ -144,7 +147,7 @@ absl::StatusOr<std::vector<QueryPlan>> StoreIndex::PlanLocked(
         }
         points.Get(static_cast<uint32_t>(*row), x.data());
         plan.positive_rows.push_back(static_cast<uint32_t>(*row));
-        plan.positive_scores.push_back(Dot(q.data(), x.data(), dim));
+        plan.positive_scores.push_back(Dot(plan.query.data(), x.data(), dim));
         plan.s_pos = std::min(plan.s_pos, plan.positive_scores.back());
       }
     }
@@ -165,16 +168,14 @@ absl::StatusOr<std::vector<QueryPlan>> StoreIndex::PlanLocked(
   return plans;
 }
 
-absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const float> queries,
-                                                     absl::Span<const QueryPlan> plans,
+absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const QueryPlan> plans,
                                                      const SearchParams& params,
                                                      std::vector<std::vector<size_t>>* above) const {
-  const int dim = options_.dim;
   const size_t n = plans.size();
   const size_t unit = params.work_unit_queries > 0
                           ? static_cast<size_t>(params.work_unit_queries)
                           : n;
-  if (n <= unit) return SearchLocked(queries, n, plans, params, above);
+  if (n <= unit) return SearchLocked(plans, params, above);
   std::vector<std::vector<size_t>> unit_above;
   // Work units, one after the other under the caller's read lock: a
   // deadline stops the batch within a unit, and scratch is that of one unit.
@@ -188,8 +189,7 @@ absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const float> que
     unit_params.stream_offset = params.stream_offset + begin;
     unit_above.assign(m, {});
     ASSIGN_OR_RETURN(SearchResult part,
-                     SearchLocked(queries.subspan(begin * dim, m * dim), m,
-                                  plans.subspan(begin, m), unit_params,
+                     SearchLocked(plans.subspan(begin, m), unit_params,
                                   above ? &unit_above : nullptr));
     for (QueryResult& q : part.queries) all.queries.push_back(std::move(q));
     if (above) std::move(unit_above.begin(), unit_above.end(), above->begin() + begin);
@@ -197,14 +197,11 @@ absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const float> que
   return all;
 }
 
-absl::StatusOr<QueryResult> StoreIndex::OneLocked(absl::Span<const float> queries, size_t i,
-                                                  const QueryPlan& plan,
+absl::StatusOr<QueryResult> StoreIndex::OneLocked(size_t i, const QueryPlan& plan,
                                                   const SearchParams& params) const {
-  const int dim = options_.dim;
   SearchParams one = params;
   one.stream_offset = params.stream_offset + i;
-  ASSIGN_OR_RETURN(SearchResult r, SearchLocked(queries.subspan(i * dim, dim), 1,
-                                                absl::MakeConstSpan(&plan, 1), one, nullptr));
+  ASSIGN_OR_RETURN(SearchResult r, SearchLocked(absl::MakeConstSpan(&plan, 1), one, nullptr));
   return std::move(r.queries[0]);
 }
 
@@ -217,20 +214,18 @@ absl::StatusOr<QueryResult> StoreIndex::OneLocked(absl::Span<const float> querie
 // query has its results while more targets remain is fetched again, for that
 // query alone, twice as long: both lists are prefixes of one ordering (top-k
 // by score; the draws of a fixed stream), so this only extends the walk.
-absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> queries, size_t n,
-                                                      absl::Span<const QueryPlan> plans,
+absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const QueryPlan> plans,
                                                       const SearchParams& params,
                                                       std::vector<std::vector<size_t>>* above) const {
+  const size_t n = plans.size();
   const PointSource points = Points();
   const size_t size = store_.size();
   const bool simans = params.mode != MineMode::kTopK &&
                       params.distribution == SampleDistribution::kSimans;
   const bool dedupe = params.filters.dedupe_cosine > 0;
   const size_t k = params.k;
-  const size_t num_top = params.mode == MineMode::kTopK   ? k
-                         : params.mode == MineMode::kMixed ? params.num_hard
-                                                           : 0;
-  const size_t num_draws = k - num_top;
+  const size_t num_top = params.num_top();
+  const size_t num_draws = params.num_samples();
   const size_t skip = params.rank_offset;
   SearchResult out;
   out.index_version = version_;
@@ -249,7 +244,7 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
   tp.want_log_z = false;
   SearchResult tops;
   if (need_top) {
-    ASSIGN_OR_RETURN(tops, UnitsLocked(queries, plans, tp, above));
+    ASSIGN_OR_RETURN(tops, UnitsLocked(plans, tp, above));
   }
   // Per query: the rows the walk went past (excluded from the draws), and
   // SimANS's pool.
@@ -294,7 +289,7 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
       len = std::min(2 * len, size);
       SearchParams more = tp;
       more.k = static_cast<int>(len);
-      ASSIGN_OR_RETURN(longer, OneLocked(queries, i, plans[i], more));
+      ASSIGN_OR_RETURN(longer, OneLocked(i, plans[i], more));
       list = &*longer;
     }
     r.num_top = static_cast<int>(r.ids.size());
@@ -343,7 +338,7 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
     // (The counts come with the first backend call, over the plans as given.)
     std::vector<std::vector<size_t>> rest_above(n);
     ASSIGN_OR_RETURN(SearchResult drawn,
-                     UnitsLocked(queries, rest, sp, need_top || !above ? nullptr : &rest_above));
+                     UnitsLocked(rest, sp, need_top || !above ? nullptr : &rest_above));
     if (!need_top && above) {
       // The walk's exclusions are empty here (no top list), so rest == plans.
       *above = std::move(rest_above);
@@ -375,7 +370,7 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
         len = std::min(2 * len, size);
         SearchParams more = sp;
         more.k = static_cast<int>(len);
-        ASSIGN_OR_RETURN(longer, OneLocked(queries, i, rest[i], more));
+        ASSIGN_OR_RETURN(longer, OneLocked(i, rest[i], more));
         list = &*longer;
       }
     }
@@ -386,7 +381,7 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const float> qu
     zp.mode = MineMode::kTopK;
     zp.k = 1;
     zp.num_hard = 0;
-    ASSIGN_OR_RETURN(SearchResult z, UnitsLocked(queries, plans, zp));
+    ASSIGN_OR_RETURN(SearchResult z, UnitsLocked(plans, zp));
     for (size_t i = 0; i < n; ++i) {
       out.queries[i].log_z_lo = z.queries[i].log_z_lo;
       out.queries[i].log_z_hi = z.queries[i].log_z_hi;

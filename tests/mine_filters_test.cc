@@ -202,7 +202,9 @@ TEST_P(FilterTest, SamplesFollowTheRestrictedSoftmax) {
         const size_t t = got.ids[j] - 1000;
         ASSERT_TRUE(w.In(s[t]) || std::abs(s[t] - w.hi) < kEdge) << s[t];
         ASSERT_NE(t, order[5]);
-        if (softmax) EXPECT_NEAR(got.log_q[j], s[t] / tau - log_z, 2e-2);
+        if (softmax) {
+          EXPECT_NEAR(got.log_q[j], s[t] / tau - log_z, 2e-2);
+        }
         ++counts[t];
         ++draws;
       }

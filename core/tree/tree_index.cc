@@ -1503,20 +1503,12 @@ std::optional<TreeSummary> TreeIndex::TreeInfo() const {
   return s;
 }
 
-std::vector<TreeIndex::Query> TreeIndex::MakeQueries(absl::Span<const float> queries, size_t n,
-                                                     absl::Span<const QueryPlan> plans) const {
-  const int dim = options_.dim;
-  std::vector<Query> qs(n);
-  for (size_t i = 0; i < n; ++i) {
+std::vector<TreeIndex::Query> TreeIndex::MakeQueries(absl::Span<const QueryPlan> plans) const {
+  std::vector<Query> qs(plans.size());
+  for (size_t i = 0; i < plans.size(); ++i) {
     Query& q = qs[i];
-    q.q.assign(queries.begin() + i * dim, queries.begin() + (i + 1) * dim);
-    double sq = 0;
-    for (float v : q.q) sq += double{v} * v;
-    q.norm = static_cast<float>(std::sqrt(sq));
-    if (options_.metric == Metric::kCosine && q.norm > 0) {
-      for (float& v : q.q) v /= q.norm;
-      q.norm = 1;
-    }
+    q.q = plans[i].query;
+    q.norm = plans[i].norm;
     q.excluded.insert(plans[i].excluded.begin(), plans[i].excluded.end());
     q.window = plans[i].window();
     q.lo = plans[i].lo;
@@ -1526,9 +1518,10 @@ std::vector<TreeIndex::Query> TreeIndex::MakeQueries(absl::Span<const float> que
 }
 
 absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
-    absl::Span<const float> queries, size_t n, absl::Span<const QueryPlan> plans,
-    const SearchParams& params, std::vector<std::vector<size_t>>* above) const {
-  std::vector<Query> qs = MakeQueries(queries, n, plans);
+    absl::Span<const QueryPlan> plans, const SearchParams& params,
+    std::vector<std::vector<size_t>>* above) const {
+  const size_t n = plans.size();
+  std::vector<Query> qs = MakeQueries(plans);
   bool window = false;
   for (const Query& q : qs) window = window || q.window;
   // The parameters as the searcher uses them (temperature 1 when unused).
@@ -1540,9 +1533,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
   SearchResult result;
   result.index_version = version_;
   result.queries.resize(n);
-  const size_t num_hard = p.mode == MineMode::kTopK   ? p.k
-                          : p.mode == MineMode::kMixed ? p.num_hard
-                                                        : 0;
+  const size_t num_hard = p.num_top();
   const size_t m = p.rank_offset + num_hard;
   // The thresholds an exact top-k counts as it goes (those >= hi).
   std::vector<Searcher::Fused> fused(above ? n : 0);
@@ -1561,7 +1552,7 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
   // excluded, after which the proposal runs as with exclusions, exactly.
   // (Under min_score the sampling uses the exact sampler: the targets below
   // it are too many to list.)
-  const int num_samples = p.mode == MineMode::kTopK ? 0 : p.k - static_cast<int>(num_hard);
+  const int num_samples = p.num_samples();
   const bool upper_only = window && p.filters.min_score == -MineFilters::kInf;
   const bool collect = num_samples > 0 && p.sampler == Sampler::kProposal && upper_only;
   std::vector<std::vector<uint32_t>> above_hi(collect ? n : 0);

@@ -93,8 +93,7 @@ class TreeIndex final : public StoreIndex {
   // without an exact top-k, is counted by the tree's bounds (a subtree
   // wholly above or below a threshold counts at once; only the leaves
   // across it are scored).
-  absl::StatusOr<SearchResult> SearchLocked(absl::Span<const float> queries, size_t n,
-                                            absl::Span<const QueryPlan> plans,
+  absl::StatusOr<SearchResult> SearchLocked(absl::Span<const QueryPlan> plans,
                                             const SearchParams& params,
                                             std::vector<std::vector<size_t>>* above) const override
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -143,8 +142,7 @@ class TreeIndex final : public StoreIndex {
  private:
   struct Query;
   // The queries as the searcher takes them.
-  std::vector<Query> MakeQueries(absl::Span<const float> queries, size_t n,
-                                 absl::Span<const QueryPlan> plans) const
+  std::vector<Query> MakeQueries(absl::Span<const QueryPlan> plans) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   struct Routing;
   class Searcher;
