@@ -262,6 +262,7 @@ class Dashboard(unittest.TestCase):
             (r"rate\(negmine_wal_sync_seconds_total.*/.*rate\(negmine_wal_syncs_total", "s"),
             (r"rate\(negmine_requests_total", "reqps"),
             (r"rate\(negmine_negatives_served_total", "cps"),
+            (r"rate\(negmine_(filtered_targets|short_results)_total", "cps"),
             (r"negmine_sampler_accepted_total.*/", "percentunit"),
             (r"_bytes\b", "bytes"),
             (r"_seconds\b", "s"),
