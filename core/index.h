@@ -192,6 +192,18 @@ struct SearchSpec {
   bool operator!=(const SearchSpec& o) const { return !(*this == o); }
 };
 
+// Turns for work units (SearchParams::turns): a server shares one among its
+// large requests so that their work units take turns on the CPU, round
+// robin, instead of one request running whole before the next starts.
+// Acquire and Release are called around each unit with the index's reader
+// lock held; they must not wait on the index.
+class UnitTurns {
+ public:
+  virtual ~UnitTurns() = default;
+  virtual void Acquire() = 0;  // blocks until this unit may run
+  virtual void Release() = 0;
+};
+
 // Per-call knobs of Search. Every field has a sane default; only k is usually
 // set by the caller.
 struct SearchParams {
@@ -251,6 +263,8 @@ struct SearchParams {
   // the batch's shape.
   // 0: the whole batch at once.
   int work_unit_queries = 256;
+  // Taken around each work unit on the CPU (null: none).
+  UnitTurns* turns = nullptr;
 
   // How the k results of a query split: the top part (k for kTopK,
   // num_hard for kMixed, 0 for kSample), then the samples.

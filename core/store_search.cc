@@ -175,7 +175,15 @@ absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const QueryPlan>
   const size_t unit = params.work_unit_queries > 0
                           ? static_cast<size_t>(params.work_unit_queries)
                           : n;
-  if (n <= unit) return SearchLocked(plans, params, above);
+  // One unit, with its turn.
+  const auto run = [&](absl::Span<const QueryPlan> part, const SearchParams& p,
+                       std::vector<std::vector<size_t>>* part_above) {
+    if (params.turns != nullptr) params.turns->Acquire();
+    absl::StatusOr<SearchResult> r = SearchLocked(part, p, part_above);
+    if (params.turns != nullptr) params.turns->Release();
+    return r;
+  };
+  if (n <= unit) return run(plans, params, above);
   std::vector<std::vector<size_t>> unit_above;
   // Work units, one after the other under the caller's read lock: a
   // deadline stops the batch within a unit, and scratch is that of one unit.
@@ -189,8 +197,7 @@ absl::StatusOr<SearchResult> StoreIndex::UnitsLocked(absl::Span<const QueryPlan>
     unit_params.stream_offset = params.stream_offset + begin;
     unit_above.assign(m, {});
     ASSIGN_OR_RETURN(SearchResult part,
-                     SearchLocked(plans.subspan(begin, m), unit_params,
-                                  above ? &unit_above : nullptr));
+                     run(plans.subspan(begin, m), unit_params, above ? &unit_above : nullptr));
     for (QueryResult& q : part.queries) all.queries.push_back(std::move(q));
     if (above) std::move(unit_above.begin(), unit_above.end(), above->begin() + begin);
   }
@@ -201,7 +208,7 @@ absl::StatusOr<QueryResult> StoreIndex::OneLocked(size_t i, const QueryPlan& pla
                                                   const SearchParams& params) const {
   SearchParams one = params;
   one.stream_offset = params.stream_offset + i;
-  ASSIGN_OR_RETURN(SearchResult r, SearchLocked(absl::MakeConstSpan(&plan, 1), one, nullptr));
+  ASSIGN_OR_RETURN(SearchResult r, UnitsLocked(absl::MakeConstSpan(&plan, 1), one));
   return std::move(r.queries[0]);
 }
 

@@ -40,8 +40,9 @@ NegativeMinerService::NegativeMinerService(const ServiceOptions& options, Metric
               .snapshot_interval_seconds = options.snapshot_interval_seconds,
               .snapshot_wal_bytes = options.snapshot_wal_bytes},
           &registry_, &commits_, metrics)),
+      bulk_turns_(std::make_unique<FairTurns>(std::max(1, options.worker_threads - 1))),
       write_pool_(std::make_unique<WorkerPool>(std::max(1, options.write_threads))),
-      bulk_pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads - 1))),
+      bulk_pool_(std::make_unique<WorkerPool>(4 * std::max(1, options.worker_threads - 1))),
       pool_(std::make_unique<WorkerPool>(std::max(1, options.worker_threads))) {}
 
 NegativeMinerService::~NegativeMinerService() {
@@ -253,6 +254,8 @@ absl::Status NegativeMinerService::DoMine(const v1::MineRequest& req, v1::MineRe
   labels->mode = ModeLabel(in.params);
   in.params.cancelled = std::move(cancelled);
   in.params.work_unit_queries = options_.work_unit_queries;
+  // A bulk request (it runs on the bulk pool) takes turns with the others.
+  if (req.ByteSizeLong() > options_.bulk_request_bytes) in.params.turns = bulk_turns_.get();
   // The memory this request holds while it is served: its decoded queries,
   // the results and the response (about 56 bytes per result).
   const uint64_t n = in.n, k = req.params().k();

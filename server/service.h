@@ -16,7 +16,10 @@
 // request pool, or on the bulk pool when large; every change (upserts,
 // deletes, drift updates, collections, snapshots) runs on the write pool.
 // A slow change (a drift fit) and the changes queued behind it then hold
-// only write threads, never the threads that serve Mine.
+// only write threads, never the threads that serve Mine. The bulk pool has
+// more threads than CPU turns: its mining requests take turns per work unit
+// (FairTurns, worker_threads - 1 at once), so a huge request does not hold
+// it until it is done.
 //
 // Thread safety: every method may run concurrently.
 #ifndef NEGMINE_SERVER_SERVICE_H_
@@ -40,6 +43,7 @@
 #include "server/coalescer.h"
 #include "server/commit.h"
 #include "server/durability.h"
+#include "server/fair_turns.h"
 #include "server/maintenance.h"
 #include "server/metrics.h"
 #include "server/registry.h"
@@ -231,6 +235,8 @@ class NegativeMinerService final : public ServiceBase {
   std::unique_ptr<MaintenanceThread> maintenance_;
   // The memory mining requests hold now (see max_mine_memory_bytes).
   std::atomic<uint64_t> mine_memory_{0};
+  // The bulk mining requests' turns per work unit.
+  std::unique_ptr<FairTurns> bulk_turns_;
   // Last members: destroyed first, so queued work finishes while the rest
   // of the service is still alive.
   std::unique_ptr<WorkerPool> write_pool_;

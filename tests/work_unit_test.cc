@@ -141,5 +141,29 @@ TEST(WorkUnitTest, ACancellationStopsTheBatchBetweenUnits) {
   }
 }
 
+// Each work unit takes its turn (SearchParams::turns): one Acquire and one
+// Release around every unit, never nested.
+TEST(WorkUnitTest, EveryUnitTakesATurn) {
+  struct Recorder : UnitTurns {
+    std::vector<char> calls;
+    void Acquire() override { calls.push_back('A'); }
+    void Release() override { calls.push_back('R'); }
+  };
+  const std::vector<float> q = RandomVectors(kQueries, kDim, 4);
+  for (IndexKind kind : {IndexKind::kExact, IndexKind::kTree}) {
+    auto index = Filled(kind);
+    Recorder turns;
+    SearchParams p{.k = 5, .work_unit_queries = 100};
+    p.turns = &turns;
+    ASSERT_THAT(index->Search(q, {}, p).status(), IsOk());
+    std::vector<char> want;
+    for (size_t u = 0; u < (kQueries + 99) / 100; ++u) {
+      want.push_back('A');
+      want.push_back('R');
+    }
+    EXPECT_EQ(turns.calls, want);
+  }
+}
+
 }  // namespace
 }  // namespace negmine
