@@ -35,11 +35,15 @@ std::vector<Hit> TopRows(const float* scores, size_t num_rows,
 
 }  // namespace
 
-absl::Status ExactIndex::ForEachScored(absl::Span<const QueryPlan> plans,
-                                       const SearchParams& params,
-                                       const std::function<void(size_t, float*)>& visit) const {
+absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
+    absl::Span<const QueryPlan> plans, const SearchParams& params,
+    std::vector<std::vector<size_t>>* above) const {
   const int dim = options_.dim;
   const size_t n = plans.size();
+  SearchResult result;
+  result.index_version = version_;
+  result.queries.resize(n);
+
   const size_t num_rows = store_.num_rows();
   const size_t chunk =
       std::clamp<size_t>(kMaxScoreBlockFloats / std::max<size_t>(num_rows, 1),
@@ -59,44 +63,32 @@ absl::Status ExactIndex::ForEachScored(absl::Span<const QueryPlan> plans,
       if (points.scale != nullptr) {
         for (size_t row = 0; row < num_rows; ++row) s[row] *= points.scale[row];
       }
-      visit(begin + j, s);
+      const size_t qi = begin + j;
+      result.queries[qi] = MineOne(s, plans[qi], params, params.stream_offset + qi,
+                                   above != nullptr ? &(*above)[qi] : nullptr);
     }
   }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<SearchResult> ExactIndex::SearchLocked(
-    absl::Span<const QueryPlan> plans, const SearchParams& params,
-    std::vector<std::vector<size_t>>* above) const {
-  SearchResult result;
-  result.index_version = version_;
-  result.queries.resize(plans.size());
-  const size_t num_rows = store_.num_rows();
-  RETURN_IF_ERROR(ForEachScored(plans, params, [&](size_t qi, float* s) {
-    const QueryPlan& plan = plans[qi];
-    if (above != nullptr && !plan.count_above.empty()) {
-      std::vector<size_t>& out = (*above)[qi];
-      out.assign(plan.count_above.size(), 0);
-      size_t e = 0;  // plan.excluded is sorted
-      for (size_t row = 0; row < num_rows; ++row) {
-        while (e < plan.excluded.size() && plan.excluded[e] < row) ++e;
-        if (!store_.live(row) || (e < plan.excluded.size() && plan.excluded[e] == row)) continue;
-        for (size_t t = 0; t < out.size(); ++t) out[t] += s[row] > plan.count_above[t];
-      }
-    }
-    result.queries[qi] = MineOne(s, plan, params, params.stream_offset + qi);
-  }));
   return result;
 }
 
 QueryResult ExactIndex::MineOne(float* s, const QueryPlan& plan, const SearchParams& params,
-                                uint64_t stream) const {
+                                uint64_t stream, std::vector<size_t>* above) const {
   const size_t num_rows = store_.num_rows();
+  for (uint32_t row : plan.excluded) s[row] = kNegInf;
+  const std::vector<float>& t = plan.count_above;
+  if (above != nullptr) above->assign(t.size(), 0);
   const bool window = plan.window();
   for (size_t row = 0; row < num_rows; ++row) {
-    if (!store_.live(row) || (window && !plan.Eligible(s[row]))) s[row] = kNegInf;
+    if (!store_.live(row)) {
+      s[row] = kNegInf;
+      continue;
+    }
+    if (s[row] == kNegInf) continue;  // excluded
+    if (above != nullptr) {
+      for (size_t j = 0; j < t.size(); ++j) (*above)[j] += s[row] > t[j];
+    }
+    if (window && !plan.Eligible(s[row])) s[row] = kNegInf;
   }
-  for (uint32_t row : plan.excluded) s[row] = kNegInf;
 
   QueryResult out;
   const size_t num_hard = params.num_top();

@@ -12,7 +12,6 @@
 #ifndef NEGMINE_CORE_EXACT_INDEX_H_
 #define NEGMINE_CORE_EXACT_INDEX_H_
 
-#include <functional>
 #include <memory>
 #include <vector>
 
@@ -30,17 +29,12 @@ class ExactIndex final : public StoreIndex {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
  private:
-  // Calls visit(i, scores) for each query (plans[i].query), scores holding its
-  // score against every row (num_rows entries, which visit may modify),
-  // scored in chunks of queries by one matrix product each.
-  absl::Status ForEachScored(absl::Span<const QueryPlan> plans,
-                             const SearchParams& params,
-                             const std::function<void(size_t, float*)>& visit) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Mines one query whose scores against every row are in `scores`
-  // (modified in place).
+  // (modified in place); with `above`, counts for plan.count_above (as
+  // SearchLocked's `above`).
   QueryResult MineOne(float* scores, const QueryPlan& plan, const SearchParams& params,
-                      uint64_t stream) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+                      uint64_t stream, std::vector<size_t>* above) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
 };
 
 }  // namespace negmine
