@@ -3,9 +3,12 @@
 // and the per-query counts.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "core/linalg.h"
 #include "core/status.h"
 #include "core/store_index.h"
 
@@ -43,10 +46,7 @@ class Deduper {
  private:
   void Unit(uint32_t row) {
     points_.Get(row, x_.data());
-    const float norm = std::sqrt(Dot(x_.data(), x_.data(), points_.dim));
-    if (norm > 0) {
-      for (float& v : x_) v /= norm;
-    }
+    NormalizeRows(x_.data(), 1, points_.dim);
   }
 
   PointSource points_;
@@ -253,60 +253,73 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const QueryPlan
   if (need_top) {
     ASSIGN_OR_RETURN(tops, UnitsLocked(plans, tp, above));
   }
-  // Per query: the rows the walk went past (excluded from the draws), and
-  // SimANS's pool.
+  // Walks query i's list with walk(list), which says whether the query is
+  // done. While it is not and the list came back full (more targets
+  // remain), the list is fetched again for query i alone, twice as long,
+  // and walked again from its start.
+  const auto walk_refilled = [&](size_t i, const QueryPlan& plan, const SearchParams& p,
+                                 const QueryResult& first,
+                                 const std::function<bool(const QueryResult&)>& walk)
+      ABSL_SHARED_LOCKS_REQUIRED(mu_) -> absl::Status {
+    const QueryResult* list = &first;
+    std::optional<QueryResult> longer;
+    size_t len = p.k;
+    while (!walk(*list) && list->ids.size() >= len && len < size) {
+      len = std::min(2 * len, size);
+      SearchParams more = p;
+      more.k = static_cast<int>(len);
+      ASSIGN_OR_RETURN(longer, OneLocked(i, plan, more));
+      list = &*longer;
+    }
+    return absl::OkStatus();
+  };
+  // A query's dedupe as it starts: its positives held.
+  const auto fresh_dedupe = [&](size_t i) {
+    Deduper d(points, params.filters.dedupe_cosine);
+    for (uint32_t row : plans[i].positive_rows) d.Add(row);
+    return d;
+  };
+  // Per query: the rows the top walk went past (excluded from the draws),
+  // and the dedupe after it.
   std::vector<std::vector<uint32_t>> passed(n);
   std::vector<Deduper> dedupers;
   dedupers.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    dedupers.emplace_back(points, params.filters.dedupe_cosine);
-    for (uint32_t row : plans[i].positive_rows) dedupers[i].Add(row);
-  }
-  std::vector<size_t> pool_start(n, 0);
-  for (size_t i = 0; i < n && need_top; ++i) {
+    dedupers.push_back(fresh_dedupe(i));
+    if (!need_top) continue;
     QueryResult& r = out.queries[i];
-    QueryResult* list = &tops.queries[i];
-    std::optional<QueryResult> longer;
-    size_t len = tp.k;
-    while (true) {
-      // Walk the list from the start (a longer list repeats the walk).
+    size_t pool_start = 0;
+    RETURN_IF_ERROR(walk_refilled(i, plans[i], tp, tops.queries[i], [&](const QueryResult& list) {
       r = QueryResult();
-      r.removed.rank_offset = std::min(skip, list->ids.size());
+      r.removed.rank_offset = std::min(skip, list.ids.size());
       passed[i].clear();
-      Deduper dd(points, params.filters.dedupe_cosine);
-      for (uint32_t row : plans[i].positive_rows) dd.Add(row);
+      Deduper dd = fresh_dedupe(i);
       size_t at = 0;
-      for (; at < r.removed.rank_offset; ++at) passed[i].push_back(*store_.Row(list->ids[at]));
-      for (; at < list->ids.size() && r.ids.size() < num_top; ++at) {
-        const uint32_t row = static_cast<uint32_t>(*store_.Row(list->ids[at]));
+      for (; at < r.removed.rank_offset; ++at) passed[i].push_back(*store_.Row(list.ids[at]));
+      for (; at < list.ids.size() && r.ids.size() < num_top; ++at) {
+        const uint32_t row = static_cast<uint32_t>(*store_.Row(list.ids[at]));
         passed[i].push_back(row);
         if (dd.Duplicate(row)) {
           ++r.removed.dedupe;
           continue;
         }
         dd.Add(row);
-        AddResult(&r, list->ids[at], list->scores[at], 0.0f);
+        AddResult(&r, list.ids[at], list.scores[at], 0.0f);
       }
-      pool_start[i] = at;
-      const bool exhausted = list->ids.size() < len || len >= size;
-      if (r.ids.size() >= num_top || exhausted || !dedupe || simans) {
-        dedupers[i] = std::move(dd);
-        break;
-      }
-      len = std::min(2 * len, size);
-      SearchParams more = tp;
-      more.k = static_cast<int>(len);
-      ASSIGN_OR_RETURN(longer, OneLocked(i, plans[i], more));
-      list = &*longer;
-    }
+      pool_start = at;
+      dedupers[i] = std::move(dd);
+      // SimANS's pool is the list as fetched: no refill.
+      return r.ids.size() >= num_top || !dedupe || simans;
+    }));
     r.num_top = static_cast<int>(r.ids.size());
     if (simans && num_draws > 0) {
       // The pool: the top simans.candidates eligible after the rank window,
       // less the top part (and what the dedupe dropped from it).
-      const size_t end = std::min(list->ids.size(), skip + params.simans.candidates);
-      const size_t begin = std::min(pool_start[i], end);
+      const QueryResult& list = tops.queries[i];
+      const size_t end = std::min(list.ids.size(), skip + params.simans.candidates);
+      const size_t begin = std::min(pool_start, end);
       const absl::Span<const float> pool =
-          absl::MakeConstSpan(list->scores).subspan(begin, end - begin);
+          absl::MakeConstSpan(list.scores).subspan(begin, end - begin);
       const size_t want = dedupe ? pool.size() : num_draws;
       const PoolDraws draws = SimansDraws(pool, plans[i].s_pos, params.simans, want,
                                           params.with_replacement, params.seed,
@@ -314,13 +327,13 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const QueryPlan
       size_t taken = 0;
       for (size_t t = 0; t < draws.index.size() && taken < num_draws; ++t) {
         const size_t at = begin + draws.index[t];
-        const uint32_t row = static_cast<uint32_t>(*store_.Row(list->ids[at]));
+        const uint32_t row = static_cast<uint32_t>(*store_.Row(list.ids[at]));
         if (dedupers[i].Duplicate(row)) {
           ++r.removed.dedupe;
           continue;
         }
         dedupers[i].Add(row);
-        AddResult(&r, list->ids[at], list->scores[at], draws.log_q[t]);
+        AddResult(&r, list.ids[at], list.scores[at], draws.log_q[t]);
         ++taken;
       }
     }
@@ -353,33 +366,23 @@ absl::StatusOr<SearchResult> StoreIndex::StagedLocked(absl::Span<const QueryPlan
     for (size_t i = 0; i < n; ++i) {
       QueryResult& r = out.queries[i];
       const size_t head = r.ids.size(), head_dedupe = r.removed.dedupe;
-      QueryResult* list = &drawn.queries[i];
-      std::optional<QueryResult> longer;
-      size_t len = sp.k;
-      Deduper base = dedupers[i];
-      while (true) {
+      RETURN_IF_ERROR(walk_refilled(i, rest[i], sp, drawn.queries[i], [&](const QueryResult& list) {
         r.ids.resize(head);
         r.scores.resize(head);
         r.log_q.resize(head);
         r.removed.dedupe = head_dedupe;
-        Deduper dd = base;
-        for (size_t t = 0; t < list->ids.size() && r.ids.size() < k; ++t) {
-          const uint32_t row = static_cast<uint32_t>(*store_.Row(list->ids[t]));
+        Deduper dd = dedupers[i];
+        for (size_t t = 0; t < list.ids.size() && r.ids.size() < k; ++t) {
+          const uint32_t row = static_cast<uint32_t>(*store_.Row(list.ids[t]));
           if (dd.Duplicate(row)) {
             ++r.removed.dedupe;
             continue;
           }
           dd.Add(row);
-          AddResult(&r, list->ids[t], list->scores[t], list->log_q[t]);
+          AddResult(&r, list.ids[t], list.scores[t], list.log_q[t]);
         }
-        const bool exhausted = list->ids.size() < len || len >= size;
-        if (r.ids.size() >= k || exhausted || !dedupe) break;
-        len = std::min(2 * len, size);
-        SearchParams more = sp;
-        more.k = static_cast<int>(len);
-        ASSIGN_OR_RETURN(longer, OneLocked(i, rest[i], more));
-        list = &*longer;
-      }
+        return r.ids.size() >= k || !dedupe;
+      }));
     }
   }
   if (params.want_log_z) {
