@@ -1,3 +1,10 @@
+// StoreIndex: writes and versions, Get, the drift protocol around
+// DriftState, snapshots, and the device search planner (DeviceSearchLocked).
+// The search entry point and the mining controls are in store_search.cc.
+// Why one file (about 750 lines): each part works on the store under the
+// same locks; the seam left to cut is the device planner (about 200 lines,
+// run only on a GPU), which belongs beside core/cuda/ once the device seam
+// of docs/ARCHITECTURE.md exists.
 #include "core/store_index.h"
 
 #include <algorithm>

@@ -1,5 +1,7 @@
 // Integration tests: the real negmine-server binary on a free loopback port,
-// driven through the C++ client library, against brute-force oracles.
+// driven through the C++ client library, against brute-force oracles. One
+// file because its tests share one server process (SetUpTestSuite) and its
+// fixture; a second file would start a second server.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -1,3 +1,12 @@
+// TreeIndex: routing, the Searcher (top-k, the filters' counts, the proposal
+// and exact samplers, log Z) and the tree's maintenance.
+//
+// Why one file (about 1,650 lines): the Searcher is a class private to this
+// file whose parts share its scratch, its visit counters and the tree view.
+// The seam to cut along is its sampling half (the proposal's DrawLeaves /
+// DrawWithinLeaves and the frontier's SampleExact / Complete / LogZ): move
+// the Searcher's declaration to a private header (core/tree/searcher.h) and
+// its sampling members to core/tree/tree_sampling.cc. Not done yet.
 #include "core/tree/tree_index.h"
 
 #include <algorithm>
