@@ -1574,7 +1574,8 @@ absl::StatusOr<SearchResult> TreeIndex::SearchLocked(
       for (float t : plans[i].count_above) {
         if (above != nullptr && (!fuse || t < qs[i].hi)) rest[i].push_back(t);
       }
-      if (collect && qs[i].window && std::find(rest[i].begin(), rest[i].end(), qs[i].hi) == rest[i].end()) {
+      const bool listed = std::find(rest[i].begin(), rest[i].end(), qs[i].hi) != rest[i].end();
+      if (collect && qs[i].window && !listed) {
         rest[i].insert(std::upper_bound(rest[i].begin(), rest[i].end(), qs[i].hi), qs[i].hi);
       }
       counted[i].assign(rest[i].size(), 0);
