@@ -835,8 +835,9 @@ __global__ void KeepBestKernel(const Cand* best, int k, Cand* cand, uint32_t cap
 
 // ------------------------------------------------------ proposal sampling
 
-// The proposal's random numbers, as the CPU tree's (tree_index.cc): draw t
-// of query i uses KeyUniform(DrawKey(seed, i, t), which); 0 picks its leaf.
+// The proposal's random numbers, as the CPU tree's (Searcher::DrawKey in
+// core/tree/searcher.h): draw t of query i uses KeyUniform(DrawKey(seed, i,
+// t), which); 0 picks its leaf.
 __device__ __forceinline__ uint64_t DrawKey(uint64_t seed, uint32_t query, uint64_t t) {
   return Mix64(Mix64(seed ^ Mix64(query + 0x632be59bd9b4e019ULL)) + 4 * t);
 }
